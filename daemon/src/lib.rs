@@ -1,0 +1,8 @@
+//! rustfuse: a copy-on-write overlay filesystem in userspace, a drop-in for fuse-overlayfs.
+//!
+//! - [`options`]: the `-o` option codec (pure; used by the snapshotter too).
+//! - [`sys`]: the one seam for kernel calls; the only module with `unsafe`.
+//! - [`overlay`]: the layer stack, lookup, whiteouts, copy-up, inode table. No FUSE types.
+//! - `fuse` (feature `fuse`): the thin adapter from fuser requests to [`overlay`].
+
+pub mod options;
