@@ -6,3 +6,7 @@
 //! - `fuse` (feature `fuse`): the thin adapter from fuser requests to [`overlay`].
 
 pub mod options;
+pub mod overlay;
+pub mod sys;
+#[cfg(feature = "fuse")]
+pub mod fuse;

@@ -1,4 +1,302 @@
-fn main() {
-    eprintln!("rustfuse: not yet implemented");
-    std::process::exit(1);
+//! `rustfuse`: the overlay mount program, a drop-in for fuse-overlayfs.
+//!
+//! `rustfuse [-f] [-d] [-V] [-h] -o OPTS [SOURCE...] MOUNTPOINT`
+//!
+//! Lifecycle: parse → check the layers (init) → mount and answer INIT (mounted) → tell the
+//! caller and detach → serve → unmounted (stopped). Exit status 0 means the mount is live.
+#![forbid(unsafe_code)]
+
+use std::ffi::OsString;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use rustfuse::fuse::OverlayFs;
+use rustfuse::options::{self, OverlayOptions};
+use rustfuse::overlay::Overlay;
+use rustfuse::sys;
+
+const USAGE: &str = "usage: rustfuse [-f] [-d] [-V] [-h] -o lowerdir=A[:B...][,upperdir=U,workdir=W][,OPTS] [SOURCE...] MOUNTPOINT";
+
+struct Cli {
+    foreground: bool,
+    debug: bool,
+    option_strings: Vec<String>,
+    source: Option<String>,
+    mountpoint: PathBuf,
+}
+
+enum Parsed {
+    Run(Cli),
+    Exit(ExitCode),
+}
+
+fn prog_name() -> String {
+    std::env::args_os()
+        .next()
+        .and_then(|a| Path::new(&a).file_name().map(|f| f.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "rustfuse".into())
+}
+
+fn parse_cli(args: Vec<OsString>) -> Result<Parsed, String> {
+    let mut foreground = false;
+    let mut debug = false;
+    let mut option_strings = Vec::new();
+    let mut positionals: Vec<String> = Vec::new();
+    let mut it = args.into_iter().map(|a| a.to_string_lossy().into_owned());
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-f" => foreground = true,
+            "-d" | "--debug" => {
+                debug = true;
+                foreground = true;
+            }
+            "-s" => {}
+            "-V" | "--version" => {
+                println!("rustfuse: version {}", env!("CARGO_PKG_VERSION"));
+                println!("fuse-overlayfs: compatible (rustfuse {})", env!("CARGO_PKG_VERSION"));
+                return Ok(Parsed::Exit(ExitCode::SUCCESS));
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                println!("options: see `man fuse-overlayfs`; every fuse-overlayfs option is accepted");
+                return Ok(Parsed::Exit(ExitCode::SUCCESS));
+            }
+            "-o" => match it.next() {
+                Some(o) => option_strings.push(o),
+                None => return Err("option -o: needs a value".into()),
+            },
+            s if s.starts_with("-o") && s.len() > 2 => option_strings.push(s[2..].to_string()),
+            s if s.starts_with('-') && s.len() > 1 => {
+                eprintln!("{}: unknown argument ignored: {s}", prog_name());
+            }
+            _ => positionals.push(a),
+        }
+    }
+    let Some(mountpoint) = positionals.pop() else {
+        return Err(format!("no mountpoint given\n{USAGE}"));
+    };
+    Ok(Parsed::Run(Cli {
+        foreground,
+        debug,
+        option_strings,
+        source: positionals.first().cloned(),
+        mountpoint: PathBuf::from(mountpoint),
+    }))
+}
+
+/// Checks that need the disk, before anything is mounted.
+fn check_paths(o: &OverlayOptions, mountpoint: &Path) -> Result<(), String> {
+    for l in &o.lowerdirs {
+        match std::fs::metadata(l) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(format!("option lowerdir: {}: not a directory", l.display())),
+            Err(e) => return Err(format!("option lowerdir: {}: {e}", l.display())),
+        }
+    }
+    for (name, p) in [("upperdir", &o.upperdir), ("workdir", &o.workdir)] {
+        if let Some(p) = p {
+            match std::fs::metadata(p) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Err(format!("option {name}: {}: not a directory", p.display())),
+                Err(e) => return Err(format!("option {name}: {}: {e}", p.display())),
+            }
+        }
+    }
+    if !mountpoint.starts_with("/dev/fd/") {
+        match std::fs::metadata(mountpoint) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(format!("mountpoint {}: not a directory", mountpoint.display())),
+            Err(e) => return Err(format!("mountpoint {}: {e}", mountpoint.display())),
+        }
+    }
+    Ok(())
+}
+
+fn mount_options(o: &OverlayOptions, source: &str, subtype: &str) -> (Vec<fuser::MountOption>, fuser::SessionACL) {
+    use fuser::MountOption as M;
+    let root = sys::geteuid() == 0;
+    let mut flags: Vec<String> = if root {
+        ["default_permissions", "allow_other", "suid", "noatime"].map(String::from).to_vec()
+    } else {
+        ["default_permissions", "noatime"].map(String::from).to_vec()
+    };
+    flags.extend(o.mount_flags.iter().cloned());
+    let mut out = vec![M::FSName(source.to_string()), M::Subtype(subtype.to_string())];
+    let mut acl = fuser::SessionACL::Owner;
+    let mut last: std::collections::HashMap<&str, M> = Default::default();
+    for f in &flags {
+        let (group, opt) = match f.as_str() {
+            "default_permissions" => ("dp", M::DefaultPermissions),
+            "allow_other" => {
+                acl = fuser::SessionACL::All;
+                continue;
+            }
+            "allow_root" => {
+                if acl != fuser::SessionACL::All {
+                    acl = fuser::SessionACL::RootAndOwner;
+                }
+                continue;
+            }
+            "suid" => ("suid", M::Suid),
+            "nosuid" => ("suid", M::NoSuid),
+            "dev" => ("dev", M::Dev),
+            "nodev" => ("dev", M::NoDev),
+            "exec" => ("exec", M::Exec),
+            "noexec" => ("exec", M::NoExec),
+            "atime" | "strictatime" => ("atime", M::Atime),
+            "noatime" => ("atime", M::NoAtime),
+            "sync" => ("sync", M::Sync),
+            "async" => ("sync", M::Async),
+            "dirsync" => ("dirsync", M::DirSync),
+            "auto_unmount" => ("auto_unmount", M::AutoUnmount),
+            _ => continue,
+        };
+        last.insert(group, opt);
+    }
+    out.extend(last.into_values());
+    if o.read_only || o.upperdir.is_none() {
+        out.push(M::RO);
+    }
+    if let Some(ctx) = &o.context {
+        out.push(M::CUSTOM(format!("context=\"{ctx}\"")));
+    }
+    (out, acl)
+}
+
+fn init_tracing(debug: bool) {
+    let filter = std::env::var("RUSTFUSE_LOG").unwrap_or_else(|_| if debug { "debug".into() } else { "warn".into() });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let prog = prog_name();
+    let cli = match parse_cli(std::env::args_os().skip(1).collect()) {
+        Ok(Parsed::Run(c)) => c,
+        Ok(Parsed::Exit(code)) => return code,
+        Err(msg) => {
+            eprintln!("{prog}: {msg}");
+            return ExitCode::from(1);
+        }
+    };
+    let opts = match options::parse(&cli.option_strings) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{prog}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    for u in &opts.unknown {
+        eprintln!("{prog}: unknown argument ignored: {u}");
+    }
+    if let Err(msg) = check_paths(&opts, &cli.mountpoint) {
+        eprintln!("{prog}: {msg}");
+        return ExitCode::from(1);
+    }
+    sys::raise_nofile_limit();
+    if cli.foreground {
+        init_tracing(cli.debug);
+        return match run(&cli, opts, &prog, None) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(msg) => {
+                eprintln!("{prog}: {msg}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    // Daemonize: the child mounts and reports over a pipe; the parent exits 0 only once the
+    // mount is live, with the child's error message otherwise.
+    let (rd, wr) = match sys::pipe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{prog}: pipe: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match sys::fork() {
+        Err(e) => {
+            eprintln!("{prog}: fork: {e}");
+            ExitCode::from(1)
+        }
+        Ok(sys::Forked::Parent { .. }) => {
+            drop(wr);
+            let msg = sys::read_to_end(rd.as_fd()).unwrap_or_default();
+            if msg == b"ok" {
+                ExitCode::SUCCESS
+            } else {
+                let m = String::from_utf8_lossy(&msg);
+                if m.is_empty() {
+                    eprintln!("{prog}: the mount process exited before the mount was live");
+                } else {
+                    eprintln!("{prog}: {m}");
+                }
+                ExitCode::from(1)
+            }
+        }
+        Ok(sys::Forked::Child) => {
+            drop(rd);
+            let _ = sys::setsid();
+            init_tracing(false);
+            match run(&cli, opts, &prog, Some(wr)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::from(1),
+            }
+        }
+    }
+}
+
+/// Mount and serve until unmounted. `notify` gets "ok" once the mount is live (then stdio is
+/// detached), or the error message.
+fn run(cli: &Cli, opts: OverlayOptions, prog: &str, notify: Option<std::os::fd::OwnedFd>) -> Result<(), String> {
+    let fail = |msg: String, notify: &Option<std::os::fd::OwnedFd>| {
+        if let Some(n) = notify {
+            let _ = sys::write_all(n.as_fd(), msg.as_bytes());
+        }
+        msg
+    };
+    let threads = match opts.threaded {
+        Some(false) => 1,
+        _ => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8) * 2,
+    };
+    let source = cli.source.clone().unwrap_or_else(|| prog.to_string());
+    let (mount_opts, acl) = mount_options(&opts, &source, prog);
+    let ov = match Overlay::new(opts) {
+        Ok(o) => o,
+        Err(e) => return Err(fail(e.to_string(), &notify)),
+    };
+    let mut fs = OverlayFs::new(ov);
+    if std::env::var_os("RUSTFUSE_COMPAT_4_18").is_some() {
+        fs.limit_capabilities(rustfuse::fuse::PROTO_7_27);
+    }
+    let mut config = fuser::Config::default();
+    config.mount_options = mount_opts;
+    config.acl = acl;
+    config.n_threads = Some(threads);
+    config.clone_fd = true;
+    let mp = cli.mountpoint.to_string_lossy();
+    let session = if let Some(n) = mp.strip_prefix("/dev/fd/") {
+        let fd = n
+            .parse::<i32>()
+            .map_err(|_| format!("mountpoint {mp}: not a file descriptor"))
+            .and_then(|n| sys::own_fd(n).map_err(|e| format!("mountpoint {mp}: {e}")));
+        match fd {
+            Ok(fd) => fuser::Session::from_fd(fs, fd, acl, config),
+            Err(m) => return Err(fail(m, &notify)),
+        }
+    } else {
+        fuser::Session::new(fs, &cli.mountpoint, &config)
+    };
+    let session = match session {
+        Ok(s) => s,
+        Err(e) => return Err(fail(format!("mount {}: {e}", cli.mountpoint.display()), &notify)),
+    };
+    if let Some(n) = notify {
+        let _ = sys::write_all(n.as_fd(), b"ok");
+        drop(n);
+        let _ = sys::detach_stdio();
+    }
+    session.run().map_err(|e| format!("serving {}: {e}", cli.mountpoint.display()))
 }

@@ -1,0 +1,578 @@
+//! The FUSE adapter: decodes a fuser request, calls the overlay, maps the answer.
+#![forbid(unsafe_code)]
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno as FErrno, FileAttr, FileHandle,
+    FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use tracing::{debug_span, trace};
+
+use crate::overlay::{Attr, Caller, Kind, Overlay, SetAttr, SetTime};
+use crate::sys::Errno;
+
+/// The one errno map from overlay errors to FUSE replies. Every errno passes through as
+/// itself; a zero (no errno known) becomes EIO, never EINVAL.
+pub fn fuse_errno(e: Errno) -> FErrno {
+    let raw = e.raw_os_error();
+    if raw <= 0 {
+        FErrno::EIO
+    } else {
+        FErrno::from_i32(raw)
+    }
+}
+
+/// Kernel features asked for at INIT, each only when the kernel offers it.
+pub const WANTED: InitFlags = InitFlags::FUSE_ASYNC_READ
+    .union(InitFlags::FUSE_BIG_WRITES)
+    .union(InitFlags::FUSE_MAX_PAGES)
+    .union(InitFlags::FUSE_PARALLEL_DIROPS)
+    .union(InitFlags::FUSE_DO_READDIRPLUS)
+    .union(InitFlags::FUSE_READDIRPLUS_AUTO)
+    .union(InitFlags::FUSE_CACHE_SYMLINKS)
+    .union(InitFlags::FUSE_ATOMIC_O_TRUNC);
+
+/// What FUSE protocol 7.27 (Linux 4.18) offers: the compatibility mode asks for no more.
+pub const PROTO_7_27: InitFlags = InitFlags::FUSE_ASYNC_READ
+    .union(InitFlags::FUSE_POSIX_LOCKS)
+    .union(InitFlags::FUSE_ATOMIC_O_TRUNC)
+    .union(InitFlags::FUSE_EXPORT_SUPPORT)
+    .union(InitFlags::FUSE_BIG_WRITES)
+    .union(InitFlags::FUSE_DONT_MASK)
+    .union(InitFlags::FUSE_FLOCK_LOCKS)
+    .union(InitFlags::FUSE_AUTO_INVAL_DATA)
+    .union(InitFlags::FUSE_DO_READDIRPLUS)
+    .union(InitFlags::FUSE_READDIRPLUS_AUTO)
+    .union(InitFlags::FUSE_ASYNC_DIO)
+    .union(InitFlags::FUSE_WRITEBACK_CACHE)
+    .union(InitFlags::FUSE_NO_OPEN_SUPPORT)
+    .union(InitFlags::FUSE_PARALLEL_DIROPS)
+    .union(InitFlags::FUSE_HANDLE_KILLPRIV)
+    .union(InitFlags::FUSE_POSIX_ACL)
+    .union(InitFlags::FUSE_ABORT_ERROR);
+
+pub struct OverlayFs {
+    ov: Overlay,
+    ttl: Duration,
+    /// Capabilities to leave out even when offered (the 4.18 compatibility mode).
+    limit: Option<InitFlags>,
+    writeback: bool,
+    pub(crate) negotiated: std::sync::Arc<parking_lot::Mutex<Option<InitFlags>>>,
+}
+
+impl OverlayFs {
+    pub fn new(ov: Overlay) -> OverlayFs {
+        let ttl = match ov.options().timeout {
+            Some(t) => Duration::from_secs_f64(t.min(1e9)),
+            None => Duration::from_secs(86400 * 365),
+        };
+        let writeback = ov.options().writeback.unwrap_or(false);
+        OverlayFs {
+            ov,
+            ttl,
+            limit: None,
+            writeback,
+            negotiated: Default::default(),
+        }
+    }
+
+    /// Ask for no more than these capabilities (to behave as an older kernel would).
+    pub fn limit_capabilities(&mut self, flags: InitFlags) {
+        self.limit = Some(flags);
+    }
+
+    pub fn overlay(&self) -> &Overlay {
+        &self.ov
+    }
+
+    fn fattr(&self, a: &Attr) -> FileAttr {
+        fn t((s, ns): (i64, u32)) -> SystemTime {
+            if s >= 0 {
+                UNIX_EPOCH + Duration::new(s as u64, ns)
+            } else {
+                UNIX_EPOCH - Duration::from_secs((-s) as u64) + Duration::from_nanos(ns as u64)
+            }
+        }
+        FileAttr {
+            ino: INodeNo(a.ino),
+            size: a.size,
+            blocks: a.blocks,
+            atime: t(a.atime),
+            mtime: t(a.mtime),
+            ctime: t(a.ctime),
+            crtime: t(a.ctime),
+            kind: ftype(a.kind),
+            perm: a.perm,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: a.rdev,
+            blksize: a.blksize,
+            flags: 0,
+        }
+    }
+
+    fn entry(&self, r: Result<Attr, Errno>, reply: ReplyEntry) {
+        match r {
+            Ok(a) => reply.entry(&self.ttl, &self.fattr(&a), Generation(0)),
+            Err(e) => reply.error(fuse_errno(e)),
+        }
+    }
+}
+
+fn ftype(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::Char => FileType::CharDevice,
+        Kind::Block => FileType::BlockDevice,
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
+    t.map(|t| match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(st) => match st.duration_since(UNIX_EPOCH) {
+            Ok(d) => SetTime::At(d.as_secs() as i64, d.subsec_nanos()),
+            Err(e) => {
+                let d = e.duration();
+                let mut s = -(d.as_secs() as i64);
+                let mut ns = d.subsec_nanos();
+                if ns > 0 {
+                    s -= 1;
+                    ns = 1_000_000_000 - ns;
+                }
+                SetTime::At(s, ns)
+            }
+        },
+    })
+}
+
+fn reply_empty(r: Result<(), Errno>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(fuse_errno(e)),
+    }
+}
+
+fn reply_xattr(r: Result<Vec<u8>, Errno>, size: u32, reply: ReplyXattr) {
+    match r {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() > size as usize => reply.error(FErrno::ERANGE),
+        Ok(v) => reply.data(&v),
+        Err(e) => reply.error(fuse_errno(e)),
+    }
+}
+
+impl Filesystem for OverlayFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let mut want = WANTED;
+        if self.writeback && !self.ov.read_only() {
+            want |= InitFlags::FUSE_WRITEBACK_CACHE;
+        }
+        if let Some(limit) = self.limit {
+            want &= limit;
+        }
+        let offered = config.capabilities();
+        let take = want & offered;
+        let _ = config.add_capabilities(take);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        let _ = config.set_max_write(1 << 20);
+        *self.negotiated.lock() = Some(take);
+        tracing::debug!(?take, "FUSE capabilities negotiated");
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _s = debug_span!("lookup", parent = parent.0, ?name).entered();
+        match self.ov.lookup(parent.0, name) {
+            // A negative entry the kernel may cache.
+            Err(Errno::NOENT) => {
+                trace!("ENOENT");
+                reply.error(FErrno::ENOENT)
+            }
+            r => self.entry(r, reply),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.ov.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _s = debug_span!("getattr", ino = ino.0).entered();
+        match self.ov.getattr(ino.0, fh.map(|f| f.0)) {
+            Ok(a) => reply.attr(&self.ttl, &self.fattr(&a)),
+            Err(e) => reply.error(fuse_errno(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let _s = debug_span!("setattr", ino = ino.0).entered();
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: set_time(atime),
+            mtime: set_time(mtime),
+        };
+        match self.ov.setattr(ino.0, fh.map(|f| f.0), set) {
+            Ok(a) => reply.attr(&self.ttl, &self.fattr(&a)),
+            Err(e) => reply.error(fuse_errno(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.ov.readlink(ino.0) {
+            Ok(t) => reply.data(t.as_bytes()),
+            Err(e) => reply.error(fuse_errno(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let _s = debug_span!("mknod", parent = parent.0, ?name).entered();
+        let mode = (mode & libc::S_IFMT) | (mode & !umask & 0o7777);
+        self.entry(self.ov.mknod(caller(req), parent.0, name, mode, rdev), reply);
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let _s = debug_span!("mkdir", parent = parent.0, ?name).entered();
+        self.entry(self.ov.mkdir(caller(req), parent.0, name, mode & !umask), reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = debug_span!("unlink", parent = parent.0, ?name).entered();
+        reply_empty(self.ov.unlink(parent.0, name), reply);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = debug_span!("rmdir", parent = parent.0, ?name).entered();
+        reply_empty(self.ov.rmdir(parent.0, name), reply);
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let _s = debug_span!("symlink", parent = parent.0, ?link_name).entered();
+        self.entry(
+            self.ov.symlink(caller(req), parent.0, link_name, target.as_os_str()),
+            reply,
+        );
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let _s = debug_span!("rename", parent = parent.0, ?name, newparent = newparent.0, ?newname).entered();
+        reply_empty(
+            self.ov.rename(parent.0, name, newparent.0, newname, flags.bits()),
+            reply,
+        );
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let _s = debug_span!("link", ino = ino.0, newparent = newparent.0, ?newname).entered();
+        self.entry(self.ov.link(ino.0, newparent.0, newname), reply);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _s = debug_span!("open", ino = ino.0).entered();
+        let mut flags = flags.0;
+        if self.writeback && flags & libc::O_ACCMODE == libc::O_WRONLY {
+            // The page cache may read around a write.
+            flags = (flags & !libc::O_ACCMODE) | libc::O_RDWR;
+        }
+        if self.writeback {
+            flags &= !libc::O_APPEND;
+        }
+        match self.ov.open(ino.0, flags) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(fuse_errno(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.ov.read(fh.0, offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(fuse_errno(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.ov.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(fuse_errno(e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.ov.release(fh.0);
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        reply_empty(self.ov.fsync(fh.0, datasync), reply);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _s = debug_span!("opendir", ino = ino.0).entered();
+        match self.ov.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(fuse_errno(e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let r = self.ov.readdir(fh.0, offset, |e, off| {
+            reply.add(INodeNo(e.ino), off, ftype(e.kind), &e.name)
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fuse_errno(e)),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let _s = debug_span!("readdirplus", ino = ino.0).entered();
+        let zero = Duration::ZERO;
+        let r = self.ov.readdirplus(fh.0, ino.0, offset, |e, off, attr| match attr {
+            Some(a) => reply.add(INodeNo(e.ino), off, &e.name, &self.ttl, &self.fattr(a), Generation(0)),
+            None => {
+                // `.` and `..`: no entry for the kernel to keep.
+                let fa = FileAttr {
+                    ino: INodeNo(e.ino),
+                    size: 0,
+                    blocks: 0,
+                    atime: UNIX_EPOCH,
+                    mtime: UNIX_EPOCH,
+                    ctime: UNIX_EPOCH,
+                    crtime: UNIX_EPOCH,
+                    kind: FileType::Directory,
+                    perm: 0,
+                    nlink: 0,
+                    uid: 0,
+                    gid: 0,
+                    rdev: 0,
+                    blksize: 0,
+                    flags: 0,
+                };
+                reply.add(INodeNo(0), off, &e.name, &zero, &fa, Generation(0))
+            }
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fuse_errno(e)),
+        }
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.ov.release(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        reply_empty(self.ov.fsyncdir(ino.0, datasync), reply);
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.ov.statfs() {
+            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize),
+            Err(e) => reply.error(fuse_errno(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let _s = debug_span!("setxattr", ino = ino.0, ?name).entered();
+        reply_empty(self.ov.setxattr(ino.0, name, value, flags), reply);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        reply_xattr(self.ov.getxattr(ino.0, name), size, reply);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        reply_xattr(self.ov.listxattr(ino.0), size, reply);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(self.ov.removexattr(ino.0, name), reply);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permissions are checked by the kernel (default_permissions).
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let _s = debug_span!("create", parent = parent.0, ?name).entered();
+        let mut flags = flags;
+        if self.writeback {
+            flags &= !libc::O_APPEND;
+        }
+        match self.ov.create(caller(req), parent.0, name, mode & !umask, flags) {
+            Ok((a, fh)) => reply.created(
+                &self.ttl,
+                &self.fattr(&a),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(fuse_errno(e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(self.ov.fallocate(fh.0, offset, length, mode), reply);
+    }
+
+    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        match self.ov.lseek(fh.0, offset, whence) {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(fuse_errno(e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        match self.ov.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(fuse_errno(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_map_passes_through_and_never_invents_einval() {
+        assert_eq!(fuse_errno(Errno::NOENT), FErrno::ENOENT);
+        assert_eq!(fuse_errno(Errno::XDEV), FErrno::from_i32(libc::EXDEV));
+        assert_eq!(fuse_errno(Errno::PERM), FErrno::EPERM);
+        assert_eq!(fuse_errno(Errno::ACCESS), FErrno::EACCES);
+        assert_eq!(fuse_errno(Errno::from_raw_os_error(0)), FErrno::EIO);
+    }
+}

@@ -1,0 +1,221 @@
+//! Copy-up: a lower file or directory gets its upper copy, built in `work/` and renamed into
+//! place, so a reader never sees a partial file.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use super::node::Node;
+use super::{Errno, Kind, ORIGIN_XATTR, Overlay, Result, is_internal_xattr};
+use crate::sys::{self, OFlags, RenameFlags, Timespec};
+
+impl Overlay {
+    pub(crate) fn work_fd(&self) -> Result<Arc<OwnedFd>> {
+        self.work.clone().ok_or(Errno::ROFS)
+    }
+
+    /// The upper copy of a node, made if there is none yet (parents first). With
+    /// `skip_data` the data is not copied (the caller truncates it to zero anyway).
+    pub(crate) fn copy_up(&self, node: &Arc<Node>, skip_data: bool) -> Result<Arc<OwnedFd>> {
+        if let Some(u) = node.state().upper {
+            return Ok(u);
+        }
+        let work = self.work_fd()?;
+        let _guard = node.copyup.lock();
+        let st = node.state();
+        if let Some(u) = st.upper {
+            return Ok(u);
+        }
+        let parent = self.node(st.parent)?;
+        let pu = self.copy_up(&parent, false)?;
+        let (_, src) = st.lowers.first().ok_or(Errno::IO)?;
+        let stat = sys::fstat(src.as_fd())?;
+        let tmp = self.tmp_name();
+        let w = work.as_fd();
+        let built = self.build_copy(st.kind, src.as_fd(), &stat, w, &tmp, skip_data);
+        if let Err(e) = built {
+            let _ = remove_any(w, &tmp, st.kind);
+            return Err(e);
+        }
+        if st.kind != Kind::Dir {
+            // The copy keeps the inode number the file had below.
+            let _ = sys::setxattr_at(
+                w,
+                &tmp,
+                OsStr::new(ORIGIN_XATTR),
+                node.ino.to_string().as_bytes(),
+            );
+        }
+        if let Err(e) = sys::rename_at(w, &tmp, pu.as_fd(), &st.name, RenameFlags::NOREPLACE) {
+            let _ = remove_any(w, &tmp, st.kind);
+            return Err(e);
+        }
+        let ufd = Arc::new(sys::open_path_at(pu.as_fd(), &st.name)?);
+        let ust = sys::fstat(ufd.as_fd())?;
+        node.update(|s| {
+            s.upper = Some(ufd.clone());
+            s.backing = (ust.st_dev, ust.st_ino);
+            if s.kind != Kind::Dir {
+                s.lowers.clear();
+            }
+        });
+        Ok(ufd)
+    }
+
+    /// Make `work/tmp` a copy of `src` (data unless `skip_data`, owner, mode, xattrs, times).
+    fn build_copy(
+        &self,
+        kind: Kind,
+        src: BorrowedFd<'_>,
+        stat: &sys::Stat,
+        work: BorrowedFd<'_>,
+        tmp: &OsStr,
+        skip_data: bool,
+    ) -> Result<()> {
+        let mode = stat.st_mode & 0o7777;
+        match kind {
+            Kind::Dir => sys::mkdir_at(work, tmp, 0o700)?,
+            Kind::Symlink => {
+                let target = sys::readlink_fd(src)?;
+                sys::symlink_at(&target, work, tmp)?;
+            }
+            Kind::File => {
+                let out = sys::open_at(
+                    work,
+                    tmp,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+                    0o600,
+                )?;
+                if !skip_data && stat.st_size > 0 {
+                    let input = sys::reopen(src, OFlags::RDONLY)?;
+                    copy_data(input.as_fd(), out.as_fd(), stat.st_size as u64)?;
+                }
+                if self.opts.fsync {
+                    sys::fsync(out.as_fd(), false)?;
+                }
+            }
+            Kind::Fifo | Kind::Socket | Kind::Char | Kind::Block => {
+                sys::mknod_at(work, tmp, kind.mode_bits() | 0o600, stat.st_rdev)?;
+            }
+        }
+        let fd = sys::open_path_at(work, tmp)?;
+        sys::fchown(fd.as_fd(), Some(stat.st_uid), Some(stat.st_gid))?;
+        if kind != Kind::Symlink {
+            sys::fchmod(fd.as_fd(), mode)?;
+        }
+        self.copy_xattrs(src, fd.as_fd(), kind)?;
+        let at = Timespec {
+            tv_sec: stat.st_atime,
+            tv_nsec: stat.st_atime_nsec as _,
+        };
+        let mt = Timespec {
+            tv_sec: stat.st_mtime,
+            tv_nsec: stat.st_mtime_nsec as _,
+        };
+        sys::utimens_at(work, tmp, at, mt)?;
+        Ok(())
+    }
+
+    /// Copy every xattr but the overlay's own markers; tolerate what the upper can't hold.
+    fn copy_xattrs(&self, src: BorrowedFd<'_>, dst: BorrowedFd<'_>, kind: Kind) -> Result<()> {
+        if self.opts.noxattrs {
+            return Ok(());
+        }
+        let names = match sys::flistxattr(src) {
+            Ok(n) => n,
+            Err(Errno::NOTSUP) | Err(Errno::PERM) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for n in names {
+            let b = n.as_bytes();
+            // Opaque markers and origins belong to the layer they are in.
+            if is_internal_xattr(b, crate::options::XattrPermissions::Off)
+                && !b.starts_with(b"user.containers.")
+            {
+                continue;
+            }
+            let v = match sys::fgetxattr(src, &n) {
+                Ok(v) => v,
+                Err(Errno::OVERFLOW) | Err(Errno::NODATA) => continue,
+                Err(e) => return Err(e),
+            };
+            match sys::fsetxattr(dst, &n, &v, 0) {
+                Ok(()) => {}
+                Err(Errno::INVAL) | Err(Errno::NOTSUP) | Err(Errno::PERM)
+                    if kind == Kind::Symlink || !b.starts_with(b"user.") =>
+                {
+                    continue;
+                }
+                Err(Errno::INVAL) | Err(Errno::NOTSUP) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Copy `len` bytes: FICLONE, else copy_file_range, else read/write. Holes stay holes where
+/// the source reports them.
+pub(crate) fn copy_data(input: BorrowedFd<'_>, out: BorrowedFd<'_>, len: u64) -> Result<()> {
+    if sys::ficlone(out, input).is_ok() {
+        return Ok(());
+    }
+    let mut off_in = 0u64;
+    let mut off_out = 0u64;
+    let mut use_cfr = true;
+    while off_in < len {
+        // Skip holes.
+        match sys::lseek(input, off_in as i64, libc::SEEK_DATA) {
+            Ok(d) if d >= len => break,
+            Ok(d) => {
+                off_in = d;
+                off_out = d;
+            }
+            Err(Errno::NXIO) => break,
+            Err(_) => {}
+        }
+        let end = match sys::lseek(input, off_in as i64, libc::SEEK_HOLE) {
+            Ok(h) => h.min(len),
+            Err(_) => len,
+        };
+        while off_in < end {
+            let chunk = (end - off_in).min(1 << 30) as usize;
+            if use_cfr {
+                match sys::copy_file_range(input, &mut off_in, out, &mut off_out, chunk) {
+                    Ok(0) => break,
+                    Ok(_) => continue,
+                    Err(Errno::XDEV) | Err(Errno::NOSYS) | Err(Errno::INVAL) | Err(Errno::OPNOTSUPP) => {
+                        use_cfr = false;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let mut buf = vec![0u8; chunk.min(1 << 20)];
+            let n = sys::pread(input, &mut buf, off_in)?;
+            if n == 0 {
+                break;
+            }
+            let mut w = 0;
+            while w < n {
+                w += sys::pwrite(out, &buf[w..n], off_out + w as u64)?;
+            }
+            off_in += n as u64;
+            off_out += n as u64;
+        }
+    }
+    // A trailing hole: set the size.
+    sys::ftruncate(out, len)?;
+    Ok(())
+}
+
+pub(crate) fn remove_any(dir: BorrowedFd<'_>, name: &OsStr, kind: Kind) -> Result<()> {
+    if kind == Kind::Dir {
+        if let Ok(fd) = sys::open_path_at(dir, name) {
+            super::write::remove_tree_contents(fd.as_fd())?;
+        }
+        sys::rmdir_at(dir, name)
+    } else {
+        sys::unlink_at(dir, name)
+    }
+}

@@ -1,0 +1,1012 @@
+//! The overlay: layer stack, lookup across layers, whiteouts and opaque directories, copy-up,
+//! inode numbers. It knows nothing of FUSE: callers pass inode numbers and names and get
+//! [`Attr`]s, handles and errnos back.
+#![forbid(unsafe_code)]
+
+mod copyup;
+mod dir;
+mod node;
+mod write;
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::options::{OverlayOptions, XattrPermissions};
+use crate::sys::{self, Errno, OFlags, Stat};
+
+pub use dir::DirEntry;
+pub use node::ROOT_INO;
+use node::{Node, NodeState, NodeTable};
+
+pub type Result<T> = std::result::Result<T, Errno>;
+
+/// File kinds, as the overlay reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    Char,
+    Block,
+}
+
+impl Kind {
+    pub fn from_mode(mode: u32) -> Kind {
+        match mode & libc::S_IFMT {
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::Char,
+            libc::S_IFBLK => Kind::Block,
+            _ => Kind::File,
+        }
+    }
+
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            Kind::File => libc::S_IFREG,
+            Kind::Dir => libc::S_IFDIR,
+            Kind::Symlink => libc::S_IFLNK,
+            Kind::Fifo => libc::S_IFIFO,
+            Kind::Socket => libc::S_IFSOCK,
+            Kind::Char => libc::S_IFCHR,
+            Kind::Block => libc::S_IFBLK,
+        }
+    }
+}
+
+/// Attributes of an overlay inode, as shown through the mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: (i64, u32),
+    pub mtime: (i64, u32),
+    pub ctime: (i64, u32),
+    pub kind: Kind,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub blksize: u32,
+}
+
+/// Who asks: the caller's ids as shown through the mount.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A time to set: a value, or "now".
+#[derive(Debug, Clone, Copy)]
+pub enum SetTime {
+    Now,
+    At(i64, u32),
+}
+
+/// The parts of `setattr` the caller asked for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// Statistics of the filesystem holding the upper layer (or the top lower one).
+#[derive(Debug, Clone, Copy)]
+pub struct FsStats {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+pub(crate) struct Layer {
+    pub fd: Arc<OwnedFd>,
+    pub path: PathBuf,
+}
+
+/// Errors setting up a mount, before anything is mounted.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("option {option}: {path}: {reason}")]
+    Path {
+        option: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+fn path_err(option: &'static str, path: &Path, reason: impl Into<String>) -> SetupError {
+    SetupError::Path {
+        option,
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Names of internal xattrs: hidden from getxattr/listxattr, refused to setxattr.
+pub(crate) fn is_internal_xattr(name: &[u8], perms: XattrPermissions) -> bool {
+    name.starts_with(b"user.fuseoverlayfs.")
+        || name.starts_with(b"trusted.overlay.")
+        || name.starts_with(b"user.overlay.")
+        || name.starts_with(b"user.rustfuse.")
+        || (perms == XattrPermissions::User
+            && (name.starts_with(b"user.containers.override_stat")
+                || name.starts_with(b"user.containers.override_security.")))
+        || (perms == XattrPermissions::Security
+            && name.starts_with(b"security.fuseoverlayfs."))
+}
+
+pub(crate) const ORIGIN_XATTR: &str = "user.rustfuse.origin";
+pub(crate) const OPAQUE_XATTRS: [&str; 3] = [
+    "trusted.overlay.opaque",
+    "user.overlay.opaque",
+    "user.fuseoverlayfs.opaque",
+];
+pub(crate) const OPAQUE_FILE: &str = ".wh..wh..opq";
+pub(crate) const WH_PREFIX: &[u8] = b".wh.";
+
+/// What a lookup of one name across the layers found.
+pub(crate) struct Found {
+    pub kind: Kind,
+    pub upper: Option<OwnedFd>,
+    pub lowers: Vec<(u16, OwnedFd)>,
+    /// stat of the topmost real file.
+    pub top: Stat,
+    pub ino: u64,
+}
+
+enum Handle {
+    File { fd: OwnedFd },
+    Dir { entries: Vec<DirEntry> },
+}
+
+const HANDLE_SHARDS: usize = 32;
+
+/// The overlay filesystem.
+pub struct Overlay {
+    pub(crate) opts: OverlayOptions,
+    pub(crate) lowers: Vec<Layer>,
+    pub(crate) upper: Option<Layer>,
+    /// `<workdir>/work`: where copy-ups and replacements are built before they appear.
+    pub(crate) work: Option<Arc<OwnedFd>>,
+    nodes: NodeTable,
+    handles: Vec<Mutex<std::collections::HashMap<u64, Arc<Handle>>>>,
+    next_fh: AtomicU64,
+    next_tmp: AtomicU64,
+    /// Whiteouts can be 0/0 character devices (mknod works in the workdir).
+    pub(crate) dev_whiteouts: bool,
+    /// Inode numbers come from more than one filesystem: tag them by layer device.
+    devs: Vec<u64>,
+    overflow_uid: u32,
+    overflow_gid: u32,
+    pub(crate) override_xattr: Option<&'static str>,
+}
+
+impl Overlay {
+    /// Open the layers and prepare the workdir. Every problem names the option and path.
+    pub fn new(opts: OverlayOptions) -> std::result::Result<Overlay, SetupError> {
+        let mut lowers = Vec::new();
+        for p in &opts.lowerdirs {
+            let fd = sys::open_dir_path(p).map_err(|e| {
+                path_err("lowerdir", p, format!("cannot open directory: {}", errstr(e)))
+            })?;
+            lowers.push(Layer {
+                fd: Arc::new(fd),
+                path: p.clone(),
+            });
+        }
+        if lowers.len() > u16::MAX as usize {
+            return Err(path_err("lowerdir", Path::new(""), "too many layers"));
+        }
+        let mut upper = None;
+        let mut work = None;
+        let mut dev_whiteouts = false;
+        if let (Some(u), Some(w)) = (&opts.upperdir, &opts.workdir) {
+            if !opts.read_only {
+                let ufd = sys::open_dir_path(u).map_err(|e| {
+                    path_err("upperdir", u, format!("cannot open directory: {}", errstr(e)))
+                })?;
+                let wfd = sys::open_dir_path(w).map_err(|e| {
+                    path_err("workdir", w, format!("cannot open directory: {}", errstr(e)))
+                })?;
+                let ust = sys::fstat(ufd.as_fd()).map_err(|e| path_err("upperdir", u, errstr(e)))?;
+                let wst = sys::fstat(wfd.as_fd()).map_err(|e| path_err("workdir", w, errstr(e)))?;
+                if ust.st_dev != wst.st_dev {
+                    return Err(path_err(
+                        "workdir",
+                        w,
+                        format!(
+                            "not on the same filesystem as upperdir {} (renames between them would fail)",
+                            u.display()
+                        ),
+                    ));
+                }
+                let wk = prepare_workdir(wfd.as_fd())
+                    .map_err(|e| path_err("workdir", w, format!("cannot prepare work/: {}", errstr(e))))?;
+                dev_whiteouts = std::env::var_os("FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT").is_none()
+                    && probe_dev_whiteout(wk.as_fd());
+                upper = Some(Layer {
+                    fd: Arc::new(ufd),
+                    path: u.clone(),
+                });
+                work = Some(Arc::new(wk));
+            }
+        }
+        let mut devs = Vec::new();
+        for l in upper.iter().chain(lowers.iter()) {
+            if let Ok(st) = sys::fstat(l.fd.as_fd()) {
+                if !devs.contains(&st.st_dev) {
+                    devs.push(st.st_dev);
+                }
+            }
+        }
+        let override_xattr = match opts.xattr_permissions {
+            XattrPermissions::Off => None,
+            XattrPermissions::Security => Some("security.fuseoverlayfs.override_stat"),
+            XattrPermissions::User => {
+                let legacy = upper.as_ref().is_some_and(|u| {
+                    sys::fgetxattr(u.fd.as_fd(), OsStr::new("user.fuseoverlayfs.override_stat"))
+                        .is_ok()
+                });
+                Some(if legacy {
+                    "user.fuseoverlayfs.override_stat"
+                } else {
+                    "user.containers.override_stat"
+                })
+            }
+        };
+        let ov = Overlay {
+            opts,
+            lowers,
+            upper,
+            work,
+            nodes: NodeTable::default(),
+            handles: (0..HANDLE_SHARDS)
+                .map(|_| Mutex::new(Default::default()))
+                .collect(),
+            next_fh: AtomicU64::new(1),
+            next_tmp: AtomicU64::new(0),
+            dev_whiteouts,
+            devs,
+            overflow_uid: read_overflow("/proc/sys/kernel/overflowuid"),
+            overflow_gid: read_overflow("/proc/sys/kernel/overflowgid"),
+            override_xattr,
+        };
+        ov.make_root()
+            .map_err(|e| path_err("lowerdir", Path::new(""), format!("root: {}", errstr(e))))?;
+        Ok(ov)
+    }
+
+    fn make_root(&self) -> Result<()> {
+        let mut lowers = Vec::new();
+        for (i, l) in self.lowers.iter().enumerate() {
+            lowers.push((i as u16, l.fd.clone()));
+            if self.is_opaque(l.fd.as_fd()) {
+                break;
+            }
+        }
+        let upper = self.upper.as_ref().map(|u| u.fd.clone());
+        let top = upper.as_ref().unwrap_or(&lowers[0].1);
+        let st = sys::fstat(top.as_fd())?;
+        // An opaque upper root hides every lower layer.
+        if let Some(u) = &upper {
+            if self.is_opaque(u.as_fd()) {
+                lowers.clear();
+            }
+        }
+        self.nodes.insert_root(Node::new(
+            ROOT_INO,
+            NodeState {
+                kind: Kind::Dir,
+                parent: ROOT_INO,
+                name: OsString::new(),
+                upper,
+                lowers,
+                backing: (st.st_dev, st.st_ino),
+                unlinked: false,
+            },
+        ));
+        Ok(())
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.upper.is_none()
+    }
+
+    pub fn options(&self) -> &OverlayOptions {
+        &self.opts
+    }
+
+    /// How many inodes are held in memory.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub(crate) fn node(&self, ino: u64) -> Result<Arc<Node>> {
+        self.nodes.get(ino).ok_or(Errno::STALE)
+    }
+
+    pub(crate) fn tmp_name(&self) -> OsString {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        OsString::from(format!("#{:x}-{n:x}", std::process::id()))
+    }
+
+    // ------------------------------------------------------------ layer probing
+
+    pub(crate) fn is_opaque(&self, dir: BorrowedFd<'_>) -> bool {
+        if let Ok(names) = sys::flistxattr(dir) {
+            for n in &names {
+                if OPAQUE_XATTRS.iter().any(|o| n.as_bytes() == o.as_bytes()) {
+                    if let Ok(v) = sys::fgetxattr(dir, n) {
+                        if v == b"y" {
+                            return true;
+                        }
+                    }
+                }
+            }
+        }
+        sys::stat_at(dir, OsStr::new(OPAQUE_FILE)).is_ok()
+    }
+
+    /// Does `.wh.NAME` exist in `dir`?
+    pub(crate) fn wh_file_exists(dir: BorrowedFd<'_>, name: &OsStr) -> bool {
+        let mut wh = WH_PREFIX.to_vec();
+        wh.extend_from_slice(name.as_bytes());
+        sys::stat_at(dir, OsStr::from_bytes(&wh)).is_ok()
+    }
+
+    pub(crate) fn map_ino(&self, st: &Stat) -> u64 {
+        let mut ino = st.st_ino;
+        if self.devs.len() > 1 {
+            let idx = self.devs.iter().position(|d| *d == st.st_dev).unwrap_or(self.devs.len());
+            ino ^= (idx as u64) << 56;
+        }
+        if ino <= ROOT_INO {
+            ino |= 1 << 63;
+        }
+        ino
+    }
+
+    /// Look `name` up across the layers under `parent` without touching the node table.
+    pub(crate) fn resolve(&self, parent: &NodeState, name: &OsStr) -> Result<Option<Found>> {
+        if name.as_bytes().starts_with(WH_PREFIX) {
+            return Ok(None);
+        }
+        if name.len() > 255 {
+            return Err(Errno::NAMETOOLONG);
+        }
+        let mut kind = None;
+        let mut upper = None;
+        let mut top: Option<Stat> = None;
+        let mut lowers: Vec<(u16, OwnedFd)> = Vec::new();
+        let mut first_lower: Option<Stat> = None;
+        if let Some(u) = &parent.upper {
+            match sys::stat_at(u.as_fd(), name) {
+                Ok(st) => {
+                    if is_whiteout(&st) {
+                        return Ok(None);
+                    }
+                    let fd = sys::open_path_at(u.as_fd(), name)?;
+                    let k = Kind::from_mode(st.st_mode);
+                    if k != Kind::Dir {
+                        let ino = self.upper_file_ino(fd.as_fd(), &st);
+                        return Ok(Some(Found {
+                            kind: k,
+                            upper: Some(fd),
+                            lowers,
+                            top: st,
+                            ino,
+                        }));
+                    }
+                    let opaque = self.is_opaque(fd.as_fd());
+                    upper = Some(fd);
+                    top = Some(st);
+                    kind = Some(Kind::Dir);
+                    if opaque {
+                        return Ok(Some(Found {
+                            kind: Kind::Dir,
+                            upper,
+                            lowers,
+                            ino: self.map_ino(&st),
+                            top: st,
+                        }));
+                    }
+                }
+                Err(Errno::NOENT) => {
+                    if Self::wh_file_exists(u.as_fd(), name) {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for (layer, dfd) in &parent.lowers {
+            match sys::stat_at(dfd.as_fd(), name) {
+                Ok(st) => {
+                    if is_whiteout(&st) {
+                        break;
+                    }
+                    let k = Kind::from_mode(st.st_mode);
+                    match kind {
+                        None if k != Kind::Dir => {
+                            let fd = sys::open_path_at(dfd.as_fd(), name)?;
+                            lowers.push((*layer, fd));
+                            return Ok(Some(Found {
+                                kind: k,
+                                upper: None,
+                                lowers,
+                                ino: self.map_ino(&st),
+                                top: st,
+                            }));
+                        }
+                        Some(Kind::Dir) | None if k == Kind::Dir => {
+                            let fd = sys::open_path_at(dfd.as_fd(), name)?;
+                            let opaque = self.is_opaque(fd.as_fd());
+                            lowers.push((*layer, fd));
+                            if first_lower.is_none() {
+                                first_lower = Some(st);
+                            }
+                            if top.is_none() {
+                                top = Some(st);
+                            }
+                            kind = Some(Kind::Dir);
+                            if opaque {
+                                break;
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+                Err(Errno::NOENT) => {
+                    if Self::wh_file_exists(dfd.as_fd(), name) {
+                        break;
+                    }
+                }
+                Err(Errno::NOTDIR) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(kind) = kind else { return Ok(None) };
+        let top = top.expect("found something");
+        // A directory keeps the number of its topmost lower part, which never changes, so
+        // that creating its upper part (copy-up) does not change it.
+        let ino = self.map_ino(first_lower.as_ref().unwrap_or(&top));
+        Ok(Some(Found {
+            kind,
+            upper,
+            lowers,
+            top,
+            ino,
+        }))
+    }
+
+    /// An upper file keeps the inode number of the lower file it was copied up from.
+    fn upper_file_ino(&self, fd: BorrowedFd<'_>, st: &Stat) -> u64 {
+        if let Ok(v) = sys::fgetxattr(fd, OsStr::new(ORIGIN_XATTR)) {
+            if let Some(ino) = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()) {
+                return ino;
+            }
+        }
+        self.map_ino(st)
+    }
+
+    /// Is the name visible in some lower layer under `parent` (so removing or renaming the
+    /// upper entry must leave a whiteout)?
+    pub(crate) fn lower_positive(&self, parent: &NodeState, name: &OsStr) -> Result<bool> {
+        for (_, dfd) in &parent.lowers {
+            match sys::stat_at(dfd.as_fd(), name) {
+                Ok(st) => return Ok(!is_whiteout(&st)),
+                Err(Errno::NOENT) => {
+                    if Self::wh_file_exists(dfd.as_fd(), name) {
+                        return Ok(false);
+                    }
+                }
+                Err(Errno::NOTDIR) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
+    fn state_from_found(found: Found, parent: u64, name: &OsStr) -> NodeState {
+        NodeState {
+            kind: found.kind,
+            parent,
+            name: name.to_os_string(),
+            backing: (found.top.st_dev, found.top.st_ino),
+            upper: found.upper.map(Arc::new),
+            lowers: found
+                .lowers
+                .into_iter()
+                .map(|(l, fd)| (l, Arc::new(fd)))
+                .collect(),
+            unlinked: false,
+        }
+    }
+
+    /// Put what `resolve` found in the node table.
+    pub(crate) fn intern(&self, found: Found, parent: u64, name: &OsStr, count: bool) -> (Arc<Node>, Stat) {
+        let ino = found.ino;
+        let top = found.top;
+        let node = self
+            .nodes
+            .get_or_insert(ino, Self::state_from_found(found, parent, name), count);
+        (node, top)
+    }
+
+    // ------------------------------------------------------------ attributes
+
+    pub(crate) fn attr_of(&self, node: &Node, st: &NodeState, stat: &Stat) -> Attr {
+        let mut mode = stat.st_mode;
+        let mut uid = stat.st_uid;
+        let mut gid = stat.st_gid;
+        let mut rdev = stat.st_rdev;
+        let mut kind = Kind::from_mode(stat.st_mode);
+        if let Some(x) = self.override_xattr {
+            if let Ok(v) = sys::fgetxattr(st.top().as_fd(), OsStr::new(x)) {
+                if let Some(o) = parse_override(&v) {
+                    uid = o.uid;
+                    gid = o.gid;
+                    mode = o.mode;
+                    if let Some((k, r)) = o.kind {
+                        kind = k;
+                        rdev = r;
+                    }
+                }
+            }
+        }
+        let uid = if self.opts.squash_to_root {
+            0
+        } else if let Some(u) = self.opts.squash_to_uid {
+            u
+        } else {
+            self.opts.uid_map.to_shown(uid).unwrap_or(self.overflow_uid)
+        };
+        let gid = if self.opts.squash_to_root {
+            0
+        } else if let Some(g) = self.opts.squash_to_gid {
+            g
+        } else {
+            self.opts.gid_map.to_shown(gid).unwrap_or(self.overflow_gid)
+        };
+        let mut nlink = stat.st_nlink as u32;
+        if kind == Kind::Dir && (self.opts.static_nlink || st.is_merged_dir() || st.upper.is_none() && st.lowers.len() > 1) {
+            nlink = 1;
+        }
+        Attr {
+            ino: node.ino,
+            size: stat.st_size as u64,
+            blocks: stat.st_blocks as u64,
+            atime: (stat.st_atime, stat.st_atime_nsec as u32),
+            mtime: (stat.st_mtime, stat.st_mtime_nsec as u32),
+            ctime: (stat.st_ctime, stat.st_ctime_nsec as u32),
+            kind,
+            perm: (mode & 0o7777) as u16,
+            nlink,
+            uid,
+            gid,
+            rdev: rdev as u32,
+            blksize: stat.st_blksize as u32,
+        }
+    }
+
+    fn node_attr(&self, node: &Node) -> Result<Attr> {
+        let st = node.state();
+        let stat = sys::fstat(st.top().as_fd())?;
+        Ok(self.attr_of(node, &st, &stat))
+    }
+
+    // ------------------------------------------------------------ read path
+
+    /// Look a name up; counts one kernel reference on success.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        let p = self.node(parent)?;
+        let ps = p.state();
+        if ps.kind != Kind::Dir {
+            return Err(Errno::NOTDIR);
+        }
+        let found = self.resolve(&ps, name)?.ok_or(Errno::NOENT)?;
+        let (node, stat) = self.intern(found, parent, name, true);
+        let st = node.state();
+        Ok(self.attr_of(&node, &st, &stat))
+    }
+
+    pub fn forget(&self, ino: u64, nlookup: u64) {
+        self.nodes.forget(ino, nlookup);
+    }
+
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
+        let node = self.node(ino)?;
+        if let Some(fh) = fh {
+            if let Some(h) = self.handle(fh) {
+                if let Handle::File { fd } = &*h {
+                    let st = node.state();
+                    let stat = sys::fstat(fd.as_fd())?;
+                    return Ok(self.attr_of(&node, &st, &stat));
+                }
+            }
+        }
+        self.node_attr(&node)
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<OsString> {
+        let node = self.node(ino)?;
+        let st = node.state();
+        if st.kind != Kind::Symlink {
+            return Err(Errno::INVAL);
+        }
+        sys::readlink_fd(st.top().as_fd())
+    }
+
+    pub fn statfs(&self) -> Result<FsStats> {
+        let fd = self
+            .upper
+            .as_ref()
+            .map(|u| u.fd.clone())
+            .unwrap_or_else(|| self.lowers[0].fd.clone());
+        let s = sys::fstatfs(fd.as_fd())?;
+        Ok(FsStats {
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            bsize: s.f_bsize as u32,
+            namelen: s.f_namelen as u32,
+            frsize: s.f_frsize as u32,
+        })
+    }
+
+    // ------------------------------------------------------------ handles
+
+    fn handle_shard(&self, fh: u64) -> &Mutex<std::collections::HashMap<u64, Arc<Handle>>> {
+        &self.handles[(fh as usize) % HANDLE_SHARDS]
+    }
+
+    fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handle_shard(fh).lock().insert(fh, Arc::new(h));
+        fh
+    }
+
+    fn handle(&self, fh: u64) -> Option<Arc<Handle>> {
+        self.handle_shard(fh).lock().get(&fh).cloned()
+    }
+
+    fn file_fd(&self, fh: u64) -> Result<Arc<Handle>> {
+        match self.handle(fh) {
+            Some(h) if matches!(&*h, Handle::File { .. }) => Ok(h),
+            _ => Err(Errno::BADF),
+        }
+    }
+
+    /// Open a file. Writing (or truncating) copies it up first.
+    pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+        let node = self.node(ino)?;
+        let acc = flags & libc::O_ACCMODE;
+        let writes = acc == libc::O_WRONLY || acc == libc::O_RDWR;
+        let trunc = flags & libc::O_TRUNC != 0;
+        if (writes || trunc) && self.read_only() {
+            return Err(Errno::ROFS);
+        }
+        let st = node.state();
+        if st.kind == Kind::Dir && writes {
+            return Err(Errno::ISDIR);
+        }
+        let fd = if writes || trunc {
+            let u = self.copy_up(&node, trunc)?;
+            sys::reopen(u.as_fd(), open_flags(flags))?
+        } else {
+            sys::reopen(st.top().as_fd(), open_flags(flags))?
+        };
+        Ok(self.add_handle(Handle::File { fd }))
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handle_shard(fh).lock().remove(&fh);
+    }
+
+    pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.file_fd(fh)?;
+        let Handle::File { fd } = &*h else {
+            unreachable!()
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = sys::pread(fd.as_fd(), &mut buf[done..], off + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
+        let h = self.file_fd(fh)?;
+        let Handle::File { fd } = &*h else {
+            unreachable!()
+        };
+        let mut done = 0;
+        while done < data.len() {
+            let n = sys::pwrite(fd.as_fd(), &data[done..], off + done as u64)?;
+            if n == 0 {
+                return Err(Errno::IO);
+            }
+            done += n;
+        }
+        Ok(done as u32)
+    }
+
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        if !self.opts.fsync {
+            return Err(Errno::NOSYS);
+        }
+        let h = self.file_fd(fh)?;
+        let Handle::File { fd } = &*h else {
+            unreachable!()
+        };
+        sys::fsync(fd.as_fd(), datasync)
+    }
+
+    pub fn fsyncdir(&self, ino: u64, datasync: bool) -> Result<()> {
+        if !self.opts.fsync {
+            return Err(Errno::NOSYS);
+        }
+        let node = self.node(ino)?;
+        if let Some(u) = node.state().upper {
+            let fd = sys::reopen(u.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)?;
+            sys::fsync(fd.as_fd(), datasync)?;
+        }
+        Ok(())
+    }
+
+    pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Result<()> {
+        let h = self.file_fd(fh)?;
+        let Handle::File { fd } = &*h else {
+            unreachable!()
+        };
+        sys::fallocate(fd.as_fd(), mode, off, len)
+    }
+
+    pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
+        let h = self.file_fd(fh)?;
+        let Handle::File { fd } = &*h else {
+            unreachable!()
+        };
+        sys::lseek(fd.as_fd(), off, whence).map(|o| o as i64)
+    }
+
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        mut off_in: u64,
+        fh_out: u64,
+        mut off_out: u64,
+        len: u64,
+    ) -> Result<u32> {
+        let hi = self.file_fd(fh_in)?;
+        let ho = self.file_fd(fh_out)?;
+        let (Handle::File { fd: fi }, Handle::File { fd: fo }) = (&*hi, &*ho) else {
+            unreachable!()
+        };
+        let len = len.min(u32::MAX as u64 & !0xfff) as usize;
+        sys::copy_file_range(fi.as_fd(), &mut off_in, fo.as_fd(), &mut off_out, len).map(|n| n as u32)
+    }
+
+    // ------------------------------------------------------------ xattrs
+
+    pub fn getxattr(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>> {
+        if self.opts.noxattrs {
+            return Err(Errno::NOTSUP);
+        }
+        if is_internal_xattr(name.as_bytes(), self.opts.xattr_permissions) {
+            return Err(Errno::NODATA);
+        }
+        let node = self.node(ino)?;
+        let st = node.state();
+        let stored = self.stored_xattr_name(name);
+        sys::fgetxattr(st.top().as_fd(), &stored)
+    }
+
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        if self.opts.noxattrs {
+            return Ok(Vec::new());
+        }
+        let node = self.node(ino)?;
+        let st = node.state();
+        let mut out = Vec::new();
+        for n in sys::flistxattr(st.top().as_fd())? {
+            let b = n.as_bytes();
+            let shown: Vec<u8> = if self.opts.xattr_permissions == XattrPermissions::User
+                && b.starts_with(b"user.containers.override_security.")
+            {
+                [b"security.", &b[b"user.containers.override_security.".len()..]].concat()
+            } else if is_internal_xattr(b, self.opts.xattr_permissions) {
+                continue;
+            } else {
+                b.to_vec()
+            };
+            out.extend_from_slice(&shown);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// In `xattr_permissions=2`, `security.*` xattrs are stored under a user.* name.
+    pub(crate) fn stored_xattr_name(&self, name: &OsStr) -> OsString {
+        let b = name.as_bytes();
+        if self.opts.xattr_permissions == XattrPermissions::User && b.starts_with(b"security.") {
+            let mut v = b"user.containers.override_security.".to_vec();
+            v.extend_from_slice(&b[b"security.".len()..]);
+            return std::os::unix::ffi::OsStringExt::from_vec(v);
+        }
+        name.to_os_string()
+    }
+}
+
+pub(crate) fn is_whiteout(st: &Stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == 0
+}
+
+fn open_flags(flags: i32) -> OFlags {
+    let keep = libc::O_ACCMODE
+        | libc::O_APPEND
+        | libc::O_TRUNC
+        | libc::O_DIRECT
+        | libc::O_SYNC
+        | libc::O_DSYNC
+        | libc::O_NOATIME
+        | libc::O_NONBLOCK
+        | libc::O_DIRECTORY;
+    OFlags::from_bits_retain((flags & keep) as u32)
+}
+
+pub(crate) fn errstr(e: Errno) -> String {
+    std::io::Error::from_raw_os_error(e.raw_os_error()).to_string()
+}
+
+fn read_overflow(path: &str) -> u32 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(65534)
+}
+
+/// `<workdir>/work`, emptied (leftovers of an interrupted copy-up are removed), mode 0700.
+fn prepare_workdir(wfd: BorrowedFd<'_>) -> Result<OwnedFd> {
+    let name = OsStr::new("work");
+    match sys::mkdir_at(wfd, name, 0o700) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => return Err(e),
+    }
+    let fd = sys::open_path_at(wfd, name)?;
+    let st = sys::fstat(fd.as_fd())?;
+    if Kind::from_mode(st.st_mode) != Kind::Dir {
+        return Err(Errno::NOTDIR);
+    }
+    write::remove_tree_contents(fd.as_fd())?;
+    Ok(fd)
+}
+
+fn probe_dev_whiteout(work: BorrowedFd<'_>) -> bool {
+    let name = OsStr::new(".rustfuse-whiteout-probe");
+    let _ = sys::unlink_at(work, name);
+    let ok = sys::mknod_at(work, name, libc::S_IFCHR, 0).is_ok();
+    let _ = sys::unlink_at(work, name);
+    ok
+}
+
+/// An override_stat value: `uid:gid:octalmode[:type]`.
+pub(crate) struct Override {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub kind: Option<(Kind, u64)>,
+}
+
+pub(crate) fn parse_override(v: &[u8]) -> Option<Override> {
+    let s = std::str::from_utf8(v).ok()?;
+    let s = s.trim_end_matches('\0');
+    let mut it = s.splitn(4, ':');
+    let uid = it.next()?.parse().ok()?;
+    let gid = it.next()?.parse().ok()?;
+    let mode = u32::from_str_radix(it.next()?, 8).ok()?;
+    let kind = match it.next() {
+        None => None,
+        Some("dir") => Some((Kind::Dir, 0)),
+        Some("file") => Some((Kind::File, 0)),
+        Some("symlink") => Some((Kind::Symlink, 0)),
+        Some("pipe") => Some((Kind::Fifo, 0)),
+        Some("socket") => Some((Kind::Socket, 0)),
+        Some(t) => {
+            let (k, rest) = if let Some(r) = t.strip_prefix("block-") {
+                (Kind::Block, r)
+            } else if let Some(r) = t.strip_prefix("char-") {
+                (Kind::Char, r)
+            } else {
+                return None;
+            };
+            let (ma, mi) = rest.split_once('-')?;
+            let dev = libc::makedev(ma.parse().ok()?, mi.parse().ok()?);
+            Some((k, dev))
+        }
+    };
+    let mode = match kind {
+        Some((k, _)) => (mode & 0o7777) | k.mode_bits(),
+        None => mode,
+    };
+    Some(Override {
+        uid,
+        gid,
+        mode,
+        kind,
+    })
+}
+
+pub(crate) fn format_override(uid: u32, gid: u32, mode: u32) -> Vec<u8> {
+    let k = Kind::from_mode(mode);
+    let t = match k {
+        Kind::Dir => "dir".to_string(),
+        Kind::File => "file".to_string(),
+        Kind::Symlink => "symlink".to_string(),
+        Kind::Fifo => "pipe".to_string(),
+        Kind::Socket => "socket".to_string(),
+        Kind::Char | Kind::Block => String::new(),
+    };
+    if t.is_empty() {
+        format!("{uid}:{gid}:{:o}", mode & 0o7777).into_bytes()
+    } else {
+        format!("{uid}:{gid}:{:o}:{t}", mode & 0o7777).into_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn override_round_trip() {
+        let v = format_override(1000, 100, libc::S_IFREG | 0o644);
+        let o = parse_override(&v).unwrap();
+        assert_eq!((o.uid, o.gid, o.mode & 0o7777), (1000, 100, 0o644));
+        let o = parse_override(b"0:0:755").unwrap();
+        assert_eq!(o.mode, 0o755);
+        let o = parse_override(b"0:0:600:char-1-3").unwrap();
+        assert_eq!(o.kind.unwrap().0, Kind::Char);
+    }
+
+    #[test]
+    fn internal_xattrs_hidden() {
+        assert!(is_internal_xattr(b"trusted.overlay.opaque", XattrPermissions::Off));
+        assert!(is_internal_xattr(b"user.fuseoverlayfs.origin", XattrPermissions::Off));
+        assert!(!is_internal_xattr(b"user.foo", XattrPermissions::Off));
+        assert!(is_internal_xattr(
+            b"user.containers.override_stat",
+            XattrPermissions::User
+        ));
+    }
+}

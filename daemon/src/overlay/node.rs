@@ -1,0 +1,174 @@
+//! The inode table: sharded, with per-inode state behind its own lock. No global lock.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use super::Kind;
+
+/// FUSE's root node id.
+pub const ROOT_INO: u64 = 1;
+
+/// What one overlay inode is made of right now.
+#[derive(Clone)]
+pub struct NodeState {
+    pub kind: Kind,
+    /// One name of this inode (the last one it was looked up or renamed to), for copy-up.
+    pub parent: u64,
+    pub name: OsString,
+    /// `O_PATH` fd of the upper-layer file, once there is one.
+    pub upper: Option<Arc<OwnedFd>>,
+    /// Directories: the lower directories merged under this one, topmost first, down to the
+    /// first opaque one. Other kinds: the one lower file, while there is no upper.
+    pub lowers: Vec<(u16, Arc<OwnedFd>)>,
+    /// (st_dev, st_ino) of the topmost real file: tells a reused inode number from this one.
+    pub backing: (u64, u64),
+    /// No name reaches this inode any more (it lives on only through open handles).
+    pub unlinked: bool,
+}
+
+impl NodeState {
+    /// The topmost real file.
+    pub fn top(&self) -> &Arc<OwnedFd> {
+        self.upper
+            .as_ref()
+            .unwrap_or_else(|| &self.lowers.first().expect("a node has a layer").1)
+    }
+
+    /// Merged directory: an upper part and lower parts both.
+    pub fn is_merged_dir(&self) -> bool {
+        self.kind == Kind::Dir && self.upper.is_some() && !self.lowers.is_empty()
+    }
+}
+
+pub struct Node {
+    pub ino: u64,
+    nlookup: AtomicU64,
+    state: Mutex<NodeState>,
+    /// Held while this node is copied up, so that two writers copy it once.
+    pub copyup: Mutex<()>,
+}
+
+impl Node {
+    pub fn new(ino: u64, state: NodeState) -> Node {
+        Node {
+            ino,
+            nlookup: AtomicU64::new(0),
+            state: Mutex::new(state),
+            copyup: Mutex::new(()),
+        }
+    }
+
+    /// A copy of the state (fds are shared, not duplicated).
+    pub fn state(&self) -> NodeState {
+        self.state.lock().clone()
+    }
+
+    pub fn update<R>(&self, f: impl FnOnce(&mut NodeState) -> R) -> R {
+        f(&mut self.state.lock())
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.state.lock().kind
+    }
+}
+
+const SHARDS: usize = 64;
+
+/// Node id → node, in independently locked shards.
+pub struct NodeTable {
+    shards: Vec<Mutex<HashMap<u64, Arc<Node>>>>,
+}
+
+impl Default for NodeTable {
+    fn default() -> Self {
+        NodeTable {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+impl NodeTable {
+    fn shard(&self, ino: u64) -> &Mutex<HashMap<u64, Arc<Node>>> {
+        // Inode numbers of one directory are often consecutive: spread them.
+        let h = ino.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58;
+        &self.shards[h as usize % SHARDS]
+    }
+
+    pub fn get(&self, ino: u64) -> Option<Arc<Node>> {
+        self.shard(ino).lock().get(&ino).cloned()
+    }
+
+    /// Insert the root (never forgotten).
+    pub fn insert_root(&self, node: Node) {
+        node.nlookup.store(1 << 40, Ordering::Relaxed);
+        self.shard(node.ino).lock().insert(node.ino, Arc::new(node));
+    }
+
+    /// The node for `ino`, made from `state` when new; counts one kernel lookup when
+    /// `count` is set. An existing node whose backing file differs (the inode number was
+    /// reused, or a copy-up happened under another name) takes the new state.
+    pub fn get_or_insert(&self, ino: u64, state: NodeState, count: bool) -> Arc<Node> {
+        let mut shard = self.shard(ino).lock();
+        let node = match shard.get(&ino) {
+            Some(n) => {
+                n.update(|s| {
+                    let reused = s.backing != state.backing
+                        && !(s.upper.is_some() && state.upper.is_none());
+                    if reused || s.unlinked || s.kind != state.kind {
+                        *s = state;
+                    } else {
+                        // Keep the fds we have (same files); refresh the name and the layers.
+                        if s.upper.is_none() && state.upper.is_some() {
+                            s.upper = state.upper;
+                        }
+                        if s.kind == Kind::Dir {
+                            s.lowers = state.lowers;
+                        }
+                        s.parent = state.parent;
+                        s.name = state.name;
+                    }
+                });
+                n.clone()
+            }
+            None => {
+                let n = Arc::new(Node::new(ino, state));
+                shard.insert(ino, n.clone());
+                n
+            }
+        };
+        if count {
+            node.nlookup.fetch_add(1, Ordering::Relaxed);
+        }
+        node
+    }
+
+    /// The kernel dropped `n` references; the node goes when none are left.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut shard = self.shard(ino).lock();
+        if let Some(node) = shard.get(&ino) {
+            let prev = node.nlookup.load(Ordering::Relaxed);
+            let next = prev.saturating_sub(n);
+            node.nlookup.store(next, Ordering::Relaxed);
+            if next == 0 {
+                shard.remove(&ino);
+            }
+        }
+    }
+
+    /// How many nodes are held (memory is bounded by what the kernel holds).
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

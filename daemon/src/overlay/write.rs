@@ -1,0 +1,703 @@
+//! The write path: creating, removing and renaming names, and changing attributes.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+
+use super::node::NodeState;
+use super::{
+    Attr, Caller, Errno, Found, Handle, Kind, OPAQUE_FILE, Overlay, Result, SetAttr, SetTime,
+    WH_PREFIX, format_override, is_internal_xattr, is_whiteout,
+};
+use crate::sys::{self, OFlags, RenameFlags, Timespec};
+
+/// What the upper layer holds at a name.
+enum UpperAt {
+    Nothing,
+    /// A 0/0 character device.
+    DevWhiteout,
+    /// A `.wh.NAME` file.
+    FileWhiteout,
+    Entry(Kind),
+}
+
+fn wh_name_os(name: &OsStr) -> OsString {
+    use std::os::unix::ffi::OsStringExt;
+    let mut v = WH_PREFIX.to_vec();
+    v.extend_from_slice(name.as_bytes());
+    OsString::from_vec(v)
+}
+
+fn upper_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<UpperAt> {
+    match sys::stat_at(dir, name) {
+        Ok(st) if is_whiteout(&st) => Ok(UpperAt::DevWhiteout),
+        Ok(st) => Ok(UpperAt::Entry(Kind::from_mode(st.st_mode))),
+        Err(Errno::NOENT) => {
+            if Overlay::wh_file_exists(dir, name) {
+                Ok(UpperAt::FileWhiteout)
+            } else {
+                Ok(UpperAt::Nothing)
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn check_new_name(name: &OsStr) -> Result<()> {
+    if name.as_bytes().starts_with(WH_PREFIX) {
+        return Err(Errno::INVAL);
+    }
+    if name.len() > 255 {
+        return Err(Errno::NAMETOOLONG);
+    }
+    Ok(())
+}
+
+/// Remove everything inside a directory (not the directory itself).
+pub(crate) fn remove_tree_contents(dir: BorrowedFd<'_>) -> Result<()> {
+    let mut names = Vec::new();
+    {
+        let mut stream = sys::open_dir_stream(dir)?;
+        while let Some(ent) = stream.read() {
+            let ent = ent?;
+            let n = ent.file_name().to_bytes();
+            if n == b"." || n == b".." {
+                continue;
+            }
+            names.push((
+                OsStr::from_bytes(n).to_os_string(),
+                ent.file_type() == sys::FileType::Directory,
+            ));
+        }
+    }
+    for (n, is_dir) in names {
+        if is_dir {
+            let sub = sys::open_path_at(dir, &n)?;
+            remove_tree_contents(sub.as_fd())?;
+            sys::rmdir_at(dir, &n)?;
+        } else {
+            match sys::unlink_at(dir, &n) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(Errno::ISDIR) => {
+                    let sub = sys::open_path_at(dir, &n)?;
+                    remove_tree_contents(sub.as_fd())?;
+                    sys::rmdir_at(dir, &n)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Overlay {
+    fn writable(&self) -> Result<()> {
+        if self.read_only() {
+            Err(Errno::ROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Write a whiteout for `name` in `dir`.
+    pub(crate) fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+        if self.dev_whiteouts {
+            sys::mknod_at(dir, name, libc::S_IFCHR, 0)
+        } else {
+            let fd = sys::open_at(
+                dir,
+                &wh_name_os(name),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+                0o700,
+            );
+            match fd {
+                Ok(_) | Err(Errno::EXIST) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+    }
+
+    /// Mark a directory opaque the way fuse-overlayfs does.
+    pub(crate) fn set_opaque(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+        match sys::setxattr_at(dir, name, OsStr::new("trusted.overlay.opaque"), b"y") {
+            Ok(()) => Ok(()),
+            Err(Errno::PERM) => {
+                let _ = sys::setxattr_at(dir, name, OsStr::new("user.fuseoverlayfs.opaque"), b"y");
+                self.opaque_file(dir, name)
+            }
+            Err(Errno::NOTSUP) => self.opaque_file(dir, name),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn opaque_file(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+        let d = sys::open_path_at(dir, name)?;
+        match sys::open_at(
+            d.as_fd(),
+            OsStr::new(OPAQUE_FILE),
+            OFlags::WRONLY | OFlags::CREATE,
+            0o700,
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The owner a new entry gets on disk, and its mode (setgid directories pass their group
+    /// and, to directories, their setgid bit on).
+    fn new_owner(&self, caller: Caller, parent: &NodeState, mode: u32) -> Result<(u32, u32, u32)> {
+        let pst = sys::fstat(parent.top().as_fd())?;
+        let uid = self.opts.uid_map.to_disk(caller.uid).ok_or(Errno::OVERFLOW)?;
+        let mut mode = mode;
+        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+            if mode & libc::S_IFMT == libc::S_IFDIR {
+                mode |= libc::S_ISGID;
+            }
+            pst.st_gid
+        } else {
+            self.opts.gid_map.to_disk(caller.gid).ok_or(Errno::OVERFLOW)?
+        };
+        Ok((uid, gid, mode))
+    }
+
+    /// Give a freshly built entry its owner (or the override xattr that stands for it).
+    fn set_new_owner(&self, fd: BorrowedFd<'_>, uid: u32, gid: u32, mode: u32) -> Result<()> {
+        if let Some(x) = self.override_xattr {
+            return sys::fsetxattr(fd, OsStr::new(x), &format_override(uid, gid, mode), 0);
+        }
+        sys::fchown(fd, Some(uid), Some(gid))
+    }
+
+    /// Put a new entry at `name` in the upper directory `pu`, built by `build(dir, name)`.
+    /// A whiteout there is replaced atomically (the entry is built in `work/` and exchanged
+    /// with it); a directory made over a whiteout is opaque.
+    fn place_new(
+        &self,
+        pu: BorrowedFd<'_>,
+        name: &OsStr,
+        is_dir: bool,
+        build: &mut dyn FnMut(BorrowedFd<'_>, &OsStr) -> Result<()>,
+    ) -> Result<()> {
+        match upper_at(pu, name)? {
+            UpperAt::Nothing => build(pu, name),
+            UpperAt::Entry(_) => Err(Errno::EXIST),
+            UpperAt::FileWhiteout => {
+                build(pu, name)?;
+                if is_dir {
+                    self.set_opaque(pu, name)?;
+                }
+                let _ = sys::unlink_at(pu, &wh_name_os(name));
+                Ok(())
+            }
+            UpperAt::DevWhiteout => {
+                let work = self.work_fd()?;
+                let tmp = self.tmp_name();
+                build(work.as_fd(), &tmp)?;
+                let res = (|| {
+                    if is_dir {
+                        self.set_opaque(work.as_fd(), &tmp)?;
+                    }
+                    sys::rename_at(work.as_fd(), &tmp, pu, name, RenameFlags::EXCHANGE)
+                })();
+                match res {
+                    Ok(()) => {
+                        let _ = sys::unlink_at(work.as_fd(), &tmp);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let _ = super::copyup::remove_any(
+                            work.as_fd(),
+                            &tmp,
+                            if is_dir { Kind::Dir } else { Kind::File },
+                        );
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// The parent directory ready for a new name: exists, is a directory, has an upper part,
+    /// and the name is free.
+    fn prepare_new(&self, parent: u64, name: &OsStr) -> Result<(NodeState, std::sync::Arc<OwnedFd>)> {
+        self.writable()?;
+        check_new_name(name)?;
+        let p = self.node(parent)?;
+        let ps = p.state();
+        if ps.kind != Kind::Dir {
+            return Err(Errno::NOTDIR);
+        }
+        if self.resolve(&ps, name)?.is_some() {
+            return Err(Errno::EXIST);
+        }
+        let pu = self.copy_up(&p, false)?;
+        Ok((p.state(), pu))
+    }
+
+    /// Create and open a regular file.
+    pub fn create(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32, flags: i32) -> Result<(Attr, u64)> {
+        let (ps, pu) = match self.prepare_new(parent, name) {
+            Err(Errno::EXIST) if flags & libc::O_EXCL == 0 => {
+                let attr = self.lookup(parent, name)?;
+                let fh = self.open(attr.ino, flags)?;
+                return Ok((attr, fh));
+            }
+            r => r?,
+        };
+        let (uid, gid, mode) = self.new_owner(caller, &ps, libc::S_IFREG | (mode & 0o7777))?;
+        let acc = flags & libc::O_ACCMODE;
+        let acc = if acc == libc::O_WRONLY { OFlags::RDWR } else { OFlags::from_bits_retain(acc as u32) };
+        let mut out: Option<OwnedFd> = None;
+        self.place_new(pu.as_fd(), name, false, &mut |dir, nm| {
+            let fd = sys::open_at(dir, nm, acc | OFlags::CREATE | OFlags::EXCL, mode & 0o7777)?;
+            self.set_new_owner(fd.as_fd(), uid, gid, mode)?;
+            if mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
+                sys::fchmod(fd.as_fd(), mode & 0o7777)?;
+            }
+            out = Some(fd);
+            Ok(())
+        })?;
+        let attr = self.lookup(parent, name)?;
+        let fh = self.add_handle(Handle::File {
+            fd: out.expect("built"),
+        });
+        Ok((attr, fh))
+    }
+
+    pub fn mkdir(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32) -> Result<Attr> {
+        let (ps, pu) = self.prepare_new(parent, name)?;
+        let (uid, gid, mode) = self.new_owner(caller, &ps, libc::S_IFDIR | (mode & 0o7777))?;
+        self.place_new(pu.as_fd(), name, true, &mut |dir, nm| {
+            sys::mkdir_at(dir, nm, mode & 0o777)?;
+            let fd = sys::open_path_at(dir, nm)?;
+            self.set_new_owner(fd.as_fd(), uid, gid, mode)?;
+            if mode & 0o7000 != 0 {
+                sys::fchmod(fd.as_fd(), mode & 0o7777)?;
+            }
+            Ok(())
+        })?;
+        self.lookup(parent, name)
+    }
+
+    pub fn mknod(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32, rdev: u32) -> Result<Attr> {
+        let (ps, pu) = self.prepare_new(parent, name)?;
+        let (uid, gid, mode) = self.new_owner(caller, &ps, mode)?;
+        self.place_new(pu.as_fd(), name, false, &mut |dir, nm| {
+            sys::mknod_at(dir, nm, mode, rdev as u64)?;
+            let fd = sys::open_path_at(dir, nm)?;
+            self.set_new_owner(fd.as_fd(), uid, gid, mode)
+        })?;
+        self.lookup(parent, name)
+    }
+
+    pub fn symlink(&self, caller: Caller, parent: u64, name: &OsStr, target: &OsStr) -> Result<Attr> {
+        let (ps, pu) = self.prepare_new(parent, name)?;
+        let (uid, gid, _) = self.new_owner(caller, &ps, libc::S_IFLNK | 0o777)?;
+        self.place_new(pu.as_fd(), name, false, &mut |dir, nm| {
+            sys::symlink_at(target, dir, nm)?;
+            let fd = sys::open_path_at(dir, nm)?;
+            if self.override_xattr.is_some() {
+                // Symlinks can't carry user.* xattrs; their owner is shown as stored.
+                return Ok(());
+            }
+            sys::fchown(fd.as_fd(), Some(uid), Some(gid))
+        })?;
+        self.lookup(parent, name)
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
+        let node = self.node(ino)?;
+        if node.kind() == Kind::Dir {
+            return Err(Errno::PERM);
+        }
+        let (_, npu) = self.prepare_new(newparent, newname)?;
+        let u = self.copy_up(&node, false)?;
+        self.place_new(npu.as_fd(), newname, false, &mut |dir, nm| sys::link_fd(u.as_fd(), dir, nm))?;
+        self.lookup(newparent, newname)
+    }
+
+    /// The node of what `resolve` found, without counting a kernel reference.
+    fn node_of(&self, found: Found, parent: u64, name: &OsStr) -> std::sync::Arc<super::node::Node> {
+        self.intern(found, parent, name, false).0
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.writable()?;
+        let p = self.node(parent)?;
+        let ps = p.state();
+        let found = self.resolve(&ps, name)?.ok_or(Errno::NOENT)?;
+        if found.kind == Kind::Dir {
+            return Err(Errno::ISDIR);
+        }
+        let has_upper = found.upper.is_some();
+        let node = self.node_of(found, parent, name);
+        let pu = self.copy_up(&p, false)?;
+        let ps = p.state();
+        if has_upper {
+            if self.lower_positive(&ps, name)? {
+                self.replace_with_whiteout(pu.as_fd(), name, Kind::File)?;
+            } else {
+                sys::unlink_at(pu.as_fd(), name)?;
+            }
+        } else {
+            self.make_whiteout(pu.as_fd(), name)?;
+        }
+        let st = node.state();
+        let gone = st.upper.as_ref().is_none_or(|u| sys::fstat(u.as_fd()).map(|s| s.st_nlink == 0).unwrap_or(true));
+        if gone {
+            node.update(|s| s.unlinked = true);
+        }
+        Ok(())
+    }
+
+    /// Replace the upper entry at `name` with a whiteout, atomically where mknod works.
+    fn replace_with_whiteout(&self, pu: BorrowedFd<'_>, name: &OsStr, kind: Kind) -> Result<()> {
+        let work = self.work_fd()?;
+        if self.dev_whiteouts {
+            let tmp = self.tmp_name();
+            self.make_whiteout(work.as_fd(), &tmp)?;
+            if kind == Kind::Dir {
+                if let Err(e) = sys::rename_at(work.as_fd(), &tmp, pu, name, RenameFlags::EXCHANGE) {
+                    let _ = sys::unlink_at(work.as_fd(), &tmp);
+                    return Err(e);
+                }
+                // `tmp` is now the old directory, holding nothing but whiteouts.
+                super::copyup::remove_any(work.as_fd(), &tmp, Kind::Dir)?;
+            } else if let Err(e) = sys::rename_at(work.as_fd(), &tmp, pu, name, RenameFlags::empty()) {
+                let _ = sys::unlink_at(work.as_fd(), &tmp);
+                return Err(e);
+            }
+            Ok(())
+        } else {
+            if kind == Kind::Dir {
+                let tmp = self.tmp_name();
+                sys::rename_at(pu, name, work.as_fd(), &tmp, RenameFlags::empty())?;
+                super::copyup::remove_any(work.as_fd(), &tmp, Kind::Dir)?;
+            } else {
+                sys::unlink_at(pu, name)?;
+            }
+            self.make_whiteout(pu, name)
+        }
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.writable()?;
+        let p = self.node(parent)?;
+        let ps = p.state();
+        let found = self.resolve(&ps, name)?.ok_or(Errno::NOENT)?;
+        if found.kind != Kind::Dir {
+            return Err(Errno::NOTDIR);
+        }
+        let has_upper = found.upper.is_some();
+        let has_lowers = !found.lowers.is_empty();
+        let node = self.node_of(found, parent, name);
+        let cs = node.state();
+        if !self.merged_is_empty(&cs)? {
+            return Err(Errno::NOTEMPTY);
+        }
+        let pu = self.copy_up(&p, false)?;
+        let ps = p.state();
+        let lower = has_lowers || (has_upper && self.lower_positive(&ps, name)?);
+        if has_upper {
+            if lower {
+                self.replace_with_whiteout(pu.as_fd(), name, Kind::Dir)?;
+            } else {
+                match sys::rmdir_at(pu.as_fd(), name) {
+                    Ok(()) => {}
+                    Err(Errno::NOTEMPTY) => {
+                        // Only whiteouts and markers are left in it.
+                        let d = sys::open_path_at(pu.as_fd(), name)?;
+                        remove_tree_contents(d.as_fd())?;
+                        sys::rmdir_at(pu.as_fd(), name)?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        } else {
+            self.make_whiteout(pu.as_fd(), name)?;
+        }
+        node.update(|s| s.unlinked = true);
+        Ok(())
+    }
+
+    pub fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32) -> Result<()> {
+        self.writable()?;
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 || (exchange && noreplace) {
+            return Err(Errno::INVAL);
+        }
+        check_new_name(newname)?;
+        let p = self.node(parent)?;
+        let np = self.node(newparent)?;
+        let ps = p.state();
+        let nps = np.state();
+        if nps.kind != Kind::Dir {
+            return Err(Errno::NOTDIR);
+        }
+        let src = self.resolve(&ps, name)?.ok_or(Errno::NOENT)?;
+        let dst = self.resolve(&nps, newname)?;
+        if exchange && dst.is_none() {
+            return Err(Errno::NOENT);
+        }
+        if noreplace && dst.is_some() {
+            return Err(Errno::EXIST);
+        }
+        if let Some(d) = &dst {
+            if d.ino == src.ino && d.kind == src.kind && !exchange {
+                // Two names of one file: nothing to do.
+                return Ok(());
+            }
+        }
+        let src_kind = src.kind;
+        if src_kind == Kind::Dir && !src.lowers.is_empty() {
+            return Err(Errno::XDEV);
+        }
+        let mut dst_node = None;
+        let mut dst_kind = None;
+        if let Some(d) = dst {
+            dst_kind = Some(d.kind);
+            if exchange && d.kind == Kind::Dir && !d.lowers.is_empty() {
+                return Err(Errno::XDEV);
+            }
+            if !exchange {
+                if src_kind == Kind::Dir && d.kind != Kind::Dir {
+                    return Err(Errno::NOTDIR);
+                }
+                if src_kind != Kind::Dir && d.kind == Kind::Dir {
+                    return Err(Errno::ISDIR);
+                }
+            }
+            let n = self.node_of(d, newparent, newname);
+            if !exchange && n.kind() == Kind::Dir && !self.merged_is_empty(&n.state())? {
+                return Err(Errno::NOTEMPTY);
+            }
+            dst_node = Some(n);
+        }
+        let src_node = self.node_of(src, parent, name);
+        let pu = self.copy_up(&p, false)?;
+        let npu = self.copy_up(&np, false)?;
+        self.copy_up(&src_node, false)?;
+        if exchange {
+            if let Some(d) = &dst_node {
+                self.copy_up(d, false)?;
+            }
+        }
+        let ps = p.state();
+        let nps = np.state();
+        let src_lower = self.lower_positive(&ps, name)?;
+        let dst_lower = self.lower_positive(&nps, newname)?;
+        if exchange {
+            sys::rename_at(pu.as_fd(), name, npu.as_fd(), newname, RenameFlags::EXCHANGE)?;
+            if src_kind == Kind::Dir && dst_lower {
+                self.set_opaque(npu.as_fd(), newname)?;
+            }
+            if dst_kind == Some(Kind::Dir) && src_lower {
+                self.set_opaque(pu.as_fd(), name)?;
+            }
+            src_node.update(|s| {
+                s.parent = newparent;
+                s.name = newname.to_os_string();
+            });
+            if let Some(d) = &dst_node {
+                d.update(|s| {
+                    s.parent = parent;
+                    s.name = name.to_os_string();
+                });
+            }
+            return Ok(());
+        }
+        let mut whiteout_done = false;
+        match upper_at(npu.as_fd(), newname)? {
+            UpperAt::Entry(Kind::Dir) => {
+                // An empty merged directory may still hold whiteouts: clear them first.
+                let d = sys::open_path_at(npu.as_fd(), newname)?;
+                remove_tree_contents(d.as_fd())?;
+                self.rename_leaving(pu.as_fd(), name, npu.as_fd(), newname, src_lower)?;
+                whiteout_done = true;
+            }
+            UpperAt::DevWhiteout if src_kind == Kind::Dir => {
+                // rename(2) won't put a directory over a device: exchange, then the whiteout
+                // sits at the old name, where it is kept if needed.
+                sys::rename_at(pu.as_fd(), name, npu.as_fd(), newname, RenameFlags::EXCHANGE)?;
+                if !src_lower {
+                    sys::unlink_at(pu.as_fd(), name)?;
+                }
+                whiteout_done = true;
+            }
+            UpperAt::FileWhiteout => {
+                self.rename_leaving(pu.as_fd(), name, npu.as_fd(), newname, src_lower)?;
+                let _ = sys::unlink_at(npu.as_fd(), &wh_name_os(newname));
+                whiteout_done = true;
+            }
+            UpperAt::Nothing | UpperAt::Entry(_) | UpperAt::DevWhiteout => {}
+        }
+        if !whiteout_done {
+            self.rename_leaving(pu.as_fd(), name, npu.as_fd(), newname, src_lower)?;
+        }
+        if src_kind == Kind::Dir && dst_lower {
+            self.set_opaque(npu.as_fd(), newname)?;
+        }
+        src_node.update(|s| {
+            s.parent = newparent;
+            s.name = newname.to_os_string();
+        });
+        if let Some(d) = dst_node {
+            let st = d.state();
+            let gone = st
+                .upper
+                .as_ref()
+                .is_none_or(|u| sys::fstat(u.as_fd()).map(|s| s.st_nlink == 0).unwrap_or(true));
+            if gone || st.kind == Kind::Dir {
+                d.update(|s| s.unlinked = true);
+            }
+        }
+        Ok(())
+    }
+
+    /// rename(2) in the upper layer, leaving a whiteout at the old name when `whiteout`.
+    fn rename_leaving(
+        &self,
+        old_dir: BorrowedFd<'_>,
+        old: &OsStr,
+        new_dir: BorrowedFd<'_>,
+        new: &OsStr,
+        whiteout: bool,
+    ) -> Result<()> {
+        if !whiteout {
+            return sys::rename_at(old_dir, old, new_dir, new, RenameFlags::empty());
+        }
+        if self.dev_whiteouts {
+            match sys::rename_at(old_dir, old, new_dir, new, RenameFlags::WHITEOUT) {
+                Ok(()) => return Ok(()),
+                Err(Errno::INVAL) | Err(Errno::PERM) | Err(Errno::NOSYS) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        sys::rename_at(old_dir, old, new_dir, new, RenameFlags::empty())?;
+        self.make_whiteout(old_dir, old)
+    }
+
+    pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> Result<Attr> {
+        self.writable()?;
+        let node = self.node(ino)?;
+        let truncating_to_zero = set.size == Some(0);
+        let u = self.copy_up(&node, truncating_to_zero)?;
+        let st = node.state();
+        if let Some(x) = self.override_xattr {
+            if set.mode.is_some() || set.uid.is_some() || set.gid.is_some() {
+                let cur = sys::fstat(u.as_fd())?;
+                let (mut uid, mut gid, mut mode) = (cur.st_uid, cur.st_gid, cur.st_mode);
+                if let Ok(v) = sys::fgetxattr(u.as_fd(), OsStr::new(x)) {
+                    if let Some(o) = super::parse_override(&v) {
+                        (uid, gid, mode) = (o.uid, o.gid, o.mode);
+                    }
+                }
+                if let Some(m) = set.mode {
+                    mode = (mode & libc::S_IFMT) | (m & 0o7777);
+                }
+                if let Some(n) = set.uid {
+                    uid = self.disk_uid(n)?;
+                }
+                if let Some(n) = set.gid {
+                    gid = self.disk_gid(n)?;
+                }
+                sys::fsetxattr(u.as_fd(), OsStr::new(x), &format_override(uid, gid, mode), 0)?;
+            }
+        } else {
+            if set.uid.is_some() || set.gid.is_some() {
+                let squash = self.opts.squash_to_root
+                    || self.opts.squash_to_uid.is_some()
+                    || self.opts.squash_to_gid.is_some();
+                if !squash {
+                    let uid = set.uid.map(|n| self.disk_uid(n)).transpose()?;
+                    let gid = set.gid.map(|n| self.disk_gid(n)).transpose()?;
+                    sys::fchown(u.as_fd(), uid, gid)?;
+                }
+            }
+            if let Some(m) = set.mode {
+                if st.kind != Kind::Symlink {
+                    sys::fchmod(u.as_fd(), m & 0o7777)?;
+                }
+            }
+        }
+        if let Some(size) = set.size {
+            if st.kind == Kind::Dir {
+                return Err(Errno::ISDIR);
+            }
+            let by_handle = fh.and_then(|fh| self.handle(fh)).and_then(|h| match &*h {
+                Handle::File { fd } => Some(sys::ftruncate(fd.as_fd(), size)),
+                Handle::Dir { .. } => None,
+            });
+            match by_handle {
+                Some(r) => r?,
+                None => {
+                    let fd = sys::reopen(u.as_fd(), OFlags::WRONLY)?;
+                    sys::ftruncate(fd.as_fd(), size)?;
+                }
+            }
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            let ts = |t: Option<SetTime>| match t {
+                None => Timespec {
+                    tv_sec: 0,
+                    tv_nsec: sys::UTIME_OMIT as _,
+                },
+                Some(SetTime::Now) => Timespec {
+                    tv_sec: 0,
+                    tv_nsec: sys::UTIME_NOW as _,
+                },
+                Some(SetTime::At(s, ns)) => Timespec {
+                    tv_sec: s,
+                    tv_nsec: ns as _,
+                },
+            };
+            if st.kind == Kind::Symlink {
+                let parent = self.node(st.parent)?;
+                let pu = self.copy_up(&parent, false)?;
+                sys::utimens_at(pu.as_fd(), &st.name, ts(set.atime), ts(set.mtime))?;
+            } else {
+                sys::futimens(u.as_fd(), ts(set.atime), ts(set.mtime))?;
+            }
+        }
+        self.getattr(ino, fh)
+    }
+
+    fn disk_uid(&self, shown: u32) -> Result<u32> {
+        self.opts.uid_map.to_disk(shown).ok_or(Errno::INVAL)
+    }
+
+    fn disk_gid(&self, shown: u32) -> Result<u32> {
+        self.opts.gid_map.to_disk(shown).ok_or(Errno::INVAL)
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        self.writable()?;
+        if self.opts.noxattrs {
+            return Err(Errno::NOTSUP);
+        }
+        if is_internal_xattr(name.as_bytes(), self.opts.xattr_permissions) {
+            return Err(Errno::PERM);
+        }
+        let node = self.node(ino)?;
+        let u = self.copy_up(&node, false)?;
+        sys::fsetxattr(u.as_fd(), &self.stored_xattr_name(name), value, flags)
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
+        self.writable()?;
+        if self.opts.noxattrs {
+            return Err(Errno::NOTSUP);
+        }
+        if is_internal_xattr(name.as_bytes(), self.opts.xattr_permissions) {
+            return Err(Errno::PERM);
+        }
+        let node = self.node(ino)?;
+        // Nothing to remove: no need to copy up.
+        let st = node.state();
+        let stored = self.stored_xattr_name(name);
+        sys::fgetxattr(st.top().as_fd(), &stored)?;
+        let u = self.copy_up(&node, false)?;
+        sys::fremovexattr(u.as_fd(), &stored)
+    }
+}

@@ -1,0 +1,537 @@
+//! The one seam for kernel calls.
+//!
+//! Every system call the overlay makes goes through a function here, so that a test can inject
+//! a fault at a chosen step ([`faults`]) and so that `unsafe` lives in one module. Most calls
+//! are rustix's safe wrappers; the few raw ones carry a `// SAFETY:` note.
+//!
+//! Paths are always relative to a directory fd and never follow a symlink in the last
+//! component: a layer's symlink is data, not a way out of the layer.
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
+pub use rustix::fs::{FileType, Mode, OFlags, RenameFlags, Stat, StatFs, Timespec};
+pub use rustix::io::Errno;
+
+pub type Result<T> = std::result::Result<T, Errno>;
+
+/// Fault injection for tests: make the Nth call of an operation fail with an errno.
+pub mod faults {
+    use super::{Errno, Result};
+    use parking_lot::Mutex;
+
+    struct Plan {
+        op: &'static str,
+        countdown: u64,
+        errno: Errno,
+    }
+
+    static PLAN: Mutex<Option<Plan>> = Mutex::new(None);
+
+    /// Arrange for the `nth` (1-based) call of `op` to fail with `errno`.
+    pub fn inject(op: &'static str, nth: u64, errno: Errno) {
+        *PLAN.lock() = Some(Plan {
+            op,
+            countdown: nth,
+            errno,
+        });
+    }
+
+    /// Remove any planned fault.
+    pub fn clear() {
+        *PLAN.lock() = None;
+    }
+
+    #[inline]
+    pub(crate) fn check(op: &'static str) -> Result<()> {
+        if cfg!(any(test, feature = "fault-injection")) {
+            let mut plan = PLAN.lock();
+            if let Some(p) = plan.as_mut() {
+                if p.op == op {
+                    p.countdown -= 1;
+                    if p.countdown == 0 {
+                        let e = p.errno;
+                        *plan = None;
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn c(name: &OsStr) -> Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| Errno::INVAL)
+}
+
+/// `/proc/self/fd/N`: reaches the file an `O_PATH` fd points at.
+pub fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL")
+}
+
+/// `/proc/self/fd/N/NAME`: a name inside the directory an fd points at.
+fn proc_at_path(dir: BorrowedFd<'_>, name: &OsStr) -> Result<CString> {
+    let mut v = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    v.extend_from_slice(name.as_bytes());
+    CString::new(v).map_err(|_| Errno::INVAL)
+}
+
+// ---------------------------------------------------------------- opening and stat
+
+/// Open a directory by absolute path as an `O_PATH` handle (layer roots, the workdir).
+pub fn open_dir_path(path: &std::path::Path) -> Result<OwnedFd> {
+    faults::check("open")?;
+    rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// `O_PATH|O_NOFOLLOW` handle of `name` in `dir`.
+pub fn open_path_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd> {
+    faults::check("open")?;
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Open `name` in `dir` for I/O (never following a final symlink).
+pub fn open_at(dir: BorrowedFd<'_>, name: &OsStr, flags: OFlags, mode: u32) -> Result<OwnedFd> {
+    faults::check("open")?;
+    rustix::fs::openat(
+        dir,
+        name,
+        flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode),
+    )
+}
+
+/// Reopen the file an `O_PATH` fd points at with real access flags.
+pub fn reopen(fd: BorrowedFd<'_>, flags: OFlags) -> Result<OwnedFd> {
+    faults::check("open")?;
+    let flags = flags & !(OFlags::CREATE | OFlags::EXCL | OFlags::NOCTTY | OFlags::NOFOLLOW);
+    rustix::fs::open(
+        proc_fd_path(fd).as_c_str(),
+        flags | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// A readable directory stream of the directory an fd points at.
+pub fn open_dir_stream(dir: BorrowedFd<'_>) -> Result<rustix::fs::Dir> {
+    faults::check("open")?;
+    let fd = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    rustix::fs::Dir::new(fd)
+}
+
+pub fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Stat> {
+    faults::check("stat")?;
+    rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+}
+
+/// `stat` of what an fd (possibly `O_PATH`) points at.
+pub fn fstat(fd: BorrowedFd<'_>) -> Result<Stat> {
+    faults::check("stat")?;
+    rustix::fs::statat(fd, "", rustix::fs::AtFlags::EMPTY_PATH)
+}
+
+pub fn fstatfs(fd: BorrowedFd<'_>) -> Result<StatFs> {
+    rustix::fs::fstatfs(fd)
+}
+
+pub fn readlink_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OsString> {
+    faults::check("readlink")?;
+    let s = rustix::fs::readlinkat(dir, name, Vec::new())?;
+    Ok(OsString::from_vec(s.into_bytes()))
+}
+
+/// The target of the symlink an `O_PATH|O_NOFOLLOW` fd points at.
+pub fn readlink_fd(fd: BorrowedFd<'_>) -> Result<OsString> {
+    faults::check("readlink")?;
+    let s = rustix::fs::readlinkat(fd, "", Vec::new())?;
+    Ok(OsString::from_vec(s.into_bytes()))
+}
+
+// ---------------------------------------------------------------- creating and removing
+
+pub fn mkdir_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
+    faults::check("mkdir")?;
+    rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(mode))
+}
+
+pub fn mknod_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> Result<()> {
+    faults::check("mknod")?;
+    let ft = FileType::from_raw_mode(mode);
+    rustix::fs::mknodat(dir, name, ft, Mode::from_raw_mode(mode & 0o7777), rdev)
+}
+
+pub fn symlink_at(target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    faults::check("symlink")?;
+    rustix::fs::symlinkat(target, dir, name)
+}
+
+/// Hard-link the file an `O_PATH` fd points at to `name` in `dir`.
+pub fn link_fd(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    faults::check("link")?;
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        proc_fd_path(fd).as_c_str(),
+        dir,
+        name,
+        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+    )
+}
+
+pub fn unlink_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    faults::check("unlink")?;
+    rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty())
+}
+
+pub fn rmdir_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    faults::check("rmdir")?;
+    rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::REMOVEDIR)
+}
+
+pub fn rename_at(
+    old_dir: BorrowedFd<'_>,
+    old: &OsStr,
+    new_dir: BorrowedFd<'_>,
+    new: &OsStr,
+    flags: RenameFlags,
+) -> Result<()> {
+    faults::check("rename")?;
+    if flags.is_empty() {
+        rustix::fs::renameat(old_dir, old, new_dir, new)
+    } else {
+        rustix::fs::renameat_with(old_dir, old, new_dir, new, flags)
+    }
+}
+
+// ---------------------------------------------------------------- attributes
+
+/// chown without following a symlink; works on `O_PATH` fds.
+pub fn fchown(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
+    faults::check("chown")?;
+    rustix::fs::chownat(
+        fd,
+        "",
+        uid.map(rustix::fs::Uid::from_raw),
+        gid.map(rustix::fs::Gid::from_raw),
+        rustix::fs::AtFlags::EMPTY_PATH | rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+}
+
+/// chmod of what an fd points at (not for symlinks, which have no mode of their own).
+pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> Result<()> {
+    faults::check("chmod")?;
+    rustix::fs::chmod(proc_fd_path(fd).as_c_str(), Mode::from_raw_mode(mode))
+}
+
+/// Set times of `name` in `dir` without following a symlink.
+pub fn utimens_at(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    atime: Timespec,
+    mtime: Timespec,
+) -> Result<()> {
+    faults::check("utimens")?;
+    rustix::fs::utimensat(
+        dir,
+        name,
+        &rustix::fs::Timestamps {
+            last_access: atime,
+            last_modification: mtime,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+}
+
+/// Set times of what an fd points at (not for symlinks).
+pub fn futimens(fd: BorrowedFd<'_>, atime: Timespec, mtime: Timespec) -> Result<()> {
+    faults::check("utimens")?;
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        proc_fd_path(fd).as_c_str(),
+        &rustix::fs::Timestamps {
+            last_access: atime,
+            last_modification: mtime,
+        },
+        rustix::fs::AtFlags::empty(),
+    )
+}
+
+pub const UTIME_NOW: i64 = libc::UTIME_NOW;
+pub const UTIME_OMIT: i64 = libc::UTIME_OMIT;
+
+// ---------------------------------------------------------------- xattrs
+//
+// Node xattrs go through `/proc/self/fd/N` (which reaches the inode an O_PATH fd points at,
+// symlinks included, without following further); entries of a directory go through
+// `/proc/self/fd/D/NAME` with the `l*` calls.
+
+fn xattr_get_path(path: &CStr, follow: bool, name: &OsStr) -> Result<Vec<u8>> {
+    let name = c(name)?;
+    let mut buf = vec![0u8; 256];
+    loop {
+        let r = if follow {
+            rustix::fs::getxattr(path, name.as_c_str(), &mut buf[..])
+        } else {
+            rustix::fs::lgetxattr(path, name.as_c_str(), &mut buf[..])
+        };
+        match r {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(Errno::RANGE) => {
+                let n: usize = if follow {
+                    rustix::fs::getxattr(path, name.as_c_str(), &mut [0u8; 0][..])?
+                } else {
+                    rustix::fs::lgetxattr(path, name.as_c_str(), &mut [0u8; 0][..])?
+                };
+                buf.resize(n.max(buf.len() * 2), 0);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn xattr_list_path(path: &CStr, follow: bool) -> Result<Vec<OsString>> {
+    let mut buf = vec![0u8; 1024];
+    let n = loop {
+        let r = if follow {
+            rustix::fs::listxattr(path, &mut buf[..])
+        } else {
+            rustix::fs::llistxattr(path, &mut buf[..])
+        };
+        match r {
+            Ok(n) => break n,
+            Err(Errno::RANGE) => buf.resize(buf.len() * 4, 0),
+            Err(e) => return Err(e),
+        }
+    };
+    Ok(buf[..n]
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| OsString::from_vec(s.to_vec()))
+        .collect())
+}
+
+pub fn fgetxattr(fd: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<u8>> {
+    faults::check("getxattr")?;
+    xattr_get_path(&proc_fd_path(fd), true, name)
+}
+
+pub fn flistxattr(fd: BorrowedFd<'_>) -> Result<Vec<OsString>> {
+    faults::check("listxattr")?;
+    xattr_list_path(&proc_fd_path(fd), true)
+}
+
+pub fn fsetxattr(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+    faults::check("setxattr")?;
+    let name = c(name)?;
+    rustix::fs::setxattr(
+        proc_fd_path(fd).as_c_str(),
+        name.as_c_str(),
+        value,
+        rustix::fs::XattrFlags::from_bits_retain(flags as u32),
+    )
+}
+
+pub fn fremovexattr(fd: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    faults::check("removexattr")?;
+    let name = c(name)?;
+    rustix::fs::removexattr(proc_fd_path(fd).as_c_str(), name.as_c_str())
+}
+
+pub fn getxattr_at(dir: BorrowedFd<'_>, name: &OsStr, attr: &OsStr) -> Result<Vec<u8>> {
+    faults::check("getxattr")?;
+    xattr_get_path(&proc_at_path(dir, name)?, false, attr)
+}
+
+pub fn setxattr_at(dir: BorrowedFd<'_>, name: &OsStr, attr: &OsStr, value: &[u8]) -> Result<()> {
+    faults::check("setxattr")?;
+    let attr = c(attr)?;
+    rustix::fs::lsetxattr(
+        proc_at_path(dir, name)?.as_c_str(),
+        attr.as_c_str(),
+        value,
+        rustix::fs::XattrFlags::empty(),
+    )
+}
+
+// ---------------------------------------------------------------- data
+
+pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> Result<usize> {
+    faults::check("read")?;
+    rustix::io::pread(fd, buf, off)
+}
+
+pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<usize> {
+    faults::check("write")?;
+    rustix::io::pwrite(fd, buf, off)
+}
+
+pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> Result<()> {
+    faults::check("truncate")?;
+    rustix::fs::ftruncate(fd, size)
+}
+
+pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> Result<()> {
+    faults::check("fsync")?;
+    if datasync {
+        rustix::fs::fdatasync(fd)
+    } else {
+        rustix::fs::fsync(fd)
+    }
+}
+
+pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, off: u64, len: u64) -> Result<()> {
+    faults::check("fallocate")?;
+    rustix::fs::fallocate(
+        fd,
+        rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
+        off,
+        len,
+    )
+}
+
+pub fn lseek(fd: BorrowedFd<'_>, off: i64, whence: i32) -> Result<u64> {
+    let pos = match whence {
+        libc::SEEK_SET => rustix::fs::SeekFrom::Start(off as u64),
+        libc::SEEK_CUR => rustix::fs::SeekFrom::Current(off),
+        libc::SEEK_END => rustix::fs::SeekFrom::End(off),
+        libc::SEEK_DATA => rustix::fs::SeekFrom::Data(off as u64),
+        libc::SEEK_HOLE => rustix::fs::SeekFrom::Hole(off as u64),
+        _ => return Err(Errno::INVAL),
+    };
+    rustix::fs::seek(fd, pos)
+}
+
+pub fn copy_file_range(
+    fd_in: BorrowedFd<'_>,
+    off_in: &mut u64,
+    fd_out: BorrowedFd<'_>,
+    off_out: &mut u64,
+    len: usize,
+) -> Result<usize> {
+    faults::check("copy_file_range")?;
+    rustix::fs::copy_file_range(fd_in, Some(off_in), fd_out, Some(off_out), len)
+}
+
+pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> Result<()> {
+    faults::check("ficlone")?;
+    rustix::fs::ioctl_ficlone(dst, src)
+}
+
+// ---------------------------------------------------------------- process
+
+/// Raise the soft RLIMIT_NOFILE to the hard limit.
+pub fn raise_nofile_limit() {
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if lim.current != lim.maximum {
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        );
+    }
+}
+
+pub fn geteuid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+pub fn getegid() -> u32 {
+    rustix::process::getegid().as_raw()
+}
+
+/// What `fork` returned.
+pub enum Forked {
+    Parent { child: i32 },
+    Child,
+}
+
+/// Fork the process. Call only while the process has a single thread.
+pub fn fork() -> Result<Forked> {
+    // SAFETY: fork has no memory-safety preconditions in a single-threaded process, which is
+    // the only place the daemon calls it (before any thread is started); the child only
+    // continues running ordinary Rust code.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(Errno::from_raw_os_error(
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+        )),
+        0 => Ok(Forked::Child),
+        child => Ok(Forked::Parent { child }),
+    }
+}
+
+pub fn setsid() -> Result<()> {
+    rustix::process::setsid().map(|_| ())
+}
+
+/// Point stdin, stdout and stderr at /dev/null (a daemon must not hold its caller's pipes).
+pub fn detach_stdio() -> Result<()> {
+    let null = rustix::fs::open("/dev/null", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())?;
+    rustix::stdio::dup2_stdin(&null)?;
+    rustix::stdio::dup2_stdout(&null)?;
+    rustix::stdio::dup2_stderr(&null)?;
+    Ok(())
+}
+
+pub fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+}
+
+pub fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> Result<()> {
+    while !buf.is_empty() {
+        let n = rustix::io::write(fd, buf)?;
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+pub fn read_to_end(fd: BorrowedFd<'_>) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match rustix::io::read(fd, &mut buf) {
+            Ok(0) => return Ok(out),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Take ownership of an inherited fd number (`/dev/fd/N` mountpoints from mount.fuse3).
+pub fn own_fd(raw: RawFd) -> Result<OwnedFd> {
+    let borrowed_ok = rustix::io::fcntl_getfd(
+        // SAFETY: the fd number is only probed with F_GETFD, which is harmless on any number;
+        // the borrow does not outlive this call.
+        unsafe { BorrowedFd::borrow_raw(raw) },
+    );
+    borrowed_ok?;
+    // SAFETY: F_GETFD succeeded, so `raw` is an open fd; the caller was handed it on the
+    // command line as the one fd it owns (mount.fuse3's /dev/fd/N convention).
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+}
+
+/// A borrowed fd that lives as long as the owner.
+pub fn borrow<F: AsFd>(f: &F) -> BorrowedFd<'_> {
+    f.as_fd()
+}
