@@ -113,55 +113,126 @@ fn check_paths(o: &OverlayOptions, mountpoint: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn mount_options(o: &OverlayOptions, source: &str, subtype: &str) -> (Vec<fuser::MountOption>, fuser::SessionACL) {
+/// How the kernel mount is made: the `fd=`-less part of mount(2)'s data, its flags, and
+/// fuser's equivalent for the fusermount3 fallback.
+struct MountPlan {
+    data: Vec<String>,
+    flags: rustix::mount::MountFlags,
+    fuser_opts: Vec<fuser::MountOption>,
+    acl: fuser::SessionACL,
+}
+
+fn mount_plan(o: &OverlayOptions, source: &str, subtype: &str) -> MountPlan {
     use fuser::MountOption as M;
+    use rustix::mount::MountFlags as F;
     let root = sys::geteuid() == 0;
-    let mut flags: Vec<String> = if root {
+    let mut words: Vec<String> = if root {
         ["default_permissions", "allow_other", "suid", "noatime"].map(String::from).to_vec()
     } else {
         ["default_permissions", "noatime"].map(String::from).to_vec()
     };
-    flags.extend(o.mount_flags.iter().cloned());
-    let mut out = vec![M::FSName(source.to_string()), M::Subtype(subtype.to_string())];
-    let mut acl = fuser::SessionACL::Owner;
-    let mut last: std::collections::HashMap<&str, M> = Default::default();
-    for f in &flags {
-        let (group, opt) = match f.as_str() {
-            "default_permissions" => ("dp", M::DefaultPermissions),
-            "allow_other" => {
-                acl = fuser::SessionACL::All;
-                continue;
-            }
-            "allow_root" => {
-                if acl != fuser::SessionACL::All {
-                    acl = fuser::SessionACL::RootAndOwner;
-                }
-                continue;
-            }
-            "suid" => ("suid", M::Suid),
-            "nosuid" => ("suid", M::NoSuid),
-            "dev" => ("dev", M::Dev),
-            "nodev" => ("dev", M::NoDev),
-            "exec" => ("exec", M::Exec),
-            "noexec" => ("exec", M::NoExec),
-            "atime" | "strictatime" => ("atime", M::Atime),
-            "noatime" => ("atime", M::NoAtime),
-            "sync" => ("sync", M::Sync),
-            "async" => ("sync", M::Async),
-            "dirsync" => ("dirsync", M::DirSync),
-            "auto_unmount" => ("auto_unmount", M::AutoUnmount),
-            _ => continue,
+    words.extend(o.mount_flags.iter().cloned());
+    // Later words win within a group (suid/nosuid, dev/nodev, ...).
+    let mut groups: std::collections::BTreeMap<&str, &str> = Default::default();
+    for w in &words {
+        let g = match w.as_str() {
+            "suid" | "nosuid" => "suid",
+            "dev" | "nodev" => "dev",
+            "exec" | "noexec" => "exec",
+            "atime" | "noatime" | "strictatime" | "relatime" | "norelatime" => "atime",
+            "diratime" | "nodiratime" => "diratime",
+            "sync" | "async" => "sync",
+            other => other,
         };
-        last.insert(group, opt);
+        groups.insert(g, w.as_str());
     }
-    out.extend(last.into_values());
+    let mut data = Vec::new();
+    let mut flags = F::empty();
+    let mut fuser_opts = vec![M::FSName(source.to_string()), M::Subtype(subtype.to_string())];
+    let mut acl = fuser::SessionACL::Owner;
+    if groups.get("dev") != Some(&"dev") {
+        flags |= F::NODEV;
+    } else {
+        fuser_opts.push(M::Dev);
+    }
+    if groups.get("suid") != Some(&"suid") {
+        flags |= F::NOSUID;
+    } else {
+        fuser_opts.push(M::Suid);
+    }
+    for w in groups.values() {
+        match *w {
+            "default_permissions" => {
+                data.push("default_permissions".into());
+                fuser_opts.push(M::DefaultPermissions);
+            }
+            "allow_other" => acl = fuser::SessionACL::All,
+            "allow_root" if acl != fuser::SessionACL::All => acl = fuser::SessionACL::RootAndOwner,
+            "noexec" => {
+                flags |= F::NOEXEC;
+                fuser_opts.push(M::NoExec);
+            }
+            "noatime" => {
+                flags |= F::NOATIME;
+                fuser_opts.push(M::NoAtime);
+            }
+            "nodiratime" => flags |= F::NODIRATIME,
+            "relatime" => flags |= F::RELATIME,
+            "strictatime" => flags |= F::STRICTATIME,
+            "sync" => {
+                flags |= F::SYNCHRONOUS;
+                fuser_opts.push(M::Sync);
+            }
+            "dirsync" => {
+                flags |= F::DIRSYNC;
+                fuser_opts.push(M::DirSync);
+            }
+            _ => {}
+        }
+    }
+    if acl == fuser::SessionACL::All {
+        data.push("allow_other".into());
+    }
     if o.read_only || o.upperdir.is_none() {
-        out.push(M::RO);
+        flags |= F::RDONLY;
+        fuser_opts.push(M::RO);
     }
+    // context= is understood by SELinux, which takes it before FUSE sees the options; where
+    // SELinux is off FUSE would refuse it, so it is left out there.
     if let Some(ctx) = &o.context {
-        out.push(M::CUSTOM(format!("context=\"{ctx}\"")));
+        if Path::new("/sys/fs/selinux/enforce").exists() {
+            data.push(format!("context=\"{ctx}\""));
+            fuser_opts.push(M::CUSTOM(format!("context=\"{ctx}\"")));
+        }
     }
-    (out, acl)
+    MountPlan {
+        data,
+        flags,
+        fuser_opts,
+        acl,
+    }
+}
+
+/// mount(2) with type `fuse.NAME`; `None` when not permitted (then fusermount3 is tried).
+fn mount_direct(plan: &MountPlan, source: &str, subtype: &str, mp: &Path) -> Result<Option<std::os::fd::OwnedFd>, String> {
+    let dev = match sys::open_dev_fuse() {
+        Ok(d) => d,
+        Err(sys::Errno::PERM) | Err(sys::Errno::ACCESS) => return Ok(None),
+        Err(e) => return Err(format!("/dev/fuse: {e}")),
+    };
+    let rootmode = sys::mode_of(mp).map_err(|e| format!("mountpoint {}: {e}", mp.display()))?;
+    let mut data = vec![
+        format!("fd={}", std::os::fd::AsRawFd::as_raw_fd(&dev)),
+        format!("rootmode={:o}", rootmode & libc::S_IFMT),
+        format!("user_id={}", sys::getuid()),
+        format!("group_id={}", sys::getgid()),
+    ];
+    data.extend(plan.data.iter().cloned());
+    match sys::mount_fuse(source, mp, &format!("fuse.{subtype}"), plan.flags, &data.join(",")) {
+        Ok(()) => Ok(Some(dev)),
+        Err(sys::Errno::PERM) => Ok(None),
+        Err(e) => Err(format!("mount {}: {e}", mp.display())),
+    }
 }
 
 fn init_tracing(debug: bool) {
@@ -262,7 +333,7 @@ fn run(cli: &Cli, opts: OverlayOptions, prog: &str, notify: Option<std::os::fd::
         _ => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8) * 2,
     };
     let source = cli.source.clone().unwrap_or_else(|| prog.to_string());
-    let (mount_opts, acl) = mount_options(&opts, &source, prog);
+    let plan = mount_plan(&opts, &source, prog);
     let ov = match Overlay::new(opts) {
         Ok(o) => o,
         Err(e) => return Err(fail(e.to_string(), &notify)),
@@ -271,8 +342,9 @@ fn run(cli: &Cli, opts: OverlayOptions, prog: &str, notify: Option<std::os::fd::
     if std::env::var_os("RUSTFUSE_COMPAT_4_18").is_some() {
         fs.limit_capabilities(rustfuse::fuse::PROTO_7_27);
     }
+    let acl = plan.acl;
     let mut config = fuser::Config::default();
-    config.mount_options = mount_opts;
+    config.mount_options = plan.fuser_opts.clone();
     config.acl = acl;
     config.n_threads = Some(threads);
     config.clone_fd = true;
@@ -287,7 +359,12 @@ fn run(cli: &Cli, opts: OverlayOptions, prog: &str, notify: Option<std::os::fd::
             Err(m) => return Err(fail(m, &notify)),
         }
     } else {
-        fuser::Session::new(fs, &cli.mountpoint, &config)
+        match mount_direct(&plan, &source, prog, &cli.mountpoint) {
+            Ok(Some(dev)) => fuser::Session::from_fd(fs, dev, acl, config),
+            // Not privileged: fuser goes through the setuid fusermount3.
+            Ok(None) => fuser::Session::new(fs, &cli.mountpoint, &config),
+            Err(m) => return Err(fail(m, &notify)),
+        }
     };
     let session = match session {
         Ok(s) => s,

@@ -535,3 +535,35 @@ pub fn own_fd(raw: RawFd) -> Result<OwnedFd> {
 pub fn borrow<F: AsFd>(f: &F) -> BorrowedFd<'_> {
     f.as_fd()
 }
+
+// ---------------------------------------------------------------- mounting
+
+/// Open `/dev/fuse` for a new connection.
+pub fn open_dev_fuse() -> Result<OwnedFd> {
+    rustix::fs::open("/dev/fuse", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+}
+
+/// mount(2) a FUSE filesystem. `fstype` is `fuse.NAME`; `data` carries `fd=N,...`.
+pub fn mount_fuse(
+    source: &str,
+    target: &std::path::Path,
+    fstype: &str,
+    flags: rustix::mount::MountFlags,
+    data: &str,
+) -> Result<()> {
+    let data = CString::new(data).map_err(|_| Errno::INVAL)?;
+    rustix::mount::mount(source, target, fstype, flags, Some(data.as_c_str()))
+}
+
+/// The mode of a directory (FUSE's `rootmode=`).
+pub fn mode_of(path: &std::path::Path) -> Result<u32> {
+    Ok(rustix::fs::stat(path)?.st_mode)
+}
+
+pub fn getuid() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
+pub fn getgid() -> u32 {
+    rustix::process::getgid().as_raw()
+}
