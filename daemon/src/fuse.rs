@@ -7,11 +7,11 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno as FErrno, FileAttr, FileHandle,
-    FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno as FErrno, FileAttr, FileHandle, FileType,
+    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 use tracing::{debug_span, trace};
 
@@ -277,12 +277,26 @@ impl Filesystem for OverlayFs {
     ) {
         let _s = debug_span!("mknod", parent = parent.0, ?name).entered();
         let mode = (mode & libc::S_IFMT) | (mode & !umask & 0o7777);
-        self.entry(self.ov.mknod(caller(req), parent.0, name, mode, rdev), reply);
+        self.entry(
+            self.ov.mknod(caller(req), parent.0, name, mode, rdev),
+            reply,
+        );
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
         let _s = debug_span!("mkdir", parent = parent.0, ?name).entered();
-        self.entry(self.ov.mkdir(caller(req), parent.0, name, mode & !umask), reply);
+        self.entry(
+            self.ov.mkdir(caller(req), parent.0, name, mode & !umask),
+            reply,
+        );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -295,10 +309,18 @@ impl Filesystem for OverlayFs {
         reply_empty(self.ov.rmdir(parent.0, name), reply);
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
         let _s = debug_span!("symlink", parent = parent.0, ?link_name).entered();
         self.entry(
-            self.ov.symlink(caller(req), parent.0, link_name, target.as_os_str()),
+            self.ov
+                .symlink(caller(req), parent.0, link_name, target.as_os_str()),
             reply,
         );
     }
@@ -313,14 +335,29 @@ impl Filesystem for OverlayFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let _s = debug_span!("rename", parent = parent.0, ?name, newparent = newparent.0, ?newname).entered();
+        let _s = debug_span!(
+            "rename",
+            parent = parent.0,
+            ?name,
+            newparent = newparent.0,
+            ?newname
+        )
+        .entered();
         reply_empty(
-            self.ov.rename(parent.0, name, newparent.0, newname, flags.bits()),
+            self.ov
+                .rename(parent.0, name, newparent.0, newname, flags.bits()),
             reply,
         );
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         let _s = debug_span!("link", ino = ino.0, newparent = newparent.0, ?newname).entered();
         self.entry(self.ov.link(ino.0, newparent.0, newname), reply);
     }
@@ -376,7 +413,14 @@ impl Filesystem for OverlayFs {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -394,19 +438,36 @@ impl Filesystem for OverlayFs {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         reply_empty(self.ov.fsync(fh.0, datasync), reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _s = debug_span!("opendir", ino = ino.0).entered();
         match self.ov.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(fh) => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Err(e) => reply.error(fuse_errno(e)),
         }
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let r = self.ov.readdir(fh.0, offset, |e, off| {
             reply.add(INodeNo(e.ino), off, ftype(e.kind), &e.name)
         });
@@ -416,51 +477,83 @@ impl Filesystem for OverlayFs {
         }
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let _s = debug_span!("readdirplus", ino = ino.0).entered();
         let zero = Duration::ZERO;
-        let r = self.ov.readdirplus(fh.0, ino.0, offset, |e, off, attr| match attr {
-            Some(a) => reply.add(INodeNo(e.ino), off, &e.name, &self.ttl, &self.fattr(a), Generation(0)),
-            None => {
-                // `.` and `..`: no entry for the kernel to keep.
-                let fa = FileAttr {
-                    ino: INodeNo(e.ino),
-                    size: 0,
-                    blocks: 0,
-                    atime: UNIX_EPOCH,
-                    mtime: UNIX_EPOCH,
-                    ctime: UNIX_EPOCH,
-                    crtime: UNIX_EPOCH,
-                    kind: FileType::Directory,
-                    perm: 0,
-                    nlink: 0,
-                    uid: 0,
-                    gid: 0,
-                    rdev: 0,
-                    blksize: 0,
-                    flags: 0,
-                };
-                reply.add(INodeNo(0), off, &e.name, &zero, &fa, Generation(0))
-            }
-        });
+        let r = self
+            .ov
+            .readdirplus(fh.0, ino.0, offset, |e, off, attr| match attr {
+                Some(a) => reply.add(
+                    INodeNo(e.ino),
+                    off,
+                    &e.name,
+                    &self.ttl,
+                    &self.fattr(a),
+                    Generation(0),
+                ),
+                None => {
+                    // `.` and `..`: no entry for the kernel to keep.
+                    let fa = FileAttr {
+                        ino: INodeNo(e.ino),
+                        size: 0,
+                        blocks: 0,
+                        atime: UNIX_EPOCH,
+                        mtime: UNIX_EPOCH,
+                        ctime: UNIX_EPOCH,
+                        crtime: UNIX_EPOCH,
+                        kind: FileType::Directory,
+                        perm: 0,
+                        nlink: 0,
+                        uid: 0,
+                        gid: 0,
+                        rdev: 0,
+                        blksize: 0,
+                        flags: 0,
+                    };
+                    reply.add(INodeNo(0), off, &e.name, &zero, &fa, Generation(0))
+                }
+            });
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fuse_errno(e)),
         }
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.ov.release(fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         reply_empty(self.ov.fsyncdir(ino.0, datasync), reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match self.ov.statfs() {
-            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize),
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+            ),
             Err(e) => reply.error(fuse_errno(e)),
         }
     }
@@ -511,7 +604,10 @@ impl Filesystem for OverlayFs {
         if self.writeback {
             flags &= !libc::O_APPEND;
         }
-        match self.ov.create(caller(req), parent.0, name, mode & !umask, flags) {
+        match self
+            .ov
+            .create(caller(req), parent.0, name, mode & !umask, flags)
+        {
             Ok((a, fh)) => reply.created(
                 &self.ttl,
                 &self.fattr(&a),
@@ -536,7 +632,15 @@ impl Filesystem for OverlayFs {
         reply_empty(self.ov.fallocate(fh.0, offset, length, mode), reply);
     }
 
-    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
         match self.ov.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(fuse_errno(e)),
@@ -556,7 +660,10 @@ impl Filesystem for OverlayFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        match self.ov.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len) {
+        match self
+            .ov
+            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
+        {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(fuse_errno(e)),
         }

@@ -5,8 +5,8 @@
 //! - [`overlay`]: the layer stack, lookup, whiteouts, copy-up, inode table. No FUSE types.
 //! - `fuse` (feature `fuse`): the thin adapter from fuser requests to [`overlay`].
 
+#[cfg(feature = "fuse")]
+pub mod fuse;
 pub mod options;
 pub mod overlay;
 pub mod sys;
-#[cfg(feature = "fuse")]
-pub mod fuse;

@@ -34,7 +34,11 @@ enum Parsed {
 fn prog_name() -> String {
     std::env::args_os()
         .next()
-        .and_then(|a| Path::new(&a).file_name().map(|f| f.to_string_lossy().into_owned()))
+        .and_then(|a| {
+            Path::new(&a)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+        })
         .unwrap_or_else(|| "rustfuse".into())
 }
 
@@ -54,12 +58,17 @@ fn parse_cli(args: Vec<OsString>) -> Result<Parsed, String> {
             "-s" => {}
             "-V" | "--version" => {
                 println!("rustfuse: version {}", env!("CARGO_PKG_VERSION"));
-                println!("fuse-overlayfs: compatible (rustfuse {})", env!("CARGO_PKG_VERSION"));
+                println!(
+                    "fuse-overlayfs: compatible (rustfuse {})",
+                    env!("CARGO_PKG_VERSION")
+                );
                 return Ok(Parsed::Exit(ExitCode::SUCCESS));
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
-                println!("options: see `man fuse-overlayfs`; every fuse-overlayfs option is accepted");
+                println!(
+                    "options: see `man fuse-overlayfs`; every fuse-overlayfs option is accepted"
+                );
                 return Ok(Parsed::Exit(ExitCode::SUCCESS));
             }
             "-o" => match it.next() {
@@ -106,7 +115,12 @@ fn check_paths(o: &OverlayOptions, mountpoint: &Path) -> Result<(), String> {
     if !mountpoint.starts_with("/dev/fd/") {
         match std::fs::metadata(mountpoint) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(format!("mountpoint {}: not a directory", mountpoint.display())),
+            Ok(_) => {
+                return Err(format!(
+                    "mountpoint {}: not a directory",
+                    mountpoint.display()
+                ));
+            }
             Err(e) => return Err(format!("mountpoint {}: {e}", mountpoint.display())),
         }
     }
@@ -127,9 +141,13 @@ fn mount_plan(o: &OverlayOptions, source: &str, subtype: &str) -> MountPlan {
     use rustix::mount::MountFlags as F;
     let root = sys::geteuid() == 0;
     let mut words: Vec<String> = if root {
-        ["default_permissions", "allow_other", "suid", "noatime"].map(String::from).to_vec()
+        ["default_permissions", "allow_other", "suid", "noatime"]
+            .map(String::from)
+            .to_vec()
     } else {
-        ["default_permissions", "noatime"].map(String::from).to_vec()
+        ["default_permissions", "noatime"]
+            .map(String::from)
+            .to_vec()
     };
     words.extend(o.mount_flags.iter().cloned());
     // Later words win within a group (suid/nosuid, dev/nodev, ...).
@@ -148,7 +166,10 @@ fn mount_plan(o: &OverlayOptions, source: &str, subtype: &str) -> MountPlan {
     }
     let mut data = Vec::new();
     let mut flags = F::empty();
-    let mut fuser_opts = vec![M::FSName(source.to_string()), M::Subtype(subtype.to_string())];
+    let mut fuser_opts = vec![
+        M::FSName(source.to_string()),
+        M::Subtype(subtype.to_string()),
+    ];
     let mut acl = fuser::SessionACL::Owner;
     if groups.get("dev") != Some(&"dev") {
         flags |= F::NODEV;
@@ -214,7 +235,12 @@ fn mount_plan(o: &OverlayOptions, source: &str, subtype: &str) -> MountPlan {
 }
 
 /// mount(2) with type `fuse.NAME`; `None` when not permitted (then fusermount3 is tried).
-fn mount_direct(plan: &MountPlan, source: &str, subtype: &str, mp: &Path) -> Result<Option<std::os::fd::OwnedFd>, String> {
+fn mount_direct(
+    plan: &MountPlan,
+    source: &str,
+    subtype: &str,
+    mp: &Path,
+) -> Result<Option<std::os::fd::OwnedFd>, String> {
     let dev = match sys::open_dev_fuse() {
         Ok(d) => d,
         Err(sys::Errno::PERM) | Err(sys::Errno::ACCESS) => return Ok(None),
@@ -228,7 +254,13 @@ fn mount_direct(plan: &MountPlan, source: &str, subtype: &str, mp: &Path) -> Res
         format!("group_id={}", sys::getgid()),
     ];
     data.extend(plan.data.iter().cloned());
-    match sys::mount_fuse(source, mp, &format!("fuse.{subtype}"), plan.flags, &data.join(",")) {
+    match sys::mount_fuse(
+        source,
+        mp,
+        &format!("fuse.{subtype}"),
+        plan.flags,
+        &data.join(","),
+    ) {
         Ok(()) => Ok(Some(dev)),
         Err(sys::Errno::PERM) => Ok(None),
         Err(e) => Err(format!("mount {}: {e}", mp.display())),
@@ -236,7 +268,8 @@ fn mount_direct(plan: &MountPlan, source: &str, subtype: &str, mp: &Path) -> Res
 }
 
 fn init_tracing(debug: bool) {
-    let filter = std::env::var("RUSTFUSE_LOG").unwrap_or_else(|_| if debug { "debug".into() } else { "warn".into() });
+    let filter = std::env::var("RUSTFUSE_LOG")
+        .unwrap_or_else(|_| if debug { "debug".into() } else { "warn".into() });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
@@ -321,7 +354,12 @@ fn main() -> ExitCode {
 
 /// Mount and serve until unmounted. `notify` gets "ok" once the mount is live (then stdio is
 /// detached), or the error message.
-fn run(cli: &Cli, opts: OverlayOptions, prog: &str, notify: Option<std::os::fd::OwnedFd>) -> Result<(), String> {
+fn run(
+    cli: &Cli,
+    opts: OverlayOptions,
+    prog: &str,
+    notify: Option<std::os::fd::OwnedFd>,
+) -> Result<(), String> {
     let fail = |msg: String, notify: &Option<std::os::fd::OwnedFd>| {
         if let Some(n) = notify {
             let _ = sys::write_all(n.as_fd(), msg.as_bytes());
@@ -330,7 +368,13 @@ fn run(cli: &Cli, opts: OverlayOptions, prog: &str, notify: Option<std::os::fd::
     };
     let threads = match opts.threaded {
         Some(false) => 1,
-        _ => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8) * 2,
+        _ => {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .clamp(2, 8)
+                * 2
+        }
     };
     let source = cli.source.clone().unwrap_or_else(|| prog.to_string());
     let plan = mount_plan(&opts, &source, prog);
@@ -368,12 +412,19 @@ fn run(cli: &Cli, opts: OverlayOptions, prog: &str, notify: Option<std::os::fd::
     };
     let session = match session {
         Ok(s) => s,
-        Err(e) => return Err(fail(format!("mount {}: {e}", cli.mountpoint.display()), &notify)),
+        Err(e) => {
+            return Err(fail(
+                format!("mount {}: {e}", cli.mountpoint.display()),
+                &notify,
+            ));
+        }
     };
     if let Some(n) = notify {
         let _ = sys::write_all(n.as_fd(), b"ok");
         drop(n);
         let _ = sys::detach_stdio();
     }
-    session.run().map_err(|e| format!("serving {}: {e}", cli.mountpoint.display()))
+    session
+        .run()
+        .map_err(|e| format!("serving {}: {e}", cli.mountpoint.display()))
 }

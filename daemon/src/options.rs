@@ -294,7 +294,9 @@ pub fn parse<S: AsRef<str>>(option_strings: &[S]) -> Result<OverlayOptions, Opti
             }
             "upperdir" => {
                 let v = value.filter(|v| !v.is_empty());
-                o.upperdir = Some(PathBuf::from(v.ok_or_else(|| invalid("upperdir", "empty"))?));
+                o.upperdir = Some(PathBuf::from(
+                    v.ok_or_else(|| invalid("upperdir", "empty"))?,
+                ));
             }
             "workdir" => {
                 let v = value.filter(|v| !v.is_empty());
@@ -317,7 +319,10 @@ pub fn parse<S: AsRef<str>>(option_strings: &[S]) -> Result<OverlayOptions, Opti
                     .parse()
                     .map_err(|_| invalid("timeout", format!("{v:?} is not a number")))?;
                 if !t.is_finite() || t < 0.0 {
-                    return Err(invalid("timeout", format!("{v:?} is not a non-negative number")));
+                    return Err(invalid(
+                        "timeout",
+                        format!("{v:?} is not a non-negative number"),
+                    ));
                 }
                 o.timeout = Some(t);
             }
@@ -379,7 +384,11 @@ mod tests {
 
     #[test]
     fn lowerdir_escapes_round_trip() {
-        let dirs = vec![PathBuf::from("/a:b"), PathBuf::from("/c\\d"), PathBuf::from("/e")];
+        let dirs = vec![
+            PathBuf::from("/a:b"),
+            PathBuf::from("/c\\d"),
+            PathBuf::from("/e"),
+        ];
         let joined = join_lowerdirs(&dirs);
         assert_eq!(joined, "/a\\:b:/c\\\\d:/e");
         assert_eq!(split_lowerdirs(&joined), dirs);
@@ -388,7 +397,10 @@ mod tests {
     #[test]
     fn parses_podman_style_with_empty_option() {
         let o = parse(&["lowerdir=/l1:/l2,upperdir=/u,workdir=/w,,volatile"]).unwrap();
-        assert_eq!(o.lowerdirs, vec![PathBuf::from("/l1"), PathBuf::from("/l2")]);
+        assert_eq!(
+            o.lowerdirs,
+            vec![PathBuf::from("/l1"), PathBuf::from("/l2")]
+        );
         assert_eq!(o.upperdir, Some(PathBuf::from("/u")));
         assert!(!o.fsync);
     }
@@ -409,16 +421,23 @@ mod tests {
 
     #[test]
     fn errors_name_the_option() {
-        assert_eq!(parse::<&str>(&[]).unwrap_err(), OptionError::MissingLowerdir);
+        assert_eq!(
+            parse::<&str>(&[]).unwrap_err(),
+            OptionError::MissingLowerdir
+        );
         let e = parse(&["lowerdir=/l,upperdir=/u"]).unwrap_err().to_string();
         assert!(e.contains("workdir"), "{e}");
-        let e = parse(&["lowerdir=/l,redirect_dir=on"]).unwrap_err().to_string();
+        let e = parse(&["lowerdir=/l,redirect_dir=on"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("redirect_dir"), "{e}");
         let e = parse(&["lowerdir=/l,squash_to_root,squash_to_uid=3"])
             .unwrap_err()
             .to_string();
         assert!(e.contains("squash"), "{e}");
-        let e = parse(&["lowerdir=/l,uidmapping=0:1"]).unwrap_err().to_string();
+        let e = parse(&["lowerdir=/l,uidmapping=0:1"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("uidmapping"), "{e}");
     }
 

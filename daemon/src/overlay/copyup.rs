@@ -185,7 +185,10 @@ pub(crate) fn copy_data(input: BorrowedFd<'_>, out: BorrowedFd<'_>, len: u64) ->
                 match sys::copy_file_range(input, &mut off_in, out, &mut off_out, chunk) {
                     Ok(0) => break,
                     Ok(_) => continue,
-                    Err(Errno::XDEV) | Err(Errno::NOSYS) | Err(Errno::INVAL) | Err(Errno::OPNOTSUPP) => {
+                    Err(Errno::XDEV)
+                    | Err(Errno::NOSYS)
+                    | Err(Errno::INVAL)
+                    | Err(Errno::OPNOTSUPP) => {
                         use_cfr = false;
                     }
                     Err(e) => return Err(e),

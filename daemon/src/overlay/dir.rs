@@ -42,7 +42,9 @@ impl Overlay {
                     continue;
                 }
                 let name = OsStr::from_bytes(name);
-                if ent.file_type() == sys::FileType::CharacterDevice || ent.file_type() == sys::FileType::Unknown {
+                if ent.file_type() == sys::FileType::CharacterDevice
+                    || ent.file_type() == sys::FileType::Unknown
+                {
                     if let Ok(s) = sys::stat_at(fd.as_fd(), name) {
                         if is_whiteout(&s) {
                             this_hidden.push(name.to_os_string());
@@ -81,7 +83,11 @@ impl Overlay {
         });
         entries.push(DirEntry {
             name: "..".into(),
-            ino: if ino == super::ROOT_INO { ino } else { st.parent },
+            ino: if ino == super::ROOT_INO {
+                ino
+            } else {
+                st.parent
+            },
             kind: Kind::Dir,
         });
         for name in self.merged_names(&st)? {
@@ -98,7 +104,12 @@ impl Overlay {
     }
 
     /// Entries from `offset` on; each entry's offset is its index + 1.
-    pub fn readdir(&self, fh: u64, offset: u64, mut add: impl FnMut(&DirEntry, u64) -> bool) -> Result<()> {
+    pub fn readdir(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(&DirEntry, u64) -> bool,
+    ) -> Result<()> {
         let h = self.handle(fh).ok_or(Errno::BADF)?;
         let Handle::Dir { entries } = &*h else {
             return Err(Errno::NOTDIR);

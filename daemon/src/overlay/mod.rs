@@ -122,6 +122,7 @@ pub struct FsStats {
 
 pub(crate) struct Layer {
     pub fd: Arc<OwnedFd>,
+    /// Where the layer is, for messages.
     pub path: PathBuf,
 }
 
@@ -153,8 +154,7 @@ pub(crate) fn is_internal_xattr(name: &[u8], perms: XattrPermissions) -> bool {
         || (perms == XattrPermissions::User
             && (name.starts_with(b"user.containers.override_stat")
                 || name.starts_with(b"user.containers.override_security.")))
-        || (perms == XattrPermissions::Security
-            && name.starts_with(b"security.fuseoverlayfs."))
+        || (perms == XattrPermissions::Security && name.starts_with(b"security.fuseoverlayfs."))
 }
 
 pub(crate) const ORIGIN_XATTR: &str = "user.rustfuse.origin";
@@ -209,7 +209,11 @@ impl Overlay {
         let mut lowers = Vec::new();
         for p in &opts.lowerdirs {
             let fd = sys::open_dir_path(p).map_err(|e| {
-                path_err("lowerdir", p, format!("cannot open directory: {}", errstr(e)))
+                path_err(
+                    "lowerdir",
+                    p,
+                    format!("cannot open directory: {}", errstr(e)),
+                )
             })?;
             lowers.push(Layer {
                 fd: Arc::new(fd),
@@ -225,12 +229,21 @@ impl Overlay {
         if let (Some(u), Some(w)) = (&opts.upperdir, &opts.workdir) {
             if !opts.read_only {
                 let ufd = sys::open_dir_path(u).map_err(|e| {
-                    path_err("upperdir", u, format!("cannot open directory: {}", errstr(e)))
+                    path_err(
+                        "upperdir",
+                        u,
+                        format!("cannot open directory: {}", errstr(e)),
+                    )
                 })?;
                 let wfd = sys::open_dir_path(w).map_err(|e| {
-                    path_err("workdir", w, format!("cannot open directory: {}", errstr(e)))
+                    path_err(
+                        "workdir",
+                        w,
+                        format!("cannot open directory: {}", errstr(e)),
+                    )
                 })?;
-                let ust = sys::fstat(ufd.as_fd()).map_err(|e| path_err("upperdir", u, errstr(e)))?;
+                let ust =
+                    sys::fstat(ufd.as_fd()).map_err(|e| path_err("upperdir", u, errstr(e)))?;
                 let wst = sys::fstat(wfd.as_fd()).map_err(|e| path_err("workdir", w, errstr(e)))?;
                 if ust.st_dev != wst.st_dev {
                     return Err(path_err(
@@ -242,8 +255,9 @@ impl Overlay {
                         ),
                     ));
                 }
-                let wk = prepare_workdir(wfd.as_fd())
-                    .map_err(|e| path_err("workdir", w, format!("cannot prepare work/: {}", errstr(e))))?;
+                let wk = prepare_workdir(wfd.as_fd()).map_err(|e| {
+                    path_err("workdir", w, format!("cannot prepare work/: {}", errstr(e)))
+                })?;
                 dev_whiteouts = std::env::var_os("FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT").is_none()
                     && probe_dev_whiteout(wk.as_fd());
                 upper = Some(Layer {
@@ -330,6 +344,14 @@ impl Overlay {
         Ok(())
     }
 
+    /// The upper layer (if any) and the lower layers, topmost first.
+    pub fn layer_paths(&self) -> (Option<&Path>, Vec<&Path>) {
+        (
+            self.upper.as_ref().map(|u| u.path.as_path()),
+            self.lowers.iter().map(|l| l.path.as_path()).collect(),
+        )
+    }
+
     pub fn read_only(&self) -> bool {
         self.upper.is_none()
     }
@@ -379,7 +401,11 @@ impl Overlay {
     pub(crate) fn map_ino(&self, st: &Stat) -> u64 {
         let mut ino = st.st_ino;
         if self.devs.len() > 1 {
-            let idx = self.devs.iter().position(|d| *d == st.st_dev).unwrap_or(self.devs.len());
+            let idx = self
+                .devs
+                .iter()
+                .position(|d| *d == st.st_dev)
+                .unwrap_or(self.devs.len());
             ino ^= (idx as u64) << 56;
         }
         if ino <= ROOT_INO {
@@ -546,12 +572,18 @@ impl Overlay {
     }
 
     /// Put what `resolve` found in the node table.
-    pub(crate) fn intern(&self, found: Found, parent: u64, name: &OsStr, count: bool) -> (Arc<Node>, Stat) {
+    pub(crate) fn intern(
+        &self,
+        found: Found,
+        parent: u64,
+        name: &OsStr,
+        count: bool,
+    ) -> (Arc<Node>, Stat) {
         let ino = found.ino;
         let top = found.top;
-        let node = self
-            .nodes
-            .get_or_insert(ino, Self::state_from_found(found, parent, name), count);
+        let node =
+            self.nodes
+                .get_or_insert(ino, Self::state_from_found(found, parent, name), count);
         (node, top)
     }
 
@@ -591,7 +623,11 @@ impl Overlay {
             self.opts.gid_map.to_shown(gid).unwrap_or(self.overflow_gid)
         };
         let mut nlink = stat.st_nlink as u32;
-        if kind == Kind::Dir && (self.opts.static_nlink || st.is_merged_dir() || st.upper.is_none() && st.lowers.len() > 1) {
+        if kind == Kind::Dir
+            && (self.opts.static_nlink
+                || st.is_merged_dir()
+                || st.upper.is_none() && st.lowers.len() > 1)
+        {
             nlink = 1;
         }
         Attr {
@@ -814,7 +850,8 @@ impl Overlay {
             unreachable!()
         };
         let len = len.min(u32::MAX as u64 & !0xfff) as usize;
-        sys::copy_file_range(fi.as_fd(), &mut off_in, fo.as_fd(), &mut off_out, len).map(|n| n as u32)
+        sys::copy_file_range(fi.as_fd(), &mut off_in, fo.as_fd(), &mut off_out, len)
+            .map(|n| n as u32)
     }
 
     // ------------------------------------------------------------ xattrs
@@ -844,7 +881,11 @@ impl Overlay {
             let shown: Vec<u8> = if self.opts.xattr_permissions == XattrPermissions::User
                 && b.starts_with(b"user.containers.override_security.")
             {
-                [b"security.", &b[b"user.containers.override_security.".len()..]].concat()
+                [
+                    b"security.",
+                    &b[b"user.containers.override_security.".len()..],
+                ]
+                .concat()
             } else if is_internal_xattr(b, self.opts.xattr_permissions) {
                 continue;
             } else {
@@ -1001,8 +1042,14 @@ mod tests {
 
     #[test]
     fn internal_xattrs_hidden() {
-        assert!(is_internal_xattr(b"trusted.overlay.opaque", XattrPermissions::Off));
-        assert!(is_internal_xattr(b"user.fuseoverlayfs.origin", XattrPermissions::Off));
+        assert!(is_internal_xattr(
+            b"trusted.overlay.opaque",
+            XattrPermissions::Off
+        ));
+        assert!(is_internal_xattr(
+            b"user.fuseoverlayfs.origin",
+            XattrPermissions::Off
+        ));
         assert!(!is_internal_xattr(b"user.foo", XattrPermissions::Off));
         assert!(is_internal_xattr(
             b"user.containers.override_stat",

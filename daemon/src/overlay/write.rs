@@ -147,7 +147,11 @@ impl Overlay {
     /// and, to directories, their setgid bit on).
     fn new_owner(&self, caller: Caller, parent: &NodeState, mode: u32) -> Result<(u32, u32, u32)> {
         let pst = sys::fstat(parent.top().as_fd())?;
-        let uid = self.opts.uid_map.to_disk(caller.uid).ok_or(Errno::OVERFLOW)?;
+        let uid = self
+            .opts
+            .uid_map
+            .to_disk(caller.uid)
+            .ok_or(Errno::OVERFLOW)?;
         let mut mode = mode;
         let gid = if pst.st_mode & libc::S_ISGID != 0 {
             if mode & libc::S_IFMT == libc::S_IFDIR {
@@ -155,7 +159,10 @@ impl Overlay {
             }
             pst.st_gid
         } else {
-            self.opts.gid_map.to_disk(caller.gid).ok_or(Errno::OVERFLOW)?
+            self.opts
+                .gid_map
+                .to_disk(caller.gid)
+                .ok_or(Errno::OVERFLOW)?
         };
         Ok((uid, gid, mode))
     }
@@ -219,7 +226,11 @@ impl Overlay {
 
     /// The parent directory ready for a new name: exists, is a directory, has an upper part,
     /// and the name is free.
-    fn prepare_new(&self, parent: u64, name: &OsStr) -> Result<(NodeState, std::sync::Arc<OwnedFd>)> {
+    fn prepare_new(
+        &self,
+        parent: u64,
+        name: &OsStr,
+    ) -> Result<(NodeState, std::sync::Arc<OwnedFd>)> {
         self.writable()?;
         check_new_name(name)?;
         let p = self.node(parent)?;
@@ -235,7 +246,14 @@ impl Overlay {
     }
 
     /// Create and open a regular file.
-    pub fn create(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32, flags: i32) -> Result<(Attr, u64)> {
+    pub fn create(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Attr, u64)> {
         let (ps, pu) = match self.prepare_new(parent, name) {
             Err(Errno::EXIST) if flags & libc::O_EXCL == 0 => {
                 let attr = self.lookup(parent, name)?;
@@ -246,7 +264,11 @@ impl Overlay {
         };
         let (uid, gid, mode) = self.new_owner(caller, &ps, libc::S_IFREG | (mode & 0o7777))?;
         let acc = flags & libc::O_ACCMODE;
-        let acc = if acc == libc::O_WRONLY { OFlags::RDWR } else { OFlags::from_bits_retain(acc as u32) };
+        let acc = if acc == libc::O_WRONLY {
+            OFlags::RDWR
+        } else {
+            OFlags::from_bits_retain(acc as u32)
+        };
         let mut out: Option<OwnedFd> = None;
         self.place_new(pu.as_fd(), name, false, &mut |dir, nm| {
             let fd = sys::open_at(dir, nm, acc | OFlags::CREATE | OFlags::EXCL, mode & 0o7777)?;
@@ -279,7 +301,14 @@ impl Overlay {
         self.lookup(parent, name)
     }
 
-    pub fn mknod(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32, rdev: u32) -> Result<Attr> {
+    pub fn mknod(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+    ) -> Result<Attr> {
         let (ps, pu) = self.prepare_new(parent, name)?;
         let (uid, gid, mode) = self.new_owner(caller, &ps, mode)?;
         self.place_new(pu.as_fd(), name, false, &mut |dir, nm| {
@@ -290,7 +319,13 @@ impl Overlay {
         self.lookup(parent, name)
     }
 
-    pub fn symlink(&self, caller: Caller, parent: u64, name: &OsStr, target: &OsStr) -> Result<Attr> {
+    pub fn symlink(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        target: &OsStr,
+    ) -> Result<Attr> {
         let (ps, pu) = self.prepare_new(parent, name)?;
         let (uid, gid, _) = self.new_owner(caller, &ps, libc::S_IFLNK | 0o777)?;
         self.place_new(pu.as_fd(), name, false, &mut |dir, nm| {
@@ -312,12 +347,19 @@ impl Overlay {
         }
         let (_, npu) = self.prepare_new(newparent, newname)?;
         let u = self.copy_up(&node, false)?;
-        self.place_new(npu.as_fd(), newname, false, &mut |dir, nm| sys::link_fd(u.as_fd(), dir, nm))?;
+        self.place_new(npu.as_fd(), newname, false, &mut |dir, nm| {
+            sys::link_fd(u.as_fd(), dir, nm)
+        })?;
         self.lookup(newparent, newname)
     }
 
     /// The node of what `resolve` found, without counting a kernel reference.
-    fn node_of(&self, found: Found, parent: u64, name: &OsStr) -> std::sync::Arc<super::node::Node> {
+    fn node_of(
+        &self,
+        found: Found,
+        parent: u64,
+        name: &OsStr,
+    ) -> std::sync::Arc<super::node::Node> {
         self.intern(found, parent, name, false).0
     }
 
@@ -343,7 +385,11 @@ impl Overlay {
             self.make_whiteout(pu.as_fd(), name)?;
         }
         let st = node.state();
-        let gone = st.upper.as_ref().is_none_or(|u| sys::fstat(u.as_fd()).map(|s| s.st_nlink == 0).unwrap_or(true));
+        let gone = st.upper.as_ref().is_none_or(|u| {
+            sys::fstat(u.as_fd())
+                .map(|s| s.st_nlink == 0)
+                .unwrap_or(true)
+        });
         if gone {
             node.update(|s| s.unlinked = true);
         }
@@ -357,13 +403,16 @@ impl Overlay {
             let tmp = self.tmp_name();
             self.make_whiteout(work.as_fd(), &tmp)?;
             if kind == Kind::Dir {
-                if let Err(e) = sys::rename_at(work.as_fd(), &tmp, pu, name, RenameFlags::EXCHANGE) {
+                if let Err(e) = sys::rename_at(work.as_fd(), &tmp, pu, name, RenameFlags::EXCHANGE)
+                {
                     let _ = sys::unlink_at(work.as_fd(), &tmp);
                     return Err(e);
                 }
                 // `tmp` is now the old directory, holding nothing but whiteouts.
                 super::copyup::remove_any(work.as_fd(), &tmp, Kind::Dir)?;
-            } else if let Err(e) = sys::rename_at(work.as_fd(), &tmp, pu, name, RenameFlags::empty()) {
+            } else if let Err(e) =
+                sys::rename_at(work.as_fd(), &tmp, pu, name, RenameFlags::empty())
+            {
                 let _ = sys::unlink_at(work.as_fd(), &tmp);
                 return Err(e);
             }
@@ -420,11 +469,19 @@ impl Overlay {
         Ok(())
     }
 
-    pub fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32) -> Result<()> {
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
         self.writable()?;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         let noreplace = flags & libc::RENAME_NOREPLACE != 0;
-        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 || (exchange && noreplace) {
+        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 || (exchange && noreplace)
+        {
             return Err(Errno::INVAL);
         }
         check_new_name(newname)?;
@@ -488,7 +545,13 @@ impl Overlay {
         let src_lower = self.lower_positive(&ps, name)?;
         let dst_lower = self.lower_positive(&nps, newname)?;
         if exchange {
-            sys::rename_at(pu.as_fd(), name, npu.as_fd(), newname, RenameFlags::EXCHANGE)?;
+            sys::rename_at(
+                pu.as_fd(),
+                name,
+                npu.as_fd(),
+                newname,
+                RenameFlags::EXCHANGE,
+            )?;
             if src_kind == Kind::Dir && dst_lower {
                 self.set_opaque(npu.as_fd(), newname)?;
             }
@@ -519,7 +582,13 @@ impl Overlay {
             UpperAt::DevWhiteout if src_kind == Kind::Dir => {
                 // rename(2) won't put a directory over a device: exchange, then the whiteout
                 // sits at the old name, where it is kept if needed.
-                sys::rename_at(pu.as_fd(), name, npu.as_fd(), newname, RenameFlags::EXCHANGE)?;
+                sys::rename_at(
+                    pu.as_fd(),
+                    name,
+                    npu.as_fd(),
+                    newname,
+                    RenameFlags::EXCHANGE,
+                )?;
                 if !src_lower {
                     sys::unlink_at(pu.as_fd(), name)?;
                 }
@@ -544,10 +613,11 @@ impl Overlay {
         });
         if let Some(d) = dst_node {
             let st = d.state();
-            let gone = st
-                .upper
-                .as_ref()
-                .is_none_or(|u| sys::fstat(u.as_fd()).map(|s| s.st_nlink == 0).unwrap_or(true));
+            let gone = st.upper.as_ref().is_none_or(|u| {
+                sys::fstat(u.as_fd())
+                    .map(|s| s.st_nlink == 0)
+                    .unwrap_or(true)
+            });
             if gone || st.kind == Kind::Dir {
                 d.update(|s| s.unlinked = true);
             }
@@ -602,7 +672,12 @@ impl Overlay {
                 if let Some(n) = set.gid {
                     gid = self.disk_gid(n)?;
                 }
-                sys::fsetxattr(u.as_fd(), OsStr::new(x), &format_override(uid, gid, mode), 0)?;
+                sys::fsetxattr(
+                    u.as_fd(),
+                    OsStr::new(x),
+                    &format_override(uid, gid, mode),
+                    0,
+                )?;
             }
         } else {
             if set.uid.is_some() || set.gid.is_some() {

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The test command (README "Set-up", second command; CI runs it through .ci/run).
+# Installs what the tests need, then runs every check: fmt, clippy, build, unit tests, and
+# the integration tests that mount for real (they need root and /dev/fuse; under CI=true a
+# test that cannot run fails instead of skipping).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+
+# Debian packages the tests use, one per line in tests/apt-packages.txt.
+mapfile -t pkgs < <(grep -v '^\s*#' tests/apt-packages.txt | sed 's/\s*#.*//' | grep -v '^\s*$')
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "== installing: ${missing[*]}"
+  if [ "$(id -u)" -ne 0 ]; then
+    SUDO=sudo
+  else
+    SUDO=
+  fi
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo build"
+cargo build --workspace --locked
+echo "== cargo test"
+# One test binary at a time runs its mount tests in parallel threads; keep that bounded.
+RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}" cargo test --workspace --locked -- --nocapture
+echo "== done"
