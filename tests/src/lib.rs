@@ -1,1 +1,21 @@
-//! Shared helpers for the integration tests.
+//! Harness for the integration tests: they mount for real (kernel overlayfs as the oracle, the
+//! FUSE overlay under test, Debian's fuse-overlayfs for interop) and compare what they see.
+//!
+//! - [`env`]: where the binaries are, privilege checks (`SKIPPED` / CI failure), deadlines.
+//! - [`mount`]: a guard that mounts kernel overlayfs or a FUSE overlay and always unmounts.
+//! - [`layers`]: declarative lower/upper layer trees, materialized once per filesystem.
+//! - [`snapshot`]: a normalized description of a merged view, and its diff.
+//! - [`ops`]: a list of filesystem operations applied to a mount, errno recorded per step.
+//! - [`upper`]: a normalized description of an upper directory after unmount.
+//! - [`scenario`]: runs one tree + op list on kernel overlay and on the FUSE overlay and
+//!   compares everything.
+
+pub mod env;
+pub mod layers;
+pub mod mount;
+pub mod ops;
+pub mod scenario;
+pub mod snapshot;
+pub mod upper;
+
+pub use env::{bin_under_test, fuse_overlayfs_bin, require_privileged, skip};

@@ -1,0 +1,240 @@
+//! The environment of a test run: binaries, privileges, deadlines, child processes.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Root of the Cargo workspace (the parent of this crate's manifest directory).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests crate has a parent directory")
+        .to_path_buf()
+}
+
+/// The FUSE overlay binary under test: `$RUSTFUSE_BIN`, else `<workspace>/target/debug/rustfuse`.
+///
+/// Deliberately not derived from `CARGO_TARGET_DIR`: the tests may be built in another target
+/// directory than the daemon.
+pub fn bin_under_test() -> PathBuf {
+    match std::env::var_os("RUSTFUSE_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => workspace_root().join("target/debug/rustfuse"),
+    }
+}
+
+/// Debian's fuse-overlayfs (`$FUSE_OVERLAYFS_BIN`, else `/usr/bin/fuse-overlayfs`), if present.
+pub fn fuse_overlayfs_bin() -> Option<PathBuf> {
+    let p = match std::env::var_os("FUSE_OVERLAYFS_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from("/usr/bin/fuse-overlayfs"),
+    };
+    p.exists().then_some(p)
+}
+
+/// True when running under CI (`CI=true`): a test that cannot run must fail, not skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Report that a test cannot run. Under `CI=true` this panics with the reason; otherwise it prints
+/// `SKIPPED: <reason>` and returns `false`, so a test can `if !skip(..) { return }`.
+pub fn skip(reason: &str) -> bool {
+    if in_ci() {
+        panic!("cannot run under CI=true: {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+    false
+}
+
+/// Checks that the test can mount: euid 0 and `/dev/fuse` present. Returns `false` (after
+/// printing `SKIPPED: ...`) when it cannot; panics instead under `CI=true`.
+pub fn require_privileged() -> bool {
+    if !rustix::process::geteuid().is_root() {
+        return skip("needs root (euid 0) to mount");
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return skip("/dev/fuse is missing");
+    }
+    true
+}
+
+/// [`require_privileged`] plus the binary under test must exist.
+pub fn require_bin_under_test() -> bool {
+    if !require_privileged() {
+        return false;
+    }
+    let bin = bin_under_test();
+    if !bin.exists() {
+        return skip(&format!(
+            "binary under test {} does not exist (build it with `cargo build -p rustfuse` or set RUSTFUSE_BIN)",
+            bin.display()
+        ));
+    }
+    true
+}
+
+/// [`require_privileged`] plus Debian's fuse-overlayfs must be installed.
+pub fn require_fuse_overlayfs() -> bool {
+    if !require_privileged() {
+        return false;
+    }
+    if fuse_overlayfs_bin().is_none() {
+        return skip("fuse-overlayfs is not installed (apt-get install fuse-overlayfs)");
+    }
+    true
+}
+
+/// Default deadline for one filesystem operation or one command.
+pub const OP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Per-mount watchdog deadline: after this long a FUSE connection is aborted and the test
+/// fails. `$RUSTFUSE_TEST_WATCHDOG_SECS` overrides it.
+pub fn watchdog_deadline() -> Duration {
+    std::env::var("RUSTFUSE_TEST_WATCHDOG_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(90))
+}
+
+/// Runs `f` on another thread and waits at most `deadline` for it. On timeout it panics with
+/// `what`; the thread is left behind (a blocked filesystem call cannot be cancelled, but the mount
+/// guard's watchdog or drop aborts the FUSE connection, which unblocks it).
+pub fn with_deadline<T: Send + 'static>(
+    deadline: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("deadline: {what}"))
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .expect("spawn thread");
+    match rx.recv_timeout(deadline) {
+        Ok(v) => v,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what}: did not finish within {deadline:?} (filesystem hung?)")
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: panicked"),
+    }
+}
+
+/// Output of a command run by [`run_command`].
+#[derive(Debug)]
+pub struct CmdOutput {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Everything written to stdout.
+    pub stdout: String,
+    /// Everything written to stderr.
+    pub stderr: String,
+    /// How long the command took.
+    pub elapsed: Duration,
+}
+
+impl CmdOutput {
+    /// Exit code, or -signal when killed.
+    pub fn code(&self) -> i32 {
+        use std::os::unix::process::ExitStatusExt;
+        self.status
+            .code()
+            .unwrap_or_else(|| -self.status.signal().unwrap_or(0))
+    }
+}
+
+/// Runs a command with stdout/stderr sent to files (not pipes: a daemon that forgets to close
+/// inherited pipes must not make us wait forever) and a deadline: after `deadline` the child is
+/// killed and an error returned.
+pub fn run_command(cmd: &mut Command, deadline: Duration) -> Result<CmdOutput, String> {
+    let out = tempfile::tempfile().map_err(|e| format!("tempfile: {e}"))?;
+    let err = tempfile::tempfile().map_err(|e| format!("tempfile: {e}"))?;
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().map_err(|e| e.to_string())?)
+        .stderr(err.try_clone().map_err(|e| e.to_string())?)
+        .spawn()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if start.elapsed() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{cmd:?} did not exit within {deadline:?} (killed); stderr: {}",
+                    read_all(err)
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(format!("wait for {cmd:?}: {e}")),
+        }
+    };
+    Ok(CmdOutput {
+        status,
+        stdout: read_all(out),
+        stderr: read_all(err),
+        elapsed: start.elapsed(),
+    })
+}
+
+fn read_all(mut f: File) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut s = Vec::new();
+    let _ = f.seek(SeekFrom::Start(0));
+    let _ = f.read_to_end(&mut s);
+    String::from_utf8_lossy(&s).into_owned()
+}
+
+/// Polls `cond` every few milliseconds until it is true or `deadline` passes.
+pub fn poll_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A scratch directory for one test, under `$RUSTFUSE_TEST_TMPDIR` or `/tmp`, removed on drop.
+/// Kept (and its path printed) when `$RUSTFUSE_TEST_KEEP` is set, for post-mortems.
+pub struct Scratch {
+    path: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Scratch {
+    /// Path of the directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Creates a [`Scratch`] directory whose name starts with `rustfuse-<name>-`.
+pub fn scratch(name: &str) -> Scratch {
+    let base = std::env::var_os("RUSTFUSE_TEST_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("rustfuse-{name}-"))
+        .tempdir_in(base)
+        .expect("create scratch dir");
+    if std::env::var_os("RUSTFUSE_TEST_KEEP").is_some() {
+        let path = dir.keep();
+        eprintln!("scratch dir kept: {}", path.display());
+        return Scratch { path, _dir: None };
+    }
+    Scratch {
+        path: dir.path().to_path_buf(),
+        _dir: Some(dir),
+    }
+}

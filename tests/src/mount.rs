@@ -1,0 +1,443 @@
+//! Mount guards: kernel overlayfs or a FUSE overlay, always unmounted on drop (also on panic),
+//! with a watchdog that aborts a hung FUSE connection so a broken daemon never wedges the run.
+
+use std::ffi::{CString, OsString};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once, mpsc};
+use std::time::Duration;
+
+use rustix::mount::{MountFlags, UnmountFlags};
+
+use crate::env::{OP_DEADLINE, poll_until, run_command, watchdog_deadline};
+
+/// How long a mount may take to appear in /proc/self/mountinfo, and a daemon to exit.
+pub const MOUNT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// One line of /proc/self/mountinfo, the fields the tests need.
+#[derive(Debug, Clone)]
+pub struct MountInfo {
+    /// `major:minor` of the mounted filesystem's st_dev.
+    pub dev: (u32, u32),
+    /// Mount point (unescaped).
+    pub mount_point: PathBuf,
+    /// Per-mount options (`rw,nodev,...`).
+    pub mount_options: String,
+    /// Filesystem type (`overlay`, `fuse.fuse-overlayfs`, ...).
+    pub fstype: String,
+    /// Mount source.
+    pub source: String,
+    /// Superblock options.
+    pub super_options: String,
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// All mounts of this process's mount namespace.
+pub fn mountinfo() -> Vec<MountInfo> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            let pre: Vec<&str> = pre.split(' ').collect();
+            let post: Vec<&str> = post.split(' ').collect();
+            let (maj, min) = pre.get(2)?.split_once(':')?;
+            Some(MountInfo {
+                dev: (maj.parse().ok()?, min.parse().ok()?),
+                mount_point: PathBuf::from(unescape_mountinfo(pre.get(4)?)),
+                mount_options: pre.get(5)?.to_string(),
+                fstype: post.first()?.to_string(),
+                source: unescape_mountinfo(post.get(1)?),
+                super_options: post.get(2).unwrap_or(&"").to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The topmost mount at `path` (already canonical), if any.
+pub fn mount_at(path: &Path) -> Option<MountInfo> {
+    mountinfo()
+        .into_iter()
+        .rev()
+        .find(|m| m.mount_point == path)
+}
+
+/// Mounts fusectl on /sys/fs/fuse/connections if it is not there yet (needed to abort hung
+/// connections).
+pub fn ensure_fusectl() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let dir = Path::new("/sys/fs/fuse/connections");
+        if mountinfo()
+            .iter()
+            .any(|m| m.fstype == "fusectl" && m.mount_point == dir)
+        {
+            return;
+        }
+        if let Err(e) = rustix::mount::mount("fusectl", dir, "fusectl", MountFlags::empty(), None) {
+            eprintln!("warning: cannot mount fusectl on {}: {e}", dir.display());
+        }
+    });
+}
+
+/// Aborts FUSE connection `conn` (all its pending and future requests fail with ENOTCONN).
+pub fn abort_fuse_connection(conn: u32) -> bool {
+    std::fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), "1").is_ok()
+}
+
+fn fuse_connection_exists(conn: u32) -> bool {
+    Path::new(&format!("/sys/fs/fuse/connections/{conn}")).exists()
+}
+
+fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state follows the parenthesized command name.
+            let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next());
+            !matches!(state, Some(Some('Z' | 'X')))
+        }
+        Err(_) => false,
+    }
+}
+
+/// Finds the daemon serving the FUSE mount at `mnt`: a process with `/dev/fuse` open whose
+/// command line names the mount point.
+pub fn find_daemon_pid(mnt: &Path) -> Option<i32> {
+    let mnt_bytes = mnt.as_os_str().as_encoded_bytes();
+    let me = std::process::id() as i32;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if !cmdline.split(|b| *b == 0).any(|arg| arg == mnt_bytes) {
+            continue;
+        }
+        let has_fuse_fd = std::fs::read_dir(entry.path().join("fd"))
+            .map(|fds| {
+                fds.flatten().any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|t| t == Path::new("/dev/fuse"))
+                })
+            })
+            .unwrap_or(false);
+        if has_fuse_fd {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+struct Watchdog {
+    stop: mpsc::Sender<()>,
+    fired: Arc<AtomicBool>,
+}
+
+impl Watchdog {
+    fn start(conn: u32, mnt: PathBuf) -> Watchdog {
+        let (stop, rx) = mpsc::channel::<()>();
+        let fired = Arc::new(AtomicBool::new(false));
+        let fired2 = fired.clone();
+        let deadline = watchdog_deadline();
+        std::thread::spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(deadline) {
+                eprintln!(
+                    "watchdog: FUSE mount {} still in use after {deadline:?}, aborting connection {conn}",
+                    mnt.display()
+                );
+                fired2.store(true, Ordering::SeqCst);
+                abort_fuse_connection(conn);
+            }
+        });
+        Watchdog { stop, fired }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Kernel,
+    Fuse,
+}
+
+/// A live mount; unmounted on drop (or explicitly with [`Mount::unmount`]).
+pub struct Mount {
+    mnt: PathBuf,
+    kind: Kind,
+    conn: Option<u32>,
+    pid: Option<i32>,
+    mounted: bool,
+    watchdog: Option<Watchdog>,
+    /// What the FUSE launcher printed on stderr (warnings).
+    pub launcher_stderr: String,
+}
+
+/// The layer directories of a mount.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    /// Lower layers, topmost first.
+    pub lowers: Vec<PathBuf>,
+    /// Upper layer (None: read-only mount).
+    pub upper: Option<PathBuf>,
+    /// Work directory (with `upper`).
+    pub work: Option<PathBuf>,
+}
+
+impl Stack {
+    /// `lowerdir=..,upperdir=..,workdir=..` as both kernel overlayfs and fuse-overlayfs take it.
+    pub fn options(&self) -> String {
+        let lowers: Vec<String> = self
+            .lowers
+            .iter()
+            .map(|p| p.display().to_string().replace(':', "\\:"))
+            .collect();
+        let mut s = format!("lowerdir={}", lowers.join(":"));
+        if let Some(u) = &self.upper {
+            s.push_str(&format!(",upperdir={}", u.display()));
+        }
+        if let Some(w) = &self.work {
+            s.push_str(&format!(",workdir={}", w.display()));
+        }
+        s
+    }
+}
+
+impl Mount {
+    /// Mounts kernel overlayfs with `redirect_dir=off,index=off,metacopy=off` (the semantics
+    /// fuse-overlayfs follows: merged directories cannot be renamed, EXDEV).
+    pub fn kernel(stack: &Stack, mnt: &Path) -> Result<Mount, String> {
+        let mnt = mnt
+            .canonicalize()
+            .map_err(|e| format!("{}: {e}", mnt.display()))?;
+        let mut data = stack.options();
+        if stack.upper.is_some() {
+            data.push_str(",redirect_dir=off,index=off,metacopy=off");
+        }
+        let cdata = CString::new(data.clone()).expect("no NUL in options");
+        rustix::mount::mount(
+            "overlay",
+            &mnt,
+            "overlay",
+            MountFlags::empty(),
+            Some(cdata.as_c_str()),
+        )
+        .map_err(|e| format!("mount -t overlay -o {data} {}: {e}", mnt.display()))?;
+        Ok(Mount {
+            mnt,
+            kind: Kind::Kernel,
+            conn: None,
+            pid: None,
+            mounted: true,
+            watchdog: None,
+            launcher_stderr: String::new(),
+        })
+    }
+
+    /// Runs `bin -o <stack options>[,extra] MNT` and waits for the mount.
+    pub fn fuse(
+        bin: &Path,
+        stack: &Stack,
+        extra_opts: &[&str],
+        mnt: &Path,
+    ) -> Result<Mount, String> {
+        Self::fuse_env(bin, stack, extra_opts, mnt, &[])
+    }
+
+    /// [`Mount::fuse`] with extra environment variables for the daemon.
+    pub fn fuse_env(
+        bin: &Path,
+        stack: &Stack,
+        extra_opts: &[&str],
+        mnt: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Mount, String> {
+        let mut opts = stack.options();
+        for o in extra_opts {
+            opts.push(',');
+            opts.push_str(o);
+        }
+        let mnt = mnt
+            .canonicalize()
+            .map_err(|e| format!("{}: {e}", mnt.display()))?;
+        let args = vec![
+            OsString::from("-o"),
+            OsString::from(opts),
+            mnt.clone().into(),
+        ];
+        Self::fuse_args(bin, &args, &mnt, env)
+    }
+
+    /// Runs `bin ARGS...` (which must mount a FUSE filesystem at `mnt`, canonical path) and
+    /// waits (deadline) for it to exit 0 and for the mount to show in /proc/self/mountinfo.
+    pub fn fuse_args(
+        bin: &Path,
+        args: &[OsString],
+        mnt: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Mount, String> {
+        ensure_fusectl();
+        let mut cmd = Command::new(bin);
+        cmd.args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = run_command(&mut cmd, MOUNT_DEADLINE)?;
+        let is_fuse_mount = || mount_at(mnt).filter(|m| m.fstype.starts_with("fuse"));
+        if !out.status.success() {
+            // Whatever happened, don't leave a mount behind.
+            if let Some(m) = is_fuse_mount() {
+                let mut g = Mount::adopt(mnt, m.dev.1);
+                let _ = g.do_unmount();
+            }
+            return Err(format!(
+                "{} {:?} exited with {}: {}",
+                bin.display(),
+                args,
+                out.code(),
+                out.stderr.trim()
+            ));
+        }
+        if !poll_until(MOUNT_DEADLINE, || is_fuse_mount().is_some()) {
+            return Err(format!(
+                "{} exited 0 but no FUSE mount appeared at {} within {MOUNT_DEADLINE:?}; stderr: {}",
+                bin.display(),
+                mnt.display(),
+                out.stderr.trim()
+            ));
+        }
+        let info = is_fuse_mount().expect("mount is there");
+        let mut g = Mount::adopt(mnt, info.dev.1);
+        g.launcher_stderr = out.stderr;
+        Ok(g)
+    }
+
+    /// Takes charge of an existing FUSE mount at `mnt` (connection number `conn`).
+    pub fn adopt(mnt: &Path, conn: u32) -> Mount {
+        let pid = find_daemon_pid(mnt);
+        Mount {
+            mnt: mnt.to_path_buf(),
+            kind: Kind::Fuse,
+            conn: Some(conn),
+            pid,
+            mounted: true,
+            watchdog: Some(Watchdog::start(conn, mnt.to_path_buf())),
+            launcher_stderr: String::new(),
+        }
+    }
+
+    /// The merged view.
+    pub fn root(&self) -> &Path {
+        &self.mnt
+    }
+
+    /// True for a FUSE mount.
+    pub fn is_fuse(&self) -> bool {
+        self.kind == Kind::Fuse
+    }
+
+    /// PID of the FUSE daemon, when found.
+    pub fn daemon_pid(&self) -> Option<i32> {
+        self.pid
+    }
+
+    /// Unmounts and, for FUSE, waits for the daemon to exit (so the upper dir is final).
+    pub fn unmount(mut self) -> Result<(), String> {
+        let r = self.do_unmount();
+        let fired = self
+            .watchdog
+            .as_ref()
+            .is_some_and(|w| w.fired.load(Ordering::SeqCst));
+        if fired {
+            return Err(format!(
+                "watchdog aborted the FUSE connection of {} (hung filesystem)",
+                self.mnt.display()
+            ));
+        }
+        r
+    }
+
+    fn do_unmount(&mut self) -> Result<(), String> {
+        if !self.mounted {
+            return Ok(());
+        }
+        self.mounted = false;
+        let mut problems = Vec::new();
+        if self.kind == Kind::Kernel {
+            if let Err(e) = rustix::mount::unmount(&self.mnt, UnmountFlags::empty()) {
+                problems.push(format!("umount {}: {e}", self.mnt.display()));
+                let _ = rustix::mount::unmount(&self.mnt, UnmountFlags::DETACH);
+            }
+        } else {
+            let conn = self.conn.expect("fuse mount has a connection");
+            if let Err(e) = rustix::mount::unmount(&self.mnt, UnmountFlags::DETACH) {
+                problems.push(format!("umount -l {}: {e}", self.mnt.display()));
+            }
+            let gone = || match self.pid {
+                Some(pid) => !process_alive(pid),
+                None => !fuse_connection_exists(conn),
+            };
+            if !poll_until(MOUNT_DEADLINE, gone) {
+                problems.push(format!(
+                    "FUSE daemon (pid {:?}, connection {conn}) still running {MOUNT_DEADLINE:?} after unmount: aborted",
+                    self.pid
+                ));
+                abort_fuse_connection(conn);
+                if !poll_until(Duration::from_secs(2), gone) {
+                    if let Some(pid) = self.pid.and_then(rustix::process::Pid::from_raw) {
+                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                    }
+                }
+            }
+        }
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.stop.send(());
+            if w.fired.load(Ordering::SeqCst) {
+                // keep the flag visible to `unmount`
+                self.watchdog = Some(w);
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Err(e) = self.do_unmount() {
+            eprintln!("warning: {e}");
+        }
+    }
+}
+
+/// Runs `f` with a deadline of [`OP_DEADLINE`]; on a FUSE mount a hang is turned into a test
+/// failure (the watchdog or the guard's drop aborts the connection to free the stuck thread).
+pub fn timed<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    crate::env::with_deadline(OP_DEADLINE, what, f)
+}
