@@ -680,6 +680,9 @@ mod tests {
         assert_eq!(fuse_errno(Errno::XDEV), FErrno::from_i32(libc::EXDEV));
         assert_eq!(fuse_errno(Errno::PERM), FErrno::EPERM);
         assert_eq!(fuse_errno(Errno::ACCESS), FErrno::EACCES);
-        assert_eq!(fuse_errno(Errno::NOTEMPTY), FErrno::from_i32(libc::ENOTEMPTY));
+        assert_eq!(
+            fuse_errno(Errno::NOTEMPTY),
+            FErrno::from_i32(libc::ENOTEMPTY)
+        );
     }
 }

@@ -234,6 +234,49 @@ fn mount_plan(o: &OverlayOptions, source: &str, subtype: &str) -> MountPlan {
     }
 }
 
+/// Why an unprivileged mount may have failed: what is missing on this host.
+fn unprivileged_hint() -> String {
+    let mut missing = Vec::new();
+    if rustix::fs::access(
+        "/dev/fuse",
+        rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
+    )
+    .is_err()
+    {
+        missing.push("/dev/fuse is not readable and writable by this user".to_string());
+    }
+    let fm = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("fusermount3"))
+                .find(|p| p.exists())
+        })
+        .unwrap_or(None);
+    match fm {
+        None => missing.push(
+            "no fusermount3 on PATH (Debian/Ubuntu: apt install fuse3; RHEL: dnf install fuse3)"
+                .into(),
+        ),
+        Some(p) => {
+            use std::os::unix::fs::PermissionsExt;
+            let setuid = std::fs::metadata(&p)
+                .map(|m| m.permissions().mode() & 0o4000 != 0)
+                .unwrap_or(false);
+            if !setuid {
+                missing.push(format!("{} is not setuid root", p.display()));
+            }
+        }
+    }
+    if sys::geteuid() != 0 && !Path::new("/proc/self/uid_map").exists() {
+        missing.push("user namespaces are not available".into());
+    }
+    if missing.is_empty() {
+        "mount(2) was refused and fusermount3 failed".into()
+    } else {
+        format!("mount(2) was refused; {}", missing.join("; "))
+    }
+}
+
 /// mount(2) with type `fuse.NAME`; `None` when not permitted (then fusermount3 is tried).
 fn mount_direct(
     plan: &MountPlan,
@@ -406,7 +449,9 @@ fn run(
         match mount_direct(&plan, &source, prog, &cli.mountpoint) {
             Ok(Some(dev)) => fuser::Session::from_fd(fs, dev, acl, config),
             // Not privileged: fuser goes through the setuid fusermount3.
-            Ok(None) => fuser::Session::new(fs, &cli.mountpoint, &config),
+            Ok(None) => fuser::Session::new(fs, &cli.mountpoint, &config).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("{e} ({})", unprivileged_hint()))
+            }),
             Err(m) => return Err(fail(m, &notify)),
         }
     };
