@@ -58,6 +58,23 @@ pub const PROTO_7_27: InitFlags = InitFlags::FUSE_ASYNC_READ
     .union(InitFlags::FUSE_POSIX_ACL)
     .union(InitFlags::FUSE_ABORT_ERROR);
 
+/// Attributes sent with a negative entry (only the zero node id matters).
+const NEGATIVE: Attr = Attr {
+    ino: 0,
+    size: 0,
+    blocks: 0,
+    atime: (0, 0),
+    mtime: (0, 0),
+    ctime: (0, 0),
+    kind: Kind::File,
+    perm: 0,
+    nlink: 0,
+    uid: 0,
+    gid: 0,
+    rdev: 0,
+    blksize: 0,
+};
+
 pub struct OverlayFs {
     ov: Overlay,
     ttl: Duration,
@@ -204,10 +221,13 @@ impl Filesystem for OverlayFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _s = debug_span!("lookup", parent = parent.0, ?name).entered();
         match self.ov.lookup(parent.0, name) {
-            // A negative entry the kernel may cache.
+            // A negative entry the kernel may cache: layers below are immutable and this
+            // daemon is the only writer of the upper one.
             Err(Errno::NOENT) => {
                 trace!("ENOENT");
-                reply.error(FErrno::ENOENT)
+                let mut a = self.fattr(&NEGATIVE);
+                a.ino = INodeNo(0);
+                reply.entry(&self.ttl, &a, Generation(0))
             }
             r => self.entry(r, reply),
         }

@@ -1,6 +1,6 @@
 //! Directory listing: the layers of a directory merged into one view.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
@@ -17,50 +17,146 @@ pub struct DirEntry {
     pub kind: Kind,
 }
 
+/// What the merge knows of one name while walking the layers top-down.
+struct Merging {
+    name: OsString,
+    kind: Kind,
+    /// Inode number of the topmost entry.
+    top_ino: u64,
+    /// Directories: inode number of the topmost lower part, which lookup reports.
+    first_lower_dir: Option<u64>,
+    /// No lower layer can contribute any more (a non-directory, or an opaque directory).
+    closed: bool,
+}
+
 impl Overlay {
-    /// The names visible in a directory, in layer order (upper first), without `.`/`..`.
-    /// Whiteouts, `.wh.` files and opaque markers are dropped; an upper name hides the same
-    /// name below it.
-    pub(crate) fn merged_names(&self, st: &NodeState) -> Result<Vec<OsString>> {
-        let mut out = Vec::new();
-        let mut seen: HashSet<OsString> = HashSet::new();
+    /// The entries visible in a directory, in layer order (upper first), without `.`/`..`,
+    /// with the inode numbers lookup gives them. Whiteouts, `.wh.` files and opaque markers
+    /// are dropped; a name in a higher layer hides the same name below it.
+    pub(crate) fn merged_entries(&self, st: &NodeState) -> Result<Vec<DirEntry>> {
+        let mut out: Vec<Merging> = Vec::new();
+        let mut index: HashMap<OsString, usize> = HashMap::new();
         let mut hidden: HashSet<OsString> = HashSet::new();
-        let layers = st.upper.iter().chain(st.lowers.iter().map(|(_, fd)| fd));
-        for fd in layers {
+        let layers = st
+            .upper
+            .iter()
+            .map(|fd| (true, fd))
+            .chain(st.lowers.iter().map(|(_, fd)| (false, fd)));
+        for (is_upper, fd) in layers {
+            let dev = sys::fstat(fd.as_fd())?.st_dev;
             let mut this_hidden = Vec::new();
             let mut dir = sys::open_dir_stream(fd.as_fd())?;
             while let Some(ent) = dir.read() {
                 let ent = ent?;
-                let name = ent.file_name().to_bytes();
-                if name == b"." || name == b".." {
+                let raw = ent.file_name().to_bytes();
+                if raw == b"." || raw == b".." {
                     continue;
                 }
-                if let Some(rest) = name.strip_prefix(WH_PREFIX) {
+                if let Some(rest) = raw.strip_prefix(WH_PREFIX) {
                     if !rest.starts_with(WH_PREFIX) {
-                        this_hidden.push(OsStr::from_bytes(rest).to_os_string());
+                        let rest = OsStr::from_bytes(rest);
+                        // A whiteout also ends the merging of a directory seen above.
+                        if let Some(&i) = index.get(rest) {
+                            out[i].closed = true;
+                        }
+                        this_hidden.push(rest.to_os_string());
                     }
                     continue;
                 }
-                let name = OsStr::from_bytes(name);
-                if ent.file_type() == sys::FileType::CharacterDevice
-                    || ent.file_type() == sys::FileType::Unknown
-                {
-                    if let Ok(s) = sys::stat_at(fd.as_fd(), name) {
-                        if is_whiteout(&s) {
-                            this_hidden.push(name.to_os_string());
+                let name = OsStr::from_bytes(raw);
+                let mut ft = ent.file_type();
+                let mut real_ino = ent.ino();
+                if ft == sys::FileType::CharacterDevice || ft == sys::FileType::Unknown {
+                    let Ok(s) = sys::stat_at(fd.as_fd(), name) else {
+                        continue;
+                    };
+                    if is_whiteout(&s) {
+                        if let Some(&i) = index.get(name) {
+                            out[i].closed = true;
+                        }
+                        this_hidden.push(name.to_os_string());
+                        continue;
+                    }
+                    ft = sys::FileType::from_raw_mode(s.st_mode);
+                    real_ino = s.st_ino;
+                }
+                let kind = Kind::from_mode(ft.as_raw_mode());
+                let ino = self.map_dev_ino(dev, real_ino);
+                match index.get(name) {
+                    Some(&i) => {
+                        let m = &mut out[i];
+                        if m.closed || m.kind != Kind::Dir {
                             continue;
                         }
+                        if kind != Kind::Dir {
+                            m.closed = true;
+                        } else if m.first_lower_dir.is_none() {
+                            m.first_lower_dir = Some(ino);
+                            // Lookup reports the topmost lower part; nothing below matters.
+                            m.closed = true;
+                        }
+                    }
+                    None => {
+                        if hidden.contains(name) {
+                            continue;
+                        }
+                        let mut m = Merging {
+                            name: name.to_os_string(),
+                            kind,
+                            top_ino: ino,
+                            first_lower_dir: None,
+                            closed: kind != Kind::Dir,
+                        };
+                        if kind == Kind::Dir {
+                            if is_upper {
+                                // An opaque upper directory has no lower part.
+                                if let Ok(child) = sys::open_path_at(fd.as_fd(), name) {
+                                    m.closed = self.is_opaque(child.as_fd());
+                                }
+                            } else {
+                                m.first_lower_dir = Some(ino);
+                                m.closed = true;
+                            }
+                        } else if is_upper {
+                            // A copied-up file keeps its lower inode number.
+                            if let Ok(v) =
+                                sys::getxattr_at(fd.as_fd(), name, OsStr::new(super::ORIGIN_XATTR))
+                            {
+                                if let Some(n) =
+                                    std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok())
+                                {
+                                    m.top_ino = n;
+                                }
+                            }
+                        }
+                        index.insert(name.to_os_string(), out.len());
+                        out.push(m);
                     }
                 }
-                if seen.contains(name) || hidden.contains(name) {
-                    continue;
-                }
-                seen.insert(name.to_os_string());
-                out.push(name.to_os_string());
             }
             hidden.extend(this_hidden);
         }
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .map(|m| DirEntry {
+                ino: if m.kind == Kind::Dir {
+                    m.first_lower_dir.unwrap_or(m.top_ino)
+                } else {
+                    m.top_ino
+                },
+                name: m.name,
+                kind: m.kind,
+            })
+            .collect())
+    }
+
+    /// The names visible in a directory.
+    pub(crate) fn merged_names(&self, st: &NodeState) -> Result<Vec<OsString>> {
+        Ok(self
+            .merged_entries(st)?
+            .into_iter()
+            .map(|e| e.name)
+            .collect())
     }
 
     /// Is the merged directory empty?
@@ -90,16 +186,7 @@ impl Overlay {
             },
             kind: Kind::Dir,
         });
-        for name in self.merged_names(&st)? {
-            // The same resolution as lookup, so that d_ino equals st_ino.
-            if let Some(found) = self.resolve(&st, &name)? {
-                entries.push(DirEntry {
-                    name,
-                    ino: found.ino,
-                    kind: found.kind,
-                });
-            }
-        }
+        entries.extend(self.merged_entries(&st)?);
         Ok(self.add_handle(Handle::Dir { entries }))
     }
 

@@ -399,12 +399,18 @@ impl Overlay {
     }
 
     pub(crate) fn map_ino(&self, st: &Stat) -> u64 {
-        let mut ino = st.st_ino;
+        self.map_dev_ino(st.st_dev, st.st_ino)
+    }
+
+    /// The inode number shown for a real (device, inode): the real one when all layers share
+    /// a filesystem, else tagged with the layer filesystem's index in the high bits.
+    pub(crate) fn map_dev_ino(&self, dev: u64, real: u64) -> u64 {
+        let mut ino = real;
         if self.devs.len() > 1 {
             let idx = self
                 .devs
                 .iter()
-                .position(|d| *d == st.st_dev)
+                .position(|d| *d == dev)
                 .unwrap_or(self.devs.len());
             ino ^= (idx as u64) << 56;
         }
