@@ -8,10 +8,12 @@
 //! Layers here only use what kernel overlayfs understands (char 0/0 whiteouts and
 //! `trusted.overlay.opaque`); the `.wh.` formats are covered in `interop.rs`.
 
+use rustfuse_tests::env::scratch;
 use rustfuse_tests::layers::{Layer, Tree};
-use rustfuse_tests::ops::Op;
 use rustfuse_tests::ops::build::*;
-use rustfuse_tests::scenario::{Fs, Pair, Scenario};
+use rustfuse_tests::ops::{self, Op};
+use rustfuse_tests::scenario::{Fs, Pair, Scenario, snap};
+use rustfuse_tests::snapshot::Snapshot;
 
 /// Three lower layers exercising merging, whiteouts and opaque directories.
 fn base() -> Tree {
@@ -562,8 +564,6 @@ fn write_xattrs() {
             },
             setxattr("sparse", "user.top", "3"),
             setxattr("a", "trusted.mine", "t"),
-            setxattr("a", "trusted.overlay.opaque", "y"),
-            removexattr("o", "trusted.overlay.opaque"),
             listxattr("a"),
         ],
     );
@@ -697,11 +697,92 @@ fn write_open_unlink_and_rename() {
     );
 }
 
+// ---------------------------------------------------------------- compat-doc rules (not kernel)
+
+/// Mounts `base()` with the binary under test, runs `ops`, returns outcomes and the views before
+/// the ops and after a remount.
+fn under_test_only(name: &str, steps: &[Op]) -> Option<(Vec<ops::Outcome>, Snapshot, Snapshot)> {
+    if !rustfuse_tests::env::require_bin_under_test() {
+        return None;
+    }
+    let s = scratch(name);
+    let m = base().materialize(s.path()).expect("materialize");
+    let fs = Fs::under_test();
+    let g = fs.mount(&m).expect("mount");
+    let before = snap(g.root());
+    let out = ops::run(g.root(), steps);
+    g.unmount().expect("unmount");
+    let g = fs.mount(&m).expect("remount");
+    let after = snap(g.root());
+    g.unmount().expect("unmount");
+    Some((out, before, after))
+}
+
 #[test]
-fn write_names_starting_wh_refused_or_equal() {
-    // Kernel overlayfs accepts `.wh.` names; fuse-overlayfs refuses them (it would read them as
-    // whiteouts). Kept to document the difference; see the report.
-    check("wh-names", vec![create(".wh.foo"), mkdir(".wh..wh..opq")]);
+fn names_starting_wh_are_refused() {
+    // Kernel overlayfs accepts `.wh.` names; fuse-overlayfs-compatible layers would read them
+    // as whiteouts, so the compat notes say they are refused. fuse-overlayfs 1.10 refuses
+    // `.wh.foo` but accepts `mkdir .wh..wh..opq`, which makes the root opaque after a remount.
+    let ops = [
+        create(".wh.foo"),
+        mkdir(".wh..wh..opq"),
+        create("d/.wh.x"),
+        rename("a", ".wh.b"),
+        symlink("a", ".wh.s"),
+    ];
+    let Some((out, before, after)) = under_test_only("wh-names", &ops) else {
+        return;
+    };
+    let mut failures = Vec::new();
+    for (op, o) in ops.iter().zip(&out) {
+        if o.is_ok() {
+            failures.push(format!("{op:?} succeeded"));
+        }
+    }
+    for p in before.entries.keys() {
+        if !after.entries.contains_key(p) {
+            failures.push(format!("{p} disappeared after remount"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn internal_xattrs_hidden() {
+    // Compat notes: trusted.overlay.*, user.overlay.*, user.fuseoverlayfs.* are hidden:
+    // getxattr ENODATA, set/remove EPERM, not listed. (Kernel 6.7+ overlayfs instead escapes
+    // trusted.overlay.* for nested overlays, so this is not a differential case.)
+    let mut ops = Vec::new();
+    for name in [
+        "trusted.overlay.opaque",
+        "user.overlay.opaque",
+        "user.fuseoverlayfs.origin",
+    ] {
+        ops.push(getxattr("o", name));
+        ops.push(setxattr("a", name, "y"));
+        ops.push(removexattr("o", name));
+    }
+    ops.push(listxattr("o"));
+    ops.push(listxattr("a"));
+    let Some((out, _, after)) = under_test_only("internal-xattrs", &ops) else {
+        return;
+    };
+    let mut failures = Vec::new();
+    for (i, (op, o)) in ops.iter().zip(&out).enumerate() {
+        let want: Result<&str, &str> = match (i % 3, i >= 9) {
+            (_, true) => Ok(""),
+            (0, _) => Err("ENODATA"),
+            _ => Err("EPERM"),
+        };
+        let got = o.as_ref().map(String::as_str).map_err(String::as_str);
+        if got != want {
+            failures.push(format!("{op:?}: got {}, want {want:?}", ops::show(o)));
+        }
+    }
+    if after.entries.contains_key("o/old") {
+        failures.push("o lost its opaque marker".into());
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 // ---------------------------------------------------------------- inode numbers
