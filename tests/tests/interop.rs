@@ -351,6 +351,12 @@ fn override_stat_written_and_read_back() {
         let r = mount(&reader, &m.stack, &m.mnt, &["xattr_permissions=2"], false);
         let got = snap(r.root());
         r.unmount().expect("unmount");
+        if !got.problems.is_empty() {
+            failures.push(format!(
+                "written by {}, read by {}: reader errors: {:?}",
+                writer.name, reader.name, got.problems
+            ));
+        }
         let d = diff(&written, writer.name, &got, reader.name);
         if !d.is_empty() {
             failures.push(format!(
