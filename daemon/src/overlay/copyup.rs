@@ -7,7 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use super::node::Node;
-use super::{Errno, Kind, ORIGIN_XATTR, Overlay, Result, is_internal_xattr};
+use super::{Errno, Kind, ORIGIN_XATTR, ORIGIN_XATTR_TRUSTED, Overlay, Result, is_internal_xattr};
 use crate::sys::{self, OFlags, RenameFlags, Timespec};
 
 impl Overlay {
@@ -40,16 +40,16 @@ impl Overlay {
         }
         if st.kind != Kind::Dir {
             // The copy keeps the inode number the file had below.
-            let _ = sys::setxattr_at(
-                w,
-                &tmp,
-                OsStr::new(ORIGIN_XATTR),
-                node.ino.to_string().as_bytes(),
-            );
+            self.set_origin(w, &tmp, node.ino);
         }
+        // A copy-up is not a change of the parent directory: keep its times.
+        let ptimes = sys::fstat(pu.as_fd()).ok();
         if let Err(e) = sys::rename_at(w, &tmp, pu.as_fd(), &st.name, RenameFlags::NOREPLACE) {
             let _ = remove_any(w, &tmp, st.kind);
             return Err(e);
+        }
+        if let Some(p) = ptimes {
+            let _ = sys::futimens(pu.as_fd(), atime_of(&p), mtime_of(&p));
         }
         let ufd = Arc::new(sys::open_path_at(pu.as_fd(), &st.name)?);
         let ust = sys::fstat(ufd.as_fd())?;
@@ -105,16 +105,17 @@ impl Overlay {
             sys::fchmod(fd.as_fd(), mode)?;
         }
         self.copy_xattrs(src, fd.as_fd(), kind)?;
-        let at = Timespec {
-            tv_sec: stat.st_atime,
-            tv_nsec: stat.st_atime_nsec as _,
-        };
-        let mt = Timespec {
-            tv_sec: stat.st_mtime,
-            tv_nsec: stat.st_mtime_nsec as _,
-        };
-        sys::utimens_at(work, tmp, at, mt)?;
+        sys::utimens_at(work, tmp, atime_of(stat), mtime_of(stat))?;
         Ok(())
+    }
+
+    /// Record the inode number a copied-up file shows: in `trusted.` where permitted (it
+    /// works on symlinks too), else in `user.`.
+    fn set_origin(&self, dir: BorrowedFd<'_>, name: &OsStr, ino: u64) {
+        let v = ino.to_string();
+        if sys::setxattr_at(dir, name, OsStr::new(ORIGIN_XATTR_TRUSTED), v.as_bytes()).is_err() {
+            let _ = sys::setxattr_at(dir, name, OsStr::new(ORIGIN_XATTR), v.as_bytes());
+        }
     }
 
     /// Copy every xattr but the overlay's own markers; tolerate what the upper can't hold.
@@ -210,6 +211,20 @@ pub(crate) fn copy_data(input: BorrowedFd<'_>, out: BorrowedFd<'_>, len: u64) ->
     // A trailing hole: set the size.
     sys::ftruncate(out, len)?;
     Ok(())
+}
+
+pub(crate) fn atime_of(st: &sys::Stat) -> Timespec {
+    Timespec {
+        tv_sec: st.st_atime,
+        tv_nsec: st.st_atime_nsec as _,
+    }
+}
+
+pub(crate) fn mtime_of(st: &sys::Stat) -> Timespec {
+    Timespec {
+        tv_sec: st.st_mtime,
+        tv_nsec: st.st_mtime_nsec as _,
+    }
 }
 
 pub(crate) fn remove_any(dir: BorrowedFd<'_>, name: &OsStr, kind: Kind) -> Result<()> {

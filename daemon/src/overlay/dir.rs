@@ -33,7 +33,7 @@ impl Overlay {
     /// The entries visible in a directory, in layer order (upper first), without `.`/`..`,
     /// with the inode numbers lookup gives them. Whiteouts, `.wh.` files and opaque markers
     /// are dropped; a name in a higher layer hides the same name below it.
-    pub(crate) fn merged_entries(&self, st: &NodeState) -> Result<Vec<DirEntry>> {
+    pub(crate) fn merged_entries(&self, dir_ino: u64, st: &NodeState) -> Result<Vec<DirEntry>> {
         let mut out: Vec<Merging> = Vec::new();
         let mut index: HashMap<OsString, usize> = HashMap::new();
         let mut hidden: HashSet<OsString> = HashSet::new();
@@ -81,7 +81,17 @@ impl Overlay {
                     real_ino = s.st_ino;
                 }
                 let kind = Kind::from_mode(ft.as_raw_mode());
-                let ino = self.map_dev_ino(dev, real_ino);
+                let mut ino = self.map_dev_ino(dev, real_ino);
+                if !is_upper
+                    && kind != Kind::Dir
+                    && !index.contains_key(name)
+                    && !hidden.contains(name)
+                {
+                    // Lower hard links get a number per name: lookup's rule needs the count.
+                    if let Ok(s) = sys::stat_at(fd.as_fd(), name) {
+                        ino = self.lower_file_ino(&s, dir_ino, name);
+                    }
+                }
                 match index.get(name) {
                     Some(&i) => {
                         let m = &mut out[i];
@@ -119,13 +129,14 @@ impl Overlay {
                             }
                         } else if is_upper {
                             // A copied-up file keeps its lower inode number.
-                            if let Ok(v) =
-                                sys::getxattr_at(fd.as_fd(), name, OsStr::new(super::ORIGIN_XATTR))
-                            {
-                                if let Some(n) =
-                                    std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok())
-                                {
-                                    m.top_ino = n;
+                            for x in [super::ORIGIN_XATTR_TRUSTED, super::ORIGIN_XATTR] {
+                                if let Ok(v) = sys::getxattr_at(fd.as_fd(), name, OsStr::new(x)) {
+                                    if let Some(n) =
+                                        std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok())
+                                    {
+                                        m.top_ino = n;
+                                        break;
+                                    }
                                 }
                             }
                         }
@@ -153,7 +164,7 @@ impl Overlay {
     /// The names visible in a directory.
     pub(crate) fn merged_names(&self, st: &NodeState) -> Result<Vec<OsString>> {
         Ok(self
-            .merged_entries(st)?
+            .merged_entries(0, st)?
             .into_iter()
             .map(|e| e.name)
             .collect())
@@ -186,7 +197,7 @@ impl Overlay {
             },
             kind: Kind::Dir,
         });
-        entries.extend(self.merged_entries(&st)?);
+        entries.extend(self.merged_entries(ino, &st)?);
         Ok(self.add_handle(Handle::Dir { entries }))
     }
 

@@ -151,6 +151,7 @@ pub(crate) fn is_internal_xattr(name: &[u8], perms: XattrPermissions) -> bool {
         || name.starts_with(b"trusted.overlay.")
         || name.starts_with(b"user.overlay.")
         || name.starts_with(b"user.rustfuse.")
+        || name.starts_with(b"trusted.rustfuse.")
         || (perms == XattrPermissions::User
             && (name.starts_with(b"user.containers.override_stat")
                 || name.starts_with(b"user.containers.override_security.")))
@@ -158,6 +159,7 @@ pub(crate) fn is_internal_xattr(name: &[u8], perms: XattrPermissions) -> bool {
 }
 
 pub(crate) const ORIGIN_XATTR: &str = "user.rustfuse.origin";
+pub(crate) const ORIGIN_XATTR_TRUSTED: &str = "trusted.rustfuse.origin";
 pub(crate) const OPAQUE_XATTRS: [&str; 3] = [
     "trusted.overlay.opaque",
     "user.overlay.opaque",
@@ -421,7 +423,12 @@ impl Overlay {
     }
 
     /// Look `name` up across the layers under `parent` without touching the node table.
-    pub(crate) fn resolve(&self, parent: &NodeState, name: &OsStr) -> Result<Option<Found>> {
+    pub(crate) fn resolve(
+        &self,
+        parent_ino: u64,
+        parent: &NodeState,
+        name: &OsStr,
+    ) -> Result<Option<Found>> {
         if name.as_bytes().starts_with(WH_PREFIX) {
             return Ok(None);
         }
@@ -488,7 +495,7 @@ impl Overlay {
                                 kind: k,
                                 upper: None,
                                 lowers,
-                                ino: self.map_ino(&st),
+                                ino: self.lower_file_ino(&st, parent_ino, name),
                                 top: st,
                             }));
                         }
@@ -535,12 +542,30 @@ impl Overlay {
 
     /// An upper file keeps the inode number of the lower file it was copied up from.
     fn upper_file_ino(&self, fd: BorrowedFd<'_>, st: &Stat) -> u64 {
-        if let Ok(v) = sys::fgetxattr(fd, OsStr::new(ORIGIN_XATTR)) {
-            if let Some(ino) = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()) {
-                return ino;
+        for x in [ORIGIN_XATTR_TRUSTED, ORIGIN_XATTR] {
+            if let Ok(v) = sys::fgetxattr(fd, OsStr::new(x)) {
+                if let Some(ino) = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()) {
+                    return ino;
+                }
             }
         }
         self.map_ino(st)
+    }
+
+    /// The inode number of a lower non-directory. A file with several hard links below gets
+    /// a number of its own per name (derived from the parent's number and the name, so it is
+    /// the same after a remount): copy-up breaks lower hard links, as kernel overlayfs does
+    /// without its index, and each name must be its own inode for that.
+    pub(crate) fn lower_file_ino(&self, st: &Stat, parent: u64, name: &OsStr) -> u64 {
+        if st.st_nlink <= 1 {
+            return self.map_ino(st);
+        }
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ parent;
+        for b in name.as_bytes().iter().chain(&st.st_ino.to_le_bytes()) {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h | (1 << 62)
     }
 
     /// Is the name visible in some lower layer under `parent` (so removing or renaming the
@@ -668,7 +693,7 @@ impl Overlay {
         if ps.kind != Kind::Dir {
             return Err(Errno::NOTDIR);
         }
-        let found = self.resolve(&ps, name)?.ok_or(Errno::NOENT)?;
+        let found = self.resolve(parent, &ps, name)?.ok_or(Errno::NOENT)?;
         let (node, stat) = self.intern(found, parent, name, true);
         let st = node.state();
         Ok(self.attr_of(&node, &st, &stat))

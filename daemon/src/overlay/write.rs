@@ -238,7 +238,7 @@ impl Overlay {
         if ps.kind != Kind::Dir {
             return Err(Errno::NOTDIR);
         }
-        if self.resolve(&ps, name)?.is_some() {
+        if self.resolve(parent, &ps, name)?.is_some() {
             return Err(Errno::EXIST);
         }
         let pu = self.copy_up(&p, false)?;
@@ -367,7 +367,7 @@ impl Overlay {
         self.writable()?;
         let p = self.node(parent)?;
         let ps = p.state();
-        let found = self.resolve(&ps, name)?.ok_or(Errno::NOENT)?;
+        let found = self.resolve(parent, &ps, name)?.ok_or(Errno::NOENT)?;
         if found.kind == Kind::Dir {
             return Err(Errno::ISDIR);
         }
@@ -433,7 +433,7 @@ impl Overlay {
         self.writable()?;
         let p = self.node(parent)?;
         let ps = p.state();
-        let found = self.resolve(&ps, name)?.ok_or(Errno::NOENT)?;
+        let found = self.resolve(parent, &ps, name)?.ok_or(Errno::NOENT)?;
         if found.kind != Kind::Dir {
             return Err(Errno::NOTDIR);
         }
@@ -492,8 +492,8 @@ impl Overlay {
         if nps.kind != Kind::Dir {
             return Err(Errno::NOTDIR);
         }
-        let src = self.resolve(&ps, name)?.ok_or(Errno::NOENT)?;
-        let dst = self.resolve(&nps, newname)?;
+        let src = self.resolve(parent, &ps, name)?.ok_or(Errno::NOENT)?;
+        let dst = self.resolve(newparent, &nps, newname)?;
         if exchange && dst.is_none() {
             return Err(Errno::NOENT);
         }
