@@ -1,1 +1,190 @@
-fn main() {}
+//! `rustfuse-snapshotter`: containerd's snapshots service on a unix socket.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use rustfuse_snapshotter::config;
+use rustfuse_snapshotter::mode::{self, ModeChoice};
+use rustfuse_snapshotter::mounts::MountMode;
+use rustfuse_snapshotter::service::Service;
+use rustfuse_snapshotter::snapshotter::Snapshotter;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rustfuse-snapshotter",
+    version,
+    about = "containerd snapshots service over kernel overlayfs or rustfuse",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the snapshots API (the default).
+    Serve(ServeArgs),
+    /// Report what the machine offers and which mount mode would be used, then exit.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct ServeArgs {
+    /// Unix socket to listen on [default: /run/rustfuse/rustfuse.sock as root,
+    /// $XDG_RUNTIME_DIR/rustfuse/rustfuse.sock rootless].
+    #[arg(long, value_name = "SOCK")]
+    address: Option<PathBuf>,
+    /// Root directory for metadata and snapshots [default: /var/lib/rustfuse as root,
+    /// ~/.local/share/rustfuse rootless].
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// How snapshots with parents are mounted.
+    #[arg(long, value_enum, default_value_t = ModeChoice::Auto)]
+    mode: ModeChoice,
+    /// Group allowed to use the socket (mode 0660 instead of 0600).
+    #[arg(long, value_name = "GID")]
+    group: Option<u32>,
+    /// Log level or tracing filter (e.g. debug, rustfuse_snapshotter=trace).
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Args, Debug)]
+struct DoctorArgs {
+    /// Root directory to examine (trial mounts happen in it).
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// The --mode to evaluate.
+    #[arg(long, value_enum, default_value_t = ModeChoice::Auto)]
+    mode: ModeChoice,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Doctor(d)) => doctor(d),
+        Some(Command::Serve(s)) => serve(s),
+        None => serve(cli.serve),
+    }
+}
+
+fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
+    let root = args.root.unwrap_or_else(|| config::defaults().root);
+    std::fs::create_dir_all(&root).with_context(|| format!("create root {}", root.display()))?;
+    let findings = mode::probe(&root);
+    print!("{}", mode::report(&root, &findings, args.mode));
+    Ok(())
+}
+
+fn init_tracing(level: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .with_context(|| format!("bad --log-level {level:?}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}
+
+fn choose_mode(root: &Path, choice: ModeChoice) -> anyhow::Result<MountMode> {
+    if choice == ModeChoice::Fuse {
+        return Ok(MountMode::Fuse {
+            program: mode::FUSE_PROGRAM.to_string(),
+        });
+    }
+    let findings = mode::probe(root);
+    for t in &findings.trials {
+        tracing::debug!(options = %t.options, result = ?t.result, "trial overlay mount");
+    }
+    let (m, why) = mode::choose(choice, &findings)?;
+    tracing::info!(mode = m.name(), reason = %why, "mount mode chosen");
+    Ok(m)
+}
+
+/// Bind the socket: refuse if a live server answers on it, replace a stale one.
+fn bind(address: &Path, group: Option<u32>) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    if let Some(dir) = address.parent() {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("create socket directory {}", dir.display()))?;
+            let mode = if group.is_some() { 0o711 } else { 0o700 };
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("chmod {}", dir.display()))?;
+        }
+    }
+    if address.exists() {
+        if std::os::unix::net::UnixStream::connect(address).is_ok() {
+            bail!("{} is in use by a running server", address.display());
+        }
+        std::fs::remove_file(address)
+            .with_context(|| format!("remove stale socket {}", address.display()))?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(address)
+        .with_context(|| format!("listen on {}", address.display()))?;
+    let mode = match group {
+        Some(gid) => {
+            std::os::unix::fs::chown(address, None, Some(gid))
+                .with_context(|| format!("chown {} to group {gid}", address.display()))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(address, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", address.display()))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_tracing(&args.log_level)?;
+    let defaults = config::defaults();
+    let root = args.root.clone().unwrap_or(defaults.root);
+    let address = args.address.clone().unwrap_or(defaults.address);
+    std::fs::create_dir_all(&root).with_context(|| format!("create root {}", root.display()))?;
+    let mount_mode = choose_mode(&root, args.mode)?;
+    let snapshotter = Snapshotter::open(&root, mount_mode)
+        .with_context(|| format!("open snapshotter root {}", root.display()))?;
+    let snapshotter = Arc::new(snapshotter);
+    let listener = bind(&address, args.group)?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    tracing::info!(address = %address.display(), root = %root.display(), "serving");
+    let result = rt.block_on(async {
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        tonic::transport::Server::builder()
+            .add_service(Service::new(snapshotter.clone()).into_server())
+            .serve_with_incoming_shutdown(incoming, shutdown_signal())
+            .await
+            .context("serve")
+    });
+    let _ = std::fs::remove_file(&address);
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    drop(snapshotter);
+    tracing::info!("stopped");
+    result
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+}

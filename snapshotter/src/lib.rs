@@ -1,0 +1,23 @@
+//! rustfuse-snapshotter: containerd's snapshots API v1 over kernel overlayfs or rustfuse.
+//!
+//! - [`api`]: wire types (our own protos, compiled with protox + tonic-prost-build).
+//! - [`store`]: the redb metadata store (keys live only there; disk uses numeric ids).
+//! - [`snapshotter`]: the semantics of the ten RPCs, synchronous, no gRPC types beyond Mount.
+//! - [`service`]: the tonic service: a span per call, blocking work off the runtime.
+//! - [`filter`], [`labels`]: pure parsers and rules.
+//! - [`mounts`], [`mode`], [`usage`]: mount specs, mode detection (doctor), disk usage.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod filter;
+pub mod labels;
+pub mod mode;
+pub mod mounts;
+pub mod service;
+pub mod snapshotter;
+pub mod store;
+pub mod usage;
+
+pub use error::{Error, Result};

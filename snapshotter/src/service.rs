@@ -1,0 +1,225 @@
+//! The tonic service: decode, run the snapshotter off the async runtime, encode. One
+//! tracing span per call with the method and key; errors go through [`Error`]'s one status map.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::api::snapshots as pb;
+use crate::api::snapshots::snapshots_server::{Snapshots, SnapshotsServer};
+use crate::error::Error;
+use crate::snapshotter::Snapshotter;
+
+/// List answers in batches of this many.
+const LIST_BATCH: usize = 100;
+
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Snapshotter>,
+}
+
+impl Service {
+    pub fn new(inner: Arc<Snapshotter>) -> Self {
+        Service { inner }
+    }
+
+    pub fn into_server(self) -> SnapshotsServer<Service> {
+        SnapshotsServer::new(self)
+    }
+
+    /// Run `f` on the blocking pool inside a span for `method` and `key`.
+    async fn call<T, F>(
+        &self,
+        method: &'static str,
+        key: &str,
+        ns: Option<String>,
+        f: F,
+    ) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Snapshotter) -> Result<T, Error> + Send + 'static,
+    {
+        let span = tracing::info_span!("grpc", method, key, ns = ns.as_deref().unwrap_or(""));
+        let inner = self.inner.clone();
+        let blocking_span = span.clone();
+        async move {
+            let res = tokio::task::spawn_blocking(move || {
+                let _e = blocking_span.enter();
+                f(&inner)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("{method}: worker failed: {e}")))?;
+            match res {
+                Ok(v) => {
+                    tracing::debug!("ok");
+                    Ok(v)
+                }
+                Err(e) => {
+                    if e.is_caller_error() {
+                        tracing::debug!(error = %e, "rejected");
+                    } else {
+                        tracing::error!(error = %e, "failed");
+                    }
+                    Err(e.into())
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+fn namespace<T>(r: &Request<T>) -> Option<String> {
+    r.metadata()
+        .get("containerd-namespace")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+type ListStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ListSnapshotsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Snapshots for Service {
+    async fn prepare(
+        &self,
+        request: Request<pb::PrepareSnapshotRequest>,
+    ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
+        let ns = namespace(&request);
+        let r = request.into_inner();
+        let key = r.key.clone();
+        let mounts = self
+            .call("Prepare", &key, ns, move |s| {
+                s.prepare(&r.key, &r.parent, r.labels)
+            })
+            .await?;
+        Ok(Response::new(pb::PrepareSnapshotResponse { mounts }))
+    }
+
+    async fn view(
+        &self,
+        request: Request<pb::ViewSnapshotRequest>,
+    ) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
+        let ns = namespace(&request);
+        let r = request.into_inner();
+        let key = r.key.clone();
+        let mounts = self
+            .call("View", &key, ns, move |s| {
+                s.view(&r.key, &r.parent, r.labels)
+            })
+            .await?;
+        Ok(Response::new(pb::ViewSnapshotResponse { mounts }))
+    }
+
+    async fn mounts(
+        &self,
+        request: Request<pb::MountsRequest>,
+    ) -> Result<Response<pb::MountsResponse>, Status> {
+        let ns = namespace(&request);
+        let r = request.into_inner();
+        let key = r.key.clone();
+        let mounts = self
+            .call("Mounts", &key, ns, move |s| s.mounts(&r.key))
+            .await?;
+        Ok(Response::new(pb::MountsResponse { mounts }))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitSnapshotRequest>,
+    ) -> Result<Response<()>, Status> {
+        let ns = namespace(&request);
+        let r = request.into_inner();
+        let key = r.key.clone();
+        self.call("Commit", &key, ns, move |s| {
+            s.commit(&r.name, &r.key, r.labels)
+        })
+        .await?;
+        Ok(Response::new(()))
+    }
+
+    async fn remove(
+        &self,
+        request: Request<pb::RemoveSnapshotRequest>,
+    ) -> Result<Response<()>, Status> {
+        let ns = namespace(&request);
+        let r = request.into_inner();
+        let key = r.key.clone();
+        self.call("Remove", &key, ns, move |s| s.remove(&r.key))
+            .await?;
+        Ok(Response::new(()))
+    }
+
+    async fn stat(
+        &self,
+        request: Request<pb::StatSnapshotRequest>,
+    ) -> Result<Response<pb::StatSnapshotResponse>, Status> {
+        let ns = namespace(&request);
+        let r = request.into_inner();
+        let key = r.key.clone();
+        let info = self.call("Stat", &key, ns, move |s| s.stat(&r.key)).await?;
+        Ok(Response::new(pb::StatSnapshotResponse { info: Some(info) }))
+    }
+
+    async fn update(
+        &self,
+        request: Request<pb::UpdateSnapshotRequest>,
+    ) -> Result<Response<pb::UpdateSnapshotResponse>, Status> {
+        let ns = namespace(&request);
+        let r = request.into_inner();
+        let Some(info) = r.info else {
+            return Err(Error::InvalidArgument("update: info is required".into()).into());
+        };
+        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        let key = info.name.clone();
+        let info = self
+            .call("Update", &key, ns, move |s| s.update(&info, &paths))
+            .await?;
+        Ok(Response::new(pb::UpdateSnapshotResponse {
+            info: Some(info),
+        }))
+    }
+
+    type ListStream = ListStream;
+
+    async fn list(
+        &self,
+        request: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        let ns = namespace(&request);
+        let r = request.into_inner();
+        let infos = self
+            .call("List", "", ns, move |s| s.list(&r.filters))
+            .await?;
+        let batches: Vec<Result<pb::ListSnapshotsResponse, Status>> = infos
+            .chunks(LIST_BATCH)
+            .map(|c| Ok(pb::ListSnapshotsResponse { info: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+    }
+
+    async fn usage(
+        &self,
+        request: Request<pb::UsageRequest>,
+    ) -> Result<Response<pb::UsageResponse>, Status> {
+        let ns = namespace(&request);
+        let r = request.into_inner();
+        let key = r.key.clone();
+        let u = self
+            .call("Usage", &key, ns, move |s| s.usage(&r.key))
+            .await?;
+        Ok(Response::new(pb::UsageResponse {
+            size: u.size,
+            inodes: u.inodes,
+        }))
+    }
+
+    async fn cleanup(&self, request: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
+        let ns = namespace(&request);
+        self.call("Cleanup", "", ns, |s| s.cleanup().map(|_| ()))
+            .await?;
+        Ok(Response::new(()))
+    }
+}

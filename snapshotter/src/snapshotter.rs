@@ -1,0 +1,459 @@
+//! The semantics of the snapshots API: synchronous, over the metadata store and the
+//! snapshot directories. The gRPC layer ([`crate::service`]) only translates.
+//!
+//! Layout of the root (0700): `metadata.redb`, and `snapshots/` (0700) holding one
+//! directory per snapshot named by its numeric id, with `fs/` (0755; the upper directory,
+//! or the layer once committed) and `work/` (0711, Active only). A snapshot is built under
+//! `snapshots/new-*` and renamed into place inside the store transaction that records it;
+//! a removed one is renamed to `snapshots/rm-<id>` and deleted. Anything left over after a
+//! crash is unreferenced and goes at the next Cleanup.
+
+use std::collections::HashMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::api::Mount;
+use crate::api::snapshots as pb;
+use crate::error::{Error, Result};
+use crate::filter::{self, Adaptor};
+use crate::labels;
+use crate::mounts::{self, MountMode};
+use crate::store::{Kind, NewSnapshot, Record, Store};
+use crate::usage::{Usage, disk_usage};
+
+pub struct Snapshotter {
+    root: PathBuf,
+    snapshots: PathBuf,
+    store: Store,
+    mode: MountMode,
+    /// Creating snapshots holds it shared; Cleanup holds it exclusive, so it never deletes
+    /// a directory that is being built.
+    dirs: RwLock<()>,
+    tmp_counter: AtomicU64,
+}
+
+fn mkdir_mode(path: &Path, mode: u32) -> Result<()> {
+    match std::fs::create_dir(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {}
+        Err(e) => return Err(Error::io("create directory", path, e)),
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io("chmod", path, e))
+}
+
+/// Drop labels with empty values, as containerd's stores do.
+fn normalize(mut labels: HashMap<String, String>) -> HashMap<String, String> {
+    labels.retain(|_, v| !v.is_empty());
+    labels
+}
+
+/// The containerd filter fields of a snapshot.
+struct InfoAdaptor<'a> {
+    name: &'a str,
+    rec: &'a Record,
+}
+
+impl Adaptor for InfoAdaptor<'_> {
+    fn field(&self, path: &[String]) -> Option<String> {
+        match path.first()?.as_str() {
+            "kind" => Some(self.rec.kind().as_str().to_string()),
+            "name" => Some(self.name.to_string()),
+            "parent" => Some(self.rec.parent.clone()),
+            "labels" => {
+                if self.rec.labels.is_empty() {
+                    return None;
+                }
+                self.rec.labels.get(&path[1..].join(".")).cloned()
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The wire Info of snapshot `name`.
+pub fn info(name: &str, rec: &Record) -> pb::Info {
+    let kind = match rec.kind() {
+        Kind::View => pb::Kind::View,
+        Kind::Active => pb::Kind::Active,
+        Kind::Committed => pb::Kind::Committed,
+    };
+    pb::Info {
+        name: name.to_string(),
+        parent: rec.parent.clone(),
+        kind: kind as i32,
+        created_at: rec.created,
+        updated_at: rec.updated,
+        labels: rec.labels.clone(),
+    }
+}
+
+impl Snapshotter {
+    /// Open the snapshotter rooted at `root`, creating it if needed.
+    pub fn open(root: &Path, mode: MountMode) -> Result<Snapshotter> {
+        std::fs::create_dir_all(root).map_err(|e| Error::io("create directory", root, e))?;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io("chmod", root, e))?;
+        let snapshots = root.join("snapshots");
+        mkdir_mode(&snapshots, 0o700)?;
+        let store = Store::open(&root.join("metadata.redb"))?;
+        Ok(Snapshotter {
+            root: root.to_path_buf(),
+            snapshots,
+            store,
+            mode,
+            dirs: RwLock::new(()),
+            tmp_counter: AtomicU64::new(0),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn mode(&self) -> &MountMode {
+        &self.mode
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn fs_dir(&self, id: u64) -> PathBuf {
+        mounts::snapshot_dir(&self.snapshots, id).join("fs")
+    }
+
+    pub fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        self.create(Kind::Active, key, parent, labels)
+    }
+
+    pub fn view(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        self.create(Kind::View, key, parent, labels)
+    }
+
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument(
+                "snapshot key must not be empty".into(),
+            ));
+        }
+        labels::validate(key, &labels)?;
+        let _shared = self.dirs.read().unwrap_or_else(|e| e.into_inner());
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .snapshots
+            .join(format!("new-{}-{n}", std::process::id()));
+        let built = (|| {
+            mkdir_mode(&tmp, 0o700)?;
+            mkdir_mode(&tmp.join("fs"), 0o755)?;
+            if kind == Kind::Active {
+                mkdir_mode(&tmp.join("work"), 0o711)?;
+            }
+            Ok(())
+        })();
+        let result = built.and_then(|()| {
+            self.store.create(
+                NewSnapshot {
+                    key,
+                    parent,
+                    kind,
+                    labels: normalize(labels),
+                },
+                |rec| {
+                    if let Some(pid) = rec.parent_ids.first() {
+                        let pfs = self.fs_dir(*pid);
+                        let md = std::fs::metadata(&pfs).map_err(|e| Error::io("stat", &pfs, e))?;
+                        let fs = tmp.join("fs");
+                        std::os::unix::fs::chown(&fs, Some(md.uid()), Some(md.gid()))
+                            .map_err(|e| Error::io("chown", &fs, e))?;
+                    }
+                    let dst = mounts::snapshot_dir(&self.snapshots, rec.id);
+                    std::fs::rename(&tmp, &dst).map_err(|e| Error::io("rename into place", &dst, e))
+                },
+            )
+        });
+        match result {
+            Ok(rec) => Ok(mounts::mounts(&self.mode, &self.snapshots, &rec)),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let rec = self.store.must_get(key)?;
+        if rec.kind() == Kind::Committed {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is committed: it has no mounts"
+            )));
+        }
+        Ok(mounts::mounts(&self.mode, &self.snapshots, &rec))
+    }
+
+    pub fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "committing {key:?}: name must not be empty"
+            )));
+        }
+        labels::validate(name, &labels)?;
+        let rec = self.store.must_get(key)?;
+        if rec.kind() != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is {}, only an active snapshot can be committed",
+                rec.kind().as_str()
+            )));
+        }
+        if self.store.get(name)?.is_some() {
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {name:?} already exists (committing {key:?})"
+            )));
+        }
+        let usage = disk_usage(&self.fs_dir(rec.id))?;
+        self.store.commit(
+            name,
+            key,
+            normalize(labels),
+            (usage.size, usage.inodes),
+            rec.id,
+        )?;
+        Ok(())
+    }
+
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let rec = self.store.remove(key)?;
+        let dir = mounts::snapshot_dir(&self.snapshots, rec.id);
+        let doomed = self.snapshots.join(format!("rm-{}", rec.id));
+        // The key is free now; the directory goes now if it can, else at Cleanup.
+        let gone = std::fs::rename(&dir, &doomed).and_then(|()| std::fs::remove_dir_all(&doomed));
+        if let Err(e) = gone {
+            tracing::warn!(key, id = rec.id, error = %e, "removing snapshot directory failed; Cleanup will retry");
+        }
+        Ok(())
+    }
+
+    pub fn stat(&self, key: &str) -> Result<pb::Info> {
+        Ok(info(key, &self.store.must_get(key)?))
+    }
+
+    /// Update the labels of `new.name` following the field paths (see module docs of the
+    /// API notes): none → replace all; `labels` → replace all; `labels.K` → set or delete K.
+    pub fn update(&self, new: &pb::Info, paths: &[String]) -> Result<pb::Info> {
+        let key = new.name.as_str();
+        for p in paths {
+            if p != "labels" && !p.starts_with("labels.") {
+                return Err(Error::InvalidArgument(format!(
+                    "cannot update {p:?} field on snapshot {key:?}: only labels are mutable"
+                )));
+            }
+        }
+        let rec = self.store.update_labels(key, |old| {
+            let mut labels = old.clone();
+            if paths.is_empty() {
+                labels = new.labels.clone();
+            }
+            for p in paths {
+                if p == "labels" {
+                    labels = new.labels.clone();
+                } else if let Some(k) = p.strip_prefix("labels.") {
+                    match new.labels.get(k) {
+                        Some(v) => labels.insert(k.to_string(), v.clone()),
+                        None => labels.remove(k),
+                    };
+                }
+            }
+            let labels = normalize(labels);
+            labels::validate(key, &labels)?;
+            Ok(labels)
+        })?;
+        Ok(info(key, &rec))
+    }
+
+    /// Snapshots matching any of `filters` (containerd filter syntax).
+    pub fn list(&self, filters: &[String]) -> Result<Vec<pb::Info>> {
+        let f = filter::parse_all(filters).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        Ok(self
+            .store
+            .list()?
+            .into_iter()
+            .filter(|(name, rec)| f.matches(&InfoAdaptor { name, rec }))
+            .map(|(name, rec)| info(&name, &rec))
+            .collect())
+    }
+
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        let rec = self.store.must_get(key)?;
+        if rec.kind() == Kind::Active {
+            disk_usage(&self.fs_dir(rec.id))
+        } else {
+            Ok(Usage {
+                size: rec.size,
+                inodes: rec.inodes,
+            })
+        }
+    }
+
+    /// Delete every directory under `snapshots/` that no snapshot references. Returns how
+    /// many were removed.
+    pub fn cleanup(&self) -> Result<usize> {
+        let _exclusive = self.dirs.write().unwrap_or_else(|e| e.into_inner());
+        let ids = self.store.ids()?;
+        let rd = std::fs::read_dir(&self.snapshots)
+            .map_err(|e| Error::io("read directory", &self.snapshots, e))?;
+        let mut doomed = Vec::new();
+        for entry in rd {
+            let entry = entry.map_err(|e| Error::io("read directory", &self.snapshots, e))?;
+            let name = entry.file_name();
+            let referenced = name
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|id| ids.contains(&id));
+            if !referenced {
+                doomed.push(entry.path());
+            }
+        }
+        let total = doomed.len();
+        let mut removed = 0;
+        for (i, path) in doomed.into_iter().enumerate() {
+            let r = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match r {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cleanup could not remove")
+                }
+            }
+            if (i + 1) % 100 == 0 {
+                tracing::info!(done = i + 1, total, "cleanup progress");
+            }
+        }
+        if total > 0 {
+            tracing::info!(
+                removed,
+                total,
+                "cleanup removed unreferenced snapshot directories"
+            );
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap() -> (tempfile::TempDir, Snapshotter) {
+        let d = tempfile::tempdir().unwrap();
+        let s = Snapshotter::open(
+            &d.path().join("root"),
+            MountMode::Overlay {
+                index_off: false,
+                userxattr: false,
+            },
+        )
+        .unwrap();
+        (d, s)
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn layout_and_permissions() {
+        let (_d, s) = snap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(s.root()), 0o700);
+        assert_eq!(mode(&s.root().join("snapshots")), 0o700);
+        s.prepare("a b/c", "", HashMap::new()).unwrap();
+        assert_eq!(mode(&s.root().join("snapshots/1/fs")), 0o755);
+        assert_eq!(mode(&s.root().join("snapshots/1/work")), 0o711);
+        s.view("v", "", HashMap::new()).unwrap();
+        assert!(!s.root().join("snapshots/2/work").exists());
+    }
+
+    #[test]
+    fn update_paths() {
+        let (_d, s) = snap();
+        s.prepare("a", "", labels(&[("l1", "v1"), ("l2", "v2")]))
+            .unwrap();
+        let mut i = s.stat("a").unwrap();
+        i.labels = labels(&[("l1", "updated"), ("l4", "v4")]);
+        let out = s
+            .update(&i, &["labels.l1".into(), "labels.l2".into()])
+            .unwrap();
+        assert_eq!(out.labels, labels(&[("l1", "updated")]));
+        let out = s.update(&i, &["labels".into()]).unwrap();
+        assert_eq!(out.labels, i.labels);
+        let out = s.update(&i, &[]).unwrap();
+        assert_eq!(out.labels, i.labels);
+        assert!(matches!(
+            s.update(&i, &["parent".into()]),
+            Err(Error::InvalidArgument(_))
+        ));
+        let big = "x".repeat(5000);
+        i.labels = labels(&[("k", &big)]);
+        assert!(matches!(s.update(&i, &[]), Err(Error::InvalidArgument(_))));
+        assert_eq!(
+            s.stat("a").unwrap().labels,
+            labels(&[("l4", "v4"), ("l1", "updated")])
+        );
+    }
+
+    #[test]
+    fn cleanup_removes_unreferenced() {
+        let (_d, s) = snap();
+        s.prepare("a", "", HashMap::new()).unwrap();
+        s.prepare("b", "", HashMap::new()).unwrap();
+        std::fs::create_dir_all(s.root().join("snapshots/new-stale/fs")).unwrap();
+        std::fs::create_dir_all(s.root().join("snapshots/99/fs")).unwrap();
+        assert_eq!(s.cleanup().unwrap(), 2);
+        assert!(s.root().join("snapshots/1").exists());
+        assert!(s.root().join("snapshots/2").exists());
+        s.remove("b").unwrap();
+        assert!(!s.root().join("snapshots/2").exists());
+    }
+
+    #[test]
+    fn failed_prepare_changes_nothing_on_disk() {
+        let (_d, s) = snap();
+        s.prepare("a", "", HashMap::new()).unwrap();
+        let before: Vec<_> = std::fs::read_dir(s.root().join("snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(s.prepare("b", "missing", HashMap::new()).is_err());
+        assert!(s.prepare("c", "a", HashMap::new()).is_err());
+        assert!(s.prepare("a", "", HashMap::new()).is_err());
+        let after: Vec<_> = std::fs::read_dir(s.root().join("snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(before, after);
+    }
+}
