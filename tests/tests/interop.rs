@@ -81,10 +81,12 @@ fn tree() -> Tree {
                 .file("rm/x", "x")
                 .dir("e")
                 .symlink("s", "a")
-                .fifo("p")
-                .file("h1", "hard")
-                .link("h2", "h1"),
+                .fifo("p"),
         )
+    // No hard links here: their copy-up differs by design. fuse-overlayfs keeps the names of
+    // a lower hard link together (and then misreports nlink); kernel overlayfs without index
+    // and rustfuse break the link per name. The differential tests check rustfuse against
+    // the kernel for hard links.
 }
 
 fn write_ops() -> Vec<Op> {
@@ -101,13 +103,12 @@ fn write_ops() -> Vec<Op> {
         unlink("rm/x"),
         rmdir("rm"),
         rename("s", "s2"),
-        chmod("h1", 0o600),
+        chmod("a", 0o640),
         setxattr("o1/old2", "user.x", "1"),
         write("o1/old2", "created"),
         setxattr("o1/old2", "user.x", "1"),
         mkdir("nd"),
         symlink("../a", "nd/sl"),
-        link("a", "nd/alink"),
         mkfifo("nd/fifo"),
         unlink("o2/new"),
         create("d/gone-wh"),
@@ -261,6 +262,7 @@ fn lower_markers_read_the_same() {
 /// override_stat as containers/storage writes it (`user.containers.override_stat`), read with
 /// `xattr_permissions=2` by both programs.
 #[test]
+#[ignore = "Debian's fuse-overlayfs 1.10 predates user.containers.override_stat (it reads and writes only user.fuseoverlayfs.override_stat); rustfuse follows the format containers/storage writes"]
 fn override_stat_in_lower_layer_read_the_same() {
     if !ready() {
         return;
@@ -316,6 +318,7 @@ fn override_stat_in_lower_layer_read_the_same() {
 /// Owner/mode changes made with `xattr_permissions=2` by one program are read back the same
 /// by the other (both directions).
 #[test]
+#[ignore = "Debian's fuse-overlayfs 1.10 predates user.containers.override_stat (it reads and writes only user.fuseoverlayfs.override_stat); rustfuse follows the format containers/storage writes"]
 fn override_stat_written_and_read_back() {
     if !ready() {
         return;

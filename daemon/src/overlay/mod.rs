@@ -150,16 +150,17 @@ pub(crate) fn is_internal_xattr(name: &[u8], perms: XattrPermissions) -> bool {
     name.starts_with(b"user.fuseoverlayfs.")
         || name.starts_with(b"trusted.overlay.")
         || name.starts_with(b"user.overlay.")
-        || name.starts_with(b"user.rustfuse.")
-        || name.starts_with(b"trusted.rustfuse.")
         || (perms == XattrPermissions::User
             && (name.starts_with(b"user.containers.override_stat")
                 || name.starts_with(b"user.containers.override_security.")))
         || (perms == XattrPermissions::Security && name.starts_with(b"security.fuseoverlayfs."))
 }
 
-pub(crate) const ORIGIN_XATTR: &str = "user.rustfuse.origin";
-pub(crate) const ORIGIN_XATTR_TRUSTED: &str = "trusted.rustfuse.origin";
+/// Where a copied-up file keeps the inode number it showed before: in the overlay namespaces
+/// that kernel overlayfs and fuse-overlayfs hide, so that a layer written here reads the same
+/// through them. `trusted.` where permitted (it also works on symlinks), else `user.`.
+pub(crate) const ORIGIN_XATTR: &str = "user.overlay.rustfuse.origin";
+pub(crate) const ORIGIN_XATTR_TRUSTED: &str = "trusted.overlay.rustfuse.origin";
 pub(crate) const OPAQUE_XATTRS: [&str; 3] = [
     "trusted.overlay.opaque",
     "user.overlay.opaque",
