@@ -360,6 +360,11 @@ pub fn getxattr_at(dir: BorrowedFd<'_>, name: &OsStr, attr: &OsStr) -> Result<Ve
     xattr_get_path(&proc_at_path(dir, name)?, false, attr)
 }
 
+pub fn listxattr_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<OsString>> {
+    faults::check("listxattr")?;
+    xattr_list_path(&proc_at_path(dir, name)?, false)
+}
+
 pub fn setxattr_at(dir: BorrowedFd<'_>, name: &OsStr, attr: &OsStr, value: &[u8]) -> Result<()> {
     faults::check("setxattr")?;
     let attr = c(attr)?;

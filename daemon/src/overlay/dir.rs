@@ -129,15 +129,13 @@ impl Overlay {
                             }
                         } else if is_upper {
                             // A copied-up file keeps its lower inode number.
-                            for x in [super::ORIGIN_XATTR_TRUSTED, super::ORIGIN_XATTR] {
-                                if let Ok(v) = sys::getxattr_at(fd.as_fd(), name, OsStr::new(x)) {
-                                    if let Some(n) =
-                                        std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok())
-                                    {
-                                        m.top_ino = n;
-                                        break;
-                                    }
-                                }
+                            let origin = sys::listxattr_at(fd.as_fd(), name)
+                                .ok()
+                                .and_then(|names| super::find_origin_name(&names))
+                                .and_then(|x| sys::getxattr_at(fd.as_fd(), name, x).ok())
+                                .and_then(|v| super::parse_origin(&v));
+                            if let Some(n) = origin {
+                                m.top_ino = n;
                             }
                         }
                         index.insert(name.to_os_string(), out.len());

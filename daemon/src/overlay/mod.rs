@@ -159,6 +159,8 @@ pub(crate) fn is_internal_xattr(name: &[u8], perms: XattrPermissions) -> bool {
 /// Where a copied-up file keeps the inode number it showed before: in the overlay namespaces
 /// that kernel overlayfs and fuse-overlayfs hide, so that a layer written here reads the same
 /// through them. `trusted.` where permitted (it also works on symlinks), else `user.`.
+pub(crate) const OVERRIDE_USER: &str = "user.containers.override_stat";
+pub(crate) const OVERRIDE_USER_LEGACY: &str = "user.fuseoverlayfs.override_stat";
 pub(crate) const ORIGIN_XATTR: &str = "user.overlay.rustfuse.origin";
 pub(crate) const ORIGIN_XATTR_TRUSTED: &str = "trusted.overlay.rustfuse.origin";
 pub(crate) const OPAQUE_XATTRS: [&str; 3] = [
@@ -287,9 +289,9 @@ impl Overlay {
                         .is_ok()
                 });
                 Some(if legacy {
-                    "user.fuseoverlayfs.override_stat"
+                    OVERRIDE_USER_LEGACY
                 } else {
-                    "user.containers.override_stat"
+                    OVERRIDE_USER
                 })
             }
         };
@@ -543,14 +545,13 @@ impl Overlay {
 
     /// An upper file keeps the inode number of the lower file it was copied up from.
     fn upper_file_ino(&self, fd: BorrowedFd<'_>, st: &Stat) -> u64 {
-        for x in [ORIGIN_XATTR_TRUSTED, ORIGIN_XATTR] {
-            if let Ok(v) = sys::fgetxattr(fd, OsStr::new(x)) {
-                if let Some(ino) = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()) {
-                    return ino;
-                }
-            }
-        }
-        self.map_ino(st)
+        // One listxattr answers for most files (which have no xattrs at all).
+        let origin = sys::flistxattr(fd)
+            .ok()
+            .and_then(|names| find_origin_name(&names))
+            .and_then(|n| sys::fgetxattr(fd, n).ok())
+            .and_then(|v| parse_origin(&v));
+        origin.unwrap_or_else(|| self.map_ino(st))
     }
 
     /// The inode number of a lower non-directory. A file with several hard links below gets
@@ -628,7 +629,18 @@ impl Overlay {
         let mut rdev = stat.st_rdev;
         let mut kind = Kind::from_mode(stat.st_mode);
         if let Some(x) = self.override_xattr {
-            if let Ok(v) = sys::fgetxattr(st.top().as_fd(), OsStr::new(x)) {
+            let top = st.top().as_fd();
+            let mut v = sys::fgetxattr(top, OsStr::new(x));
+            if v.is_err() && self.opts.xattr_permissions == XattrPermissions::User {
+                // Layers written by fuse-overlayfs 1.x carry the older name.
+                let other = if x == OVERRIDE_USER {
+                    OVERRIDE_USER_LEGACY
+                } else {
+                    OVERRIDE_USER
+                };
+                v = sys::fgetxattr(top, OsStr::new(other));
+            }
+            if let Ok(v) = v {
                 if let Some(o) = parse_override(&v) {
                     uid = o.uid;
                     gid = o.gid;
@@ -939,6 +951,18 @@ impl Overlay {
         }
         name.to_os_string()
     }
+}
+
+/// Which origin xattr a file has, from its xattr names.
+pub(crate) fn find_origin_name(names: &[OsString]) -> Option<&'static OsStr> {
+    [ORIGIN_XATTR_TRUSTED, ORIGIN_XATTR]
+        .into_iter()
+        .find(|o| names.iter().any(|n| n.as_bytes() == o.as_bytes()))
+        .map(OsStr::new)
+}
+
+pub(crate) fn parse_origin(v: &[u8]) -> Option<u64> {
+    std::str::from_utf8(v).ok()?.parse().ok()
 }
 
 pub(crate) fn is_whiteout(st: &Stat) -> bool {
