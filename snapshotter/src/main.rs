@@ -65,6 +65,9 @@ struct DoctorArgs {
     mode: ModeChoice,
 }
 
+/// How long a SIGTERM waits for in-flight calls before the server stops.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -161,11 +164,30 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let result = rt.block_on(async {
         let listener = tokio::net::UnixListener::from_std(listener)?;
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-        tonic::transport::Server::builder()
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let mut drain_rx = stop_tx.subscribe();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let serve = tonic::transport::Server::builder()
             .add_service(Service::new(snapshotter.clone()).into_server())
-            .serve_with_incoming_shutdown(incoming, shutdown_signal())
-            .await
-            .context("serve")
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            });
+        // Clients such as containerd keep their connection open: drain in-flight calls for
+        // a bounded time, then stop regardless.
+        let deadline = async move {
+            let _ = drain_rx.wait_for(|s| *s).await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        };
+        tokio::select! {
+            r = serve => r.context("serve"),
+            () = deadline => {
+                tracing::info!(timeout = ?DRAIN_TIMEOUT, "clients still connected; stopping");
+                Ok(())
+            }
+        }
     });
     let _ = std::fs::remove_file(&address);
     rt.shutdown_timeout(std::time::Duration::from_secs(5));

@@ -1,0 +1,1722 @@
+//! Conformance suite: the 21 cases of containerd's snapshotter testsuite (plus the error
+//! codes and rules of the API notes), driven over gRPC against the real
+//! `rustfuse-snapshotter` binary, mounting what Mounts returns and comparing merged trees.
+//!
+//! Every case runs twice: `overlay_*` (kernel overlayfs, `--mode overlay`) and `fuse_*`
+//! (`--mode fuse`; the `fuse3.rustfuse` mounts are made by exec'ing `$RUSTFUSE_BIN`, else
+//! `target/debug/rustfuse`, as `BIN -o OPTIONS MOUNTPOINT`). Cases need root (and /dev/fuse
+//! for FUSE); when they cannot run they print `SKIPPED: <reason>`, or fail under `CI=true`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::CString;
+use std::io::ErrorKind;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use rustfuse_snapshotter::api::Mount;
+use rustfuse_snapshotter::api::snapshots::{self as pb, snapshots_client::SnapshotsClient};
+use rustix::mount::{
+    FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MoveMountFlags, UnmountFlags,
+};
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+const BIN: &str = env!("CARGO_BIN_EXE_rustfuse-snapshotter");
+const GC_ROOT: &str = "containerd.io/gc.root";
+const MOUNT_DEADLINE: Duration = Duration::from_secs(20);
+const START_DEADLINE: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------
+// Environment: privileges, mode, skipping
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Overlay,
+    Fuse,
+}
+
+impl Mode {
+    fn arg(self) -> &'static str {
+        match self {
+            Mode::Overlay => "overlay",
+            Mode::Fuse => "fuse",
+        }
+    }
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Skip (or fail under CI=true) with `reason`.
+fn skip(reason: &str) {
+    if in_ci() {
+        panic!("CI=true and this privileged test cannot run: {reason}");
+    }
+    println!("SKIPPED: {reason}");
+    eprintln!("SKIPPED: {reason}");
+}
+
+/// The FUSE program the tests exec for `fuse3.rustfuse` mounts.
+fn fuse_program() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("RUSTFUSE_BIN").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let mut candidates =
+        vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/rustfuse")];
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        candidates.push(PathBuf::from(t).join("debug/rustfuse"));
+    }
+    // Next to our own binary (same target directory).
+    if let Some(dir) = Path::new(BIN).parent() {
+        candidates.push(dir.join("rustfuse"));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// Why `mode` cannot run here, if it cannot.
+fn unavailable(mode: Mode) -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("conformance tests mount and need root".into());
+    }
+    if mode == Mode::Fuse {
+        if !Path::new("/dev/fuse").exists() {
+            return Some("/dev/fuse is missing".into());
+        }
+        if fuse_program().is_none() {
+            return Some("no FUSE program: set RUSTFUSE_BIN or build target/debug/rustfuse".into());
+        }
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------
+// The server under test and a blocking client
+
+struct Server {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    mode: Mode,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(mode: Mode) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("snap-conf-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("work")).unwrap();
+        let mut s = Server {
+            child: None,
+            log: dir.path().join("server.log"),
+            dir,
+            mode,
+        };
+        s.spawn();
+        s
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("snap.sock")
+    }
+
+    /// A scratch directory for mount points and flat trees.
+    fn work(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .arg("--address")
+            .arg(self.socket())
+            .arg("--root")
+            .arg(self.root())
+            .args([
+                "--mode",
+                self.mode.arg(),
+                "--log-level",
+                "rustfuse_snapshotter=debug,info",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start rustfuse-snapshotter");
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
+                break;
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "server exited with {st} before listening:\n{}",
+                    self.log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("server did not listen in time:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match child.try_wait() {
+                Ok(Some(st)) => {
+                    assert!(st.success(), "server exit {st}:\n{}", self.log_text());
+                    return;
+                }
+                _ if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("server did not stop on SIGTERM:\n{}", self.log_text());
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.socket())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Anything still mounted under our directory goes first.
+        for m in mounts_under(self.dir.path()) {
+            let _ = rustix::mount::unmount(m.as_path(), UnmountFlags::DETACH);
+        }
+    }
+}
+
+struct Client {
+    rt: tokio::runtime::Runtime,
+    c: SnapshotsClient<Channel>,
+}
+
+type R<T> = Result<T, tonic::Status>;
+
+fn gc_labels() -> HashMap<String, String> {
+    labels(&[(GC_ROOT, "conformance")])
+}
+
+fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+impl Client {
+    fn connect(socket: &Path) -> Client {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let socket = socket.to_path_buf();
+        let channel = rt
+            .block_on(async move {
+                Endpoint::try_from("http://[::]:50051")
+                    .unwrap()
+                    .timeout(Duration::from_secs(60))
+                    .connect_with_connector(tower::service_fn(move |_| {
+                        let socket = socket.clone();
+                        async move {
+                            let s = tokio::net::UnixStream::connect(socket).await?;
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                        }
+                    }))
+                    .await
+            })
+            .expect("connect to the snapshotter socket");
+        Client {
+            rt,
+            c: SnapshotsClient::new(channel),
+        }
+    }
+
+    fn prepare_l(&self, key: &str, parent: &str, l: HashMap<String, String>) -> R<Vec<Mount>> {
+        let mut c = self.c.clone();
+        let req = pb::PrepareSnapshotRequest {
+            snapshotter: "rustfuse".into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels: l,
+        };
+        self.rt
+            .block_on(c.prepare(req))
+            .map(|r| r.into_inner().mounts)
+    }
+
+    fn prepare(&self, key: &str, parent: &str) -> R<Vec<Mount>> {
+        self.prepare_l(key, parent, gc_labels())
+    }
+
+    fn view_l(&self, key: &str, parent: &str, l: HashMap<String, String>) -> R<Vec<Mount>> {
+        let mut c = self.c.clone();
+        let req = pb::ViewSnapshotRequest {
+            snapshotter: "rustfuse".into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels: l,
+        };
+        self.rt.block_on(c.view(req)).map(|r| r.into_inner().mounts)
+    }
+
+    fn view(&self, key: &str, parent: &str) -> R<Vec<Mount>> {
+        self.view_l(key, parent, gc_labels())
+    }
+
+    fn mounts(&self, key: &str) -> R<Vec<Mount>> {
+        let mut c = self.c.clone();
+        let req = pb::MountsRequest {
+            snapshotter: "rustfuse".into(),
+            key: key.into(),
+        };
+        self.rt
+            .block_on(c.mounts(req))
+            .map(|r| r.into_inner().mounts)
+    }
+
+    fn commit_l(&self, name: &str, key: &str, l: HashMap<String, String>) -> R<()> {
+        let mut c = self.c.clone();
+        let req = pb::CommitSnapshotRequest {
+            snapshotter: "rustfuse".into(),
+            name: name.into(),
+            key: key.into(),
+            labels: l,
+            parent: String::new(),
+        };
+        self.rt.block_on(c.commit(req)).map(|_| ())
+    }
+
+    fn commit(&self, name: &str, key: &str) -> R<()> {
+        self.commit_l(name, key, gc_labels())
+    }
+
+    fn remove(&self, key: &str) -> R<()> {
+        let mut c = self.c.clone();
+        let req = pb::RemoveSnapshotRequest {
+            snapshotter: "rustfuse".into(),
+            key: key.into(),
+        };
+        self.rt.block_on(c.remove(req)).map(|_| ())
+    }
+
+    fn stat(&self, key: &str) -> R<pb::Info> {
+        let mut c = self.c.clone();
+        let req = pb::StatSnapshotRequest {
+            snapshotter: "rustfuse".into(),
+            key: key.into(),
+        };
+        self.rt
+            .block_on(c.stat(req))
+            .map(|r| r.into_inner().info.expect("stat returns info"))
+    }
+
+    fn update(&self, info: &pb::Info, paths: &[&str]) -> R<pb::Info> {
+        let mut c = self.c.clone();
+        let req = pb::UpdateSnapshotRequest {
+            snapshotter: "rustfuse".into(),
+            info: Some(info.clone()),
+            update_mask: if paths.is_empty() {
+                None
+            } else {
+                Some(prost_types::FieldMask {
+                    paths: paths.iter().map(|p| p.to_string()).collect(),
+                })
+            },
+        };
+        self.rt
+            .block_on(c.update(req))
+            .map(|r| r.into_inner().info.expect("update returns info"))
+    }
+
+    /// List with `filters`; also returns the number of stream messages.
+    fn list_batches(&self, filters: &[&str]) -> R<(Vec<pb::Info>, usize)> {
+        let mut c = self.c.clone();
+        let req = pb::ListSnapshotsRequest {
+            snapshotter: "rustfuse".into(),
+            filters: filters.iter().map(|f| f.to_string()).collect(),
+        };
+        self.rt.block_on(async move {
+            let mut stream = c.list(req).await?.into_inner();
+            let mut out = Vec::new();
+            let mut batches = 0;
+            while let Some(msg) = stream.message().await? {
+                batches += 1;
+                out.extend(msg.info);
+            }
+            Ok((out, batches))
+        })
+    }
+
+    fn list(&self, filters: &[&str]) -> R<Vec<pb::Info>> {
+        self.list_batches(filters).map(|(v, _)| v)
+    }
+
+    fn names(&self, filters: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .list(filters)
+            .unwrap_or_else(|e| panic!("list {filters:?}: {e}"))
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn usage(&self, key: &str) -> R<(i64, i64)> {
+        let mut c = self.c.clone();
+        let req = pb::UsageRequest {
+            snapshotter: "rustfuse".into(),
+            key: key.into(),
+        };
+        self.rt.block_on(c.usage(req)).map(|r| {
+            let r = r.into_inner();
+            (r.size, r.inodes)
+        })
+    }
+
+    fn cleanup(&self) -> R<()> {
+        let mut c = self.c.clone();
+        let req = pb::CleanupRequest {
+            snapshotter: "rustfuse".into(),
+        };
+        self.rt.block_on(c.cleanup(req)).map(|_| ())
+    }
+}
+
+fn assert_code<T: std::fmt::Debug>(r: R<T>, code: Code, names: &str) {
+    match r {
+        Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "wrong code: {s:?}");
+            assert!(
+                s.message().contains(names),
+                "message {:?} should name {names:?}",
+                s.message()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Mounting what Mounts returns
+
+/// Mount points under `dir`, deepest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    v
+}
+
+fn unescape_mountinfo(s: &str) -> PathBuf {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(n) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(n);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    PathBuf::from(String::from_utf8_lossy(&out).into_owned())
+}
+
+fn is_mountpoint(target: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|p| unescape_mountinfo(p) == target)
+}
+
+/// Unmounts (lazily) on drop, even on panic.
+struct MountGuard {
+    target: PathBuf,
+    mounted: bool,
+}
+
+impl MountGuard {
+    /// Unmount now (as before a Commit) and wait until it is gone.
+    fn unmount(mut self) {
+        self.do_unmount();
+    }
+
+    fn do_unmount(&mut self) {
+        if !self.mounted {
+            return;
+        }
+        self.mounted = false;
+        let deadline = Instant::now() + MOUNT_DEADLINE;
+        loop {
+            match rustix::mount::unmount(self.target.as_path(), UnmountFlags::empty()) {
+                Ok(()) => break,
+                Err(rustix::io::Errno::BUSY) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(_) => {
+                    let _ = rustix::mount::unmount(self.target.as_path(), UnmountFlags::DETACH);
+                    break;
+                }
+            }
+        }
+        while is_mountpoint(&self.target) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = rustix::mount::unmount(self.target.as_path(), UnmountFlags::DETACH);
+        }
+    }
+}
+
+fn wait_mounted(target: &Path) {
+    let deadline = Instant::now() + MOUNT_DEADLINE;
+    while !is_mountpoint(target) {
+        assert!(
+            Instant::now() < deadline,
+            "{} not mounted in time",
+            target.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kernel overlay through the new mount API: one `lowerdir+` per layer, so 128-layer
+/// option strings that exceed a page still mount (containerd works around the same limit
+/// by shortening paths).
+fn mount_overlay(options: &[String], target: &Path) -> std::io::Result<()> {
+    let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    for o in options {
+        match o.split_once('=') {
+            Some(("lowerdir", v)) => {
+                for l in rustfuse::options::split_lowerdirs(v) {
+                    rustix::mount::fsconfig_set_string(&fs, "lowerdir+", l.as_path())?;
+                }
+            }
+            Some((k, v)) => rustix::mount::fsconfig_set_string(&fs, k, v)?,
+            None => rustix::mount::fsconfig_set_flag(&fs, o.as_str())?,
+        }
+    }
+    rustix::mount::fsconfig_create(&fs)?;
+    let m = rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())?;
+    rustix::mount::move_mount(
+        &m,
+        "",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )?;
+    Ok(())
+}
+
+/// Mount the (single) mount `mounts` describes at `target`.
+fn mount_all(mounts: &[Mount], target: &Path) -> MountGuard {
+    assert_eq!(mounts.len(), 1, "expected one mount, got {mounts:?}");
+    let m = &mounts[0];
+    std::fs::create_dir_all(target).unwrap();
+    match m.r#type.as_str() {
+        "bind" => {
+            rustix::mount::mount_bind_recursive(m.source.as_str(), target)
+                .unwrap_or_else(|e| panic!("bind {m:?}: {e}"));
+            if m.options.iter().any(|o| o == "ro") {
+                rustix::mount::mount_remount(target, MountFlags::BIND | MountFlags::RDONLY, "")
+                    .unwrap_or_else(|e| panic!("remount ro {m:?}: {e}"));
+            }
+        }
+        "overlay" => {
+            if let Err(e) = mount_overlay(&m.options, target) {
+                // Kernels without `lowerdir+`: plain mount(2).
+                let data = CString::new(m.options.join(",")).unwrap();
+                rustix::mount::mount(
+                    "overlay",
+                    target,
+                    "overlay",
+                    MountFlags::empty(),
+                    data.as_c_str(),
+                )
+                .unwrap_or_else(|e2| panic!("overlay {m:?}: fsopen: {e}; mount: {e2}"));
+            }
+        }
+        t if t.starts_with("fuse3.") => {
+            let prog = fuse_program().expect("FUSE program");
+            let out = Command::new(&prog)
+                .arg("-o")
+                .arg(m.options.join(","))
+                .arg(target)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| panic!("exec {}: {e}", prog.display()));
+            assert!(
+                out.status.success(),
+                "{} -o {} {}: {}\n{}",
+                prog.display(),
+                m.options.join(","),
+                target.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        other => panic!("unexpected mount type {other:?}"),
+    }
+    wait_mounted(target);
+    MountGuard {
+        target: target.to_path_buf(),
+        mounted: true,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Trees: apply operations, snapshot a tree, compare
+
+#[derive(Clone, Debug)]
+enum Op {
+    File(&'static str, Vec<u8>, u32),
+    Dir(&'static str, u32),
+    RemoveAll(&'static str),
+    Chown(&'static str, u32, u32),
+    Link(&'static str, &'static str),
+    Rename(&'static str, &'static str),
+    Symlink(&'static str, &'static str),
+}
+
+fn file(p: &'static str, content: &str, mode: u32) -> Op {
+    Op::File(p, content.as_bytes().to_vec(), mode)
+}
+
+fn rel(root: &Path, p: &str) -> PathBuf {
+    root.join(p.trim_start_matches('/'))
+}
+
+fn apply(root: &Path, ops: &[Op]) {
+    for op in ops {
+        let r = match op {
+            Op::File(p, c, m) => std::fs::write(rel(root, p), c).and_then(|()| {
+                std::fs::set_permissions(rel(root, p), std::fs::Permissions::from_mode(*m))
+            }),
+            Op::Dir(p, m) => std::fs::create_dir(rel(root, p)).and_then(|()| {
+                std::fs::set_permissions(rel(root, p), std::fs::Permissions::from_mode(*m))
+            }),
+            Op::RemoveAll(p) => match std::fs::symlink_metadata(rel(root, p)) {
+                Ok(md) if md.is_dir() => std::fs::remove_dir_all(rel(root, p)),
+                Ok(_) => std::fs::remove_file(rel(root, p)),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            },
+            Op::Chown(p, u, g) => std::os::unix::fs::lchown(rel(root, p), Some(*u), Some(*g)),
+            Op::Link(a, b) => std::fs::hard_link(rel(root, a), rel(root, b)),
+            Op::Rename(a, b) => std::fs::rename(rel(root, a), rel(root, b)),
+            Op::Symlink(target, p) => std::os::unix::fs::symlink(target, rel(root, p)),
+        };
+        r.unwrap_or_else(|e| panic!("apply {op:?} in {}: {e}", root.display()));
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Entry {
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    content: Vec<u8>,
+    /// Other paths in the tree that are the same inode.
+    links: Vec<PathBuf>,
+}
+
+/// Everything under `root` except the root itself.
+fn tree(root: &Path) -> BTreeMap<PathBuf, Entry> {
+    let mut out = BTreeMap::new();
+    let mut inodes: HashMap<(u64, u64), Vec<PathBuf>> = HashMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {}: {e}", dir.display())) {
+            let p = e.unwrap().path();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            let name = p.strip_prefix(root).unwrap().to_path_buf();
+            let ft = md.file_type();
+            let (kind, content) = if ft.is_dir() {
+                stack.push(p.clone());
+                ("dir", Vec::new())
+            } else if ft.is_symlink() {
+                let t = std::fs::read_link(&p).unwrap();
+                ("symlink", t.into_os_string().into_encoded_bytes())
+            } else if ft.is_file() {
+                inodes
+                    .entry((md.dev(), md.ino()))
+                    .or_default()
+                    .push(name.clone());
+                ("file", std::fs::read(&p).unwrap())
+            } else {
+                ("special", md.rdev().to_le_bytes().to_vec())
+            };
+            out.insert(
+                name,
+                Entry {
+                    kind,
+                    mode: md.mode() & 0o7777,
+                    uid: md.uid(),
+                    gid: md.gid(),
+                    content,
+                    links: Vec::new(),
+                },
+            );
+        }
+    }
+    for paths in inodes.values().filter(|v| v.len() > 1) {
+        for p in paths {
+            let mut others: Vec<PathBuf> = paths.iter().filter(|q| *q != p).cloned().collect();
+            others.sort();
+            out.get_mut(p).unwrap().links = others;
+        }
+    }
+    out
+}
+
+fn assert_same_tree(got: &Path, want: &Path, what: &str) {
+    let (g, w) = (tree(got), tree(want));
+    if g != w {
+        let mut diff = String::new();
+        for (k, v) in &w {
+            match g.get(k) {
+                None => diff += &format!("  missing {}\n", k.display()),
+                Some(gv) if gv != v => {
+                    diff += &format!("  differs {}: got {gv:?}, want {v:?}\n", k.display())
+                }
+                _ => {}
+            }
+        }
+        for k in g.keys().filter(|k| !w.contains_key(*k)) {
+            diff += &format!("  unexpected {}\n", k.display());
+        }
+        panic!("{what}: trees differ:\n{diff}");
+    }
+}
+
+struct Ctx {
+    server: Server,
+    c: Client,
+    n: std::cell::Cell<u32>,
+}
+
+impl Ctx {
+    fn new(mode: Mode) -> Ctx {
+        let server = Server::start(mode);
+        let c = server.client();
+        Ctx {
+            server,
+            c,
+            n: std::cell::Cell::new(0),
+        }
+    }
+
+    /// A fresh scratch directory.
+    fn dir(&self, prefix: &str) -> PathBuf {
+        self.n.set(self.n.get() + 1);
+        let p = self
+            .server
+            .work()
+            .join(format!("{prefix}-{}", self.n.get()));
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    fn mount(&self, mounts: &[Mount], prefix: &str) -> (PathBuf, MountGuard) {
+        let d = self.dir(prefix);
+        let g = mount_all(mounts, &d);
+        (d, g)
+    }
+
+    /// containerd's checkSnapshots: each layer prepared on the previous, compared with a
+    /// flat directory before and after applying; the final view compared too.
+    fn check_layers(&self, layers: &[Vec<Op>]) {
+        let flat = self.dir("flat");
+        let mut parent = String::new();
+        let mut names = Vec::new();
+        for (i, ops) in layers.iter().enumerate() {
+            let key = format!("{}/prepare layer {i}", flat.display());
+            let mounts = self.c.prepare(&key, &parent).unwrap();
+            let (mp, guard) = self.mount(&mounts, "layer");
+            assert_same_tree(&mp, &flat, &format!("layer {i} before apply"));
+            apply(&flat, ops);
+            apply(&mp, ops);
+            assert_same_tree(&mp, &flat, &format!("layer {i} after apply"));
+            guard.unmount();
+            let name = format!("{}/committed layer {i}", flat.display());
+            self.c.commit(&name, &key).unwrap();
+            parent = name.clone();
+            names.push(name);
+        }
+        let vkey = format!("{}/view", flat.display());
+        let mounts = self.c.view(&vkey, &parent).unwrap();
+        let (mp, guard) = self.mount(&mounts, "view");
+        assert_same_tree(&mp, &flat, "final view");
+        guard.unmount();
+        self.c.remove(&vkey).unwrap();
+        for n in names.iter().rev() {
+            self.c.remove(n).unwrap();
+        }
+    }
+}
+
+macro_rules! cases {
+    ($($name:ident),* $(,)?) => {
+        mod overlay {
+            $(
+                #[test]
+                fn $name() {
+                    super::run(super::Mode::Overlay, super::$name);
+                }
+            )*
+        }
+        mod fuse {
+            $(
+                #[test]
+                fn $name() {
+                    super::run(super::Mode::Fuse, super::$name);
+                }
+            )*
+        }
+    };
+}
+
+fn run(mode: Mode, case: fn(&Ctx)) {
+    if let Some(reason) = unavailable(mode) {
+        skip(&reason);
+        return;
+    }
+    let ctx = Ctx::new(mode);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&ctx)));
+    if let Err(p) = r {
+        eprintln!("--- server log ---\n{}", ctx.server.log_text());
+        std::panic::resume_unwind(p);
+    }
+}
+
+cases!(
+    c01_basic,
+    c02_stat_active,
+    c03_stat_committed,
+    c04_transitivity,
+    c05_prepare_view_used_key,
+    c06_update,
+    c07_remove_and_reuse,
+    c08_walk_filters,
+    c09_layer_file_update,
+    c10_remove_directory_in_lower_layer,
+    c11_chown,
+    c12_directory_owner_on_commit,
+    c13_remove_intermediate,
+    c14_deleted_files_in_child,
+    c15_move_file_from_lower_layer,
+    c16_view_readonly,
+    c17_stat_in_walk,
+    c18_close_twice_and_restart,
+    c19_root_permission,
+    c20_rename,
+    c21_128_layers,
+    e01_error_codes_name_the_key,
+    e02_bad_requests_change_nothing_on_disk,
+    e03_labels_limit,
+    e04_remote_snapshot_ref,
+    e05_usage,
+    e06_cleanup,
+    e07_list_batches,
+    e08_socket_and_layout,
+);
+
+// ---------------------------------------------------------------------------------------
+// The cases
+
+fn c01_basic(x: &Ctx) {
+    let c = &x.c;
+    let initial = vec![
+        file("/foo", "foo\n", 0o777),
+        Op::Dir("/a", 0o755),
+        Op::Dir("/a/b", 0o755),
+        Op::Dir("/a/b/c", 0o755),
+    ];
+    let diff = vec![
+        file("/bar", "bar\n", 0o777),
+        file("/foo", "bar\n", 0o777),
+        Op::RemoveAll("/a/b"),
+    ];
+    let w = x.server.work();
+    let preparing = format!("{}/preparing", w.display());
+    let mounts = c.prepare(&preparing, "").unwrap();
+    assert!(!mounts.is_empty());
+    let (mp, g) = x.mount(&mounts, "preparing");
+    apply(&mp, &initial);
+    g.unmount();
+    let committed = format!("{}/committed", w.display());
+    c.commit(&committed, &preparing).unwrap();
+    let si = c.stat(&committed).unwrap();
+    assert_eq!(si.parent, "");
+    assert_eq!(si.kind, pb::Kind::Committed as i32);
+    assert_code(c.stat(&preparing), Code::NotFound, &preparing);
+
+    let next = format!("{}/nextlayer", w.display());
+    let mounts = c.prepare(&next, &committed).unwrap();
+    let (mp, g) = x.mount(&mounts, "next");
+    let expect = x.dir("expect-initial");
+    apply(&expect, &initial);
+    assert_same_tree(&mp, &expect, "next layer shows the committed content");
+    apply(&mp, &diff);
+    g.unmount();
+    let ni = c.stat(&next).unwrap();
+    assert_eq!(ni.parent, committed);
+    assert_eq!(ni.kind, pb::Kind::Active as i32);
+
+    let next_committed = format!("{}/committed-next", w.display());
+    c.commit(&next_committed, &next).unwrap();
+    let si2 = c.stat(&next_committed).unwrap();
+    assert_eq!(si2.parent, committed);
+    assert_eq!(si2.kind, pb::Kind::Committed as i32);
+    assert_code(c.stat(&next), Code::NotFound, &next);
+
+    // Walk equals Stat exactly.
+    let walked: HashMap<String, pb::Info> = c
+        .list(&[])
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.name.clone(), i))
+        .collect();
+    assert_eq!(walked.get(&committed), Some(&si));
+    assert_eq!(walked.get(&next_committed), Some(&si2));
+
+    let nextnext = format!("{}/nextnextlayer", w.display());
+    let mounts = c.view(&nextnext, &next_committed).unwrap();
+    let (mp, g) = x.mount(&mounts, "nextnext");
+    let expect = x.dir("expect-both");
+    apply(&expect, &initial);
+    apply(&expect, &diff);
+    assert_same_tree(&mp, &expect, "view shows merged content");
+    g.unmount();
+    c.remove(&nextnext).unwrap();
+    assert_code(c.remove(&committed), Code::FailedPrecondition, &committed);
+    c.remove(&next_committed).unwrap();
+    c.remove(&committed).unwrap();
+}
+
+fn c02_stat_active(x: &Ctx) {
+    let c = &x.c;
+    let mounts = c.prepare("preparing", "").unwrap();
+    let (mp, _g) = x.mount(&mounts, "p");
+    std::fs::write(mp.join("foo"), "foo\n").unwrap();
+    let si = c.stat("preparing").unwrap();
+    assert_eq!(si.name, "preparing");
+    assert_eq!(si.kind, pb::Kind::Active as i32);
+    assert_eq!(si.parent, "");
+}
+
+fn c03_stat_committed(x: &Ctx) {
+    let c = &x.c;
+    let mounts = c.prepare("preparing", "").unwrap();
+    let (mp, _g) = x.mount(&mounts, "p");
+    std::fs::write(mp.join("foo"), "foo\n").unwrap();
+    // Committed while still mounted, as containerd's suite does.
+    c.commit("committed", "preparing").unwrap();
+    let si = c.stat("committed").unwrap();
+    assert_eq!(si.name, "committed");
+    assert_eq!(si.kind, pb::Kind::Committed as i32);
+    assert_eq!(si.parent, "");
+}
+
+fn c04_transitivity(x: &Ctx) {
+    let c = &x.c;
+    let (mp, g1) = x.mount(&c.prepare("preparing", "").unwrap(), "p");
+    std::fs::write(mp.join("foo"), "foo\n").unwrap();
+    c.commit("snapA", "preparing").unwrap();
+    let (mp, g2) = x.mount(&c.prepare("next", "snapA").unwrap(), "n");
+    std::fs::write(mp.join("foo"), "foo bar\n").unwrap();
+    c.commit("snapB", "next").unwrap();
+    let a = c.stat("snapA").unwrap();
+    let b = c.stat("snapB").unwrap();
+    let pb_ = c.stat(&b.parent).unwrap();
+    assert_eq!(a.parent, "");
+    assert_eq!(b.parent, "snapA");
+    assert_eq!(pb_.parent, "");
+    drop((g1, g2));
+}
+
+fn c05_prepare_view_used_key(x: &Ctx) {
+    let c = &x.c;
+    c.prepare("preparing", "").unwrap();
+    c.commit("snapA", "preparing").unwrap();
+    c.prepare("newLayer", "snapA").unwrap();
+    assert_code(c.view("newLayer", "snapA"), Code::AlreadyExists, "newLayer");
+    c.prepare("prepLayer", "snapA").unwrap();
+    assert_code(
+        c.prepare("prepLayer", "snapA"),
+        Code::AlreadyExists,
+        "prepLayer",
+    );
+    c.view("viewLayer", "snapA").unwrap();
+    assert_code(
+        c.view("viewLayer", "snapA"),
+        Code::AlreadyExists,
+        "viewLayer",
+    );
+    assert_code(
+        c.prepare("viewLayer", "snapA"),
+        Code::AlreadyExists,
+        "viewLayer",
+    );
+    // Names and keys share one namespace.
+    assert_code(c.prepare("snapA", ""), Code::AlreadyExists, "snapA");
+}
+
+fn base_snapshots(c: &Client) {
+    c.prepare("c1-a", "").unwrap();
+    c.commit("c1", "c1-a").unwrap();
+    c.prepare("c2-a", "c1").unwrap();
+    c.commit("c2", "c2-a").unwrap();
+    c.prepare("a1", "c2").unwrap();
+    c.prepare("a2", "").unwrap();
+    c.view("v1", "c2").unwrap();
+    c.view("v2", "").unwrap();
+}
+
+fn ts(t: &Option<prost_types::Timestamp>) -> SystemTime {
+    SystemTime::try_from(t.expect("timestamp set")).unwrap()
+}
+
+fn c06_update(x: &Ctx) {
+    let c = &x.c;
+    let t1 = SystemTime::now();
+    base_snapshots(c);
+    let t2 = SystemTime::now();
+    let cases = [
+        ("c1", pb::Kind::Committed, ""),
+        ("c2", pb::Kind::Committed, "c1"),
+        ("a1", pb::Kind::Active, "c2"),
+        ("a2", pb::Kind::Active, ""),
+        ("v1", pb::Kind::View, "c2"),
+        ("v2", pb::Kind::View, ""),
+    ];
+    for (name, kind, parent) in cases {
+        let mut st = c.stat(name).unwrap();
+        let created = ts(&st.created_at);
+        assert!(
+            created >= t1 && created <= t2,
+            "{name}: created {created:?}"
+        );
+        assert_eq!(st.created_at, st.updated_at, "{name}");
+        assert_eq!(st.kind, kind as i32);
+        assert_eq!(st.parent, parent);
+        assert_eq!(st.name, name);
+
+        let root_time = format!("{:?}", SystemTime::now());
+        let expected = labels(&[
+            ("l1", "v1"),
+            ("l2", "v2"),
+            ("l3", "v3"),
+            (GC_ROOT, &root_time),
+        ]);
+        st.parent = "doesnotexist".into();
+        st.labels = expected.clone();
+        let u1 = SystemTime::now();
+        let st2 = c.update(&st, &[]).unwrap();
+        let u2 = SystemTime::now();
+        assert_eq!(
+            st2.created_at.unwrap(),
+            st.created_at.unwrap(),
+            "{name}: created kept"
+        );
+        let updated = ts(&st2.updated_at);
+        assert!(
+            updated >= u1 && updated <= u2,
+            "{name}: updated {updated:?}"
+        );
+        assert_eq!(st2.kind, kind as i32);
+        assert_eq!(st2.parent, parent, "{name}: parent is immutable");
+        assert_eq!(st2.labels, expected);
+
+        let mut st3 = st2.clone();
+        st3.labels = labels(&[("l1", "updated"), ("l4", "v4")]);
+        let st3 = c.update(&st3, &["labels.l1", "labels.l2"]).unwrap();
+        assert_eq!(
+            st3.labels,
+            labels(&[("l1", "updated"), ("l3", "v3"), (GC_ROOT, &root_time)])
+        );
+
+        let mut st4 = st3.clone();
+        st4.labels = labels(&[("l4", "v4"), (GC_ROOT, &root_time)]);
+        let st4 = c.update(&st4, &["labels"]).unwrap();
+        assert_eq!(st4.labels, labels(&[("l4", "v4"), (GC_ROOT, &root_time)]));
+
+        let mut st5 = st4.clone();
+        st5.parent = "doesnotexist".into();
+        assert_code(c.update(&st5, &["parent"]), Code::InvalidArgument, name);
+        // Stat agrees with what Update returned.
+        assert_eq!(c.stat(name).unwrap(), st4);
+    }
+    let mut missing = c.stat("c1").unwrap();
+    missing.name = "nope".into();
+    assert_code(c.update(&missing, &[]), Code::NotFound, "nope");
+}
+
+fn c07_remove_and_reuse(x: &Ctx) {
+    let c = &x.c;
+    c.prepare("committed-a", "").unwrap();
+    c.commit("committed-1", "committed-a").unwrap();
+    c.prepare("reuse-1", "committed-1").unwrap();
+    c.remove("reuse-1").unwrap();
+    c.view("reuse-1", "committed-1").unwrap();
+    c.remove("reuse-1").unwrap();
+    c.prepare("reuse-1", "").unwrap();
+    c.remove("committed-1").unwrap();
+    c.commit("committed-1", "reuse-1").unwrap();
+    assert_code(c.remove("reuse-1"), Code::NotFound, "reuse-1");
+    assert_eq!(
+        c.stat("committed-1").unwrap().kind,
+        pb::Kind::Committed as i32
+    );
+}
+
+fn c08_walk_filters(x: &Ctx) {
+    let c = &x.c;
+    let gc = || labels(&[(GC_ROOT, "check-walk")]);
+    let l = |v: &str| labels(&[("l", v), (GC_ROOT, "check-walk")]);
+    c.prepare_l("a-np", "", gc()).unwrap();
+    c.prepare_l("p-tmp", "", gc()).unwrap();
+    c.commit_l("p", "p-tmp", gc()).unwrap();
+    c.prepare_l("a", "p", gc()).unwrap();
+    c.view_l("v", "p", gc()).unwrap();
+    c.prepare_l("p-wl-tmp", "", gc()).unwrap();
+    c.commit_l("p-wl", "p-wl-tmp", l("1")).unwrap();
+    c.prepare_l("a-wl", "p-wl", l("2")).unwrap();
+    c.view_l("v-wl", "p-wl", l("3")).unwrap();
+    c.prepare_l("a-np-wl", "", l("2")).unwrap();
+
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["a-np", "p", "a", "v", "p-wl", "a-wl", "v-wl", "a-np-wl"],
+            &[r#"labels."containerd.io/gc.root"==check-walk"#],
+        ),
+        (
+            &["a-np", "a", "a-wl", "a-np-wl"],
+            &[r#"kind==active,labels."containerd.io/gc.root"==check-walk"#],
+        ),
+        (
+            &["v", "v-wl"],
+            &[r#"kind==view,labels."containerd.io/gc.root"==check-walk"#],
+        ),
+        (
+            &["p", "p-wl"],
+            &[r#"kind==committed,labels."containerd.io/gc.root"==check-walk"#],
+        ),
+        (&["p", "a-np-wl"], &["name==p", "name==a-np-wl"]),
+        (&["a-wl"], &["name==a-wl,labels.l"]),
+        (&["a", "v"], &["parent==p"]),
+        (
+            &["a", "v", "a-wl", "v-wl"],
+            &[r#"parent!="",labels."containerd.io/gc.root"==check-walk"#],
+        ),
+        (&["p-wl", "a-wl", "v-wl", "a-np-wl"], &["labels.l"]),
+        (&["a-wl", "a-np-wl"], &["labels.l==2"]),
+        // Beyond containerd's suite: regex, !=, quoting forms, whitespace.
+        (&["a-np-wl", "a-wl"], &["name~=^a-.*wl$"]),
+        (&["a-np-wl", "a-wl", "p-wl"], &["name~=/-wl$/,kind!=view"]),
+        (&["a-np", "a-np-wl"], &[r#"name~="^a-np""#]),
+        (&["p-wl"], &[r#" labels."l" == "1" "#]),
+        (
+            &["a", "a-np", "a-np-wl", "a-wl", "p", "p-wl", "v", "v-wl"],
+            &[],
+        ),
+        (&["v", "v-wl"], &["kind==view", "kind==nothing"]),
+    ];
+    for (i, (want, filters)) in cases.iter().enumerate() {
+        let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(c.names(filters), want, "[{i}] filters {filters:?}");
+    }
+    for bad in ["name==", "labels.", "name~=(", r#"labels."x"#, "kind==a,,"] {
+        assert_code(c.list(&[bad]), Code::InvalidArgument, "");
+    }
+}
+
+/// Sleep to just past the next second boundary.
+fn to_next_second() {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap();
+    std::thread::sleep(Duration::from_nanos(
+        1_000_000_000 - u64::from(now.subsec_nanos()),
+    ));
+}
+
+fn c09_layer_file_update(x: &Ctx) {
+    let l1 = vec![
+        Op::Dir("/etc", 0o700),
+        file("/etc/hosts", "mydomain 10.0.0.1", 0o644),
+        file("/etc/profile", "PATH=/usr/bin", 0o644),
+    ];
+    let l2 = vec![
+        file("/etc/hosts", "mydomain 10.0.0.2", 0o644),
+        file("/etc/profile", "PATH=/usr/bin", 0o666),
+        Op::Dir("/root", 0o700),
+        file("/root/.bashrc", "PATH=/usr/sbin:/usr/bin", 0o644),
+    ];
+    for _ in 0..3 {
+        x.check_layers(&[l1.clone(), l2.clone()]);
+        to_next_second();
+    }
+}
+
+fn c10_remove_directory_in_lower_layer(x: &Ctx) {
+    x.check_layers(&[
+        vec![Op::Dir("/lib", 0o700), file("/lib/hidden", "", 0o644)],
+        vec![
+            Op::RemoveAll("/lib"),
+            Op::Dir("/lib", 0o700),
+            file("/lib/not-hidden", "", 0o644),
+        ],
+        vec![file("/lib/newfile", "", 0o644)],
+    ]);
+}
+
+fn c11_chown(x: &Ctx) {
+    x.check_layers(&[
+        vec![
+            Op::Dir("/opt", 0o700),
+            Op::Dir("/opt/a", 0o700),
+            Op::Dir("/opt/a/b", 0o700),
+            file("/opt/a/b/file.txt", "hello", 0o644),
+            Op::Symlink("file.txt", "/opt/a/b/link"),
+        ],
+        vec![
+            Op::Chown("/opt", 1, 1),
+            Op::Chown("/opt/a", 1, 1),
+            Op::Chown("/opt/a/b", 1, 1),
+            Op::Chown("/opt/a/b/file.txt", 1, 1),
+            Op::Chown("/opt/a/b/link", 2, 2),
+        ],
+    ]);
+}
+
+fn c12_directory_owner_on_commit(x: &Ctx) {
+    x.check_layers(&[
+        vec![
+            Op::Dir("/dir1", 0o700),
+            Op::Dir("/dir2", 0o700),
+            Op::Dir("/dir3", 0o700),
+            Op::Chown("/dir1", 1, 1),
+            Op::Chown("/dir3", 1, 1),
+        ],
+        vec![
+            Op::Dir("/dir4", 0o700),
+            Op::Chown("/dir4", 1, 1),
+            file("/dir1/f", "", 0o644),
+            file("/dir3/f", "", 0o644),
+        ],
+        vec![file("/dir4/f", "", 0o644)],
+    ]);
+    // The root's owner passes from parent to child fs/.
+    let c = &x.c;
+    let (mp, g) = x.mount(&c.prepare("base", "").unwrap(), "base");
+    std::os::unix::fs::chown(&mp, Some(1), Some(2)).unwrap();
+    g.unmount();
+    c.commit("base-c", "base").unwrap();
+    for (i, key) in ["child", "child2"].iter().enumerate() {
+        let parent = if i == 0 { "base-c" } else { "child-c" };
+        let (mp, g) = x.mount(&c.prepare(key, parent).unwrap(), key);
+        let md = std::fs::metadata(&mp).unwrap();
+        assert_eq!((md.uid(), md.gid()), (1, 2), "{key}: root owner");
+        g.unmount();
+        c.commit(&format!("{key}-c"), key).unwrap();
+    }
+}
+
+fn c13_remove_intermediate(x: &Ctx) {
+    let c = &x.c;
+    let (_mp, g) = x.mount(&c.prepare("base", "").unwrap(), "base");
+    c.commit("committed-base", "base").unwrap();
+    c.prepare("intermediate", "committed-base").unwrap();
+    c.commit("committed-inter", "intermediate").unwrap();
+    c.prepare("toplayer", "committed-inter").unwrap();
+    assert_code(
+        c.remove("committed-inter"),
+        Code::FailedPrecondition,
+        "committed-inter",
+    );
+    assert_code(
+        c.remove("committed-base"),
+        Code::FailedPrecondition,
+        "committed-base",
+    );
+    c.remove("toplayer").unwrap();
+    c.remove("committed-inter").unwrap();
+    g.unmount();
+    c.remove("committed-base").unwrap();
+}
+
+fn c14_deleted_files_in_child(x: &Ctx) {
+    x.check_layers(&[
+        vec![
+            file("/foo", "foo\n", 0o777),
+            file("/foobar", "foobar\n", 0o777),
+        ],
+        vec![Op::RemoveAll("/foobar")],
+        vec![],
+    ]);
+}
+
+fn c15_move_file_from_lower_layer(x: &Ctx) {
+    x.check_layers(&[
+        vec![
+            Op::Dir("/dir1", 0o700),
+            file("/dir1/f1", "Hello", 0o644),
+            Op::Dir("/dir2", 0o700),
+            file("/dir2/f2", "...", 0o644),
+        ],
+        vec![
+            Op::Dir("/dir3", 0o700),
+            file("/dir3/f1", "Hello", 0o644),
+            Op::RemoveAll("/dir1"),
+            Op::Link("/dir2/f2", "/dir3/f2"),
+            Op::RemoveAll("/dir2/f2"),
+        ],
+    ]);
+    // Hard links across layers: both names stay one inode.
+    x.check_layers(&[
+        vec![file("/a", "shared", 0o644)],
+        vec![Op::Link("/a", "/b")],
+        vec![file("/c", "x", 0o600)],
+    ]);
+}
+
+fn c16_view_readonly(x: &Ctx) {
+    let c = &x.c;
+    c.prepare("preparing", "").unwrap();
+    c.commit("committed", "preparing").unwrap();
+    c.prepare("p2", "committed").unwrap();
+    c.commit("committed2", "p2").unwrap();
+    for (view, parent) in [("view", "committed"), ("view2", "committed2")] {
+        let mounts = c.view(view, parent).unwrap();
+        let (mp, g) = x.mount(&mounts, view);
+        let err = std::fs::write(mp.join("testfile"), "testcontent")
+            .expect_err("writing to a view must fail");
+        assert_eq!(
+            err.raw_os_error(),
+            Some(30),
+            "{view}: EROFS expected, got {err}"
+        );
+        g.unmount();
+        c.remove(view).unwrap();
+    }
+    // Also a view with no parent.
+    let (mp, g) = x.mount(&c.view("v0", "").unwrap(), "v0");
+    assert!(std::fs::write(mp.join("t"), "x").is_err());
+    g.unmount();
+}
+
+fn c17_stat_in_walk(x: &Ctx) {
+    let c = &x.c;
+    for i in 0..5 {
+        c.prepare(&format!("a-{i}"), "").unwrap();
+    }
+    // Stat from inside the List stream, on the same connection.
+    let mut cc = c.c.clone();
+    let mut cs = c.c.clone();
+    let n = c.rt.block_on(async move {
+        let mut stream = cc
+            .list(pb::ListSnapshotsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let mut n = 0;
+        while let Some(msg) = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .expect("no deadlock")
+            .unwrap()
+        {
+            for info in msg.info {
+                let st = cs
+                    .stat(pb::StatSnapshotRequest {
+                        snapshotter: String::new(),
+                        key: info.name.clone(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .info
+                    .unwrap();
+                assert_eq!(st, info);
+                n += 1;
+            }
+        }
+        n
+    });
+    assert_eq!(n, 5);
+}
+
+fn c18_close_twice_and_restart(x: &Ctx) {
+    // A server of its own, so it can be stopped and started.
+    let mut s = Server::start(x.server.mode);
+    let c = s.client();
+    c.prepare("closeTwice-prepare", "").unwrap();
+    c.commit("closeTwice", "closeTwice-prepare").unwrap();
+    c.remove("closeTwice").unwrap();
+    let g = mount_all(&c.prepare("keep-a", "").unwrap(), &s.work().join("keep"));
+    std::fs::write(s.work().join("keep/f"), "kept").unwrap();
+    g.unmount();
+    c.commit("keep", "keep-a").unwrap();
+    c.prepare_l("active", "keep", labels(&[("x", "y")]))
+        .unwrap();
+    let mut before = c.list(&[]).unwrap();
+    before.sort_by(|a, b| a.name.cmp(&b.name));
+    drop(c);
+    // SIGTERM, then "close" again: the second is a no-op.
+    s.stop();
+    s.stop();
+    assert!(!s.socket().exists(), "socket removed on shutdown");
+    s.spawn();
+    let c = s.client();
+    let mut after = c.list(&[]).unwrap();
+    after.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(after, before, "restart finds every snapshot intact");
+    let g = mount_all(&c.view("check", "keep").unwrap(), &s.work().join("check"));
+    assert_eq!(
+        std::fs::read_to_string(s.work().join("check/f")).unwrap(),
+        "kept"
+    );
+    g.unmount();
+    c.prepare("after-restart", "keep").unwrap();
+    s.stop();
+}
+
+fn c19_root_permission(x: &Ctx) {
+    let c = &x.c;
+    let (mp, _g) = x.mount(&c.prepare("preparing", "").unwrap(), "p");
+    let mode = std::fs::metadata(&mp).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o755, "root of a fresh Prepare");
+}
+
+fn c20_rename(x: &Ctx) {
+    x.check_layers(&[
+        vec![
+            Op::Dir("/dir1", 0o700),
+            Op::Dir("/somefiles", 0o700),
+            file("/somefiles/f1", "was here first!", 0o644),
+            file("/somefiles/f2", "nothing interesting", 0o644),
+        ],
+        vec![
+            file("/somefiles/f1-overwrite", "new content 1", 0o644),
+            Op::Rename("/somefiles/f1-overwrite", "/somefiles/f1"),
+            Op::Rename("/somefiles/f2", "/somefiles/f3"),
+            Op::Rename("/somefiles/f3", "/dir1/f3"),
+            Op::Dir("/newdir", 0o755),
+            file("/newdir/x", "x", 0o644),
+            Op::Rename("/newdir", "/dir1/newdir"),
+        ],
+        vec![
+            file("/dir1/f3-new", "over", 0o600),
+            Op::Rename("/dir1/f3-new", "/dir1/f3"),
+        ],
+    ]);
+}
+
+fn c21_128_layers(x: &Ctx) {
+    let c = &x.c;
+    let flat = x.dir("flat");
+    let mut layers = vec![vec![
+        file("/bottom", "way at the bottom\n", 0o777),
+        file("/overwriteme", "FIRST!\n", 0o777),
+        Op::Dir("/ADDHERE", 0o755),
+        Op::Dir("/ONLYME", 0o755),
+        file("/ONLYME/bottom", "bye!\n", 0o777),
+    ]];
+    for i in 1..=127 {
+        let add: &'static str = Box::leak(format!("/ADDHERE/file-{i}").into_boxed_str());
+        let only: &'static str = Box::leak(format!("/ONLYME/file-{i}").into_boxed_str());
+        layers.push(vec![
+            Op::File(
+                "/overwriteme",
+                format!("{i} WAS HERE!\n").into_bytes(),
+                0o777,
+            ),
+            file(add, "same\n", 0o755),
+            Op::RemoveAll("/ONLYME"),
+            Op::Dir("/ONLYME", 0o755),
+            file(only, "only me!\n", 0o777),
+        ]);
+    }
+    let mut parent = String::new();
+    for (i, ops) in layers.iter().enumerate() {
+        let key = format!("prepare-layer-{i}");
+        let mounts = c.prepare(&key, &parent).unwrap();
+        let (mp, g) = x.mount(&mounts, "layer");
+        assert_same_tree(&mp, &flat, &format!("[layer {i}] before apply"));
+        apply(&flat, ops);
+        apply(&mp, ops);
+        assert_same_tree(&mp, &flat, &format!("[layer {i}] after apply"));
+        g.unmount();
+        parent = format!("committed-{i}");
+        c.commit(&parent, &key).unwrap();
+    }
+    let mounts = c.view("fullview", &parent).unwrap();
+    let lowers = mounts[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .expect("overlay of 128 layers");
+    assert_eq!(rustfuse::options::split_lowerdirs(lowers).len(), 128);
+    let (mp, g) = x.mount(&mounts, "fullview");
+    assert_same_tree(&mp, &flat, "fullview");
+    g.unmount();
+}
+
+// ---- beyond the 21: the rules of the API notes ----------------------------------------
+
+fn e01_error_codes_name_the_key(x: &Ctx) {
+    let c = &x.c;
+    let key = "ns/1/extract-123 sha256:abc";
+    assert_code(c.stat(key), Code::NotFound, key);
+    assert_code(c.mounts(key), Code::NotFound, key);
+    assert_code(c.remove(key), Code::NotFound, key);
+    assert_code(c.usage(key), Code::NotFound, key);
+    assert_code(c.commit("n", key), Code::NotFound, key);
+    assert_code(c.prepare("k", key), Code::NotFound, key);
+    assert_code(c.view("k", key), Code::NotFound, key);
+    c.prepare(key, "").unwrap();
+    assert_code(c.prepare("child", key), Code::InvalidArgument, key);
+    assert_code(c.view("child", key), Code::InvalidArgument, key);
+    c.view("a view", "").unwrap();
+    assert_code(c.commit("n", "a view"), Code::FailedPrecondition, "a view");
+    c.commit("sha256:committed", key).unwrap();
+    assert_code(
+        c.mounts("sha256:committed"),
+        Code::FailedPrecondition,
+        "sha256:committed",
+    );
+    assert_code(
+        c.commit("n", "sha256:committed"),
+        Code::FailedPrecondition,
+        "sha256:committed",
+    );
+    c.prepare("again", "").unwrap();
+    assert_code(
+        c.commit("sha256:committed", "again"),
+        Code::AlreadyExists,
+        "sha256:committed",
+    );
+    assert_code(c.commit("a view", "again"), Code::AlreadyExists, "a view");
+    // The keys with spaces and slashes never became paths.
+    let snaps = x.server.root().join("snapshots");
+    for e in std::fs::read_dir(&snaps).unwrap() {
+        let n = e.unwrap().file_name().into_string().unwrap();
+        assert!(
+            n.parse::<u64>().is_ok(),
+            "unexpected entry {n:?} in snapshots/"
+        );
+    }
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+fn e02_bad_requests_change_nothing_on_disk(x: &Ctx) {
+    let c = &x.c;
+    c.prepare("a", "").unwrap();
+    c.commit("c", "a").unwrap();
+    c.prepare("b", "c").unwrap();
+    let snaps = x.server.root().join("snapshots");
+    let before = listing(&snaps);
+    let infos = c.list(&[]).unwrap();
+    let big = "x".repeat(5000);
+    assert_code(c.prepare("x", "missing"), Code::NotFound, "missing");
+    assert_code(c.prepare("x", "b"), Code::InvalidArgument, "b");
+    assert_code(c.prepare("b", "c"), Code::AlreadyExists, "b");
+    assert_code(
+        c.prepare_l("x", "", labels(&[("big", &big)])),
+        Code::InvalidArgument,
+        "x",
+    );
+    assert_code(c.list(&["kind=="]), Code::InvalidArgument, "");
+    assert_code(c.remove("c"), Code::FailedPrecondition, "c");
+    assert_code(
+        c.commit_l("n", "b", labels(&[("big", &big)])),
+        Code::InvalidArgument,
+        "n",
+    );
+    assert_eq!(listing(&snaps), before);
+    assert_eq!(c.list(&[]).unwrap(), infos);
+}
+
+fn e03_labels_limit(x: &Ctx) {
+    let c = &x.c;
+    let ok = "v".repeat(4096 - 3);
+    c.prepare_l("a", "", labels(&[("key", &ok)])).unwrap();
+    let over = "v".repeat(4096 - 2);
+    assert_code(
+        c.prepare_l("b", "", labels(&[("key", &over)])),
+        Code::InvalidArgument,
+        "key",
+    );
+    let mut info = c.stat("a").unwrap();
+    info.labels = labels(&[("key", &over)]);
+    assert_code(
+        c.update(&info, &["labels.key"]),
+        Code::InvalidArgument,
+        "key",
+    );
+    assert_eq!(c.stat("a").unwrap().labels["key"], ok);
+    // Empty values are dropped.
+    info.labels = labels(&[("e", "")]);
+    assert!(
+        c.update(&info, &["labels.e"])
+            .unwrap()
+            .labels
+            .get("e")
+            .is_none()
+    );
+}
+
+fn e04_remote_snapshot_ref(x: &Ctx) {
+    let c = &x.c;
+    c.prepare("extract-1", "").unwrap();
+    c.commit("sha256:chain", "extract-1").unwrap();
+    let r = labels(&[("containerd.io/snapshot.ref", "sha256:chain")]);
+    assert_code(
+        c.prepare_l("extract-2", "", r),
+        Code::AlreadyExists,
+        "sha256:chain",
+    );
+    assert_code(c.stat("extract-2"), Code::NotFound, "extract-2");
+    let r = labels(&[("containerd.io/snapshot.ref", "sha256:other")]);
+    c.prepare_l("extract-3", "", r).unwrap();
+}
+
+fn e05_usage(x: &Ctx) {
+    let c = &x.c;
+    let (mp, g) = x.mount(&c.prepare("a", "").unwrap(), "a");
+    let (s0, i0) = c.usage("a").unwrap();
+    assert_eq!(i0, 1, "just the root");
+    std::fs::write(mp.join("f"), vec![7u8; 64 * 1024]).unwrap();
+    std::fs::hard_link(mp.join("f"), mp.join("g")).unwrap();
+    let (s1, i1) = c.usage("a").unwrap();
+    assert_eq!(i1, 2, "hard links count once");
+    assert!(s1 - s0 >= 64 * 1024 && s1 - s0 < 2 * 64 * 1024, "{s0} {s1}");
+    g.unmount();
+    c.commit("c", "a").unwrap();
+    assert_eq!(c.usage("c").unwrap(), (s1, i1), "stored at commit");
+    c.view("v", "c").unwrap();
+    assert_eq!(c.usage("v").unwrap().1, 0);
+}
+
+fn e06_cleanup(x: &Ctx) {
+    let c = &x.c;
+    c.prepare("a", "").unwrap();
+    c.prepare("b", "").unwrap();
+    let snaps = x.server.root().join("snapshots");
+    std::fs::create_dir_all(snaps.join("new-crashed/fs")).unwrap();
+    std::fs::create_dir_all(snaps.join("4242/fs")).unwrap();
+    c.cleanup().unwrap();
+    assert_eq!(listing(&snaps), ["1", "2"]);
+    c.remove("b").unwrap();
+    c.cleanup().unwrap();
+    assert_eq!(listing(&snaps), ["1"]);
+}
+
+fn e07_list_batches(x: &Ctx) {
+    let c = &x.c;
+    for i in 0..250 {
+        c.prepare(&format!("s{i:03}"), "").unwrap();
+    }
+    let (all, batches) = c.list_batches(&[]).unwrap();
+    assert_eq!(all.len(), 250);
+    assert!(batches >= 3, "{batches} batches");
+    assert_eq!(c.names(&["name~=^s00"]).len(), 10);
+}
+
+fn e08_socket_and_layout(x: &Ctx) {
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let sock = x.server.socket();
+    assert_eq!(
+        std::fs::symlink_metadata(&sock)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let root = x.server.root();
+    assert_eq!(mode(&root), 0o700);
+    assert_eq!(mode(&root.join("snapshots")), 0o700);
+    x.c.prepare("a", "").unwrap();
+    assert_eq!(mode(&root.join("snapshots/1/fs")), 0o755);
+    assert_eq!(mode(&root.join("snapshots/1/work")), 0o711);
+    // Mount specs per mode.
+    x.c.commit("c", "a").unwrap();
+    let m = x.c.prepare("b", "c").unwrap();
+    match x.server.mode {
+        Mode::Overlay => assert_eq!(m[0].r#type, "overlay"),
+        Mode::Fuse => assert_eq!(m[0].r#type, "fuse3.rustfuse"),
+    }
+    assert_eq!(m[0].source, "overlay");
+    let uid = labels(&[(
+        "containerd.io/snapshot/uidmapping",
+        "0:1000:1,1:100000:65536",
+    )]);
+    let m = x.c.prepare_l("mapped", "c", uid).unwrap();
+    if x.server.mode == Mode::Fuse {
+        assert!(
+            m[0].options
+                .contains(&"uidmapping=0:1000:1:1:100000:65536".to_string())
+        );
+    }
+}
