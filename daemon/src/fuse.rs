@@ -201,6 +201,10 @@ fn reply_xattr(r: Result<Vec<u8>, Errno>, size: u32, reply: ReplyXattr) {
 impl Filesystem for OverlayFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let mut want = WANTED;
+        if !self.ov.options().noacl {
+            // The kernel enforces and caches ACLs itself (no getxattr round trip per access).
+            want |= InitFlags::FUSE_POSIX_ACL;
+        }
         if self.writeback && !self.ov.read_only() {
             want |= InitFlags::FUSE_WRITEBACK_CACHE;
         }

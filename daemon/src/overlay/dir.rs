@@ -3,6 +3,9 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::os::unix::ffi::OsStrExt;
 
 use super::node::NodeState;
@@ -173,13 +176,36 @@ impl Overlay {
         Ok(self.merged_names(st)?.is_empty())
     }
 
-    /// Open a directory: its merged listing is taken now and served from the handle.
+    /// Open a directory. Its merged listing is taken at the first read.
     pub fn opendir(&self, ino: u64) -> Result<u64> {
         let node = self.node(ino)?;
-        let st = node.state();
-        if st.kind != Kind::Dir {
+        if node.kind() != Kind::Dir {
             return Err(Errno::NOTDIR);
         }
+        Ok(self.add_handle(Handle::Dir {
+            ino,
+            entries: Mutex::new(None),
+        }))
+    }
+
+    /// The listing of an open directory, taken on first use and then kept by the handle.
+    fn dir_entries(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>> {
+        let h = self.handle(fh).ok_or(Errno::BADF)?;
+        let Handle::Dir { ino, entries } = &*h else {
+            return Err(Errno::NOTDIR);
+        };
+        let mut slot = entries.lock();
+        if let Some(e) = &*slot {
+            return Ok(e.clone());
+        }
+        let e = Arc::new(self.list_dir(*ino)?);
+        *slot = Some(e.clone());
+        Ok(e)
+    }
+
+    fn list_dir(&self, ino: u64) -> Result<Vec<DirEntry>> {
+        let node = self.node(ino)?;
+        let st = node.state();
         let mut entries = Vec::new();
         entries.push(DirEntry {
             name: ".".into(),
@@ -196,7 +222,7 @@ impl Overlay {
             kind: Kind::Dir,
         });
         entries.extend(self.merged_entries(ino, &st)?);
-        Ok(self.add_handle(Handle::Dir { entries }))
+        Ok(entries)
     }
 
     /// Entries from `offset` on; each entry's offset is its index + 1.
@@ -206,10 +232,7 @@ impl Overlay {
         offset: u64,
         mut add: impl FnMut(&DirEntry, u64) -> bool,
     ) -> Result<()> {
-        let h = self.handle(fh).ok_or(Errno::BADF)?;
-        let Handle::Dir { entries } = &*h else {
-            return Err(Errno::NOTDIR);
-        };
+        let entries = self.dir_entries(fh)?;
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             if add(e, i as u64 + 1) {
                 break;
@@ -227,10 +250,7 @@ impl Overlay {
         offset: u64,
         mut add: impl FnMut(&DirEntry, u64, Option<&Attr>) -> bool,
     ) -> Result<()> {
-        let h = self.handle(fh).ok_or(Errno::BADF)?;
-        let Handle::Dir { entries } = &*h else {
-            return Err(Errno::NOTDIR);
-        };
+        let entries = self.dir_entries(fh)?;
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let off = i as u64 + 1;
             if e.name == "." || e.name == ".." {

@@ -182,8 +182,15 @@ pub(crate) struct Found {
 }
 
 enum Handle {
-    File { fd: OwnedFd },
-    Dir { entries: Vec<DirEntry> },
+    File {
+        fd: OwnedFd,
+    },
+    /// The merged listing is taken at the first readdir, not at opendir: with the kernel's
+    /// directory cache most opens never read.
+    Dir {
+        ino: u64,
+        entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
+    },
 }
 
 const HANDLE_SHARDS: usize = 32;
