@@ -541,7 +541,8 @@ impl Filesystem for OverlayFs {
                         blksize: 0,
                         flags: 0,
                     };
-                    reply.add(INodeNo(0), off, &e.name, &zero, &fa, Generation(0))
+                    // The kernel links no dentry for `.` and `..`; only d_ino is used.
+                    reply.add(INodeNo(e.ino), off, &e.name, &zero, &fa, Generation(0))
                 }
             });
         match r {
