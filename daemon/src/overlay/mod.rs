@@ -1120,3 +1120,6 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod unit;

@@ -1,0 +1,239 @@
+//! Unit tests of the overlay core without FUSE: real layer directories, and faults injected
+//! through the kernel-call seam.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+
+use super::*;
+use crate::options;
+use crate::sys::faults;
+
+/// Faults are process-wide: tests that plan them run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Layers {
+    root: PathBuf,
+}
+
+impl Layers {
+    fn new(name: &str) -> Layers {
+        let root =
+            std::env::temp_dir().join(format!("rustfuse-unit-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for d in ["lower", "upper", "work"] {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
+        Layers { root }
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    fn overlay(&self) -> Overlay {
+        let o = options::parse(&[format!(
+            "lowerdir={},upperdir={},workdir={}",
+            self.p("lower").display(),
+            self.p("upper").display(),
+            self.p("work").display()
+        )])
+        .unwrap();
+        Overlay::new(o).unwrap()
+    }
+}
+
+impl Drop for Layers {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+fn open_fds() -> usize {
+    fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+const CALLER: Caller = Caller { uid: 0, gid: 0 };
+
+#[test]
+fn failed_copy_up_leaves_nothing_half_done() {
+    let _g = SERIAL.lock();
+    // Each step of a copy-up, failing in turn (on a fresh layer set each time). FICLONE
+    // failing is not an error: the data is copied another way.
+    for (op, errno, must_fail) in [
+        ("mkdir", Errno::NOSPC, true),
+        ("ficlone", Errno::IO, false),
+        ("copy_file_range", Errno::NOSPC, true),
+        ("chown", Errno::PERM, true),
+        ("utimens", Errno::IO, true),
+        ("fsync", Errno::IO, true),
+        ("rename", Errno::NOSPC, true),
+    ] {
+        let l = Layers::new(&format!("copyup-fault-{op}"));
+        fs::create_dir_all(l.p("lower/d")).unwrap();
+        fs::write(l.p("lower/d/f"), vec![7u8; 1 << 20]).unwrap();
+        let ov = l.overlay();
+        let d = ov.lookup(ROOT_INO, OsStr::new("d")).unwrap();
+        let f = ov.lookup(d.ino, OsStr::new("f")).unwrap();
+        let fds = open_fds();
+        // `mkdir` fails the parent's copy-up; the others the file's.
+        faults::inject(op, 1, errno);
+        let r = ov.open(f.ino, libc::O_WRONLY);
+        faults::clear();
+        match r {
+            Err(e) => {
+                assert!(
+                    must_fail,
+                    "{op}: a tolerated failure failed the open: {e:?}"
+                );
+                assert_eq!(
+                    e, errno,
+                    "{op}: the caller gets the errno of the failed step"
+                );
+            }
+            Ok(fh) => {
+                assert!(
+                    !must_fail,
+                    "{op}: the fault was not reached or was swallowed"
+                );
+                ov.release(fh);
+                continue;
+            }
+        }
+        // Nothing half-copied in the upper layer, nothing left in work/, no fd leaked.
+        assert!(
+            !l.p("upper/d/f").exists(),
+            "{op}: a partial copy is visible in the upper layer"
+        );
+        assert_eq!(
+            entries(&l.p("work/work")),
+            Vec::<String>::new(),
+            "{op}: work/ not clean"
+        );
+        // The parent's copy-up may have succeeded: its node now holds its upper directory.
+        let parent_fd = usize::from(l.p("upper/d").exists());
+        assert_eq!(open_fds(), fds + parent_fd, "{op}: descriptor leaked");
+        // The lower file still reads whole, and a retry without the fault works.
+        let fh = ov.open(f.ino, libc::O_RDONLY).unwrap();
+        assert_eq!(ov.read(fh, 0, 1 << 21).unwrap(), vec![7u8; 1 << 20], "{op}");
+        ov.release(fh);
+        let fh = ov.open(f.ino, libc::O_WRONLY).unwrap();
+        assert_eq!(ov.write(fh, 0, b"x").unwrap(), 1);
+        ov.release(fh);
+        assert_eq!(fs::metadata(l.p("upper/d/f")).unwrap().len(), 1 << 20);
+        assert_eq!(
+            fs::read(l.p("lower/d/f")).unwrap()[0],
+            7,
+            "lower layer changed"
+        );
+    }
+}
+
+#[test]
+fn failed_create_and_unlink_keep_the_view() {
+    let _g = SERIAL.lock();
+    let l = Layers::new("create-fault");
+    fs::write(l.p("lower/a"), b"a").unwrap();
+    let ov = l.overlay();
+    faults::inject("open", 1, Errno::NOSPC);
+    let r = ov.create(CALLER, ROOT_INO, OsStr::new("new"), 0o644, libc::O_RDWR);
+    faults::clear();
+    assert_eq!(r.err(), Some(Errno::NOSPC));
+    assert_eq!(
+        ov.lookup(ROOT_INO, OsStr::new("new")).err(),
+        Some(Errno::NOENT)
+    );
+    // A whiteout that cannot be written: the lower file stays visible.
+    let _a = ov.lookup(ROOT_INO, OsStr::new("a")).unwrap();
+    faults::inject("mknod", 1, Errno::NOSPC);
+    faults::inject("open", 1, Errno::NOSPC);
+    let r = ov.unlink(ROOT_INO, OsStr::new("a"));
+    faults::clear();
+    if r.is_err() {
+        assert!(ov.lookup(ROOT_INO, OsStr::new("a")).is_ok());
+    }
+    ov.unlink(ROOT_INO, OsStr::new("a")).unwrap();
+    assert_eq!(
+        ov.lookup(ROOT_INO, OsStr::new("a")).err(),
+        Some(Errno::NOENT)
+    );
+}
+
+#[test]
+fn lookup_probes_and_whiteouts() {
+    let _g = SERIAL.lock();
+    let l = Layers::new("lookup");
+    fs::create_dir_all(l.p("lower/d")).unwrap();
+    fs::write(l.p("lower/d/x"), b"x").unwrap();
+    fs::write(l.p("lower/d/.wh.y"), b"").unwrap();
+    fs::write(l.p("lower/d/z"), b"z").unwrap();
+    let ov = l.overlay();
+    let d = ov.lookup(ROOT_INO, OsStr::new("d")).unwrap();
+    assert_eq!(d.kind, Kind::Dir);
+    assert!(ov.lookup(d.ino, OsStr::new("x")).is_ok());
+    assert_eq!(
+        ov.lookup(d.ino, OsStr::new(".wh.y")).err(),
+        Some(Errno::NOENT)
+    );
+    // Listing: the marker file is hidden.
+    let fh = ov.opendir(d.ino).unwrap();
+    let mut names = Vec::new();
+    ov.readdir(fh, 0, |e, _| {
+        names.push(e.name.to_string_lossy().into_owned());
+        false
+    })
+    .unwrap();
+    ov.release(fh);
+    names.sort();
+    assert_eq!(names, [".", "..", "x", "z"]);
+    // rm + mkdir of a lower directory: the new one is opaque and empty.
+    ov.unlink(d.ino, OsStr::new("x")).unwrap();
+    ov.unlink(d.ino, OsStr::new("z")).unwrap();
+    ov.rmdir(ROOT_INO, OsStr::new("d")).unwrap();
+    let d2 = ov.mkdir(CALLER, ROOT_INO, OsStr::new("d"), 0o755).unwrap();
+    let fh = ov.opendir(d2.ino).unwrap();
+    let mut n = 0;
+    ov.readdir(fh, 0, |_, _| {
+        n += 1;
+        false
+    })
+    .unwrap();
+    ov.release(fh);
+    assert_eq!(n, 2, "only . and .. in the recreated directory");
+}
+
+#[test]
+fn inode_tables_stay_bounded() {
+    let _g = SERIAL.lock();
+    let l = Layers::new("forget");
+    for i in 0..200 {
+        fs::write(l.p(&format!("lower/f{i}")), b"").unwrap();
+    }
+    let ov = l.overlay();
+    let base = ov.node_count();
+    let inos: Vec<u64> = (0..200)
+        .map(|i| {
+            ov.lookup(ROOT_INO, OsStr::new(&format!("f{i}")))
+                .unwrap()
+                .ino
+        })
+        .collect();
+    assert_eq!(ov.node_count(), base + 200);
+    for ino in inos {
+        ov.forget(ino, 1);
+    }
+    assert_eq!(ov.node_count(), base, "FORGET must drop the nodes");
+}
