@@ -216,7 +216,14 @@ impl Filesystem for OverlayFs {
         let _ = config.add_capabilities(take);
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
-        let _ = config.set_max_write(1 << 20);
+        if self.limit.is_some() {
+            // fuser asks for MAX_PAGES by itself when offered; before 4.20 requests were at
+            // most 32 pages, so keep them there.
+            let _ = config.set_max_write(128 << 10);
+            let _ = config.set_max_readahead(128 << 10);
+        } else {
+            let _ = config.set_max_write(1 << 20);
+        }
         *self.negotiated.lock() = Some(take);
         tracing::debug!(?take, "FUSE capabilities negotiated");
         Ok(())
@@ -476,6 +483,10 @@ impl Filesystem for OverlayFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _s = debug_span!("opendir", ino = ino.0).entered();
         match self.ov.opendir(ino.0) {
+            // FOPEN_CACHE_DIR came with protocol 7.28.
+            Ok(fh) if self.limit.is_some() => {
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+            }
             Ok(fh) => reply.opened(
                 FileHandle(fh),
                 FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,

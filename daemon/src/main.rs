@@ -421,12 +421,16 @@ fn run(
     };
     let source = cli.source.clone().unwrap_or_else(|| prog.to_string());
     let plan = mount_plan(&opts, &source, prog);
+    // Set before the layers are opened: the whiteout probe must see it.
+    sys::compat::set_kernel_4_18(
+        std::env::var_os("RUSTFUSE_COMPAT_4_18").is_some_and(|v| v != "0"),
+    );
     let ov = match Overlay::new(opts) {
         Ok(o) => o,
         Err(e) => return Err(fail(e.to_string(), &notify)),
     };
     let mut fs = OverlayFs::new(ov);
-    if std::env::var_os("RUSTFUSE_COMPAT_4_18").is_some() {
+    if std::env::var_os("RUSTFUSE_COMPAT_4_18").is_some_and(|v| v != "0") {
         fs.limit_capabilities(rustfuse::fuse::PROTO_7_27);
     }
     let acl = plan.acl;

@@ -62,6 +62,37 @@ pub mod faults {
     }
 }
 
+/// Behave as Linux 4.18 would (the oldest kernel rustfuse supports), so the test suite can
+/// prove nothing quietly needs a newer one. Set from `RUSTFUSE_COMPAT_4_18`.
+pub mod compat {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static KERNEL_4_18: AtomicBool = AtomicBool::new(false);
+    static IN_USERNS: AtomicBool = AtomicBool::new(false);
+
+    pub fn set_kernel_4_18(on: bool) {
+        KERNEL_4_18.store(on, Ordering::Relaxed);
+        IN_USERNS.store(in_user_namespace(), Ordering::Relaxed);
+    }
+
+    pub fn kernel_4_18() -> bool {
+        KERNEL_4_18.load(Ordering::Relaxed)
+    }
+
+    /// Before 5.8, whiteouts (0/0 devices, RENAME_WHITEOUT) needed CAP_MKNOD in the initial
+    /// user namespace.
+    pub(crate) fn whiteouts_refused() -> bool {
+        kernel_4_18() && IN_USERNS.load(Ordering::Relaxed)
+    }
+
+    /// Are we in a user namespace other than the initial one?
+    pub fn in_user_namespace() -> bool {
+        std::fs::read_to_string("/proc/self/uid_map")
+            .map(|m| m.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"])
+            .unwrap_or(false)
+    }
+}
+
 fn c(name: &OsStr) -> Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| Errno::INVAL)
 }
@@ -172,6 +203,9 @@ pub fn mkdir_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
 
 pub fn mknod_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> Result<()> {
     faults::check("mknod")?;
+    if compat::whiteouts_refused() && mode & libc::S_IFMT == libc::S_IFCHR {
+        return Err(Errno::PERM);
+    }
     let ft = FileType::from_raw_mode(mode);
     rustix::fs::mknodat(dir, name, ft, Mode::from_raw_mode(mode & 0o7777), rdev)
 }
@@ -211,6 +245,9 @@ pub fn rename_at(
     flags: RenameFlags,
 ) -> Result<()> {
     faults::check("rename")?;
+    if compat::whiteouts_refused() && flags.contains(RenameFlags::WHITEOUT) {
+        return Err(Errno::PERM);
+    }
     if flags.is_empty() {
         rustix::fs::renameat(old_dir, old, new_dir, new)
     } else {
@@ -432,6 +469,13 @@ pub fn copy_file_range(
     len: usize,
 ) -> Result<usize> {
     faults::check("copy_file_range")?;
+    if compat::kernel_4_18() {
+        // Before 5.3 copy_file_range worked only within one filesystem.
+        let (a, b) = (fstat(fd_in)?, fstat(fd_out)?);
+        if a.st_dev != b.st_dev {
+            return Err(Errno::XDEV);
+        }
+    }
     rustix::fs::copy_file_range(fd_in, Some(off_in), fd_out, Some(off_out), len)
 }
 
