@@ -35,4 +35,5 @@ echo "== cargo test"
 RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}" cargo test --workspace --locked -- --nocapture
 echo "== differential tests again, rustfuse behaving as on Linux 4.18 (FUSE 7.27, no newer syscalls)"
 RUSTFUSE_COMPAT_4_18=1 cargo test -p rustfuse-tests --locked --test differential
+RUSTFUSE_COMPAT_4_18=1 cargo test -p rustfuse-snapshotter --locked --test conformance fuse::
 echo "== done"
