@@ -32,7 +32,7 @@ echo "== cargo build"
 cargo build --workspace --locked
 echo "== cargo test"
 # One test binary at a time runs its mount tests in parallel threads; keep that bounded.
-RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}" cargo test --workspace --locked -- --nocapture
+RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}" cargo test --workspace --locked --no-fail-fast -- --nocapture
 echo "== differential tests again, rustfuse behaving as on Linux 4.18 (FUSE 7.27, no newer syscalls)"
 RUSTFUSE_COMPAT_4_18=1 cargo test -p rustfuse-tests --locked --test differential
 RUSTFUSE_COMPAT_4_18=1 cargo test -p rustfuse-snapshotter --locked --test conformance fuse::
