@@ -279,7 +279,7 @@ impl Overlay {
             out = Some(fd);
             Ok(())
         })?;
-        let attr = self.lookup(parent, name)?;
+        let attr = self.intern_new(parent, pu.as_fd(), name)?;
         let fh = self.add_handle(Handle::File {
             fd: out.expect("built"),
         });
@@ -298,7 +298,7 @@ impl Overlay {
             }
             Ok(())
         })?;
-        self.lookup(parent, name)
+        self.intern_new(parent, pu.as_fd(), name)
     }
 
     pub fn mknod(
@@ -316,7 +316,7 @@ impl Overlay {
             let fd = sys::open_path_at(dir, nm)?;
             self.set_new_owner(fd.as_fd(), uid, gid, mode)
         })?;
-        self.lookup(parent, name)
+        self.intern_new(parent, pu.as_fd(), name)
     }
 
     pub fn symlink(
@@ -337,7 +337,7 @@ impl Overlay {
             }
             sys::fchown(fd.as_fd(), Some(uid), Some(gid))
         })?;
-        self.lookup(parent, name)
+        self.intern_new(parent, pu.as_fd(), name)
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
@@ -351,6 +351,22 @@ impl Overlay {
             sys::link_fd(u.as_fd(), dir, nm)
         })?;
         self.lookup(newparent, newname)
+    }
+
+    /// The node of an entry just made in the upper directory `pu` (one kernel reference).
+    /// A new entry has no lower part, so there is nothing to probe below.
+    fn intern_new(&self, parent: u64, pu: BorrowedFd<'_>, name: &OsStr) -> Result<Attr> {
+        let fd = sys::open_path_at(pu, name)?;
+        let top = sys::fstat(fd.as_fd())?;
+        let found = Found {
+            kind: Kind::from_mode(top.st_mode),
+            upper: Some(fd),
+            lowers: Vec::new(),
+            ino: self.map_ino(&top),
+            top,
+        };
+        let (node, stat) = self.intern(found, parent, name, true);
+        Ok(self.attr_of(&node, &node.state(), &stat))
     }
 
     /// The node of what `resolve` found, without counting a kernel reference.
