@@ -486,13 +486,30 @@ pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> Result<()> {
 
 // ---------------------------------------------------------------- process
 
-/// Raise the soft RLIMIT_NOFILE to the hard limit.
+/// Raise RLIMIT_NOFILE as far as allowed: the hard limit up to `fs.nr_open` where permitted
+/// (root), then the soft limit to the hard one.
 pub fn raise_nofile_limit() {
-    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    if let (Some(nr), Some(max)) = (nr_open, lim.maximum) {
+        if nr > max {
+            let _ = setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(nr),
+                    maximum: Some(nr),
+                },
+            );
+        }
+    }
+    let lim = getrlimit(Resource::Nofile);
     if lim.current != lim.maximum {
-        let _ = rustix::process::setrlimit(
-            rustix::process::Resource::Nofile,
-            rustix::process::Rlimit {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
                 current: lim.maximum,
                 maximum: lim.maximum,
             },
