@@ -34,6 +34,28 @@ pub fn fuse_overlayfs_bin() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// Creates `dir/bin/NAME`, a symlink to the binary under test, and returns its path: to run it
+/// under another name (`fuse-overlayfs`) or find it on PATH (`mount.fuse3` runs `NAME` through
+/// /bin/sh). See [`path_with`].
+pub fn bin_alias(dir: &Path, name: &str) -> PathBuf {
+    let bin_dir = dir.join("bin");
+    std::fs::create_dir_all(&bin_dir).expect("create bin dir");
+    let link = bin_dir.join(name);
+    let target = bin_under_test()
+        .canonicalize()
+        .unwrap_or_else(|_| bin_under_test());
+    std::os::unix::fs::symlink(target, &link).expect("symlink to the binary under test");
+    link
+}
+
+/// `$PATH` with `dir` in front.
+pub fn path_with(dir: &Path) -> String {
+    match std::env::var("PATH") {
+        Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
+        _ => format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", dir.display()),
+    }
+}
+
 /// True when running under CI (`CI=true`): a test that cannot run must fail, not skip.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")

@@ -106,7 +106,8 @@ fn fuse_connection_exists(conn: u32) -> bool {
     Path::new(&format!("/sys/fs/fuse/connections/{conn}")).exists()
 }
 
-fn process_alive(pid: i32) -> bool {
+/// True while process `pid` exists and is not a zombie.
+pub fn process_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // The state follows the parenthesized command name.
@@ -378,6 +379,38 @@ impl Mount {
             ));
         }
         r
+    }
+
+    /// For a mount ended from outside (`fusermount3 -u`, `umount -l`, ...): waits up to
+    /// `deadline` for the mount to leave /proc/self/mountinfo, its FUSE connection to close and
+    /// the daemon to exit, then disarms the guard. On failure the guard stays armed, so dropping
+    /// it still cleans up.
+    pub fn wait_gone(&mut self, deadline: Duration) -> Result<(), String> {
+        let conn = self.conn;
+        let still_mounted =
+            || mount_at(&self.mnt).is_some_and(|m| conn.is_none_or(|c| m.dev == (0, c)));
+        let mut problems = Vec::new();
+        if !poll_until(deadline, || !still_mounted()) {
+            problems.push(format!("{} still mounted", self.mnt.display()));
+        }
+        if let Some(pid) = self.pid {
+            if !poll_until(deadline, || !process_alive(pid)) {
+                problems.push(format!("daemon pid {pid} still running"));
+            }
+        }
+        if let Some(c) = conn {
+            if !poll_until(deadline, || !fuse_connection_exists(c)) {
+                problems.push(format!("FUSE connection {c} still open"));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(format!("after {deadline:?}: {}", problems.join("; ")));
+        }
+        self.mounted = false;
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.stop.send(());
+        }
+        Ok(())
     }
 
     fn do_unmount(&mut self) -> Result<(), String> {
