@@ -633,3 +633,67 @@ pub fn getuid() -> u32 {
 pub fn getgid() -> u32 {
     rustix::process::getgid().as_raw()
 }
+
+// ---------------------------------------------------------------- by (directory, name)
+
+pub fn removexattr_at(dir: BorrowedFd<'_>, name: &OsStr, attr: &OsStr) -> Result<()> {
+    faults::check("removexattr")?;
+    let attr = c(attr)?;
+    rustix::fs::lremovexattr(proc_at_path(dir, name)?.as_c_str(), attr.as_c_str())
+}
+
+pub fn setxattr_at_flags(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    attr: &OsStr,
+    value: &[u8],
+    flags: i32,
+) -> Result<()> {
+    faults::check("setxattr")?;
+    let attr = c(attr)?;
+    rustix::fs::lsetxattr(
+        proc_at_path(dir, name)?.as_c_str(),
+        attr.as_c_str(),
+        value,
+        rustix::fs::XattrFlags::from_bits_retain(flags as u32),
+    )
+}
+
+/// chown of `name` in `dir`, not following a symlink.
+pub fn chown_at(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<()> {
+    faults::check("chown")?;
+    rustix::fs::chownat(
+        dir,
+        name,
+        uid.map(rustix::fs::Uid::from_raw),
+        gid.map(rustix::fs::Gid::from_raw),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+}
+
+/// chmod of `name` in `dir` (callers never pass a symlink).
+pub fn chmod_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
+    faults::check("chmod")?;
+    rustix::fs::chmodat(
+        dir,
+        name,
+        Mode::from_raw_mode(mode),
+        rustix::fs::AtFlags::empty(),
+    )
+}
+
+/// Hard-link `name` in `dir` to `new` in `new_dir` (a symlink itself, not its target).
+pub fn link_at(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    new_dir: BorrowedFd<'_>,
+    new: &OsStr,
+) -> Result<()> {
+    faults::check("link")?;
+    rustix::fs::linkat(dir, name, new_dir, new, rustix::fs::AtFlags::empty())
+}

@@ -6,6 +6,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
+use super::loc::Loc;
 use super::node::Node;
 use super::{Errno, Kind, ORIGIN_XATTR, ORIGIN_XATTR_TRUSTED, Overlay, Result, is_internal_xattr};
 use crate::sys::{self, OFlags, RenameFlags, Timespec};
@@ -15,9 +16,14 @@ impl Overlay {
         self.work.clone().ok_or(Errno::ROFS)
     }
 
+    /// The upper directory of a directory node, made if there is none yet.
+    pub(crate) fn copy_up_dir(&self, node: &Arc<Node>) -> Result<Arc<OwnedFd>> {
+        Ok(self.copy_up(node, false)?.dir()?.clone())
+    }
+
     /// The upper copy of a node, made if there is none yet (parents first). With
     /// `skip_data` the data is not copied (the caller truncates it to zero anyway).
-    pub(crate) fn copy_up(&self, node: &Arc<Node>, skip_data: bool) -> Result<Arc<OwnedFd>> {
+    pub(crate) fn copy_up(&self, node: &Arc<Node>, skip_data: bool) -> Result<Loc> {
         if let Some(u) = node.state().upper {
             return Ok(u);
         }
@@ -28,12 +34,12 @@ impl Overlay {
             return Ok(u);
         }
         let parent = self.node(st.parent)?;
-        let pu = self.copy_up(&parent, false)?;
+        let pu = self.copy_up_dir(&parent)?;
         let (_, src) = st.lowers.first().ok_or(Errno::IO)?;
-        let stat = sys::fstat(src.as_fd())?;
+        let stat = src.stat()?;
         let tmp = self.tmp_name();
         let w = work.as_fd();
-        let built = self.build_copy(st.kind, src.as_fd(), &stat, w, &tmp, skip_data);
+        let built = self.build_copy(st.kind, src, &stat, w, &tmp, skip_data);
         if let Err(e) = built {
             let _ = remove_any(w, &tmp, st.kind);
             return Err(e);
@@ -51,23 +57,27 @@ impl Overlay {
         if let Some(p) = ptimes {
             let _ = sys::futimens(pu.as_fd(), atime_of(&p), mtime_of(&p));
         }
-        let ufd = Arc::new(sys::open_path_at(pu.as_fd(), &st.name)?);
-        let ust = sys::fstat(ufd.as_fd())?;
+        let upper = if st.kind == Kind::Dir {
+            Loc::Fd(Arc::new(sys::open_path_at(pu.as_fd(), &st.name)?))
+        } else {
+            Loc::At(pu.clone(), st.name.clone())
+        };
+        let ust = upper.stat()?;
         node.update(|s| {
-            s.upper = Some(ufd.clone());
+            s.upper = Some(upper.clone());
             s.backing = (ust.st_dev, ust.st_ino);
             if s.kind != Kind::Dir {
                 s.lowers.clear();
             }
         });
-        Ok(ufd)
+        Ok(upper)
     }
 
     /// Make `work/tmp` a copy of `src` (data unless `skip_data`, owner, mode, xattrs, times).
     fn build_copy(
         &self,
         kind: Kind,
-        src: BorrowedFd<'_>,
+        src: &Loc,
         stat: &sys::Stat,
         work: BorrowedFd<'_>,
         tmp: &OsStr,
@@ -77,7 +87,7 @@ impl Overlay {
         match kind {
             Kind::Dir => sys::mkdir_at(work, tmp, 0o700)?,
             Kind::Symlink => {
-                let target = sys::readlink_fd(src)?;
+                let target = src.readlink()?;
                 sys::symlink_at(&target, work, tmp)?;
             }
             Kind::File => {
@@ -88,7 +98,7 @@ impl Overlay {
                     0o600,
                 )?;
                 if !skip_data && stat.st_size > 0 {
-                    let input = sys::reopen(src, OFlags::RDONLY)?;
+                    let input = src.open(OFlags::RDONLY)?;
                     copy_data(input.as_fd(), out.as_fd(), stat.st_size as u64)?;
                 }
                 if self.opts.fsync {
@@ -119,11 +129,11 @@ impl Overlay {
     }
 
     /// Copy every xattr but the overlay's own markers; tolerate what the upper can't hold.
-    fn copy_xattrs(&self, src: BorrowedFd<'_>, dst: BorrowedFd<'_>, kind: Kind) -> Result<()> {
+    fn copy_xattrs(&self, src: &Loc, dst: BorrowedFd<'_>, kind: Kind) -> Result<()> {
         if self.opts.noxattrs {
             return Ok(());
         }
-        let names = match sys::flistxattr(src) {
+        let names = match src.listxattr() {
             Ok(n) => n,
             Err(Errno::NOTSUP) | Err(Errno::PERM) => return Ok(()),
             Err(e) => return Err(e),
@@ -136,7 +146,7 @@ impl Overlay {
             {
                 continue;
             }
-            let v = match sys::fgetxattr(src, &n) {
+            let v = match src.getxattr(&n) {
                 Ok(v) => v,
                 Err(Errno::OVERFLOW) | Err(Errno::NODATA) => continue,
                 Err(e) => return Err(e),

@@ -5,6 +5,7 @@
 
 mod copyup;
 mod dir;
+mod loc;
 mod node;
 mod write;
 
@@ -21,6 +22,7 @@ use crate::options::{OverlayOptions, XattrPermissions};
 use crate::sys::{self, Errno, OFlags, Stat};
 
 pub use dir::DirEntry;
+use loc::Loc;
 pub use node::ROOT_INO;
 use node::{Node, NodeState, NodeTable};
 
@@ -174,8 +176,8 @@ pub(crate) const WH_PREFIX: &[u8] = b".wh.";
 /// What a lookup of one name across the layers found.
 pub(crate) struct Found {
     pub kind: Kind,
-    pub upper: Option<OwnedFd>,
-    pub lowers: Vec<(u16, OwnedFd)>,
+    pub upper: Option<Loc>,
+    pub lowers: Vec<(u16, Loc)>,
     /// stat of the topmost real file.
     pub top: Stat,
     pub ino: u64,
@@ -327,13 +329,13 @@ impl Overlay {
     fn make_root(&self) -> Result<()> {
         let mut lowers = Vec::new();
         for (i, l) in self.lowers.iter().enumerate() {
-            lowers.push((i as u16, l.fd.clone()));
+            lowers.push((i as u16, Loc::Fd(l.fd.clone())));
             if self.is_opaque(l.fd.as_fd()) {
                 break;
             }
         }
         let upper = self.upper.as_ref().map(|u| u.fd.clone());
-        let top = upper.as_ref().unwrap_or(&lowers[0].1);
+        let top = upper.clone().unwrap_or_else(|| self.lowers[0].fd.clone());
         let st = sys::fstat(top.as_fd())?;
         // An opaque upper root hides every lower layer.
         if let Some(u) = &upper {
@@ -347,7 +349,7 @@ impl Overlay {
                 kind: Kind::Dir,
                 parent: ROOT_INO,
                 name: OsString::new(),
-                upper,
+                upper: upper.map(Loc::Fd),
                 lowers,
                 backing: (st.st_dev, st.st_ino),
                 unlinked: false,
@@ -433,6 +435,7 @@ impl Overlay {
     }
 
     /// Look `name` up across the layers under `parent` without touching the node table.
+    /// Directories found get a handle per layer; files are located by (directory, name).
     pub(crate) fn resolve(
         &self,
         parent_ino: u64,
@@ -448,28 +451,29 @@ impl Overlay {
         let mut kind = None;
         let mut upper = None;
         let mut top: Option<Stat> = None;
-        let mut lowers: Vec<(u16, OwnedFd)> = Vec::new();
+        let mut lowers: Vec<(u16, Loc)> = Vec::new();
         let mut first_lower: Option<Stat> = None;
-        if let Some(u) = &parent.upper {
+        if let Some(u) = parent.upper_dir() {
             match sys::stat_at(u.as_fd(), name) {
                 Ok(st) => {
                     if is_whiteout(&st) {
                         return Ok(None);
                     }
-                    let fd = sys::open_path_at(u.as_fd(), name)?;
                     let k = Kind::from_mode(st.st_mode);
                     if k != Kind::Dir {
-                        let ino = self.upper_file_ino(fd.as_fd(), &st);
+                        let loc = Loc::At(u.clone(), name.to_os_string());
+                        let ino = self.upper_file_ino(&loc, &st);
                         return Ok(Some(Found {
                             kind: k,
-                            upper: Some(fd),
+                            upper: Some(loc),
                             lowers,
                             top: st,
                             ino,
                         }));
                     }
+                    let fd = sys::open_path_at(u.as_fd(), name)?;
                     let opaque = self.is_opaque(fd.as_fd());
-                    upper = Some(fd);
+                    upper = Some(Loc::Fd(Arc::new(fd)));
                     top = Some(st);
                     kind = Some(Kind::Dir);
                     if opaque {
@@ -490,7 +494,7 @@ impl Overlay {
                 Err(e) => return Err(e),
             }
         }
-        for (layer, dfd) in &parent.lowers {
+        for (layer, dfd) in parent.lower_dirs() {
             match sys::stat_at(dfd.as_fd(), name) {
                 Ok(st) => {
                     if is_whiteout(&st) {
@@ -499,8 +503,7 @@ impl Overlay {
                     let k = Kind::from_mode(st.st_mode);
                     match kind {
                         None if k != Kind::Dir => {
-                            let fd = sys::open_path_at(dfd.as_fd(), name)?;
-                            lowers.push((*layer, fd));
+                            lowers.push((layer, Loc::At(dfd.clone(), name.to_os_string())));
                             return Ok(Some(Found {
                                 kind: k,
                                 upper: None,
@@ -512,7 +515,7 @@ impl Overlay {
                         Some(Kind::Dir) | None if k == Kind::Dir => {
                             let fd = sys::open_path_at(dfd.as_fd(), name)?;
                             let opaque = self.is_opaque(fd.as_fd());
-                            lowers.push((*layer, fd));
+                            lowers.push((layer, Loc::Fd(Arc::new(fd))));
                             if first_lower.is_none() {
                                 first_lower = Some(st);
                             }
@@ -551,12 +554,13 @@ impl Overlay {
     }
 
     /// An upper file keeps the inode number of the lower file it was copied up from.
-    fn upper_file_ino(&self, fd: BorrowedFd<'_>, st: &Stat) -> u64 {
+    fn upper_file_ino(&self, loc: &Loc, st: &Stat) -> u64 {
         // One listxattr answers for most files (which have no xattrs at all).
-        let origin = sys::flistxattr(fd)
+        let origin = loc
+            .listxattr()
             .ok()
             .and_then(|names| find_origin_name(&names))
-            .and_then(|n| sys::fgetxattr(fd, n).ok())
+            .and_then(|n| loc.getxattr(n).ok())
             .and_then(|v| parse_origin(&v));
         origin.unwrap_or_else(|| self.map_ino(st))
     }
@@ -580,7 +584,7 @@ impl Overlay {
     /// Is the name visible in some lower layer under `parent` (so removing or renaming the
     /// upper entry must leave a whiteout)?
     pub(crate) fn lower_positive(&self, parent: &NodeState, name: &OsStr) -> Result<bool> {
-        for (_, dfd) in &parent.lowers {
+        for (_, dfd) in parent.lower_dirs() {
             match sys::stat_at(dfd.as_fd(), name) {
                 Ok(st) => return Ok(!is_whiteout(&st)),
                 Err(Errno::NOENT) => {
@@ -601,12 +605,8 @@ impl Overlay {
             parent,
             name: name.to_os_string(),
             backing: (found.top.st_dev, found.top.st_ino),
-            upper: found.upper.map(Arc::new),
-            lowers: found
-                .lowers
-                .into_iter()
-                .map(|(l, fd)| (l, Arc::new(fd)))
-                .collect(),
+            upper: found.upper,
+            lowers: found.lowers,
             unlinked: false,
         }
     }
@@ -636,8 +636,8 @@ impl Overlay {
         let mut rdev = stat.st_rdev;
         let mut kind = Kind::from_mode(stat.st_mode);
         if let Some(x) = self.override_xattr {
-            let top = st.top().as_fd();
-            let mut v = sys::fgetxattr(top, OsStr::new(x));
+            let top = st.top();
+            let mut v = top.getxattr(OsStr::new(x));
             if v.is_err() && self.opts.xattr_permissions == XattrPermissions::User {
                 // Layers written by fuse-overlayfs 1.x carry the older name.
                 let other = if x == OVERRIDE_USER {
@@ -645,7 +645,7 @@ impl Overlay {
                 } else {
                     OVERRIDE_USER
                 };
-                v = sys::fgetxattr(top, OsStr::new(other));
+                v = top.getxattr(OsStr::new(other));
             }
             if let Ok(v) = v {
                 if let Some(o) = parse_override(&v) {
@@ -700,7 +700,7 @@ impl Overlay {
 
     fn node_attr(&self, node: &Node) -> Result<Attr> {
         let st = node.state();
-        let stat = sys::fstat(st.top().as_fd())?;
+        let stat = st.top().stat()?;
         Ok(self.attr_of(node, &st, &stat))
     }
 
@@ -743,7 +743,7 @@ impl Overlay {
         if st.kind != Kind::Symlink {
             return Err(Errno::INVAL);
         }
-        sys::readlink_fd(st.top().as_fd())
+        st.top().readlink()
     }
 
     pub fn statfs(&self) -> Result<FsStats> {
@@ -802,10 +802,9 @@ impl Overlay {
             return Err(Errno::ISDIR);
         }
         let fd = if writes || trunc {
-            let u = self.copy_up(&node, trunc)?;
-            sys::reopen(u.as_fd(), open_flags(flags))?
+            self.copy_up(&node, trunc)?.open(open_flags(flags))?
         } else {
-            sys::reopen(st.top().as_fd(), open_flags(flags))?
+            st.top().open(open_flags(flags))?
         };
         Ok(self.add_handle(Handle::File { fd }))
     }
@@ -865,7 +864,7 @@ impl Overlay {
         }
         let node = self.node(ino)?;
         if let Some(u) = node.state().upper {
-            let fd = sys::reopen(u.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)?;
+            let fd = u.open(OFlags::RDONLY | OFlags::DIRECTORY)?;
             sys::fsync(fd.as_fd(), datasync)?;
         }
         Ok(())
@@ -917,7 +916,7 @@ impl Overlay {
         let node = self.node(ino)?;
         let st = node.state();
         let stored = self.stored_xattr_name(name);
-        sys::fgetxattr(st.top().as_fd(), &stored)
+        st.top().getxattr(&stored)
     }
 
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
@@ -927,7 +926,7 @@ impl Overlay {
         let node = self.node(ino)?;
         let st = node.state();
         let mut out = Vec::new();
-        for n in sys::flistxattr(st.top().as_fd())? {
+        for n in st.top().listxattr()? {
             let b = n.as_bytes();
             let shown: Vec<u8> = if self.opts.xattr_permissions == XattrPermissions::User
                 && b.starts_with(b"user.containers.override_security.")

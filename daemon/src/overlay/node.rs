@@ -2,13 +2,13 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
 use super::Kind;
+use super::loc::Loc;
 
 /// FUSE's root node id.
 pub const ROOT_INO: u64 = 1;
@@ -20,11 +20,11 @@ pub struct NodeState {
     /// One name of this inode (the last one it was looked up or renamed to), for copy-up.
     pub parent: u64,
     pub name: OsString,
-    /// `O_PATH` fd of the upper-layer file, once there is one.
-    pub upper: Option<Arc<OwnedFd>>,
+    /// The upper-layer file, once there is one.
+    pub upper: Option<Loc>,
     /// Directories: the lower directories merged under this one, topmost first, down to the
     /// first opaque one. Other kinds: the one lower file, while there is no upper.
-    pub lowers: Vec<(u16, Arc<OwnedFd>)>,
+    pub lowers: Vec<(u16, Loc)>,
     /// (st_dev, st_ino) of the topmost real file: tells a reused inode number from this one.
     pub backing: (u64, u64),
     /// No name reaches this inode any more (it lives on only through open handles).
@@ -33,10 +33,22 @@ pub struct NodeState {
 
 impl NodeState {
     /// The topmost real file.
-    pub fn top(&self) -> &Arc<OwnedFd> {
+    pub fn top(&self) -> &Loc {
         self.upper
             .as_ref()
             .unwrap_or_else(|| &self.lowers.first().expect("a node has a layer").1)
+    }
+
+    /// A directory's upper part, as a directory handle.
+    pub fn upper_dir(&self) -> Option<&Arc<std::os::fd::OwnedFd>> {
+        self.upper.as_ref().and_then(|l| l.dir().ok())
+    }
+
+    /// A directory's lower parts, as directory handles, topmost first.
+    pub fn lower_dirs(&self) -> impl Iterator<Item = (u16, &Arc<std::os::fd::OwnedFd>)> {
+        self.lowers
+            .iter()
+            .filter_map(|(l, loc)| loc.dir().ok().map(|d| (*l, d)))
     }
 
     /// Merged directory: an upper part and lower parts both.
@@ -121,16 +133,17 @@ impl NodeTable {
                         s.backing != state.backing && !(s.upper.is_some() && state.upper.is_none());
                     if reused || s.unlinked || s.kind != state.kind {
                         *s = state;
-                    } else {
-                        // Keep the fds we have (same files); refresh the name and the layers.
+                    } else if s.kind == Kind::Dir {
+                        // Keep the directory handles we have; refresh the name and layers.
                         if s.upper.is_none() && state.upper.is_some() {
                             s.upper = state.upper;
                         }
-                        if s.kind == Kind::Dir {
-                            s.lowers = state.lowers;
-                        }
+                        s.lowers = state.lowers;
                         s.parent = state.parent;
                         s.name = state.name;
+                    } else if !(s.upper.is_some() && state.upper.is_none()) {
+                        // A file: the name it was just found by is its location now.
+                        *s = state;
                     }
                 });
                 n.clone()

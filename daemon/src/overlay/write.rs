@@ -3,7 +3,9 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
 
+use super::loc::Loc;
 use super::node::NodeState;
 use super::{
     Attr, Caller, Errno, Found, Handle, Kind, OPAQUE_FILE, Overlay, Result, SetAttr, SetTime,
@@ -51,6 +53,35 @@ fn check_new_name(name: &OsStr) -> Result<()> {
         return Err(Errno::NAMETOOLONG);
     }
     Ok(())
+}
+
+/// A file about to lose the name it is reached by keeps an `O_PATH` handle: it may still be
+/// open (fstat reaches the daemon without a file handle) or have other names. The kernel
+/// forgets an unlinked inode as soon as nothing holds it, and the handle goes with the node.
+fn pin(node: &super::node::Node) {
+    node.update(|s| {
+        if s.kind == Kind::Dir {
+            return;
+        }
+        if let Some(u) = &s.upper {
+            if let Ok(p) = u.pin() {
+                s.upper = Some(p);
+            }
+        }
+    });
+}
+
+/// A moved node's new name, and for a file its new location.
+fn relocate(node: &super::node::Node, parent: u64, dir: &Arc<OwnedFd>, name: &OsStr) {
+    node.update(|s| {
+        s.parent = parent;
+        s.name = name.to_os_string();
+        if s.kind != Kind::Dir {
+            if let Some(Loc::At(..)) = s.upper {
+                s.upper = Some(Loc::At(dir.clone(), name.to_os_string()));
+            }
+        }
+    });
 }
 
 /// Remove everything inside a directory (not the directory itself).
@@ -146,7 +177,7 @@ impl Overlay {
     /// The owner a new entry gets on disk, and its mode (setgid directories pass their group
     /// and, to directories, their setgid bit on).
     fn new_owner(&self, caller: Caller, parent: &NodeState, mode: u32) -> Result<(u32, u32, u32)> {
-        let pst = sys::fstat(parent.top().as_fd())?;
+        let pst = parent.top().stat()?;
         let uid = self
             .opts
             .uid_map
@@ -241,7 +272,7 @@ impl Overlay {
         if self.resolve(parent, &ps, name)?.is_some() {
             return Err(Errno::EXIST);
         }
-        let pu = self.copy_up(&p, false)?;
+        let pu = self.copy_up_dir(&p)?;
         Ok((p.state(), pu))
     }
 
@@ -279,7 +310,7 @@ impl Overlay {
             out = Some(fd);
             Ok(())
         })?;
-        let attr = self.intern_new(parent, pu.as_fd(), name)?;
+        let attr = self.intern_new(parent, &pu, name)?;
         let fh = self.add_handle(Handle::File {
             fd: out.expect("built"),
         });
@@ -298,7 +329,7 @@ impl Overlay {
             }
             Ok(())
         })?;
-        self.intern_new(parent, pu.as_fd(), name)
+        self.intern_new(parent, &pu, name)
     }
 
     pub fn mknod(
@@ -316,7 +347,7 @@ impl Overlay {
             let fd = sys::open_path_at(dir, nm)?;
             self.set_new_owner(fd.as_fd(), uid, gid, mode)
         })?;
-        self.intern_new(parent, pu.as_fd(), name)
+        self.intern_new(parent, &pu, name)
     }
 
     pub fn symlink(
@@ -337,7 +368,7 @@ impl Overlay {
             }
             sys::fchown(fd.as_fd(), Some(uid), Some(gid))
         })?;
-        self.intern_new(parent, pu.as_fd(), name)
+        self.intern_new(parent, &pu, name)
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
@@ -348,19 +379,24 @@ impl Overlay {
         let (_, npu) = self.prepare_new(newparent, newname)?;
         let u = self.copy_up(&node, false)?;
         self.place_new(npu.as_fd(), newname, false, &mut |dir, nm| {
-            sys::link_fd(u.as_fd(), dir, nm)
+            u.link_to(dir, nm)
         })?;
         self.lookup(newparent, newname)
     }
 
     /// The node of an entry just made in the upper directory `pu` (one kernel reference).
     /// A new entry has no lower part, so there is nothing to probe below.
-    fn intern_new(&self, parent: u64, pu: BorrowedFd<'_>, name: &OsStr) -> Result<Attr> {
-        let fd = sys::open_path_at(pu, name)?;
-        let top = sys::fstat(fd.as_fd())?;
+    fn intern_new(&self, parent: u64, pu: &Arc<OwnedFd>, name: &OsStr) -> Result<Attr> {
+        let top = sys::stat_at(pu.as_fd(), name)?;
+        let kind = Kind::from_mode(top.st_mode);
+        let loc = if kind == Kind::Dir {
+            Loc::Fd(Arc::new(sys::open_path_at(pu.as_fd(), name)?))
+        } else {
+            Loc::At(pu.clone(), name.to_os_string())
+        };
         let found = Found {
-            kind: Kind::from_mode(top.st_mode),
-            upper: Some(fd),
+            kind,
+            upper: Some(loc),
             lowers: Vec::new(),
             ino: self.map_ino(&top),
             top,
@@ -389,7 +425,8 @@ impl Overlay {
         }
         let has_upper = found.upper.is_some();
         let node = self.node_of(found, parent, name);
-        let pu = self.copy_up(&p, false)?;
+        pin(&node);
+        let pu = self.copy_up_dir(&p)?;
         let ps = p.state();
         if has_upper {
             if self.lower_positive(&ps, name)? {
@@ -401,11 +438,10 @@ impl Overlay {
             self.make_whiteout(pu.as_fd(), name)?;
         }
         let st = node.state();
-        let gone = st.upper.as_ref().is_none_or(|u| {
-            sys::fstat(u.as_fd())
-                .map(|s| s.st_nlink == 0)
-                .unwrap_or(true)
-        });
+        let gone = st
+            .upper
+            .as_ref()
+            .is_none_or(|u| u.stat().map(|s| s.st_nlink == 0).unwrap_or(true));
         if gone {
             node.update(|s| s.unlinked = true);
         }
@@ -460,7 +496,7 @@ impl Overlay {
         if !self.merged_is_empty(&cs)? {
             return Err(Errno::NOTEMPTY);
         }
-        let pu = self.copy_up(&p, false)?;
+        let pu = self.copy_up_dir(&p)?;
         let ps = p.state();
         let lower = has_lowers || (has_upper && self.lower_positive(&ps, name)?);
         if has_upper {
@@ -542,14 +578,17 @@ impl Overlay {
                 }
             }
             let n = self.node_of(d, newparent, newname);
+            if !exchange {
+                pin(&n);
+            }
             if !exchange && n.kind() == Kind::Dir && !self.merged_is_empty(&n.state())? {
                 return Err(Errno::NOTEMPTY);
             }
             dst_node = Some(n);
         }
         let src_node = self.node_of(src, parent, name);
-        let pu = self.copy_up(&p, false)?;
-        let npu = self.copy_up(&np, false)?;
+        let pu = self.copy_up_dir(&p)?;
+        let npu = self.copy_up_dir(&np)?;
         self.copy_up(&src_node, false)?;
         if exchange {
             if let Some(d) = &dst_node {
@@ -574,15 +613,9 @@ impl Overlay {
             if dst_kind == Some(Kind::Dir) && src_lower {
                 self.set_opaque(pu.as_fd(), name)?;
             }
-            src_node.update(|s| {
-                s.parent = newparent;
-                s.name = newname.to_os_string();
-            });
+            relocate(&src_node, newparent, &npu, newname);
             if let Some(d) = &dst_node {
-                d.update(|s| {
-                    s.parent = parent;
-                    s.name = name.to_os_string();
-                });
+                relocate(d, parent, &pu, name);
             }
             return Ok(());
         }
@@ -623,17 +656,13 @@ impl Overlay {
         if src_kind == Kind::Dir && dst_lower {
             self.set_opaque(npu.as_fd(), newname)?;
         }
-        src_node.update(|s| {
-            s.parent = newparent;
-            s.name = newname.to_os_string();
-        });
+        relocate(&src_node, newparent, &npu, newname);
         if let Some(d) = dst_node {
             let st = d.state();
-            let gone = st.upper.as_ref().is_none_or(|u| {
-                sys::fstat(u.as_fd())
-                    .map(|s| s.st_nlink == 0)
-                    .unwrap_or(true)
-            });
+            let gone = st
+                .upper
+                .as_ref()
+                .is_none_or(|u| u.stat().map(|s| s.st_nlink == 0).unwrap_or(true));
             if gone || st.kind == Kind::Dir {
                 d.update(|s| s.unlinked = true);
             }
@@ -672,9 +701,9 @@ impl Overlay {
         let st = node.state();
         if let Some(x) = self.override_xattr {
             if set.mode.is_some() || set.uid.is_some() || set.gid.is_some() {
-                let cur = sys::fstat(u.as_fd())?;
+                let cur = u.stat()?;
                 let (mut uid, mut gid, mut mode) = (cur.st_uid, cur.st_gid, cur.st_mode);
-                if let Ok(v) = sys::fgetxattr(u.as_fd(), OsStr::new(x)) {
+                if let Ok(v) = u.getxattr(OsStr::new(x)) {
                     if let Some(o) = super::parse_override(&v) {
                         (uid, gid, mode) = (o.uid, o.gid, o.mode);
                     }
@@ -688,12 +717,7 @@ impl Overlay {
                 if let Some(n) = set.gid {
                     gid = self.disk_gid(n)?;
                 }
-                sys::fsetxattr(
-                    u.as_fd(),
-                    OsStr::new(x),
-                    &format_override(uid, gid, mode),
-                    0,
-                )?;
+                u.setxattr(OsStr::new(x), &format_override(uid, gid, mode), 0)?;
             }
         } else {
             if set.uid.is_some() || set.gid.is_some() {
@@ -703,12 +727,12 @@ impl Overlay {
                 if !squash {
                     let uid = set.uid.map(|n| self.disk_uid(n)).transpose()?;
                     let gid = set.gid.map(|n| self.disk_gid(n)).transpose()?;
-                    sys::fchown(u.as_fd(), uid, gid)?;
+                    u.chown(uid, gid)?;
                 }
             }
             if let Some(m) = set.mode {
                 if st.kind != Kind::Symlink {
-                    sys::fchmod(u.as_fd(), m & 0o7777)?;
+                    u.chmod(m & 0o7777)?;
                 }
             }
         }
@@ -723,7 +747,7 @@ impl Overlay {
             match by_handle {
                 Some(r) => r?,
                 None => {
-                    let fd = sys::reopen(u.as_fd(), OFlags::WRONLY)?;
+                    let fd = u.open(OFlags::WRONLY)?;
                     sys::ftruncate(fd.as_fd(), size)?;
                 }
             }
@@ -743,13 +767,7 @@ impl Overlay {
                     tv_nsec: ns as _,
                 },
             };
-            if st.kind == Kind::Symlink {
-                let parent = self.node(st.parent)?;
-                let pu = self.copy_up(&parent, false)?;
-                sys::utimens_at(pu.as_fd(), &st.name, ts(set.atime), ts(set.mtime))?;
-            } else {
-                sys::futimens(u.as_fd(), ts(set.atime), ts(set.mtime))?;
-            }
+            u.utimens(ts(set.atime), ts(set.mtime))?;
         }
         self.getattr(ino, fh)
     }
@@ -772,7 +790,7 @@ impl Overlay {
         }
         let node = self.node(ino)?;
         let u = self.copy_up(&node, false)?;
-        sys::fsetxattr(u.as_fd(), &self.stored_xattr_name(name), value, flags)
+        u.setxattr(&self.stored_xattr_name(name), value, flags)
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
@@ -787,8 +805,8 @@ impl Overlay {
         // Nothing to remove: no need to copy up.
         let st = node.state();
         let stored = self.stored_xattr_name(name);
-        sys::fgetxattr(st.top().as_fd(), &stored)?;
+        st.top().getxattr(&stored)?;
         let u = self.copy_up(&node, false)?;
-        sys::fremovexattr(u.as_fd(), &stored)
+        u.removexattr(&stored)
     }
 }
