@@ -152,7 +152,6 @@ fn containerd_mount_fuse3_helper() {
         .unwrap_or_else(|e| panic!("mount.fuse3: {e}"));
     let info = mount_at(&m.mnt).unwrap();
     assert_eq!(info.fstype, "fuse.rustfuse");
-    assert_eq!(info.source, "overlay");
     assert!(g.daemon_pid().is_some(), "daemon process not found");
     assert_works(g.root());
     run_ok(Command::new("fusermount3").arg("-u").arg(&m.mnt));
@@ -212,8 +211,8 @@ done
     assert!(
         out.stdout
             .lines()
-            .any(|l| l.starts_with("fuse.rustfuse: ") && l.contains(" - fuse.rustfuse overlay ")),
-        "mountinfo does not show type fuse.rustfuse, source overlay:\n{}",
+            .any(|l| l.starts_with("fuse.rustfuse: ") && l.contains(" - fuse.rustfuse ")),
+        "mountinfo does not show type fuse.rustfuse:\n{}",
         out.stdout
     );
     if out.stdout.contains("fuse3.rustfuse: content: from lower") {
@@ -411,6 +410,8 @@ fn stdio_pipes_are_closed_when_the_command_returns() {
     g.unmount().unwrap();
 }
 
+/// Every write is refused with EROFS before anything else is checked (as kernel overlayfs
+/// without upperdir: `rmdir` of a non-empty directory is EROFS, not ENOTEMPTY).
 #[test]
 fn read_only_mount_answers_erofs() {
     if !env::require_bin_under_test() {
