@@ -269,9 +269,11 @@ impl Overlay {
         if ps.kind != Kind::Dir {
             return Err(Errno::NOTDIR);
         }
-        if self.resolve(parent, &ps, name)?.is_some() {
-            return Err(Errno::EXIST);
-        }
+        // The name is known to be absent from the merged view: FUSE sends create, mkdir,
+        // mknod, symlink and link only for a name the kernel has just looked up negative, and
+        // holds the directory locked. Layers below never change and this daemon is the only
+        // writer of the upper one, so no probe of every layer is needed here; an entry in the
+        // upper layer is still refused (EEXIST) when the new one is placed.
         let pu = self.copy_up_dir(&p)?;
         Ok((p.state(), pu))
     }
