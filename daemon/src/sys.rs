@@ -517,6 +517,13 @@ pub fn raise_nofile_limit() {
     }
 }
 
+/// The soft RLIMIT_NOFILE.
+pub fn nofile_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(1 << 20)
+}
+
 pub fn geteuid() -> u32 {
     rustix::process::geteuid().as_raw()
 }

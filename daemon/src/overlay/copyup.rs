@@ -6,10 +6,22 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
-use super::loc::Loc;
+use super::loc::{DirHandle, Loc};
 use super::node::Node;
 use super::{Errno, Kind, ORIGIN_XATTR, ORIGIN_XATTR_TRUSTED, Overlay, Result, is_internal_xattr};
 use crate::sys::{self, OFlags, RenameFlags, Timespec};
+
+/// A directory's upper part, ready for use: its handle and an fd.
+pub(crate) struct UpperDir {
+    pub h: Arc<DirHandle>,
+    pub fd: Arc<OwnedFd>,
+}
+
+impl AsFd for UpperDir {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
 
 impl Overlay {
     pub(crate) fn work_fd(&self) -> Result<Arc<OwnedFd>> {
@@ -17,8 +29,11 @@ impl Overlay {
     }
 
     /// The upper directory of a directory node, made if there is none yet.
-    pub(crate) fn copy_up_dir(&self, node: &Arc<Node>) -> Result<Arc<OwnedFd>> {
-        Ok(self.copy_up(node, false)?.dir()?.clone())
+    pub(crate) fn copy_up_dir(&self, node: &Arc<Node>) -> Result<UpperDir> {
+        let loc = self.copy_up(node, false)?;
+        let h = loc.dir_handle().ok_or(Errno::NOTDIR)?.clone();
+        let fd = h.fd()?;
+        Ok(UpperDir { h, fd })
     }
 
     /// The upper copy of a node, made if there is none yet (parents first). With
@@ -58,9 +73,10 @@ impl Overlay {
             let _ = sys::futimens(pu.as_fd(), atime_of(&p), mtime_of(&p));
         }
         let upper = if st.kind == Kind::Dir {
-            Loc::Fd(Arc::new(sys::open_path_at(pu.as_fd(), &st.name)?))
+            let fd = sys::open_path_at(pu.as_fd(), &st.name)?;
+            Loc::Dir(DirHandle::child(&pu.h, &st.name, fd))
         } else {
-            Loc::At(pu.clone(), st.name.clone())
+            Loc::At(pu.h.clone(), st.name.clone())
         };
         let ust = upper.stat()?;
         node.update(|s| {

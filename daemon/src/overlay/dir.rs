@@ -41,10 +41,10 @@ impl Overlay {
         let mut index: HashMap<OsString, usize> = HashMap::new();
         let mut hidden: HashSet<OsString> = HashSet::new();
         let layers = st
-            .upper_dir()
+            .upper_dir()?
             .into_iter()
-            .map(|fd| (true, fd))
-            .chain(st.lower_dirs().map(|(_, fd)| (false, fd)));
+            .map(|(_, fd)| (true, fd))
+            .chain(st.lower_dirs()?.into_iter().map(|(_, _, fd)| (false, fd)));
         for (is_upper, fd) in layers {
             let dev = sys::fstat(fd.as_fd())?.st_dev;
             let mut this_hidden = Vec::new();

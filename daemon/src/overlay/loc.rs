@@ -1,33 +1,155 @@
-//! Where a layer file is: an `O_PATH` fd (directories, and files whose name is gone), or a
-//! directory fd and a name (every other file). Files hold no descriptor of their own, so a
-//! mount of millions of files needs descriptors only for the directories in use.
+//! Where a layer file is. Files are a directory handle and a name; directories are a handle
+//! that holds an `O_PATH` fd only while cached, and otherwise reopens itself from its
+//! parent's handle and its name. The number of cached directory fds is bounded (a clock
+//! sweep drops the least recently used), so a mount of any size needs a bounded number of
+//! descriptors. Layer roots are never dropped.
 
+use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 
 use super::Result;
 use crate::sys::{self, Errno, OFlags, Stat, Timespec};
 
+/// A directory in one layer.
+pub struct DirHandle {
+    /// Where it is reopened from: the parent's handle in the same layer and the name there.
+    /// `None` for a layer root, whose fd is kept for the mount's lifetime.
+    origin: Mutex<Option<(Arc<DirHandle>, OsString)>>,
+    fd: Mutex<Option<Arc<OwnedFd>>>,
+    /// Clock bit: used since the last sweep.
+    used: AtomicBool,
+}
+
+struct Cache {
+    queue: Mutex<VecDeque<Weak<DirHandle>>>,
+    cached: AtomicUsize,
+    budget: AtomicUsize,
+}
+
+static CACHE: Cache = Cache {
+    queue: Mutex::new(VecDeque::new()),
+    cached: AtomicUsize::new(0),
+    budget: AtomicUsize::new(4096),
+};
+
+/// How many directory fds may stay open (set from RLIMIT_NOFILE at mount).
+pub fn set_dir_fd_budget(n: usize) {
+    CACHE.budget.store(n.max(16), Ordering::Relaxed);
+}
+
+/// Directory fds held open right now (for tests and diagnostics).
+pub fn cached_dir_fds() -> usize {
+    CACHE.cached.load(Ordering::Relaxed)
+}
+
+impl DirHandle {
+    pub fn root(fd: Arc<OwnedFd>) -> Arc<DirHandle> {
+        Arc::new(DirHandle {
+            origin: Mutex::new(None),
+            fd: Mutex::new(Some(fd)),
+            used: AtomicBool::new(true),
+        })
+    }
+
+    /// A subdirectory `name` of `parent`, with the fd just opened for it.
+    pub fn child(parent: &Arc<DirHandle>, name: &OsStr, fd: OwnedFd) -> Arc<DirHandle> {
+        let h = Arc::new(DirHandle {
+            origin: Mutex::new(Some((parent.clone(), name.to_os_string()))),
+            fd: Mutex::new(Some(Arc::new(fd))),
+            used: AtomicBool::new(true),
+        });
+        cache_insert(&h);
+        h
+    }
+
+    /// The directory's fd, reopened through its parent if it was dropped.
+    pub fn fd(self: &Arc<Self>) -> Result<Arc<OwnedFd>> {
+        self.used.store(true, Ordering::Relaxed);
+        let mut slot = self.fd.lock();
+        if let Some(fd) = &*slot {
+            return Ok(fd.clone());
+        }
+        let (parent, name) = self.origin.lock().clone().ok_or(Errno::STALE)?;
+        let pfd = parent.fd()?;
+        let fd = Arc::new(sys::open_path_at(pfd.as_fd(), &name)?);
+        *slot = Some(fd.clone());
+        drop(slot);
+        cache_insert(self);
+        Ok(fd)
+    }
+
+    /// The directory was renamed (its fd, if held, still points at it).
+    pub fn moved(&self, parent: &Arc<DirHandle>, name: &OsStr) {
+        let mut o = self.origin.lock();
+        if o.is_some() {
+            *o = Some((parent.clone(), name.to_os_string()));
+        }
+    }
+}
+
+impl Drop for DirHandle {
+    fn drop(&mut self) {
+        if self.origin.get_mut().is_some() && self.fd.get_mut().is_some() {
+            CACHE.cached.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn cache_insert(h: &Arc<DirHandle>) {
+    let n = CACHE.cached.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut q = CACHE.queue.lock();
+    q.push_back(Arc::downgrade(h));
+    let budget = CACHE.budget.load(Ordering::Relaxed);
+    if n <= budget {
+        return;
+    }
+    // Clock sweep: drop fds of handles not used since the last pass, down to 3/4 of the
+    // budget. In-flight operations hold their own clone of an fd, so nothing breaks.
+    let target = budget * 3 / 4;
+    let mut steps = q.len() * 2;
+    while CACHE.cached.load(Ordering::Relaxed) > target && steps > 0 {
+        steps -= 1;
+        let Some(w) = q.pop_front() else { break };
+        let Some(h) = w.upgrade() else { continue };
+        if h.used.swap(false, Ordering::Relaxed) {
+            q.push_back(w);
+            continue;
+        }
+        if h.fd.lock().take().is_some() {
+            CACHE.cached.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 #[derive(Clone)]
 pub enum Loc {
+    /// A pinned file (an `O_PATH` fd), e.g. one unlinked while open.
     Fd(Arc<OwnedFd>),
-    At(Arc<OwnedFd>, OsString),
+    /// A directory.
+    Dir(Arc<DirHandle>),
+    /// A file: its directory and its name there.
+    At(Arc<DirHandle>, OsString),
 }
 
 impl Loc {
-    /// The directory handle of a directory's location.
-    pub fn dir(&self) -> Result<&Arc<OwnedFd>> {
+    /// The handle of a directory's location.
+    pub fn dir_handle(&self) -> Option<&Arc<DirHandle>> {
         match self {
-            Loc::Fd(fd) => Ok(fd),
-            Loc::At(..) => Err(Errno::NOTDIR),
+            Loc::Dir(h) => Some(h),
+            _ => None,
         }
     }
 
     pub fn stat(&self) -> Result<Stat> {
         match self {
             Loc::Fd(fd) => sys::fstat(fd.as_fd()),
-            Loc::At(d, n) => sys::stat_at(d.as_fd(), n),
+            Loc::Dir(h) => sys::fstat(h.fd()?.as_fd()),
+            Loc::At(d, n) => sys::stat_at(d.fd()?.as_fd(), n),
         }
     }
 
@@ -35,8 +157,9 @@ impl Loc {
     pub fn open(&self, flags: OFlags) -> Result<OwnedFd> {
         match self {
             Loc::Fd(fd) => sys::reopen(fd.as_fd(), flags),
+            Loc::Dir(h) => sys::reopen(h.fd()?.as_fd(), flags),
             Loc::At(d, n) => sys::open_at(
-                d.as_fd(),
+                d.fd()?.as_fd(),
                 n,
                 flags & !(OFlags::CREATE | OFlags::EXCL | OFlags::NOCTTY),
                 0,
@@ -47,50 +170,56 @@ impl Loc {
     /// An `O_PATH` fd, for a file about to lose the name it is reached by.
     pub fn pin(&self) -> Result<Loc> {
         match self {
-            Loc::Fd(_) => Ok(self.clone()),
-            Loc::At(d, n) => Ok(Loc::Fd(Arc::new(sys::open_path_at(d.as_fd(), n)?))),
+            Loc::Fd(_) | Loc::Dir(_) => Ok(self.clone()),
+            Loc::At(d, n) => Ok(Loc::Fd(Arc::new(sys::open_path_at(d.fd()?.as_fd(), n)?))),
         }
     }
 
     pub fn readlink(&self) -> Result<OsString> {
         match self {
             Loc::Fd(fd) => sys::readlink_fd(fd.as_fd()),
-            Loc::At(d, n) => sys::readlink_at(d.as_fd(), n),
+            Loc::Dir(h) => sys::readlink_fd(h.fd()?.as_fd()),
+            Loc::At(d, n) => sys::readlink_at(d.fd()?.as_fd(), n),
         }
     }
 
     pub fn getxattr(&self, attr: &OsStr) -> Result<Vec<u8>> {
         match self {
             Loc::Fd(fd) => sys::fgetxattr(fd.as_fd(), attr),
-            Loc::At(d, n) => sys::getxattr_at(d.as_fd(), n, attr),
+            Loc::Dir(h) => sys::fgetxattr(h.fd()?.as_fd(), attr),
+            Loc::At(d, n) => sys::getxattr_at(d.fd()?.as_fd(), n, attr),
         }
     }
 
     pub fn listxattr(&self) -> Result<Vec<OsString>> {
         match self {
             Loc::Fd(fd) => sys::flistxattr(fd.as_fd()),
-            Loc::At(d, n) => sys::listxattr_at(d.as_fd(), n),
+            Loc::Dir(h) => sys::flistxattr(h.fd()?.as_fd()),
+            Loc::At(d, n) => sys::listxattr_at(d.fd()?.as_fd(), n),
         }
     }
 
     pub fn setxattr(&self, attr: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         match self {
             Loc::Fd(fd) => sys::fsetxattr(fd.as_fd(), attr, value, flags),
-            Loc::At(d, n) => sys::setxattr_at_flags(d.as_fd(), n, attr, value, flags),
+            Loc::Dir(h) => sys::fsetxattr(h.fd()?.as_fd(), attr, value, flags),
+            Loc::At(d, n) => sys::setxattr_at_flags(d.fd()?.as_fd(), n, attr, value, flags),
         }
     }
 
     pub fn removexattr(&self, attr: &OsStr) -> Result<()> {
         match self {
             Loc::Fd(fd) => sys::fremovexattr(fd.as_fd(), attr),
-            Loc::At(d, n) => sys::removexattr_at(d.as_fd(), n, attr),
+            Loc::Dir(h) => sys::fremovexattr(h.fd()?.as_fd(), attr),
+            Loc::At(d, n) => sys::removexattr_at(d.fd()?.as_fd(), n, attr),
         }
     }
 
     pub fn chown(&self, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
         match self {
             Loc::Fd(fd) => sys::fchown(fd.as_fd(), uid, gid),
-            Loc::At(d, n) => sys::chown_at(d.as_fd(), n, uid, gid),
+            Loc::Dir(h) => sys::fchown(h.fd()?.as_fd(), uid, gid),
+            Loc::At(d, n) => sys::chown_at(d.fd()?.as_fd(), n, uid, gid),
         }
     }
 
@@ -98,7 +227,8 @@ impl Loc {
     pub fn chmod(&self, mode: u32) -> Result<()> {
         match self {
             Loc::Fd(fd) => sys::fchmod(fd.as_fd(), mode),
-            Loc::At(d, n) => sys::chmod_at(d.as_fd(), n, mode),
+            Loc::Dir(h) => sys::fchmod(h.fd()?.as_fd(), mode),
+            Loc::At(d, n) => sys::chmod_at(d.fd()?.as_fd(), n, mode),
         }
     }
 
@@ -106,7 +236,8 @@ impl Loc {
     pub fn utimens(&self, atime: Timespec, mtime: Timespec) -> Result<()> {
         match self {
             Loc::Fd(fd) => sys::futimens(fd.as_fd(), atime, mtime),
-            Loc::At(d, n) => sys::utimens_at(d.as_fd(), n, atime, mtime),
+            Loc::Dir(h) => sys::futimens(h.fd()?.as_fd(), atime, mtime),
+            Loc::At(d, n) => sys::utimens_at(d.fd()?.as_fd(), n, atime, mtime),
         }
     }
 
@@ -114,7 +245,8 @@ impl Loc {
     pub fn link_to(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
         match self {
             Loc::Fd(fd) => sys::link_fd(fd.as_fd(), dir, name),
-            Loc::At(d, n) => sys::link_at(d.as_fd(), n, dir, name),
+            Loc::Dir(h) => sys::link_fd(h.fd()?.as_fd(), dir, name),
+            Loc::At(d, n) => sys::link_at(d.fd()?.as_fd(), n, dir, name),
         }
     }
 }

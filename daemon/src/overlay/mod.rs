@@ -22,7 +22,8 @@ use crate::options::{OverlayOptions, XattrPermissions};
 use crate::sys::{self, Errno, OFlags, Stat};
 
 pub use dir::DirEntry;
-use loc::Loc;
+pub use loc::cached_dir_fds;
+use loc::{DirHandle, Loc};
 pub use node::ROOT_INO;
 use node::{Node, NodeState, NodeTable};
 
@@ -281,6 +282,9 @@ impl Overlay {
                 work = Some(Arc::new(wk));
             }
         }
+        // Directory fds are cached within half the descriptor limit; the rest is for open
+        // files and the process itself.
+        loc::set_dir_fd_budget((sys::nofile_limit().saturating_sub(512) / 2) as usize);
         let mut devs = Vec::new();
         for l in upper.iter().chain(lowers.iter()) {
             if let Ok(st) = sys::fstat(l.fd.as_fd()) {
@@ -329,7 +333,7 @@ impl Overlay {
     fn make_root(&self) -> Result<()> {
         let mut lowers = Vec::new();
         for (i, l) in self.lowers.iter().enumerate() {
-            lowers.push((i as u16, Loc::Fd(l.fd.clone())));
+            lowers.push((i as u16, Loc::Dir(DirHandle::root(l.fd.clone()))));
             if self.is_opaque(l.fd.as_fd()) {
                 break;
             }
@@ -349,7 +353,7 @@ impl Overlay {
                 kind: Kind::Dir,
                 parent: ROOT_INO,
                 name: OsString::new(),
-                upper: upper.map(Loc::Fd),
+                upper: upper.map(|u| Loc::Dir(DirHandle::root(u))),
                 lowers,
                 backing: (st.st_dev, st.st_ino),
                 unlinked: false,
@@ -453,7 +457,7 @@ impl Overlay {
         let mut top: Option<Stat> = None;
         let mut lowers: Vec<(u16, Loc)> = Vec::new();
         let mut first_lower: Option<Stat> = None;
-        if let Some(u) = parent.upper_dir() {
+        if let Some((uh, u)) = parent.upper_dir()? {
             match sys::stat_at(u.as_fd(), name) {
                 Ok(st) => {
                     if is_whiteout(&st) {
@@ -461,7 +465,7 @@ impl Overlay {
                     }
                     let k = Kind::from_mode(st.st_mode);
                     if k != Kind::Dir {
-                        let loc = Loc::At(u.clone(), name.to_os_string());
+                        let loc = Loc::At(uh.clone(), name.to_os_string());
                         let ino = self.upper_file_ino(&loc, &st);
                         return Ok(Some(Found {
                             kind: k,
@@ -473,7 +477,7 @@ impl Overlay {
                     }
                     let fd = sys::open_path_at(u.as_fd(), name)?;
                     let opaque = self.is_opaque(fd.as_fd());
-                    upper = Some(Loc::Fd(Arc::new(fd)));
+                    upper = Some(Loc::Dir(DirHandle::child(&uh, name, fd)));
                     top = Some(st);
                     kind = Some(Kind::Dir);
                     if opaque {
@@ -494,7 +498,7 @@ impl Overlay {
                 Err(e) => return Err(e),
             }
         }
-        for (layer, dfd) in parent.lower_dirs() {
+        for (layer, lh, dfd) in parent.lower_dirs()? {
             match sys::stat_at(dfd.as_fd(), name) {
                 Ok(st) => {
                     if is_whiteout(&st) {
@@ -503,7 +507,7 @@ impl Overlay {
                     let k = Kind::from_mode(st.st_mode);
                     match kind {
                         None if k != Kind::Dir => {
-                            lowers.push((layer, Loc::At(dfd.clone(), name.to_os_string())));
+                            lowers.push((layer, Loc::At(lh.clone(), name.to_os_string())));
                             return Ok(Some(Found {
                                 kind: k,
                                 upper: None,
@@ -515,7 +519,7 @@ impl Overlay {
                         Some(Kind::Dir) | None if k == Kind::Dir => {
                             let fd = sys::open_path_at(dfd.as_fd(), name)?;
                             let opaque = self.is_opaque(fd.as_fd());
-                            lowers.push((layer, Loc::Fd(Arc::new(fd))));
+                            lowers.push((layer, Loc::Dir(DirHandle::child(&lh, name, fd))));
                             if first_lower.is_none() {
                                 first_lower = Some(st);
                             }
@@ -584,7 +588,7 @@ impl Overlay {
     /// Is the name visible in some lower layer under `parent` (so removing or renaming the
     /// upper entry must leave a whiteout)?
     pub(crate) fn lower_positive(&self, parent: &NodeState, name: &OsStr) -> Result<bool> {
-        for (_, dfd) in parent.lower_dirs() {
+        for (_, _, dfd) in parent.lower_dirs()? {
             match sys::stat_at(dfd.as_fd(), name) {
                 Ok(st) => return Ok(!is_whiteout(&st)),
                 Err(Errno::NOENT) => {

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 
 use super::Kind;
-use super::loc::Loc;
+use super::loc::{DirHandle, Loc};
+use std::os::fd::OwnedFd;
 
 /// FUSE's root node id.
 pub const ROOT_INO: u64 = 1;
@@ -39,16 +40,23 @@ impl NodeState {
             .unwrap_or_else(|| &self.lowers.first().expect("a node has a layer").1)
     }
 
-    /// A directory's upper part, as a directory handle.
-    pub fn upper_dir(&self) -> Option<&Arc<std::os::fd::OwnedFd>> {
-        self.upper.as_ref().and_then(|l| l.dir().ok())
+    /// A directory's upper part: its handle and fd.
+    pub fn upper_dir(&self) -> super::Result<Option<(Arc<DirHandle>, Arc<OwnedFd>)>> {
+        match self.upper.as_ref().and_then(|l| l.dir_handle()) {
+            Some(h) => Ok(Some((h.clone(), h.fd()?))),
+            None => Ok(None),
+        }
     }
 
-    /// A directory's lower parts, as directory handles, topmost first.
-    pub fn lower_dirs(&self) -> impl Iterator<Item = (u16, &Arc<std::os::fd::OwnedFd>)> {
-        self.lowers
-            .iter()
-            .filter_map(|(l, loc)| loc.dir().ok().map(|d| (*l, d)))
+    /// A directory's lower parts (layer, handle, fd), topmost first.
+    pub fn lower_dirs(&self) -> super::Result<Vec<(u16, Arc<DirHandle>, Arc<OwnedFd>)>> {
+        let mut out = Vec::with_capacity(self.lowers.len());
+        for (l, loc) in &self.lowers {
+            if let Some(h) = loc.dir_handle() {
+                out.push((*l, h.clone(), h.fd()?));
+            }
+        }
+        Ok(out)
     }
 
     /// Merged directory: an upper part and lower parts both.

@@ -247,3 +247,43 @@ fn inode_tables_stay_bounded() {
     }
     assert_eq!(ov.node_count(), base, "FORGET must drop the nodes");
 }
+
+#[test]
+fn directory_fds_stay_within_budget() {
+    let _g = SERIAL.lock();
+    let l = Layers::new("dir-budget");
+    for i in 0..300 {
+        fs::create_dir_all(l.p(&format!("lower/d{i}/sub"))).unwrap();
+        fs::write(l.p(&format!("lower/d{i}/sub/f")), format!("{i}")).unwrap();
+    }
+    let ov = l.overlay();
+    super::loc::set_dir_fd_budget(32);
+    let mut subs = Vec::new();
+    for i in 0..300 {
+        let d = ov.lookup(ROOT_INO, OsStr::new(&format!("d{i}"))).unwrap();
+        subs.push(ov.lookup(d.ino, OsStr::new("sub")).unwrap().ino);
+        assert!(
+            super::loc::cached_dir_fds() <= 40,
+            "{} directory fds cached over a budget of 32",
+            super::loc::cached_dir_fds()
+        );
+    }
+    // Every directory still works after its fd was dropped: reopened through its parent.
+    for (i, sub) in subs.iter().enumerate() {
+        let f = ov.lookup(*sub, OsStr::new("f")).unwrap();
+        let fh = ov.open(f.ino, libc::O_RDONLY).unwrap();
+        assert_eq!(ov.read(fh, 0, 16).unwrap(), format!("{i}").into_bytes());
+        ov.release(fh);
+    }
+    // Writes too: copy-up of a directory whose handles were evicted.
+    let fh = ov
+        .open(
+            ov.lookup(subs[0], OsStr::new("f")).unwrap().ino,
+            libc::O_WRONLY,
+        )
+        .unwrap();
+    ov.write(fh, 0, b"x").unwrap();
+    ov.release(fh);
+    assert!(l.p("upper/d0/sub/f").exists());
+    super::loc::set_dir_fd_budget(4096);
+}

@@ -3,9 +3,9 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
 
-use super::loc::Loc;
+use super::copyup::UpperDir;
+use super::loc::{DirHandle, Loc};
 use super::node::NodeState;
 use super::{
     Attr, Caller, Errno, Found, Handle, Kind, OPAQUE_FILE, Overlay, Result, SetAttr, SetTime,
@@ -72,14 +72,14 @@ fn pin(node: &super::node::Node) {
 }
 
 /// A moved node's new name, and for a file its new location.
-fn relocate(node: &super::node::Node, parent: u64, dir: &Arc<OwnedFd>, name: &OsStr) {
+fn relocate(node: &super::node::Node, parent: u64, dir: &UpperDir, name: &OsStr) {
     node.update(|s| {
         s.parent = parent;
         s.name = name.to_os_string();
-        if s.kind != Kind::Dir {
-            if let Some(Loc::At(..)) = s.upper {
-                s.upper = Some(Loc::At(dir.clone(), name.to_os_string()));
-            }
+        match &s.upper {
+            Some(Loc::At(..)) => s.upper = Some(Loc::At(dir.h.clone(), name.to_os_string())),
+            Some(Loc::Dir(h)) => h.moved(&dir.h, name),
+            _ => {}
         }
     });
 }
@@ -257,11 +257,7 @@ impl Overlay {
 
     /// The parent directory ready for a new name: exists, is a directory, has an upper part,
     /// and the name is free.
-    fn prepare_new(
-        &self,
-        parent: u64,
-        name: &OsStr,
-    ) -> Result<(NodeState, std::sync::Arc<OwnedFd>)> {
+    fn prepare_new(&self, parent: u64, name: &OsStr) -> Result<(NodeState, UpperDir)> {
         self.writable()?;
         check_new_name(name)?;
         let p = self.node(parent)?;
@@ -388,13 +384,17 @@ impl Overlay {
 
     /// The node of an entry just made in the upper directory `pu` (one kernel reference).
     /// A new entry has no lower part, so there is nothing to probe below.
-    fn intern_new(&self, parent: u64, pu: &Arc<OwnedFd>, name: &OsStr) -> Result<Attr> {
+    fn intern_new(&self, parent: u64, pu: &UpperDir, name: &OsStr) -> Result<Attr> {
         let top = sys::stat_at(pu.as_fd(), name)?;
         let kind = Kind::from_mode(top.st_mode);
         let loc = if kind == Kind::Dir {
-            Loc::Fd(Arc::new(sys::open_path_at(pu.as_fd(), name)?))
+            Loc::Dir(DirHandle::child(
+                &pu.h,
+                name,
+                sys::open_path_at(pu.as_fd(), name)?,
+            ))
         } else {
-            Loc::At(pu.clone(), name.to_os_string())
+            Loc::At(pu.h.clone(), name.to_os_string())
         };
         let found = Found {
             kind,
