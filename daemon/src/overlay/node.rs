@@ -14,6 +14,9 @@ use std::os::fd::OwnedFd;
 /// FUSE's root node id.
 pub const ROOT_INO: u64 = 1;
 
+/// One lower part of a directory: layer index, handle, fd.
+pub type LowerDir = (u16, Arc<DirHandle>, Arc<OwnedFd>);
+
 /// What one overlay inode is made of right now.
 #[derive(Clone)]
 pub struct NodeState {
@@ -49,7 +52,7 @@ impl NodeState {
     }
 
     /// A directory's lower parts (layer, handle, fd), topmost first.
-    pub fn lower_dirs(&self) -> super::Result<Vec<(u16, Arc<DirHandle>, Arc<OwnedFd>)>> {
+    pub fn lower_dirs(&self) -> super::Result<Vec<LowerDir>> {
         let mut out = Vec::with_capacity(self.lowers.len());
         for (l, loc) in &self.lowers {
             if let Some(h) = loc.dir_handle() {
