@@ -403,14 +403,7 @@ pub fn listxattr_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<OsString>> 
 }
 
 pub fn setxattr_at(dir: BorrowedFd<'_>, name: &OsStr, attr: &OsStr, value: &[u8]) -> Result<()> {
-    faults::check("setxattr")?;
-    let attr = c(attr)?;
-    rustix::fs::lsetxattr(
-        proc_at_path(dir, name)?.as_c_str(),
-        attr.as_c_str(),
-        value,
-        rustix::fs::XattrFlags::empty(),
-    )
+    setxattr_at_flags(dir, name, attr, value, 0)
 }
 
 // ---------------------------------------------------------------- data

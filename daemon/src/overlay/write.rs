@@ -782,7 +782,8 @@ impl Overlay {
         self.opts.gid_map.to_disk(shown).ok_or(Errno::INVAL)
     }
 
-    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+    /// May this xattr be set or removed through the mount?
+    fn check_xattr_change(&self, name: &OsStr) -> Result<()> {
         self.writable()?;
         if self.opts.noxattrs {
             return Err(Errno::NOTSUP);
@@ -790,19 +791,18 @@ impl Overlay {
         if is_internal_xattr(name.as_bytes(), self.opts.xattr_permissions) {
             return Err(Errno::PERM);
         }
+        Ok(())
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        self.check_xattr_change(name)?;
         let node = self.node(ino)?;
         let u = self.copy_up(&node, false)?;
         u.setxattr(&self.stored_xattr_name(name), value, flags)
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
-        self.writable()?;
-        if self.opts.noxattrs {
-            return Err(Errno::NOTSUP);
-        }
-        if is_internal_xattr(name.as_bytes(), self.opts.xattr_permissions) {
-            return Err(Errno::PERM);
-        }
+        self.check_xattr_change(name)?;
         let node = self.node(ino)?;
         // Nothing to remove: no need to copy up.
         let st = node.state();
