@@ -9,7 +9,8 @@ pub struct Defaults {
     pub root: PathBuf,
 }
 
-/// As root: `/run/rustfuse/rustfuse.sock` and `/var/lib/rustfuse`. Rootless:
+/// As root (in the initial user namespace): `/run/rustfuse/rustfuse.sock` and
+/// `/var/lib/rustfuse`. Rootless, including root in a user namespace:
 /// `$XDG_RUNTIME_DIR/rustfuse/rustfuse.sock` and `$XDG_DATA_HOME/rustfuse` (default
 /// `~/.local/share/rustfuse`).
 pub fn defaults() -> Defaults {
@@ -19,8 +20,10 @@ pub fn defaults() -> Defaults {
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
     };
+    // Root inside a user namespace (RootlessKit, `unshare -Ur`) is a rootless user: the
+    // system paths are not writable there.
     defaults_for(
-        euid.is_root(),
+        euid.is_root() && !crate::mode::in_user_namespace(),
         env("XDG_RUNTIME_DIR"),
         env("XDG_DATA_HOME"),
         env("HOME"),

@@ -69,6 +69,17 @@ pub fn in_user_namespace() -> bool {
     }
 }
 
+/// How many ids a `/proc/self/{uid,gid}_map` maps.
+fn mapped_ids(file: &str) -> u64 {
+    std::fs::read_to_string(file)
+        .map(|m| {
+            m.lines()
+                .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// Probe the machine; trial mounts happen in a scratch directory under `root`.
 pub fn probe(root: &Path) -> Findings {
     let uname = rustix::system::uname();
@@ -213,6 +224,21 @@ pub fn report(root: &Path, f: &Findings, choice: ModeChoice) -> String {
     let _ = writeln!(out, "kernel:               {}", f.kernel);
     let _ = writeln!(out, "effective uid:        {}", f.euid);
     let _ = writeln!(out, "user namespace:       {}", yn(f.in_user_namespace));
+    if f.in_user_namespace {
+        for (what, file, tool) in [
+            ("uid", "/proc/self/uid_map", "/etc/subuid"),
+            ("gid", "/proc/self/gid_map", "/etc/subgid"),
+        ] {
+            let n = mapped_ids(file);
+            let _ = writeln!(out, "mapped {what}s:          {n}");
+            if n <= 1 {
+                let _ = writeln!(
+                    out,
+                    "warning:              only one {what} is mapped: no {tool} range for this user? Files owned by other {what}s (as in most images) cannot be created; add one (e.g. `usermod --add-sub{what}s 100000-165535 USER`) and start the namespace again"
+                );
+            }
+        }
+    }
     let _ = writeln!(out, "overlay filesystem:   {}", yn(f.overlay_in_proc));
     let _ = writeln!(out, "overlay index param:  {}", yn(f.index_param));
     let _ = writeln!(out, "/dev/fuse:            {}", yn(f.dev_fuse));

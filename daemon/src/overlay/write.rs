@@ -84,6 +84,24 @@ fn relocate(node: &super::node::Node, parent: u64, dir: &UpperDir, name: &OsStr)
     });
 }
 
+/// A chown that fails with EINVAL inside a user namespace means the id is not mapped there:
+/// say so once, with what to do (a missing /etc/subuid range is the usual cause).
+fn warn_unmapped(e: Errno, uid: Option<u32>, gid: Option<u32>) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if e == Errno::INVAL
+        && sys::compat::in_user_namespace()
+        && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        tracing::warn!(
+            ?uid,
+            ?gid,
+            "chown failed: the id is not mapped in this user namespace; does the user have \
+             ranges in /etc/subuid and /etc/subgid (e.g. `usermod --add-subuids 100000-165535 \
+             --add-subgids 100000-165535 USER`)?"
+        );
+    }
+}
+
 /// Remove everything inside a directory (not the directory itself).
 pub(crate) fn remove_tree_contents(dir: BorrowedFd<'_>) -> Result<()> {
     let mut names = Vec::new();
@@ -729,7 +747,8 @@ impl Overlay {
                 if !squash {
                     let uid = set.uid.map(|n| self.disk_uid(n)).transpose()?;
                     let gid = set.gid.map(|n| self.disk_gid(n)).transpose()?;
-                    u.chown(uid, gid)?;
+                    u.chown(uid, gid)
+                        .inspect_err(|e| warn_unmapped(*e, uid, gid))?;
                 }
             }
             if let Some(m) = set.mode {
