@@ -1,0 +1,285 @@
+//! `rustfuse-compare`: mounts one generated, image-like layer set with kernel overlayfs,
+//! fuse-overlayfs 1.x, fuse-overlayfs 2.0 and rustfuse, runs named workloads on each
+//! (interleaved: workload by workload, the filesystems' order rotated every repetition), and
+//! reports medians and ratios to kernel overlayfs as a table, a JSON file and an SVG chart.
+
+mod layerset;
+mod mount;
+mod report;
+mod run;
+mod worker;
+mod workloads;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use mount::{Fs, Kind};
+use workloads::{Ctx, WORKLOADS, Workload};
+
+const USAGE: &str = "\
+usage: rustfuse-compare [OPTIONS]
+
+Mounts the same generated layer set with each filesystem and compares them.
+Must run as root (mounts, drop_caches).
+
+options:
+  --scale F              size of the layer set and of the large files (1 = ~30k files,
+                         1 GiB sequential file); default 1
+  --reps N               repetitions of every workload on every filesystem; default 3
+  --workloads A,B,...    only these workloads (see --list); default all
+  --fs A,B,...           only these filesystems: kernel,fo1,fo2,rustfuse; default all
+  --rustfuse PATH        rustfuse binary; default target/release/rustfuse
+  --fuse-overlayfs PATH  fuse-overlayfs 1.x; default /usr/bin/fuse-overlayfs
+  --fuse-overlayfs2 PATH fuse-overlayfs 2.0; default /opt/fuse-overlayfs2/bin/fuse-overlayfs
+  --workdir DIR          layers, uppers and mountpoints (on disk, not tmpfs);
+                         default /var/tmp/rustfuse-compare
+  --out DIR              where results.json and results.svg go; default the work dir
+  --timeout SECS         deadline of every command; default 600
+  --rootless             mount as a non-root user in a user namespace (not implemented)
+  --list                 list the workloads and exit
+";
+
+struct Args {
+    scale: f64,
+    reps: usize,
+    workloads: Option<Vec<String>>,
+    fs: Option<Vec<String>>,
+    rustfuse: PathBuf,
+    fo1: PathBuf,
+    fo2: PathBuf,
+    workdir: PathBuf,
+    out: Option<PathBuf>,
+    timeout: Duration,
+    rootless: bool,
+    list: bool,
+}
+
+fn parse_args(argv: &[String]) -> Result<Args> {
+    let mut a = Args {
+        scale: 1.0,
+        reps: 3,
+        workloads: None,
+        fs: None,
+        rustfuse: PathBuf::from("target/release/rustfuse"),
+        fo1: PathBuf::from("/usr/bin/fuse-overlayfs"),
+        fo2: PathBuf::from("/opt/fuse-overlayfs2/bin/fuse-overlayfs"),
+        workdir: PathBuf::from("/var/tmp/rustfuse-compare"),
+        out: None,
+        timeout: Duration::from_secs(600),
+        rootless: false,
+        list: false,
+    };
+    let mut it = argv.iter();
+    while let Some(opt) = it.next() {
+        let (key, inline) = match opt.split_once('=') {
+            Some((k, v)) if k.starts_with("--") => (k, Some(v.to_string())),
+            _ => (opt.as_str(), None),
+        };
+        let mut val = || -> Result<String> {
+            match &inline {
+                Some(v) => Ok(v.clone()),
+                None => it
+                    .next()
+                    .cloned()
+                    .with_context(|| format!("{key} needs a value")),
+            }
+        };
+        let csv = |s: String| s.split(',').map(str::to_string).collect::<Vec<_>>();
+        match key {
+            "--scale" => a.scale = val()?.parse().context("--scale")?,
+            "--reps" => a.reps = val()?.parse().context("--reps")?,
+            "--workloads" => a.workloads = Some(csv(val()?)),
+            "--fs" => a.fs = Some(csv(val()?)),
+            "--rustfuse" => a.rustfuse = val()?.into(),
+            "--fuse-overlayfs" => a.fo1 = val()?.into(),
+            "--fuse-overlayfs2" => a.fo2 = val()?.into(),
+            "--workdir" => a.workdir = val()?.into(),
+            "--out" => a.out = Some(val()?.into()),
+            "--timeout" => a.timeout = Duration::from_secs(val()?.parse().context("--timeout")?),
+            "--rootless" => a.rootless = true,
+            "--list" => a.list = true,
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
+            _ => bail!("unknown option {opt}\n{USAGE}"),
+        }
+    }
+    if !a.scale.is_finite() || a.scale <= 0.0 || a.reps == 0 {
+        bail!("--scale must be > 0 and --reps >= 1");
+    }
+    Ok(a)
+}
+
+fn version_of(bin: &Path, flag: &str) -> String {
+    Command::new(bin)
+        .arg(flag)
+        .output()
+        .ok()
+        .map(|o| {
+            let t = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            t.lines()
+                .find(|l| l.to_lowercase().contains("version") || l.contains('.'))
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn filesystems(a: &Args) -> Vec<Fs> {
+    let fuse = |id, label, bin: &Path, flag: &str| {
+        let bin = std::path::absolute(bin).unwrap_or_else(|_| bin.to_path_buf());
+        let missing = (!bin.is_file()).then(|| format!("not installed ({})", bin.display()));
+        Fs {
+            id,
+            label,
+            kind: Kind::Fuse,
+            version: if missing.is_none() {
+                version_of(&bin, flag)
+            } else {
+                String::new()
+            },
+            bin,
+            missing,
+        }
+    };
+    let all = vec![
+        Fs {
+            id: "kernel",
+            label: "kernel overlayfs",
+            kind: Kind::Kernel,
+            bin: PathBuf::from("mount"),
+            version: format!(
+                "Linux {}",
+                rustix::system::uname().release().to_string_lossy()
+            ),
+            missing: None,
+        },
+        fuse("fo1", "fuse-overlayfs 1.x", &a.fo1, "--version"),
+        fuse("fo2", "fuse-overlayfs 2.0", &a.fo2, "--version"),
+        fuse("rustfuse", "rustfuse", &a.rustfuse, "-V"),
+    ];
+    all.into_iter()
+        .filter(|f| a.fs.as_ref().is_none_or(|l| l.iter().any(|x| x == f.id)))
+        .collect()
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("__worker") {
+        if let Err(e) = worker::main(&argv[1..]) {
+            eprintln!("worker: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    run::install_signal_handlers();
+    if let Err(e) = real_main(&argv) {
+        eprintln!("rustfuse-compare: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(argv: &[String]) -> Result<()> {
+    let a = parse_args(argv)?;
+    if a.list {
+        for w in WORKLOADS {
+            println!("{:16} {:9} {}", w.name, w.group.name(), w.about);
+        }
+        return Ok(());
+    }
+    if a.rootless {
+        bail!(
+            "--rootless is not implemented yet: every filesystem would have to be mounted \
+             and measured from inside `setpriv --reuid 65534 unshare -Urm`; run as root"
+        );
+    }
+    if !rustix::process::geteuid().is_root() {
+        bail!("must run as root (it mounts and drops caches)");
+    }
+    let selected: Vec<&Workload> = match &a.workloads {
+        None => WORKLOADS.iter().collect(),
+        Some(names) => {
+            let mut v = Vec::new();
+            for n in names {
+                v.push(
+                    WORKLOADS
+                        .iter()
+                        .find(|w| w.name == n)
+                        .with_context(|| format!("unknown workload {n} (see --list)"))?,
+                );
+            }
+            v
+        }
+    };
+    let fss = filesystems(&a);
+    for f in &fss {
+        match &f.missing {
+            Some(m) => eprintln!("{}: {m}; its column stays empty", f.label),
+            None => eprintln!("{}: {} {}", f.label, f.bin.display(), f.version),
+        }
+    }
+    std::fs::create_dir_all(&a.workdir)?;
+    let workdir = std::path::absolute(&a.workdir)?;
+    let sizes = layerset::Sizes::new(a.scale);
+    let t0 = Instant::now();
+    let layers = layerset::ensure(&workdir, &sizes)?;
+    eprintln!("layers ready in {:.1}s", t0.elapsed().as_secs_f64());
+    let ctx = Ctx {
+        exe: std::env::current_exe()?,
+        layers,
+        sizes,
+        run_root: workdir.join("run"),
+        timeout: a.timeout,
+    };
+    let runnable: Vec<&Fs> = fss.iter().filter(|f| f.missing.is_none()).collect();
+    let mut results = report::Results::new(&fss, &selected, &sizes, a.reps);
+    let total = selected.len() * a.reps * runnable.len();
+    let mut done = 0;
+    let started = Instant::now();
+    for (wi, w) in selected.iter().enumerate() {
+        for rep in 0..a.reps {
+            for k in 0..runnable.len() {
+                let f = runnable[(k + rep) % runnable.len()];
+                done += 1;
+                eprint!(
+                    "\r\x1b[K[{done}/{total} {:.0}s] {} rep {}/{} {}",
+                    started.elapsed().as_secs_f64(),
+                    w.name,
+                    rep + 1,
+                    a.reps,
+                    f.label
+                );
+                match ctx.run(f, w) {
+                    Ok(Some(v)) => results.add(wi, f.id, v),
+                    Ok(None) => {}
+                    Err(e) => {
+                        run::check_interrupted()?;
+                        eprintln!("\n{} on {}: {e:#}", w.name, f.label);
+                        results.fail(wi, f.id, format!("{e:#}"));
+                    }
+                }
+            }
+        }
+        eprintln!("\r\x1b[K{}", results.summary_line(wi));
+    }
+    eprintln!("\r\x1b[Kdone in {:.0}s", started.elapsed().as_secs_f64());
+    let out = a.out.clone().unwrap_or(workdir.clone());
+    std::fs::create_dir_all(&out)?;
+    print!("{}", results.table());
+    let json = out.join("results.json");
+    let svg = out.join("results.svg");
+    std::fs::write(&json, results.json(&report::machine()))
+        .with_context(|| format!("write {}", json.display()))?;
+    std::fs::write(&svg, results.svg()).with_context(|| format!("write {}", svg.display()))?;
+    eprintln!("wrote {} and {}", json.display(), svg.display());
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! Medians, ratios to kernel overlayfs, and the three outputs: a Markdown table, JSON, SVG.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::layerset::Sizes;
+use crate::mount::Fs;
+use crate::workloads::{Target, Unit, Workload};
+
+pub struct Results<'a> {
+    fss: &'a [Fs],
+    workloads: Vec<&'a Workload>,
+    sizes: Sizes,
+    reps: usize,
+    samples: Vec<BTreeMap<&'static str, Vec<f64>>>,
+    errors: Vec<BTreeMap<&'static str, String>>,
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    Some(if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    })
+}
+
+fn fmt_value(unit: Unit, v: f64) -> String {
+    match unit {
+        Unit::Bytes => format!("{:.1} MiB", v / (1024.0 * 1024.0)),
+        Unit::Seconds if v < 0.01 => format!("{:.2} ms", v * 1e3),
+        Unit::Seconds if v < 1.0 => format!("{:.0} ms", v * 1e3),
+        Unit::Seconds => format!("{v:.2} s"),
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn json_num(v: Option<f64>) -> String {
+    match v {
+        Some(x) if x.is_finite() => format!("{x}"),
+        _ => "null".into(),
+    }
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The machine the run is on, for the JSON and the docs.
+pub fn machine() -> Vec<(&'static str, String)> {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+        })
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(String::new(), |kb| {
+            format!("{:.1} GiB", kb as f64 / 1048576.0)
+        });
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default();
+    let u = rustix::system::uname();
+    vec![
+        ("cpus", cpus.to_string()),
+        ("cpu_model", cpu_model),
+        ("memory", mem),
+        ("kernel", u.release().to_string_lossy().into_owned()),
+    ]
+}
+
+impl<'a> Results<'a> {
+    pub fn new(fss: &'a [Fs], workloads: &[&'a Workload], sizes: &Sizes, reps: usize) -> Self {
+        Results {
+            fss,
+            workloads: workloads.to_vec(),
+            sizes: *sizes,
+            reps,
+            samples: vec![BTreeMap::new(); workloads.len()],
+            errors: vec![BTreeMap::new(); workloads.len()],
+        }
+    }
+
+    pub fn add(&mut self, wi: usize, fs: &'static str, v: f64) {
+        self.samples[wi].entry(fs).or_default().push(v);
+    }
+
+    pub fn fail(&mut self, wi: usize, fs: &'static str, e: String) {
+        self.errors[wi].entry(fs).or_insert(e);
+    }
+
+    fn median(&self, wi: usize, fs: &str) -> Option<f64> {
+        self.samples[wi].get(fs).and_then(|v| median(v))
+    }
+
+    fn ratio(&self, wi: usize, fs: &str) -> Option<f64> {
+        Some(self.median(wi, fs)? / self.median(wi, "kernel")?)
+    }
+
+    /// Whether rustfuse meets the issue's target on this workload, and why not.
+    fn verdict(&self, wi: usize) -> Option<(bool, String)> {
+        let r = self.median(wi, "rustfuse")?;
+        let w = self.workloads[wi];
+        let mut why = Vec::new();
+        for fo in ["fo1", "fo2"] {
+            if let Some(m) = self.median(wi, fo)
+                && r >= m
+            {
+                why.push(match w.unit {
+                    Unit::Bytes => format!("not below {fo}"),
+                    Unit::Seconds => format!("not faster than {fo}"),
+                });
+            }
+        }
+        match w.target {
+            Target::KernelRatio(max) => {
+                if let Some(x) = self.ratio(wi, "rustfuse")
+                    && x > max
+                {
+                    why.push(format!("{x:.2}x kernel > {max}x"));
+                }
+            }
+            Target::Seconds(max) => {
+                if r > max {
+                    why.push(format!(
+                        "{} > {}",
+                        fmt_value(w.unit, r),
+                        fmt_value(w.unit, max)
+                    ));
+                }
+            }
+            Target::FuseOverlayfsRss(f) => {
+                let fo = ["fo1", "fo2"]
+                    .iter()
+                    .filter_map(|x| self.median(wi, x))
+                    .fold(f64::INFINITY, f64::min);
+                if fo.is_finite() && r > f * fo {
+                    why.push(format!("{:.0}% of fuse-overlayfs", 100.0 * r / fo));
+                }
+            }
+            Target::BeatFuseOverlayfs => {}
+        }
+        Some((why.is_empty(), why.join("; ")))
+    }
+
+    fn target_text(w: &Workload) -> String {
+        match w.target {
+            Target::KernelRatio(x) => format!("≤{x}x kernel"),
+            Target::Seconds(s) => format!("<{}", fmt_value(w.unit, s)),
+            Target::FuseOverlayfsRss(f) => format!("≤{f}× f-o RSS"),
+            Target::BeatFuseOverlayfs => "beat f-o".into(),
+        }
+    }
+
+    fn cell(&self, wi: usize, f: &Fs) -> String {
+        if let Some(m) = &f.missing {
+            return m.clone();
+        }
+        match self.median(wi, f.id) {
+            Some(v) => {
+                let mut s = fmt_value(self.workloads[wi].unit, v);
+                if f.id != "kernel"
+                    && let Some(r) = self.ratio(wi, f.id)
+                {
+                    let _ = write!(s, " ({r:.2}x)");
+                }
+                s
+            }
+            None if self.errors[wi].contains_key(f.id) => "FAILED".into(),
+            None => "n/a".into(),
+        }
+    }
+
+    /// One line per workload for the progress output.
+    pub fn summary_line(&self, wi: usize) -> String {
+        let mut s = format!("{:15}", self.workloads[wi].name);
+        for f in self.fss {
+            let _ = write!(s, "  {}: {}", f.id, self.cell(wi, f));
+        }
+        s
+    }
+
+    /// A Markdown table of medians with ratios to kernel overlayfs.
+    pub fn table(&self) -> String {
+        let mut s = String::from("| workload |");
+        for f in self.fss {
+            let _ = write!(s, " {} |", f.label);
+        }
+        s.push_str(" target (rustfuse) | met |\n|---|");
+        for _ in self.fss {
+            s.push_str("---|");
+        }
+        s.push_str("---|---|\n");
+        for (wi, w) in self.workloads.iter().enumerate() {
+            let _ = write!(s, "| {} |", w.name);
+            for f in self.fss {
+                let _ = write!(s, " {} |", self.cell(wi, f));
+            }
+            let verdict = match self.verdict(wi) {
+                Some((true, _)) => "yes".to_string(),
+                Some((false, why)) => format!("**no**: {why}"),
+                None => "-".into(),
+            };
+            let _ = writeln!(s, " {} | {} |", Self::target_text(w), verdict);
+        }
+        s
+    }
+
+    pub fn json(&self, machine: &[(&str, String)]) -> String {
+        let mut s = String::from("{\n  \"machine\": {");
+        let m: Vec<String> = machine
+            .iter()
+            .map(|(k, v)| format!("{}: {}", json_str(k), json_str(v)))
+            .collect();
+        s.push_str(&m.join(", "));
+        let _ = write!(
+            s,
+            "}},\n  \"scale\": {},\n  \"reps\": {},\n  \"small_files\": {},\n  \"filesystems\": [",
+            self.sizes.scale, self.reps, self.sizes.files
+        );
+        let fs: Vec<String> = self
+            .fss
+            .iter()
+            .map(|f| {
+                format!(
+                    "\n    {{\"id\": {}, \"label\": {}, \"path\": {}, \"version\": {}, \"missing\": {}}}",
+                    json_str(f.id),
+                    json_str(f.label),
+                    json_str(&f.bin.display().to_string()),
+                    json_str(&f.version),
+                    f.missing.as_deref().map_or("null".into(), json_str)
+                )
+            })
+            .collect();
+        s.push_str(&fs.join(","));
+        s.push_str("\n  ],\n  \"workloads\": [");
+        let ws: Vec<String> = self
+            .workloads
+            .iter()
+            .enumerate()
+            .map(|(wi, w)| {
+                let per = |f: &dyn Fn(&Fs) -> String| {
+                    self.fss
+                        .iter()
+                        .map(|x| format!("{}: {}", json_str(x.id), f(x)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let samples = per(&|x| {
+                    let v = self.samples[wi].get(x.id).cloned().unwrap_or_default();
+                    format!(
+                        "[{}]",
+                        v.iter().map(|n| format!("{n}")).collect::<Vec<_>>().join(", ")
+                    )
+                });
+                let medians = per(&|x| json_num(self.median(wi, x.id)));
+                let ratios = per(&|x| json_num(self.ratio(wi, x.id)));
+                let errors = self.errors[wi]
+                    .iter()
+                    .map(|(k, v)| format!("{}: {}", json_str(k), json_str(v)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let (met, why) = match self.verdict(wi) {
+                    Some((m, why)) => (m.to_string(), json_str(&why)),
+                    None => ("null".into(), "null".into()),
+                };
+                format!(
+                    "\n    {{\"name\": {}, \"group\": {}, \"unit\": {}, \"about\": {}, \"target\": {}, \
+                     \"samples\": {{{samples}}}, \"median\": {{{medians}}}, \
+                     \"ratio_to_kernel\": {{{ratios}}}, \"errors\": {{{errors}}}, \
+                     \"rustfuse_target_met\": {met}, \"rustfuse_misses\": {why}}}",
+                    json_str(w.name),
+                    json_str(w.group.name()),
+                    json_str(match w.unit {
+                        Unit::Seconds => "s",
+                        Unit::Bytes => "bytes",
+                    }),
+                    json_str(w.about),
+                    json_str(&Self::target_text(w)),
+                )
+            })
+            .collect();
+        s.push_str(&ws.join(","));
+        s.push_str("\n  ]\n}\n");
+        s
+    }
+
+    /// Horizontal bars of the ratio to kernel overlayfs on a log2 axis (0.25x to 64x).
+    /// Workloads without a kernel median (RSS) are drawn relative to fuse-overlayfs 1.x.
+    pub fn svg(&self) -> String {
+        const COLORS: [&str; 4] = ["#4c72b0", "#dd8452", "#c44e52", "#55a868"];
+        let (left, width, bar, gap) = (170.0, 640.0, 9.0, 10.0);
+        let (lo, hi) = (-2.0f64, 6.0f64);
+        let x = |r: f64| left + (r.log2().clamp(lo, hi) - lo) / (hi - lo) * width;
+        let n = self.fss.len() as f64;
+        let block = n * bar + gap;
+        let top = 50.0;
+        let height = top + block * self.workloads.len() as f64 + 40.0;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" \
+             font-family=\"sans-serif\" font-size=\"11\">",
+            left + width + 80.0
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{left}\" y=\"16\" font-size=\"13\">Median time relative to kernel \
+             overlayfs (log scale, lower is better); scale {}, {} reps</text>",
+            self.sizes.scale, self.reps
+        );
+        for (i, f) in self.fss.iter().enumerate() {
+            let lx = left + i as f64 * 150.0;
+            let _ = writeln!(
+                s,
+                "<rect x=\"{lx}\" y=\"24\" width=\"10\" height=\"10\" fill=\"{}\"/>\
+                 <text x=\"{}\" y=\"33\">{}</text>",
+                COLORS[i % 4],
+                lx + 14.0,
+                xml(f.label)
+            );
+        }
+        let bottom = height - 30.0;
+        for e in (lo as i32)..=(hi as i32) {
+            let r = 2f64.powi(e);
+            let gx = x(r);
+            let _ = writeln!(
+                s,
+                "<line x1=\"{gx}\" y1=\"{top}\" x2=\"{gx}\" y2=\"{bottom}\" stroke=\"{}\"/>\
+                 <text x=\"{gx}\" y=\"{}\" text-anchor=\"middle\">{}x</text>",
+                if e == 0 { "#333" } else { "#ddd" },
+                bottom + 14.0,
+                if r < 1.0 {
+                    format!("{r}")
+                } else {
+                    format!("{r:.0}")
+                }
+            );
+        }
+        for (wi, w) in self.workloads.iter().enumerate() {
+            let y0 = top + wi as f64 * block;
+            let base = if self.median(wi, "kernel").is_some() {
+                "kernel"
+            } else {
+                "fo1"
+            };
+            let label = if base == "kernel" {
+                w.name.to_string()
+            } else {
+                format!("{} (vs f-o 1.x)", w.name)
+            };
+            let _ = writeln!(
+                s,
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
+                left - 6.0,
+                y0 + n * bar / 2.0 + 4.0,
+                xml(&label)
+            );
+            for (i, f) in self.fss.iter().enumerate() {
+                let y = y0 + i as f64 * bar;
+                let (Some(v), Some(b)) = (self.median(wi, f.id), self.median(wi, base)) else {
+                    continue;
+                };
+                let r = v / b;
+                let _ = writeln!(
+                    s,
+                    "<rect x=\"{left}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"{}\">\
+                     <title>{}: {} ({r:.2}x)</title></rect>\
+                     <text x=\"{:.1}\" y=\"{}\" font-size=\"8\">{r:.2}x</text>",
+                    (x(r) - left).max(1.0),
+                    bar - 1.0,
+                    COLORS[i % 4],
+                    xml(f.label),
+                    fmt_value(w.unit, v),
+                    x(r) + 3.0,
+                    y + bar - 2.0
+                );
+            }
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+}

@@ -1,0 +1,376 @@
+//! The named workloads and how one run of each goes on one filesystem.
+//!
+//! Every run gets a fresh upper and work dir and its own mount, so writes of one run never
+//! leak into the next. Unless a workload says "cold" (caches dropped) or "warm" (one unmeasured
+//! pass first), it runs on a fresh mount: the filesystem's own caches are empty, the page cache
+//! of the layers below holds whatever earlier runs left.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::layerset::{Layers, Sizes};
+use crate::mount::{self, Fs, Kind, Mount};
+use crate::run;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Group {
+    Metadata,
+    Read,
+    Write,
+    Mixed,
+    Mount,
+    Memory,
+}
+
+impl Group {
+    pub fn name(self) -> &'static str {
+        match self {
+            Group::Metadata => "metadata",
+            Group::Read => "read",
+            Group::Write => "write",
+            Group::Mixed => "mixed",
+            Group::Mount => "mount",
+            Group::Memory => "memory",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    Seconds,
+    Bytes,
+}
+
+/// What the issue asks of rustfuse on a workload, besides beating both fuse-overlayfs.
+#[derive(Clone, Copy, Debug)]
+pub enum Target {
+    /// Median at most this many times kernel overlayfs's.
+    KernelRatio(f64),
+    /// Median under this many seconds.
+    Seconds(f64),
+    /// At most this fraction of the fuse-overlayfs daemons' RSS.
+    FuseOverlayfsRss(f64),
+    /// Only "faster than both fuse-overlayfs".
+    BeatFuseOverlayfs,
+}
+
+pub struct Workload {
+    pub name: &'static str,
+    pub group: Group,
+    pub unit: Unit,
+    pub target: Target,
+    pub about: &'static str,
+}
+
+const fn w(name: &'static str, group: Group, target: Target, about: &'static str) -> Workload {
+    Workload {
+        name,
+        group,
+        unit: Unit::Seconds,
+        target,
+        about,
+    }
+}
+
+use Group::*;
+use Target::*;
+
+pub const WORKLOADS: &[Workload] = &[
+    w(
+        "find-cold",
+        Metadata,
+        BeatFuseOverlayfs,
+        "find over the mount, caches dropped",
+    ),
+    w(
+        "find-warm",
+        Metadata,
+        KernelRatio(2.0),
+        "find, after one unmeasured find",
+    ),
+    w(
+        "find-remount",
+        Metadata,
+        KernelRatio(2.0),
+        "find, then remount, then the measured find",
+    ),
+    w(
+        "ls-lR",
+        Metadata,
+        KernelRatio(2.0),
+        "ls -lR of the mount, fresh mount",
+    ),
+    w(
+        "stat-all",
+        Metadata,
+        KernelRatio(2.0),
+        "lstat of every visible file by path, fresh mount",
+    ),
+    w(
+        "git-status",
+        Metadata,
+        KernelRatio(2.0),
+        "git status of a repository in a lower layer, after one unmeasured run",
+    ),
+    w(
+        "seqread-cold",
+        Read,
+        BeatFuseOverlayfs,
+        "dd of the large lower file (1 GiB at scale 1), caches dropped",
+    ),
+    w(
+        "seqread-warm",
+        Read,
+        KernelRatio(1.3),
+        "dd of the large lower file, after one unmeasured read",
+    ),
+    w(
+        "randread-4k",
+        Read,
+        KernelRatio(1.3),
+        "random 4 KiB preads, 2 threads, warm (256 MiB file at scale 1)",
+    ),
+    w(
+        "tar-small",
+        Read,
+        BeatFuseOverlayfs,
+        "tar of all small files into a pipe, fresh mount",
+    ),
+    w(
+        "untar",
+        Write,
+        KernelRatio(2.5),
+        "tar xf of a 20k-file archive into the mount",
+    ),
+    w(
+        "create-fsync",
+        Write,
+        BeatFuseOverlayfs,
+        "create, write 4 KiB, fsync 1000 new files",
+    ),
+    w(
+        "seqwrite",
+        Write,
+        BeatFuseOverlayfs,
+        "dd 1 GiB of zeros to a new file, conv=fsync",
+    ),
+    w(
+        "append-copyup",
+        Write,
+        KernelRatio(1.0),
+        "append 1 byte to a 512 MiB lower file (copy-up)",
+    ),
+    w(
+        "chmod-chown",
+        Write,
+        KernelRatio(2.5),
+        "chmod -R then chown -R of usr/lib (lower files)",
+    ),
+    w(
+        "rm-rf",
+        Write,
+        KernelRatio(2.5),
+        "rm -rf of app/node_modules (a lower tree)",
+    ),
+    w(
+        "renames",
+        Write,
+        KernelRatio(2.5),
+        "rename every file of usr/include (lower files)",
+    ),
+    w(
+        "cp-a",
+        Write,
+        KernelRatio(2.5),
+        "cp -a of usr/lib to a new dir",
+    ),
+    w(
+        "pkg-replace",
+        Write,
+        KernelRatio(2.5),
+        "write a new file beside each file of usr/bin and var/lib/dpkg, rename it over",
+    ),
+    w(
+        "make-j2",
+        Mixed,
+        BeatFuseOverlayfs,
+        "make -j2 of a generated C project in a lower layer",
+    ),
+    w(
+        "mount-1",
+        Mount,
+        BeatFuseOverlayfs,
+        "time until a 1-lower-layer mount is in the mount table",
+    ),
+    w(
+        "mount-10",
+        Mount,
+        BeatFuseOverlayfs,
+        "same, 10 lower layers",
+    ),
+    w("mount-50", Mount, Seconds(0.050), "same, 50 lower layers"),
+    Workload {
+        name: "rss-after-find",
+        group: Memory,
+        unit: Unit::Bytes,
+        target: FuseOverlayfsRss(0.5),
+        about: "VmRSS of the FUSE daemon after two finds",
+    },
+];
+
+/// What every run needs.
+pub struct Ctx {
+    pub exe: PathBuf,
+    pub layers: Layers,
+    pub sizes: Sizes,
+    pub run_root: PathBuf,
+    pub timeout: Duration,
+}
+
+struct Dirs {
+    upper: PathBuf,
+    work: PathBuf,
+    mnt: PathBuf,
+    log: PathBuf,
+}
+
+impl Ctx {
+    fn fresh_dirs(&self, fs_: &Fs) -> Result<Dirs> {
+        let base = self.run_root.join(fs_.id);
+        let mnt = base.join("mnt");
+        mount::clear_mountpoint(&mnt);
+        for d in ["upper", "work"] {
+            let p = base.join(d);
+            if p.exists() {
+                fs::remove_dir_all(&p).with_context(|| format!("remove {}", p.display()))?;
+            }
+            fs::create_dir_all(&p)?;
+        }
+        fs::create_dir_all(&mnt)?;
+        Ok(Dirs {
+            upper: base.join("upper"),
+            work: base.join("work"),
+            mnt,
+            log: base.join("mount.log"),
+        })
+    }
+
+    fn mount(&self, fs_: &Fs, lowers: &[PathBuf], d: &Dirs) -> Result<(Mount, Duration)> {
+        Mount::new(fs_, lowers, &d.upper, &d.work, &d.mnt, &d.log)
+    }
+
+    fn time(&self, mut cmd: Command) -> Result<f64> {
+        Ok(run::run_ok(&mut cmd, self.timeout)?.elapsed.as_secs_f64())
+    }
+
+    fn sh(&self, mnt: &Path, script: &str) -> Result<f64> {
+        self.time(run::sh(mnt, script))
+    }
+
+    fn worker(&self, mnt: &Path, args: &[&str]) -> Result<f64> {
+        let mut c = Command::new(&self.exe);
+        c.arg("__worker").args(args).current_dir(mnt);
+        self.time(c)
+    }
+
+    /// One measured run of `w` on `fs_`; `None` where the workload does not apply.
+    pub fn run(&self, fs_: &Fs, w: &Workload) -> Result<Option<f64>> {
+        let d = self.fresh_dirs(fs_)?;
+        let mount_layers = match w.name {
+            "mount-1" => Some(1),
+            "mount-10" => Some(10),
+            "mount-50" => Some(50),
+            _ => None,
+        };
+        if let Some(n) = mount_layers {
+            let (mut m, t) = self.mount(fs_, &self.layers.mount_set[..n], &d)?;
+            m.unmount()?;
+            return Ok(Some(t.as_secs_f64()));
+        }
+        let (mut m, _) = self.mount(fs_, &self.layers.lowers, &d)?;
+        let mnt = d.mnt.clone();
+        let list = self.layers.file_list.display().to_string();
+        let s = &self.sizes;
+        let v = match w.name {
+            "find-cold" => {
+                mount::drop_caches()?;
+                self.sh(&mnt, "find . >/dev/null")?
+            }
+            "find-warm" => {
+                self.sh(&mnt, "find . >/dev/null")?;
+                self.sh(&mnt, "find . >/dev/null")?
+            }
+            "find-remount" => {
+                self.sh(&mnt, "find . >/dev/null")?;
+                m.unmount()?;
+                drop(m);
+                m = self.mount(fs_, &self.layers.lowers, &d)?.0;
+                self.sh(&mnt, "find . >/dev/null")?
+            }
+            "ls-lR" => self.sh(&mnt, "ls -lR . >/dev/null")?,
+            "stat-all" => self.worker(&mnt, &["statlist", &list])?,
+            "git-status" => {
+                let git = "git -c safe.directory='*' -C app/repo status --porcelain >/dev/null";
+                self.sh(&mnt, git)?;
+                self.sh(&mnt, git)?
+            }
+            "seqread-cold" => {
+                mount::drop_caches()?;
+                self.sh(&mnt, "dd if=big/seq.bin of=/dev/null bs=1M status=none")?
+            }
+            "seqread-warm" => {
+                self.sh(&mnt, "dd if=big/seq.bin of=/dev/null bs=1M status=none")?;
+                self.sh(&mnt, "dd if=big/seq.bin of=/dev/null bs=1M status=none")?
+            }
+            "randread-4k" => {
+                self.sh(&mnt, "cat big/rand.bin >/dev/null")?;
+                let ops = s.rand_ops_per_job.to_string();
+                self.worker(&mnt, &["randread", "big/rand.bin", "2", &ops])?
+            }
+            "tar-small" => self.sh(&mnt, "tar cf - etc usr var app | cat >/dev/null")?,
+            "untar" => {
+                let a = self.layers.untar_archive.display().to_string();
+                self.sh(&mnt, &format!("mkdir untar && tar xf '{a}' -C untar"))?
+            }
+            "create-fsync" => {
+                let n = s.fsync_files.to_string();
+                self.worker(&mnt, &["createfsync", "newfiles", &n])?
+            }
+            "seqwrite" => {
+                let mib = s.seq_bytes >> 20;
+                self.sh(
+                    &mnt,
+                    &format!(
+                        "dd if=/dev/zero of=seqwrite.bin bs=1M count={mib} conv=fsync status=none"
+                    ),
+                )?
+            }
+            "append-copyup" => self.sh(&mnt, "printf x >> big/append.bin")?,
+            "chmod-chown" => self.sh(&mnt, "chmod -R g+w usr/lib && chown -R 1:1 usr/lib")?,
+            "rm-rf" => self.sh(&mnt, "rm -rf app/node_modules")?,
+            "renames" => self.worker(&mnt, &["renames", &list, "usr/include/"])?,
+            "cp-a" => self.sh(&mnt, "cp -a usr/lib usr/lib.copy")?,
+            "pkg-replace" => self.worker(&mnt, &["replace", &list, "usr/bin/", "var/lib/dpkg/"])?,
+            "make-j2" => self.sh(&mnt, "make -s -j2 -C app/proj >/dev/null")?,
+            "rss-after-find" => {
+                if fs_.kind == Kind::Kernel {
+                    m.unmount()?;
+                    return Ok(None);
+                }
+                self.sh(&mnt, "find . >/dev/null")?;
+                self.sh(&mnt, "find . >/dev/null")?;
+                let pid = m
+                    .daemon_pid()
+                    .context("cannot find the daemon process of the mount")?;
+                mount::rss_bytes(pid)? as f64
+            }
+            other => bail!("unknown workload {other}"),
+        };
+        m.unmount()?;
+        Ok(Some(v))
+    }
+}
