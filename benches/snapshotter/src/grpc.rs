@@ -74,6 +74,21 @@ impl Client {
         Ok(r.into_inner().mounts)
     }
 
+    pub fn view(&self, sn: &str, key: &str, parent: &str) -> anyhow::Result<Vec<Mount>> {
+        let mut c = self.c.clone();
+        let r = pb::ViewSnapshotRequest {
+            snapshotter: sn.into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels: gc_root(),
+        };
+        let r = self
+            .rt
+            .block_on(c.view(req(r)))
+            .with_context(|| format!("{sn}: view {key} (parent {parent:?})"))?;
+        Ok(r.into_inner().mounts)
+    }
+
     pub fn mounts(&self, sn: &str, key: &str) -> anyhow::Result<Vec<Mount>> {
         let mut c = self.c.clone();
         let r = pb::MountsRequest {
@@ -142,7 +157,14 @@ impl Client {
                 left.into_iter().partition(|i| !parents.contains(&i.name));
             anyhow::ensure!(!leaves.is_empty(), "{sn}: snapshot parents form a cycle");
             for l in &leaves {
-                self.remove(sn, &l.name)?;
+                // The garbage collector may have taken it since the List.
+                let r = self.remove(sn, &l.name);
+                if let Err(e) = r
+                    && e.downcast_ref::<tonic::Status>()
+                        .is_none_or(|s| s.code() != tonic::Code::NotFound)
+                {
+                    return Err(e);
+                }
             }
             left = rest;
         }

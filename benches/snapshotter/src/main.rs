@@ -97,6 +97,11 @@ const RUSTFUSE_FUSE: Target = Target {
     sn: "rustfuse-fuse",
 };
 
+const IMPORT_ONLY: Target = Target {
+    label: "import only (--no-unpack)",
+    sn: "",
+};
+
 const IMAGE: &str = "localhost/bench-layers:latest";
 const CTR_TIMEOUT: Duration = Duration::from_secs(120);
 const UNPACK_TIMEOUT: Duration = Duration::from_secs(900);
@@ -382,56 +387,75 @@ fn workload_a(
 // ---------------------------------------------------------------------------------------
 // Workload B
 
+/// One import of the image archive: unpacking into `t` (timed), then a View of the top
+/// layer mounted (timed separately) and checked, and the snapshots removed; with `t` None,
+/// an import without unpacking (the baseline: reading the archive, content already there).
 fn unpack_once(
     env: &mut Env,
     c: &Client,
-    t: Target,
-    rep: usize,
+    t: Option<Target>,
+    tar: &Path,
     layers: usize,
 ) -> anyhow::Result<(Duration, Duration)> {
-    let target = env.dir.join(format!("b-{}-{rep}", t.sn));
-    std::fs::create_dir_all(&target)?;
+    let tar = tar.to_str().context("non-UTF-8 path")?;
+    let base = IMAGE.trim_end_matches(":latest");
     rustix::fs::sync();
+    let Some(t) = t else {
+        let ran = env.ctr(
+            &["images", "import", "--no-unpack", "--base-name", base, tar],
+            UNPACK_TIMEOUT,
+        )?;
+        return Ok((ran.elapsed, Duration::ZERO));
+    };
     let ran = env.ctr(
         &[
             "images",
-            "mount",
+            "import",
             "--snapshotter",
             t.sn,
-            IMAGE,
-            target.to_str().context("non-UTF-8 path")?,
+            "--base-name",
+            base,
+            tar,
         ],
         UNPACK_TIMEOUT,
     )?;
-    let committed = c
-        .list(t.sn)?
+    let listed = c.list(t.sn)?;
+    let committed: Vec<_> = listed
         .iter()
         .filter(|i| i.kind == rustfuse_snapshotter::api::snapshots::Kind::Committed as i32)
-        .count();
+        .collect();
+    if committed.len() != layers {
+        bail!(
+            "{}: {} committed snapshots after unpack, expected {layers}: {listed:?}",
+            t.sn,
+            committed.len()
+        );
+    }
+    let top = committed
+        .iter()
+        .find(|i| !committed.iter().any(|o| o.parent == i.name))
+        .context("no top layer")?
+        .name
+        .clone();
+    let target = env.dir.join(format!("b-{}", t.sn));
+    std::fs::create_dir_all(&target)?;
+    let t0 = Instant::now();
+    let m = c.view(t.sn, "bench-view", &top)?;
+    mnt::mount(&m, &target, &env.fuse_program)?;
+    let view = t0.elapsed();
     let ok = target.join("bin/busybox").is_file()
         && (layers < 2 || target.join("data/l001/big.bin").is_file())
         && (layers < 11 || !target.join("data/l005").exists());
-    let un = env.ctr(
-        &[
-            "images",
-            "unmount",
-            "--rm",
-            target.to_str().context("non-UTF-8 path")?,
-        ],
-        CTR_TIMEOUT,
-    )?;
-    if committed != layers {
+    mnt::unmount(&target)?;
+    if !ok {
         bail!(
-            "{}: {committed} committed snapshots after unpack, expected {layers}",
+            "{}: the unpacked image's tree is not as built ({m:?})",
             t.sn
         );
     }
-    if !ok {
-        bail!("{}: the unpacked image's tree is not as built", t.sn);
-    }
     c.remove_all(t.sn)?;
     env.gc()?;
-    Ok((ran.elapsed, un.elapsed))
+    Ok((ran.elapsed, view))
 }
 
 fn workload_b(
@@ -466,18 +490,21 @@ fn workload_b(
         c.remove_all(t.sn)?;
     }
     env.gc()?;
+    let mut all: Vec<Option<Target>> = targets.iter().copied().map(Some).collect();
+    all.push(None);
+    res.push(Unpacks::new(IMPORT_ONLY));
     for rep in 0..args.reps {
-        for k in 0..targets.len() {
-            let ti = (k + rep) % targets.len();
-            let (mount, unmount) = unpack_once(env, c, targets[ti], rep, args.layers)?;
-            res[ti].unpack.push(mount);
-            res[ti].unmount.push(unmount);
+        for k in 0..all.len() {
+            let ti = (k + rep) % all.len();
+            let (unpack, view) = unpack_once(env, c, all[ti], &tar, args.layers)?;
+            res[ti].unpack.push(unpack);
+            res[ti].view_mount.push(view);
             eprintln!(
                 "workload B: rep {}/{}: {} {:.2?}",
                 rep + 1,
                 args.reps,
-                targets[ti].label,
-                mount
+                res[ti].target.label,
+                unpack
             );
         }
     }

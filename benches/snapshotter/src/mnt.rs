@@ -105,6 +105,11 @@ pub fn mount(mounts: &[Mount], target: &Path, fuse_program: &Path) -> anyhow::Re
         return Ok(());
     }
     if m.r#type == "overlay" {
+        if data.len() >= 4000 {
+            // Beyond mount(2)'s page: one `lowerdir+` per layer through fsconfig.
+            return mount_overlay_fsconfig(&m.options, target)
+                .with_context(|| format!("overlay mount (fsconfig) {m:?}"));
+        }
         let data = std::ffi::CString::new(data)?;
         return rustix::mount::mount(m.source.as_str(), target, "overlay", flags, data.as_c_str())
             .with_context(|| format!("overlay mount {m:?}"));
@@ -128,6 +133,38 @@ pub fn mount(mounts: &[Mount], target: &Path, fuse_program: &Path) -> anyhow::Re
         return Ok(());
     }
     bail!("unexpected mount type in {m:?}")
+}
+
+fn mount_overlay_fsconfig(options: &[String], target: &Path) -> std::io::Result<()> {
+    use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags};
+    let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    for o in options {
+        match o.split_once('=') {
+            Some(("lowerdir", v)) => {
+                for l in v.split(':') {
+                    rustix::mount::fsconfig_set_string(&fs, "lowerdir+", l)?;
+                }
+            }
+            Some((k, v)) => rustix::mount::fsconfig_set_string(&fs, k, v)?,
+            None if o == "ro" || o == "rw" => {}
+            None => rustix::mount::fsconfig_set_flag(&fs, o.as_str())?,
+        }
+    }
+    rustix::mount::fsconfig_create(&fs)?;
+    let attrs = if options.iter().any(|o| o == "ro") {
+        MountAttrFlags::MOUNT_ATTR_RDONLY
+    } else {
+        MountAttrFlags::empty()
+    };
+    let m = rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)?;
+    rustix::mount::move_mount(
+        &m,
+        "",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )?;
+    Ok(())
 }
 
 /// Unmount `target` (retrying while busy, lazily as a last resort).
