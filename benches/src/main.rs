@@ -6,6 +6,7 @@
 mod layerset;
 mod mount;
 mod report;
+mod rootless;
 mod run;
 mod worker;
 mod workloads;
@@ -36,9 +37,10 @@ options:
   --fuse-overlayfs2 PATH fuse-overlayfs 2.0; default /opt/fuse-overlayfs2/bin/fuse-overlayfs
   --workdir DIR          layers, uppers and mountpoints (on disk, not tmpfs);
                          default /var/tmp/rustfuse-compare
-  --out DIR              where results.json and results.svg go; default the work dir
+  --out DIR              where results[-rootless].json and .svg go; default the work dir
   --timeout SECS         deadline of every command; default 600
-  --rootless             mount as a non-root user in a user namespace (not implemented)
+  --rootless             mount every filesystem as uid 65534 inside a user namespace
+                         (setpriv + unshare -Urm; kernel overlayfs with userxattr)
   --list                 list the workloads and exit
 ";
 
@@ -182,10 +184,46 @@ fn main() {
         return;
     }
     run::install_signal_handlers();
+    if argv.first().map(String::as_str) == Some("__cycle") {
+        if let Err(e) = cycle(&argv[1..]) {
+            eprintln!("cycle: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if let Err(e) = real_main(&argv) {
         eprintln!("rustfuse-compare: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Inside the user namespace: `__cycle OPTIONS -- FS_ID KIND BIN WORKLOAD`.
+fn cycle(argv: &[String]) -> Result<()> {
+    let split = argv
+        .iter()
+        .position(|a| a == "--")
+        .context("__cycle: missing --")?;
+    let a = parse_args(&argv[..split])?;
+    let ctx = make_ctx(&a, true)?;
+    rootless::cycle_main(&ctx, &argv[split + 1..])
+}
+
+fn make_ctx(a: &Args, userns: bool) -> Result<Ctx> {
+    let workdir = std::path::absolute(&a.workdir)?;
+    let sizes = layerset::Sizes::new(a.scale);
+    let t0 = Instant::now();
+    let layers = layerset::ensure(&workdir, &sizes)?;
+    if !userns {
+        eprintln!("layers ready in {:.1}s", t0.elapsed().as_secs_f64());
+    }
+    Ok(Ctx {
+        exe: std::env::current_exe()?,
+        layers,
+        sizes,
+        run_root: workdir.join("run"),
+        timeout: a.timeout,
+        userns,
+    })
 }
 
 fn real_main(argv: &[String]) -> Result<()> {
@@ -195,12 +233,6 @@ fn real_main(argv: &[String]) -> Result<()> {
             println!("{:16} {:9} {}", w.name, w.group.name(), w.about);
         }
         return Ok(());
-    }
-    if a.rootless {
-        bail!(
-            "--rootless is not implemented yet: every filesystem would have to be mounted \
-             and measured from inside `setpriv --reuid 65534 unshare -Urm`; run as root"
-        );
     }
     if !rustix::process::geteuid().is_root() {
         bail!("must run as root (it mounts and drops caches)");
@@ -229,19 +261,46 @@ fn real_main(argv: &[String]) -> Result<()> {
     }
     std::fs::create_dir_all(&a.workdir)?;
     let workdir = std::path::absolute(&a.workdir)?;
-    let sizes = layerset::Sizes::new(a.scale);
-    let t0 = Instant::now();
-    let layers = layerset::ensure(&workdir, &sizes)?;
-    eprintln!("layers ready in {:.1}s", t0.elapsed().as_secs_f64());
-    let ctx = Ctx {
-        exe: std::env::current_exe()?,
-        layers,
-        sizes,
-        run_root: workdir.join("run"),
-        timeout: a.timeout,
-    };
+    let ctx = make_ctx(&a, false)?;
+    let sizes = ctx.sizes;
+    let cycle_args: Vec<String> = vec![
+        "--workdir".into(),
+        workdir.display().to_string(),
+        "--scale".into(),
+        a.scale.to_string(),
+        "--timeout".into(),
+        a.timeout.as_secs().to_string(),
+    ];
+    if a.rootless {
+        // The unprivileged user must reach the layers and the run dirs.
+        let _ = std::fs::create_dir_all(&ctx.run_root);
+        for d in [&workdir, &ctx.run_root] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+        }
+        // Rootless users own their image layers (podman's storage is the user's): files owned
+        // by an id the namespace does not map could not be chmod'ed or chown'ed there.
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::metadata(&ctx.layers.lowers[0])?.uid() != rootless::UID {
+            eprintln!("giving the layers to uid {}", rootless::UID);
+            let d = workdir.join("layers");
+            run::run_ok(
+                Command::new("chown")
+                    .arg("-R")
+                    .arg(format!("{0}:{0}", rootless::UID))
+                    .arg(&d),
+                Duration::from_secs(600),
+            )?;
+        }
+    }
     let runnable: Vec<&Fs> = fss.iter().filter(|f| f.missing.is_none()).collect();
-    let mut results = report::Results::new(&fss, &selected, &sizes, a.reps);
+    let mut results = report::Results::new(
+        &fss,
+        &selected,
+        &sizes,
+        a.reps,
+        if a.rootless { "rootless" } else { "root" },
+    );
     let total = selected.len() * a.reps * runnable.len();
     let mut done = 0;
     let started = Instant::now();
@@ -258,7 +317,12 @@ fn real_main(argv: &[String]) -> Result<()> {
                     a.reps,
                     f.label
                 );
-                match ctx.run(f, w) {
+                let r = if a.rootless {
+                    rootless::run_in_userns(&ctx, f, w.name, &cycle_args)
+                } else {
+                    ctx.run(f, w)
+                };
+                match r {
                     Ok(Some(v)) => results.add(wi, f.id, v),
                     Ok(None) => {}
                     Err(e) => {
@@ -275,8 +339,13 @@ fn real_main(argv: &[String]) -> Result<()> {
     let out = a.out.clone().unwrap_or(workdir.clone());
     std::fs::create_dir_all(&out)?;
     print!("{}", results.table());
-    let json = out.join("results.json");
-    let svg = out.join("results.svg");
+    let stem = if a.rootless {
+        "results-rootless"
+    } else {
+        "results"
+    };
+    let json = out.join(format!("{stem}.json"));
+    let svg = out.join(format!("{stem}.svg"));
     std::fs::write(&json, results.json(&report::machine()))
         .with_context(|| format!("write {}", json.display()))?;
     std::fs::write(&svg, results.svg()).with_context(|| format!("write {}", svg.display()))?;

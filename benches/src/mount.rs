@@ -101,10 +101,11 @@ impl Mount {
         work: &Path,
         mnt: &Path,
         log: &Path,
+        userxattr: bool,
     ) -> Result<(Mount, Duration)> {
         run::check_interrupted()?;
         clear_mountpoint(mnt);
-        let opts = format!(
+        let mut opts = format!(
             "lowerdir={},upperdir={},workdir={}",
             join(lowers),
             upper.display(),
@@ -112,6 +113,9 @@ impl Mount {
         );
         let mut cmd = match fs.kind {
             Kind::Kernel => {
+                if userxattr {
+                    opts.push_str(",userxattr");
+                }
                 let mut c = Command::new("mount");
                 c.args(["-t", "overlay", "overlay", "-o", &opts]);
                 c

@@ -12,6 +12,7 @@ pub struct Results<'a> {
     workloads: Vec<&'a Workload>,
     sizes: Sizes,
     reps: usize,
+    mode: &'static str,
     samples: Vec<BTreeMap<&'static str, Vec<f64>>>,
     errors: Vec<BTreeMap<&'static str, String>>,
 }
@@ -102,12 +103,19 @@ pub fn machine() -> Vec<(&'static str, String)> {
 }
 
 impl<'a> Results<'a> {
-    pub fn new(fss: &'a [Fs], workloads: &[&'a Workload], sizes: &Sizes, reps: usize) -> Self {
+    pub fn new(
+        fss: &'a [Fs],
+        workloads: &[&'a Workload],
+        sizes: &Sizes,
+        reps: usize,
+        mode: &'static str,
+    ) -> Self {
         Results {
             fss,
             workloads: workloads.to_vec(),
             sizes: *sizes,
             reps,
+            mode,
             samples: vec![BTreeMap::new(); workloads.len()],
             errors: vec![BTreeMap::new(); workloads.len()],
         }
@@ -247,8 +255,11 @@ impl<'a> Results<'a> {
         s.push_str(&m.join(", "));
         let _ = write!(
             s,
-            "}},\n  \"scale\": {},\n  \"reps\": {},\n  \"small_files\": {},\n  \"filesystems\": [",
-            self.sizes.scale, self.reps, self.sizes.files
+            "}},\n  \"mode\": {},\n  \"scale\": {},\n  \"reps\": {},\n  \"small_files\": {},\n  \"filesystems\": [",
+            json_str(self.mode),
+            self.sizes.scale,
+            self.reps,
+            self.sizes.files
         );
         let fs: Vec<String> = self
             .fss
@@ -338,8 +349,8 @@ impl<'a> Results<'a> {
         let _ = writeln!(
             s,
             "<text x=\"{left}\" y=\"16\" font-size=\"13\">Median time relative to kernel \
-             overlayfs (log scale, lower is better); scale {}, {} reps</text>",
-            self.sizes.scale, self.reps
+             overlayfs (log scale, lower is better); {}, scale {}, {} reps</text>",
+            self.mode, self.sizes.scale, self.reps
         );
         for (i, f) in self.fss.iter().enumerate() {
             let lx = left + i as f64 * 150.0;

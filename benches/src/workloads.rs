@@ -229,9 +229,12 @@ pub struct Ctx {
     pub sizes: Sizes,
     pub run_root: PathBuf,
     pub timeout: Duration,
+    /// Running inside the user namespace of a rootless run (see `rootless`): kernel overlayfs
+    /// needs `userxattr`, and dropping caches is asked of the root parent.
+    pub userns: bool,
 }
 
-struct Dirs {
+pub struct Dirs {
     upper: PathBuf,
     work: PathBuf,
     mnt: PathBuf,
@@ -239,7 +242,7 @@ struct Dirs {
 }
 
 impl Ctx {
-    fn fresh_dirs(&self, fs_: &Fs) -> Result<Dirs> {
+    pub fn fresh_dirs(&self, fs_: &Fs) -> Result<Dirs> {
         let base = self.run_root.join(fs_.id);
         let mnt = base.join("mnt");
         mount::clear_mountpoint(&mnt);
@@ -260,7 +263,15 @@ impl Ctx {
     }
 
     fn mount(&self, fs_: &Fs, lowers: &[PathBuf], d: &Dirs) -> Result<(Mount, Duration)> {
-        Mount::new(fs_, lowers, &d.upper, &d.work, &d.mnt, &d.log)
+        Mount::new(fs_, lowers, &d.upper, &d.work, &d.mnt, &d.log, self.userns)
+    }
+
+    fn drop_caches(&self) -> Result<()> {
+        if self.userns {
+            crate::rootless::ask_parent_to_drop_caches()
+        } else {
+            mount::drop_caches()
+        }
     }
 
     fn time(&self, mut cmd: Command) -> Result<f64> {
@@ -297,7 +308,7 @@ impl Ctx {
         let s = &self.sizes;
         let v = match w.name {
             "find-cold" => {
-                mount::drop_caches()?;
+                self.drop_caches()?;
                 self.sh(&mnt, "find . >/dev/null")?
             }
             "find-warm" => {
@@ -319,7 +330,7 @@ impl Ctx {
                 self.sh(&mnt, git)?
             }
             "seqread-cold" => {
-                mount::drop_caches()?;
+                self.drop_caches()?;
                 self.sh(&mnt, "dd if=big/seq.bin of=/dev/null bs=1M status=none")?
             }
             "seqread-warm" => {
@@ -350,7 +361,15 @@ impl Ctx {
                 )?
             }
             "append-copyup" => self.sh(&mnt, "printf x >> big/append.bin")?,
-            "chmod-chown" => self.sh(&mnt, "chmod -R g+w usr/lib && chown -R 1:1 usr/lib")?,
+            "chmod-chown" => {
+                // In the user namespace only its root is mapped; the lower files show as
+                // nobody there, so chown to 0 is a change as 1 is for a root run.
+                let id = if self.userns { "0:0" } else { "1:1" };
+                self.sh(
+                    &mnt,
+                    &format!("chmod -R g+w usr/lib && chown -R {id} usr/lib"),
+                )?
+            }
             "rm-rf" => self.sh(&mnt, "rm -rf app/node_modules")?,
             "renames" => self.worker(&mnt, &["renames", &list, "usr/include/"])?,
             "cp-a" => self.sh(&mnt, "cp -a usr/lib usr/lib.copy")?,
