@@ -54,6 +54,10 @@ struct Args {
     /// Also benchmark rustfuse-snapshotter in FUSE mode (`--mode fuse`).
     #[arg(long)]
     fuse: bool,
+    /// Workload A also against a rustfuse-snapshotter (overlay mode) not behind containerd,
+    /// on its own socket: the cost of containerd's proxy hop.
+    #[arg(long)]
+    direct: bool,
     /// Skip workload A.
     #[arg(long)]
     no_cycles: bool,
@@ -97,6 +101,10 @@ const RUSTFUSE_FUSE: Target = Target {
     sn: "rustfuse-fuse",
 };
 
+const RUSTFUSE_DIRECT: Target = Target {
+    label: "rustfuse (overlay mode) direct, no containerd",
+    sn: "rustfuse-direct",
+};
 const IMPORT_ONLY: Target = Target {
     label: "import only (--no-unpack)",
     sn: "",
@@ -179,11 +187,14 @@ impl Env {
         };
         let d = dir.display();
         let mut proxies = String::new();
-        let mut modes = vec![("rustfuse", "overlay")];
+        let mut modes = vec![("rustfuse", "overlay", true)];
         if args.fuse {
-            modes.push(("rustfuse-fuse", "fuse"));
+            modes.push(("rustfuse-fuse", "fuse", true));
         }
-        for (name, mode) in modes {
+        if args.direct {
+            modes.push(("rustfuse-direct", "overlay", false));
+        }
+        for (name, mode, proxy) in modes {
             let sock = dir.join(format!("{name}.sock"));
             let mut p = Proc::spawn(
                 name,
@@ -199,6 +210,9 @@ impl Env {
             )?;
             p.wait_socket(&sock)?;
             env.procs.push(p);
+            if !proxy {
+                continue;
+            }
             proxies.push_str(&format!(
                 "  [proxy_plugins.{name}]\n    type = \"snapshot\"\n    address = \"{}\"\n",
                 sock.display()
@@ -346,9 +360,22 @@ fn workload_a(
     targets: &[Target],
     args: &Args,
 ) -> anyhow::Result<Vec<Cycles>> {
+    let direct = if args.direct {
+        Some(Client::connect(&env.dir.join("rustfuse-direct.sock"))?)
+    } else {
+        None
+    };
+    let mut targets = targets.to_vec();
+    if direct.is_some() {
+        targets.push(RUSTFUSE_DIRECT);
+    }
+    let client = |t: Target| match &direct {
+        Some(d) if t.sn == RUSTFUSE_DIRECT.sn => d,
+        _ => c,
+    };
     let mut res: Vec<Cycles> = targets.iter().map(|t| Cycles::new(*t)).collect();
-    for t in targets {
-        setup_base(env, c, *t)?;
+    for t in &targets {
+        setup_base(env, client(*t), *t)?;
     }
     env.gc()?;
     let rounds = args.rounds.max(1);
@@ -365,7 +392,7 @@ fn workload_a(
             rustix::fs::sync();
             for j in 0..n {
                 let i = done + j;
-                let phases = cycle(env, c, t, i, i == 0)?;
+                let phases = cycle(env, client(t), t, i, i == 0)?;
                 res[ti].cycles.push(phases);
             }
             let gc = env.gc()?;
@@ -377,8 +404,8 @@ fn workload_a(
             r + 1
         );
     }
-    for t in targets {
-        c.remove_all(t.sn)?;
+    for t in &targets {
+        client(*t).remove_all(t.sn)?;
     }
     env.gc()?;
     Ok(res)
