@@ -120,8 +120,15 @@ fn cache_insert(h: &Arc<DirHandle>) {
             q.push_back(w);
             continue;
         }
-        if h.fd.lock().take().is_some() {
-            CACHE.cached.fetch_sub(1, Ordering::Relaxed);
+        // Never wait here: a thread reopening this handle holds its lock while it reopens the
+        // parent, which may sweep too (waiting would deadlock on the queue lock).
+        match h.fd.try_lock() {
+            Some(mut slot) => {
+                if slot.take().is_some() {
+                    CACHE.cached.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            None => q.push_back(w),
         }
     }
 }
