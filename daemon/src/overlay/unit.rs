@@ -287,3 +287,43 @@ fn directory_fds_stay_within_budget() {
     assert!(l.p("upper/d0/sub/f").exists());
     super::loc::set_dir_fd_budget(4096);
 }
+
+#[test]
+fn directory_fd_eviction_under_concurrent_reopens() {
+    let _g = SERIAL.lock();
+    let l = Layers::new("dir-evict-mt");
+    for i in 0..64 {
+        fs::create_dir_all(l.p(&format!("lower/a{i}/b/c"))).unwrap();
+        fs::write(l.p(&format!("lower/a{i}/b/c/f")), b"x").unwrap();
+    }
+    let ov = std::sync::Arc::new(l.overlay());
+    super::loc::set_dir_fd_budget(16);
+    // Resolve every level once, so later reopens walk parent chains that were evicted.
+    let mut leaves = Vec::new();
+    for i in 0..64 {
+        let a = ov.lookup(ROOT_INO, OsStr::new(&format!("a{i}"))).unwrap();
+        let b = ov.lookup(a.ino, OsStr::new("b")).unwrap();
+        leaves.push(ov.lookup(b.ino, OsStr::new("c")).unwrap().ino);
+    }
+    let leaves = std::sync::Arc::new(leaves);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(800);
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (ov, leaves) = (ov.clone(), leaves.clone());
+            std::thread::spawn(move || {
+                let mut n = t;
+                while std::time::Instant::now() < deadline {
+                    n = (n * 7 + 13) % leaves.len();
+                    let f = ov
+                        .lookup(leaves[n], OsStr::new("f"))
+                        .expect("lookup after eviction");
+                    assert_eq!(f.size, 1);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("no panic, no deadlock");
+    }
+    super::loc::set_dir_fd_budget(4096);
+}
