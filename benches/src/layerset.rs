@@ -105,6 +105,7 @@ impl Writer<'_> {
     }
 
     fn small(&mut self, rel: &str, max: u64) -> Result<()> {
+        crate::run::check_interrupted()?;
         let size = self.rng.below(max) as usize;
         self.file(rel, size)
     }
