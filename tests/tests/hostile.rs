@@ -93,21 +93,10 @@ fn names_of_255_bytes_and_trees_deeper_than_path_max() {
     // 300 levels of 20-byte names: 6300 bytes of path, over PATH_MAX (4096). Built with
     // directory fds, since no path to the bottom fits in a syscall.
     let seg = "d".repeat(20);
-    let mut dir = rustix::fs::open(
-        &stack.lowers[0],
-        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY,
-        rustix::fs::Mode::empty(),
-    )
-    .unwrap();
+    let mut dir = open_dir_at(rustix::fs::CWD, &stack.lowers[0]);
     for _ in 0..300 {
         rustix::fs::mkdirat(&dir, seg.as_str(), rustix::fs::Mode::from_raw_mode(0o755)).unwrap();
-        dir = rustix::fs::openat(
-            &dir,
-            seg.as_str(),
-            rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY,
-            rustix::fs::Mode::empty(),
-        )
-        .unwrap();
+        dir = open_dir_at(&dir, &seg);
     }
     let f = rustix::fs::openat(
         &dir,
@@ -130,20 +119,9 @@ fn names_of_255_bytes_and_trees_deeper_than_path_max() {
         "256-byte name: {e}"
     );
     // Walk down through the mount with directory fds and copy the bottom file up.
-    let mut dir = rustix::fs::open(
-        &mnt,
-        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY,
-        rustix::fs::Mode::empty(),
-    )
-    .unwrap();
+    let mut dir = open_dir_at(rustix::fs::CWD, &mnt);
     for _ in 0..300 {
-        dir = rustix::fs::openat(
-            &dir,
-            seg.as_str(),
-            rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY,
-            rustix::fs::Mode::empty(),
-        )
-        .unwrap();
+        dir = open_dir_at(&dir, &seg);
     }
     let f = rustix::fs::openat(
         &dir,
@@ -166,6 +144,21 @@ fn names_of_255_bytes_and_trees_deeper_than_path_max() {
     assert_eq!(&buf[..n], b"deeper");
     drop((f, dir));
     m.unmount().unwrap();
+}
+
+/// A directory opened for `*at` calls, relative to `dir` (the walk never needs a full path,
+/// which would not fit PATH_MAX).
+fn open_dir_at<Fd: std::os::fd::AsFd, P: rustix::path::Arg>(
+    dir: Fd,
+    name: P,
+) -> std::os::fd::OwnedFd {
+    rustix::fs::openat(
+        dir,
+        name,
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap()
 }
 
 fn libc_enametoolong() -> i32 {
