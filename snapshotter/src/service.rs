@@ -15,6 +15,15 @@ use crate::snapshotter::Snapshotter;
 /// List answers in batches of this many.
 const LIST_BATCH: usize = 100;
 
+/// Where a call's work runs (see [`Service::call`]).
+#[derive(Clone, Copy)]
+enum Run {
+    /// On the async runtime's thread: a read of the metadata store, no directory walk.
+    Inline,
+    /// On the blocking pool: store writes (fsync), directory creation, removal and walks.
+    Blocking,
+}
+
 #[derive(Clone)]
 pub struct Service {
     inner: Arc<Snapshotter>,
@@ -29,12 +38,15 @@ impl Service {
         SnapshotsServer::new(self)
     }
 
-    /// Run `f` on the blocking pool inside a span for `method` and `key`.
+    /// Run `f` inside a span for `method` and `key`: on the blocking pool when it may touch
+    /// the disk for long ([`Run::Blocking`]: writes, walks), or right on the runtime thread when
+    /// it is a short metadata read ([`Run::Inline`]), which saves two thread hand-offs per call.
     async fn call<T, F>(
         &self,
         method: &'static str,
         key: &str,
         ns: Option<String>,
+        run: Run,
         f: F,
     ) -> Result<T, Status>
     where
@@ -45,12 +57,15 @@ impl Service {
         let inner = self.inner.clone();
         let blocking_span = span.clone();
         async move {
-            let res = tokio::task::spawn_blocking(move || {
-                let _e = blocking_span.enter();
-                f(&inner)
-            })
-            .await
-            .map_err(|e| Status::internal(format!("{method}: worker failed: {e}")))?;
+            let res = match run {
+                Run::Inline => f(&inner),
+                Run::Blocking => tokio::task::spawn_blocking(move || {
+                    let _e = blocking_span.enter();
+                    f(&inner)
+                })
+                .await
+                .map_err(|e| Status::internal(format!("{method}: worker failed: {e}")))?,
+            };
             match res {
                 Ok(v) => {
                     tracing::debug!("ok");
@@ -91,7 +106,7 @@ impl Snapshots for Service {
         let r = request.into_inner();
         let key = r.key.clone();
         let mounts = self
-            .call("Prepare", &key, ns, move |s| {
+            .call("Prepare", &key, ns, Run::Blocking, move |s| {
                 s.prepare(&r.key, &r.parent, r.labels)
             })
             .await?;
@@ -106,7 +121,7 @@ impl Snapshots for Service {
         let r = request.into_inner();
         let key = r.key.clone();
         let mounts = self
-            .call("View", &key, ns, move |s| {
+            .call("View", &key, ns, Run::Blocking, move |s| {
                 s.view(&r.key, &r.parent, r.labels)
             })
             .await?;
@@ -121,7 +136,7 @@ impl Snapshots for Service {
         let r = request.into_inner();
         let key = r.key.clone();
         let mounts = self
-            .call("Mounts", &key, ns, move |s| s.mounts(&r.key))
+            .call("Mounts", &key, ns, Run::Inline, move |s| s.mounts(&r.key))
             .await?;
         Ok(Response::new(pb::MountsResponse { mounts }))
     }
@@ -133,7 +148,7 @@ impl Snapshots for Service {
         let ns = namespace(&request);
         let r = request.into_inner();
         let key = r.key.clone();
-        self.call("Commit", &key, ns, move |s| {
+        self.call("Commit", &key, ns, Run::Blocking, move |s| {
             s.commit(&r.name, &r.key, r.labels)
         })
         .await?;
@@ -147,7 +162,7 @@ impl Snapshots for Service {
         let ns = namespace(&request);
         let r = request.into_inner();
         let key = r.key.clone();
-        self.call("Remove", &key, ns, move |s| s.remove(&r.key))
+        self.call("Remove", &key, ns, Run::Blocking, move |s| s.remove(&r.key))
             .await?;
         Ok(Response::new(()))
     }
@@ -159,7 +174,9 @@ impl Snapshots for Service {
         let ns = namespace(&request);
         let r = request.into_inner();
         let key = r.key.clone();
-        let info = self.call("Stat", &key, ns, move |s| s.stat(&r.key)).await?;
+        let info = self
+            .call("Stat", &key, ns, Run::Inline, move |s| s.stat(&r.key))
+            .await?;
         Ok(Response::new(pb::StatSnapshotResponse { info: Some(info) }))
     }
 
@@ -175,7 +192,9 @@ impl Snapshots for Service {
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
         let key = info.name.clone();
         let info = self
-            .call("Update", &key, ns, move |s| s.update(&info, &paths))
+            .call("Update", &key, ns, Run::Blocking, move |s| {
+                s.update(&info, &paths)
+            })
             .await?;
         Ok(Response::new(pb::UpdateSnapshotResponse {
             info: Some(info),
@@ -191,7 +210,7 @@ impl Snapshots for Service {
         let ns = namespace(&request);
         let r = request.into_inner();
         let infos = self
-            .call("List", "", ns, move |s| s.list(&r.filters))
+            .call("List", "", ns, Run::Blocking, move |s| s.list(&r.filters))
             .await?;
         let batches: Vec<Result<pb::ListSnapshotsResponse, Status>> = infos
             .chunks(LIST_BATCH)
@@ -208,7 +227,7 @@ impl Snapshots for Service {
         let r = request.into_inner();
         let key = r.key.clone();
         let u = self
-            .call("Usage", &key, ns, move |s| s.usage(&r.key))
+            .call("Usage", &key, ns, Run::Blocking, move |s| s.usage(&r.key))
             .await?;
         Ok(Response::new(pb::UsageResponse {
             size: u.size,
@@ -218,8 +237,10 @@ impl Snapshots for Service {
 
     async fn cleanup(&self, request: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
         let ns = namespace(&request);
-        self.call("Cleanup", "", ns, |s| s.cleanup().map(|_| ()))
-            .await?;
+        self.call("Cleanup", "", ns, Run::Blocking, |s| {
+            s.cleanup().map(|_| ())
+        })
+        .await?;
         Ok(Response::new(()))
     }
 }
