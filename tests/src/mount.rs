@@ -160,11 +160,10 @@ struct Watchdog {
 }
 
 impl Watchdog {
-    fn start(conn: u32, mnt: PathBuf) -> Watchdog {
+    fn start(conn: u32, mnt: PathBuf, deadline: Duration) -> Watchdog {
         let (stop, rx) = mpsc::channel::<()>();
         let fired = Arc::new(AtomicBool::new(false));
         let fired2 = fired.clone();
-        let deadline = watchdog_deadline();
         std::thread::spawn(move || {
             if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(deadline) {
                 eprintln!(
@@ -345,9 +344,28 @@ impl Mount {
             conn: Some(conn),
             pid,
             mounted: true,
-            watchdog: Some(Watchdog::start(conn, mnt.to_path_buf())),
+            watchdog: Some(Watchdog::start(
+                conn,
+                mnt.to_path_buf(),
+                watchdog_deadline(),
+            )),
             launcher_stderr: String::new(),
         }
+    }
+
+    /// Restarts the watchdog of a FUSE mount so that it fires `deadline` from now instead of
+    /// [`watchdog_deadline`] after mounting: for load and scale tests that keep a mount busy
+    /// longer on purpose (they watch each operation with a shorter deadline of their own).
+    pub fn rearm_watchdog(&mut self, deadline: Duration) {
+        if let (Some(conn), Some(w)) = (self.conn, self.watchdog.take()) {
+            let _ = w.stop.send(());
+            self.watchdog = Some(Watchdog::start(conn, self.mnt.clone(), deadline));
+        }
+    }
+
+    /// FUSE connection number (`/sys/fs/fuse/connections/N`), for a FUSE mount.
+    pub fn connection(&self) -> Option<u32> {
+        self.conn
     }
 
     /// The merged view.

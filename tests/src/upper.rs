@@ -93,12 +93,14 @@ impl fmt::Display for UEntry {
 /// The normalized upper directory: relative path (`""` = root) → entry.
 pub type Upper = BTreeMap<String, UEntry>;
 
-const OPAQUE_XATTRS: [&str; 3] = [
+/// The xattrs that mark a directory opaque (value `y`).
+pub const OPAQUE_XATTRS: [&str; 3] = [
     "trusted.overlay.opaque",
     "user.overlay.opaque",
     "user.fuseoverlayfs.opaque",
 ];
-const OVERRIDE_XATTRS: [&str; 3] = [
+/// The owner/mode override xattrs (`uid:gid:octalmode[:type]`).
+pub const OVERRIDE_XATTRS: [&str; 3] = [
     "user.containers.override_stat",
     "user.fuseoverlayfs.override_stat",
     "security.fuseoverlayfs.override_stat",
@@ -112,7 +114,8 @@ fn is_internal(name: &str) -> bool {
         || name.starts_with("user.containers.override_")
 }
 
-fn raw_xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
+/// All extended attributes of `path` (not following symlinks), raw values.
+pub fn raw_xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
     let mut names = vec![0u8; 65536];
     let Ok(n) = rustix::fs::llistxattr(path, &mut names[..]) else {
