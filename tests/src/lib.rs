@@ -7,10 +7,12 @@
 //! - [`snapshot`]: a normalized description of a merged view, and its diff.
 //! - [`ops`]: a list of filesystem operations applied to a mount, errno recorded per step.
 //! - [`upper`]: a normalized description of an upper directory after unmount.
+//! - [`fsck`]: a checker of an upper directory's on-disk format after unmount.
 //! - [`scenario`]: runs one tree + op list on kernel overlay and on the FUSE overlay and
 //!   compares everything.
 
 pub mod env;
+pub mod fsck;
 pub mod layers;
 pub mod mount;
 pub mod ops;
