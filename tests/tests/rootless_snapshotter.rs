@@ -8,17 +8,26 @@
 //! auto mode (kernel overlayfs with `userxattr` where the kernel allows it, rustfuse otherwise)
 //! and in FUSE mode (rustfuse through mount.fuse3).
 //!
+//! Then the snapshotter's conformance suite (the compiled `snapshotter/tests/conformance.rs`
+//! binary, found as `conformance_bin` says) runs inside RootlessKit as the same user, with
+//! `CI=true` so that no case can skip: its `overlay::` cases after `doctor` shows `--mode auto`
+//! picks kernel overlayfs with `userxattr` there, and its `fuse::` cases, all but
+//! `ROOTLESS_EXCLUDED` (one reason per case), two at a time.
+//!
 //! Needs root (to create the user) and the Debian packages rootlesskit, uidmap, containerd,
-//! fuse3. Binaries: `$RUSTFUSE_BIN` (else target/debug/rustfuse) and `$RUSTFUSE_SNAPSHOTTER_BIN`
-//! (else `rustfuse-snapshotter` beside the rustfuse binary). If /dev/fuse is not 0666 (Debian's
-//! default), the test sets it to 0666 so that the user can open it, and says so.
+//! fuse3 (the conformance run needs no containerd). Binaries: `$RUSTFUSE_BIN` (else
+//! target/debug/rustfuse) and `$RUSTFUSE_SNAPSHOTTER_BIN` (else `rustfuse-snapshotter` beside
+//! the rustfuse binary). If /dev/fuse is not 0666 (Debian's default), the test sets it to 0666
+//! so that the user can open it, and says so.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use rustfuse_tests::env::{bin_under_test, require_bin_under_test, run_command, scratch, skip};
+use rustfuse_tests::env::{
+    Scratch, bin_under_test, require_bin_under_test, run_command, scratch, skip, workspace_root,
+};
 
 /// The test user; shared with rootless_build.rs.
 const USER: &str = "rustfuse-rl";
@@ -61,7 +70,16 @@ fn sh(script: &str, args: &[&str], deadline: Duration) -> String {
     out.stdout
 }
 
-fn can_run() -> bool {
+/// Programs every rootless run needs, with their Debian packages.
+const NEEDED: &[(&str, &str)] = &[
+    ("rootlesskit", "rootlesskit"),
+    ("newuidmap", "uidmap"),
+    ("setpriv", "util-linux"),
+    ("useradd", "passwd"),
+];
+
+/// Root, /dev/fuse usable by the test user, the binaries, and [`NEEDED`] plus `more` on PATH.
+fn can_run(more: &[(&str, &str)]) -> bool {
     if !require_bin_under_test() {
         return false;
     }
@@ -71,15 +89,7 @@ fn can_run() -> bool {
             snapshotter_bin().display()
         ));
     }
-    for (prog, pkg) in [
-        ("rootlesskit", "rootlesskit"),
-        ("newuidmap", "uidmap"),
-        ("containerd", "containerd"),
-        ("ctr", "containerd"),
-        ("mount.fuse3", "fuse3"),
-        ("setpriv", "util-linux"),
-        ("useradd", "passwd"),
-    ] {
+    for &(prog, pkg) in NEEDED.iter().chain(more) {
         if which(prog).is_none() {
             return skip(&format!("{prog} not found (Debian package {pkg})"));
         }
@@ -194,21 +204,49 @@ snap rm v
 echo "CYCLE_OK"
 "#;
 
-fn run_cycle(mode: &str) {
-    if !can_run() {
-        return;
-    }
+/// The text between the lines `begin` and `end` of `out`.
+fn between(out: &str, begin: &str, end: &str) -> String {
+    out.split(begin)
+        .nth(1)
+        .and_then(|r| r.split(end).next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The value of the `NAME:` line of a `rustfuse-snapshotter doctor` report.
+fn doctor_field(doctor: &str, name: &str) -> String {
+    doctor
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("doctor has no `{name}:` line:\n{doctor}"))
+}
+
+/// Checks that `doctor` ran in a user namespace as its root and chose a mode; returns the
+/// `mode:` line (`overlay (...)` or `fuse (...)`).
+fn check_doctor(doctor: &str) -> String {
+    assert_eq!(doctor_field(doctor, "user namespace"), "yes", "{doctor}");
+    assert_eq!(doctor_field(doctor, "effective uid"), "0", "{doctor}");
+    let mode = doctor_field(doctor, "mode");
+    assert!(
+        mode.starts_with("overlay") || mode.starts_with("fuse"),
+        "doctor reports no mode:\n{doctor}"
+    );
+    mode
+}
+
+/// A scratch directory owned by the test user (created if need be), with `bins` copied to
+/// `bin/` under the given names. Returns the directory and the user's uid.
+fn user_scratch(name: &str, bins: &[(PathBuf, &str)]) -> (Scratch, u32) {
     let uid = ensure_user();
-    let s = scratch(&format!("rootless-snap-{mode}"));
+    let s = scratch(name);
     let d = s.path();
     std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin = d.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
-    for (src, name) in [
-        (bin_under_test(), "rustfuse"),
-        (snapshotter_bin(), "rustfuse-snapshotter"),
-    ] {
-        std::fs::copy(&src, bin.join(name)).unwrap();
+    for (src, name) in bins {
+        std::fs::copy(src, bin.join(name))
+            .unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), bin.display()));
         std::fs::set_permissions(bin.join(name), std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     sh(
@@ -216,29 +254,62 @@ fn run_cycle(mode: &str) {
         &[&uid.to_string(), d.to_str().unwrap()],
         Duration::from_secs(10),
     );
+    (s, uid)
+}
+
+/// `setpriv` to the test user with a clean environment (`PATH` with `D/bin` first, `HOME` and
+/// `XDG_RUNTIME_DIR` = `D`, plus `env`), then `rootlesskit` with its own PID namespace (so that
+/// killing it on a deadline takes every process inside, FUSE daemons included) and state under
+/// `D/STATE`. The caller appends the command to run inside.
+fn in_rootlesskit(d: &Path, state: &str, env: &[String]) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        &format!("--reuid={USER}"),
+        &format!("--regid={USER}"),
+        "--init-groups",
+        "env",
+        "-i",
+    ])
+    .arg(format!(
+        "PATH={}:/usr/sbin:/usr/bin:/sbin:/bin",
+        d.join("bin").display()
+    ))
+    .arg(format!("HOME={}", d.display()))
+    .arg(format!("XDG_RUNTIME_DIR={}", d.display()))
+    .args(env)
+    .args([
+        "rootlesskit",
+        "--net=host",
+        "--pidns",
+        "--copy-up=/etc",
+        "--copy-up=/run",
+    ])
+    .arg(format!("--state-dir={}", d.join(state).display()))
+    .current_dir(d);
+    cmd
+}
+
+fn run_cycle(mode: &str) {
+    if !can_run(&[
+        ("containerd", "containerd"),
+        ("ctr", "containerd"),
+        ("mount.fuse3", "fuse3"),
+    ]) {
+        return;
+    }
+    let (s, uid) = user_scratch(
+        &format!("rootless-snap-{mode}"),
+        &[
+            (bin_under_test(), "rustfuse"),
+            (snapshotter_bin(), "rustfuse-snapshotter"),
+        ],
+    );
+    let d = s.path();
     let out = run_command(
-        Command::new("setpriv")
-            .args([
-                &format!("--reuid={USER}"),
-                &format!("--regid={USER}"),
-                "--init-groups",
-                "env",
-                "-i",
-                "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-            ])
-            .arg(format!("HOME={}", d.display()))
-            .arg(format!("XDG_RUNTIME_DIR={}", d.display()))
-            .args([
-                "rootlesskit",
-                "--net=host",
-                "--copy-up=/etc",
-                "--copy-up=/run",
-            ])
-            .arg(format!("--state-dir={}", d.join("rootlesskit").display()))
+        in_rootlesskit(d, "rootlesskit", &[])
             .args(["sh", "-c", INNER, "sh"])
             .arg(d)
-            .arg(mode)
-            .current_dir(d),
+            .arg(mode),
         Duration::from_secs(120),
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -273,27 +344,8 @@ fn run_cycle(mode: &str) {
             .to_string()
     };
     // doctor inside RootlessKit: a user namespace, euid 0 there, and a mode.
-    let doctor: String = out
-        .stdout
-        .split("DOCTOR_BEGIN")
-        .nth(1)
-        .and_then(|r| r.split("DOCTOR_END").next())
-        .unwrap_or_default()
-        .to_string();
-    let field = |name: &str| {
-        doctor
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}:")))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_else(|| panic!("doctor has no `{name}:` line:\n{doctor}"))
-    };
-    assert_eq!(field("user namespace"), "yes", "{doctor}");
-    assert_eq!(field("effective uid"), "0", "{doctor}");
-    let auto_mode = field("mode");
-    assert!(
-        auto_mode.starts_with("overlay") || auto_mode.starts_with("fuse"),
-        "doctor reports no mode:\n{doctor}"
-    );
+    let doctor = between(&out.stdout, "DOCTOR_BEGIN", "DOCTOR_END");
+    let auto_mode = check_doctor(&doctor);
     eprintln!("doctor inside RootlessKit: mode {auto_mode}");
 
     // The first snapshot is a bind mount; the child is overlay or FUSE as the mode says.
@@ -355,4 +407,213 @@ fn rootlesskit_snapshotter_auto_mode() {
 #[test]
 fn rootlesskit_snapshotter_fuse_mode() {
     run_cycle("fuse");
+}
+
+// ---------------------------------------------------------------------------------------
+// The snapshotter's conformance suite (snapshotter/tests/conformance.rs) as root in a user
+// namespace: the compiled test binary runs inside RootlessKit as the test user, with CI=true
+// so that a case that cannot run there fails instead of printing SKIPPED.
+
+/// Conformance cases that cannot hold in a user namespace, one reason each. Names are the
+/// test names of the conformance binary.
+const ROOTLESS_EXCLUDED: &[(&str, &str)] = &[(
+    "overlay::e09_hard_links_across_layers",
+    "kernel overlayfs encodes a copy-up origin only with CAP_DAC_READ_SEARCH in the initial \
+     namespace, so in a user namespace `ln` of a lower file gives the old name the lower inode \
+     number and the new name the upper one until remount (seen by hand with unshare -Urm; a \
+     property of any overlay mount made in a user namespace, not of the snapshotter); the fuse:: run \
+     keeps the case",
+)];
+
+/// The conformance test binary: `$RUSTFUSE_CONFORMANCE_BIN`, else the newest
+/// `deps/conformance-HASH` under `$CARGO_TARGET_DIR/debug` or `<workspace>/target/debug`
+/// (`cargo test --workspace` builds it before running any test; alone:
+/// `cargo test -p rustfuse-snapshotter --test conformance --no-run`).
+fn conformance_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("RUSTFUSE_CONFORMANCE_BIN").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let mut targets = vec![workspace_root().join("target")];
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        targets.insert(0, PathBuf::from(t));
+    }
+    targets
+        .iter()
+        .filter_map(|t| std::fs::read_dir(t.join("debug/deps")).ok())
+        .flat_map(|rd| rd.flatten())
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.strip_prefix("conformance-")
+                .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        })
+        .filter_map(|e| {
+            let md = e.metadata().ok()?;
+            (md.is_file() && md.mode() & 0o111 != 0).then_some((md.modified().ok()?, e.path()))
+        })
+        .max()
+        .map(|(_, p)| p)
+}
+
+/// Says so when the conformance binary is older than the suite's sources (a run of this test
+/// alone after editing them): the cases run are then those of the last build.
+fn note_if_stale(bin: &Path) {
+    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
+    let tests = workspace_root().join("snapshotter/tests");
+    let newer: Vec<String> = std::fs::read_dir(&tests)
+        .into_iter()
+        .flat_map(|rd| rd.flatten())
+        .flat_map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                std::fs::read_dir(&p)
+                    .into_iter()
+                    .flat_map(|rd| rd.flatten().map(|e| e.path()))
+                    .collect()
+            } else {
+                vec![p]
+            }
+        })
+        .filter(|p| {
+            let m = std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            matches!((m, built), (Some(m), Some(b)) if m > b)
+        })
+        .map(|p| p.display().to_string())
+        .collect();
+    if !newer.is_empty() {
+        eprintln!(
+            "note: {} is older than {}; rebuild with `cargo test -p rustfuse-snapshotter --test conformance --no-run`",
+            bin.display(),
+            newer.join(", ")
+        );
+    }
+}
+
+/// Runs the conformance cases of module `module` (`overlay` or `fuse`) inside RootlessKit as
+/// the test user, all but [`ROOTLESS_EXCLUDED`], two at a time, and checks they all passed.
+fn run_conformance(name: &str, module: &str, doctor_mode: Option<&str>) {
+    if !can_run(&[]) {
+        return;
+    }
+    let Some(conf) = conformance_bin() else {
+        skip(
+            "no conformance test binary (cargo test -p rustfuse-snapshotter --test conformance --no-run, or set RUSTFUSE_CONFORMANCE_BIN)",
+        );
+        return;
+    };
+    note_if_stale(&conf);
+    let listed = run_command(
+        Command::new(&conf).args(["--list", "--format=terse"]),
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(listed.status.success(), "{conf:?} --list: {listed:?}");
+    let prefix = format!("{module}::");
+    let cases: Vec<&str> = listed
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .filter(|n| n.starts_with(&prefix))
+        .filter(|n| ROOTLESS_EXCLUDED.iter().all(|(x, _)| x != n))
+        .collect();
+    assert!(
+        cases.len() >= 20,
+        "only {} `{prefix}` cases listed by {}:\n{}",
+        cases.len(),
+        conf.display(),
+        listed.stdout
+    );
+    for (case, why) in ROOTLESS_EXCLUDED {
+        if case.starts_with(&prefix) {
+            eprintln!("not run under RootlessKit: {case}: {why}");
+        }
+    }
+    let (s, _uid) = user_scratch(
+        name,
+        &[
+            (bin_under_test(), "rustfuse"),
+            (snapshotter_bin(), "rustfuse-snapshotter"),
+            (conf.clone(), "conformance"),
+        ],
+    );
+    let d = s.path();
+    if let Some(want) = doctor_mode {
+        // What `--mode auto` picks in this namespace; the suite's `overlay` module runs
+        // `--mode overlay`, which takes the same trial mount and the same mount options.
+        let out = run_command(
+            in_rootlesskit(d, "rootlesskit-doctor", &[]).args([
+                "rustfuse-snapshotter",
+                "doctor",
+                "--root",
+                d.join("doctor-root").to_str().unwrap(),
+            ]),
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.status.success(), "doctor in RootlessKit: {out:?}");
+        let mode = check_doctor(&out.stdout);
+        assert!(
+            mode.starts_with(want),
+            "--mode auto in RootlessKit picks {mode}, not {want}:\n{}",
+            out.stdout
+        );
+        if want == "overlay" {
+            assert!(
+                out.stdout
+                    .lines()
+                    .any(|l| l.contains("trial overlay mount:")
+                        && l.contains("userxattr")
+                        && l.ends_with("] ok")),
+                "no successful userxattr trial mount:\n{}",
+                out.stdout
+            );
+        }
+        eprintln!("--mode auto in RootlessKit: {mode}");
+    }
+    let env = [
+        "CI=true".to_string(),
+        format!("TMPDIR={}", d.display()),
+        format!("RUSTFUSE_BIN={}", d.join("bin/rustfuse").display()),
+    ];
+    let out = run_command(
+        in_rootlesskit(d, "rootlesskit", &env)
+            .arg(d.join("bin/conformance"))
+            .args(["--exact", "--test-threads=2"])
+            .args(&cases),
+        Duration::from_secs(300),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "{} `{prefix}` conformance cases under RootlessKit: exit {} in {:.1?}",
+        cases.len(),
+        out.code(),
+        out.elapsed
+    );
+    let summary = format!("test result: ok. {} passed; 0 failed", cases.len());
+    assert!(
+        out.status.success() && out.stdout.contains(&summary),
+        "the conformance run under RootlessKit failed (exit {}), want `{summary}`:\nstdout:\n{}\nstderr:\n{}",
+        out.code(),
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        !out.stdout.contains("SKIPPED") && !out.stderr.contains("SKIPPED"),
+        "a conformance case skipped under RootlessKit:\n{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+}
+
+/// `--mode auto` as root in a user namespace: doctor must pick kernel overlayfs with
+/// `userxattr` (Linux 5.11 and later), and the suite's overlay cases run there.
+#[test]
+fn rootlesskit_conformance_auto_mode() {
+    run_conformance("rootless-conf-auto", "overlay", Some("overlay"));
+}
+
+/// `--mode fuse` as root in a user namespace: every case, rustfuse mounting in the namespace.
+#[test]
+fn rootlesskit_conformance_fuse_mode() {
+    run_conformance("rootless-conf-fuse", "fuse", None);
 }
