@@ -840,13 +840,17 @@ impl Overlay {
         let Handle::File { fd } = &*h else {
             unreachable!()
         };
+        // A write that stops part way (ENOSPC, EFBIG, EDQUOT) reports what it wrote, as
+        // write(2) does; its error is the answer to the next write.
         let mut done = 0;
         while done < data.len() {
-            let n = sys::pwrite(fd.as_fd(), &data[done..], off + done as u64)?;
-            if n == 0 {
-                return Err(Errno::IO);
+            match sys::pwrite(fd.as_fd(), &data[done..], off + done as u64) {
+                Ok(0) if done == 0 => return Err(Errno::IO),
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if done == 0 => return Err(e),
+                Err(_) => break,
             }
-            done += n;
         }
         Ok(done as u32)
     }
