@@ -1,0 +1,616 @@
+//! Resource exhaustion against a live mount: an upper layer that runs out of space (a small
+//! tmpfs) and a daemon that runs out of file descriptors (a low RLIMIT_NOFILE). The caller gets
+//! ENOSPC or EMFILE, never EIO or a hang; nothing half-built becomes visible; the mount stays up,
+//! works again once the resource is back, and the daemon holds no more descriptors than before.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustfuse_tests::env;
+use rustfuse_tests::mount::{Mount, Stack, mount_at, process_alive};
+use rustix::io::Errno;
+
+/// A tmpfs mounted for one test, unmounted on drop (declare it before the FUSE mount on top of
+/// it, so it is dropped after).
+struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(path: &Path, opts: &str) -> Tmpfs {
+        fs::create_dir_all(path).unwrap();
+        let data = std::ffi::CString::new(opts).unwrap();
+        rustix::mount::mount(
+            "tmpfs",
+            path,
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            Some(data.as_c_str()),
+        )
+        .unwrap_or_else(|e| panic!("mount -t tmpfs -o {opts} {}: {e}", path.display()));
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if rustix::mount::unmount(&self.path, rustix::mount::UnmountFlags::empty()).is_err() {
+            let _ = rustix::mount::unmount(&self.path, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+}
+
+fn errno(e: &std::io::Error) -> Option<Errno> {
+    e.raw_os_error().map(Errno::from_raw_os_error)
+}
+
+/// Fails the test unless `r` is a success or one of the `allowed` errnos; returns whether it
+/// succeeded.
+fn ok_or<T>(r: std::io::Result<T>, allowed: &[Errno], what: &str) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) if errno(&e).is_some_and(|n| allowed.contains(&n)) => None,
+        Err(e) => panic!("{what}: {e} (expected success or {allowed:?})"),
+    }
+}
+
+fn expect_err<T: std::fmt::Debug>(r: std::io::Result<T>, want: Errno, what: &str) {
+    match r {
+        Err(e) if errno(&e) == Some(want) => {}
+        other => panic!("{what}: expected {want:?}, got {other:?}"),
+    }
+}
+
+/// What the daemon's descriptors point at: the total, and how many are non-directories inside
+/// `under` (open files, never expected to outlive the caller's handles).
+fn daemon_fds(pid: i32, under: &Path) -> (usize, Vec<PathBuf>) {
+    let mut total = 0;
+    let mut files = Vec::new();
+    for fd in fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        total += 1;
+        let Ok(target) = fs::read_link(fd.path()) else {
+            continue;
+        };
+        let deleted = target.to_string_lossy().ends_with(" (deleted)");
+        if target.starts_with(under) && (deleted || !target.is_dir()) {
+            files.push(target);
+        }
+    }
+    (total, files)
+}
+
+/// Where each of the daemon's descriptors points, for messages.
+fn fd_targets(pid: i32) -> Vec<PathBuf> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| fs::read_link(e.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The daemon holds at most `limit` descriptors and none for a file under `t` other than
+/// `fill` (which the test holds open). Polled for a while: the kernel releases a closed file
+/// asynchronously.
+fn assert_fds_within(pid: i32, t: &Path, limit: usize, what: &str) {
+    let check = || {
+        let (n, files) = daemon_fds(pid, t);
+        n <= limit && files.iter().all(|f| f.ends_with("upper/fill"))
+    };
+    if !env::poll_until(Duration::from_secs(5), check) {
+        panic!(
+            "{what}: daemon descriptors grew from {limit} to {:?}",
+            fd_targets(pid)
+        );
+    }
+}
+
+fn work_entries(work: &Path) -> Vec<OsString> {
+    fs::read_dir(work.join("work"))
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default()
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i % 251) as u8 ^ seed.wrapping_mul(37))
+        .collect()
+}
+
+/// Appends to `path` through the mount (a copy-up for a lower file).
+fn append(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    fs::OpenOptions::new()
+        .append(true)
+        .open(path)?
+        .write_all(data)
+}
+
+/// Writes `chunk`-sized pieces to `f` until a write fails; returns the bytes the writes
+/// reported and the error.
+fn write_until_error(f: &mut fs::File, chunk: usize, limit: u64) -> (u64, std::io::Error) {
+    let buf = vec![0x5au8; chunk];
+    let mut written = 0u64;
+    loop {
+        match f.write(&buf) {
+            Ok(0) => return (written, std::io::Error::from(ErrorKind::WriteZero)),
+            Ok(n) => written += n as u64,
+            Err(e) => return (written, e),
+        }
+        assert!(
+            written < limit,
+            "wrote {written} bytes without running out of space"
+        );
+    }
+}
+
+#[test]
+fn full_upper_layer_gives_enospc_and_recovers() {
+    if !env::require_bin_under_test() {
+        return;
+    }
+    let s = env::scratch("faults-enospc");
+    let lower = s.path().join("lower");
+    let mnt = s.path().join("mnt");
+    fs::create_dir_all(lower.join("d")).unwrap();
+    fs::create_dir_all(&mnt).unwrap();
+    const BIG: usize = 10 << 20;
+    let big = pattern(BIG, 1);
+    let small = pattern(64 << 10, 2);
+    fs::write(lower.join("big"), &big).unwrap();
+    fs::write(lower.join("small"), &small).unwrap();
+    fs::write(lower.join("victim"), "victim").unwrap();
+    for i in 0..4 {
+        fs::write(lower.join(format!("d/f{i}")), format!("d/f{i}")).unwrap();
+    }
+    // 16 MiB and 600 inodes: both data and inodes run out.
+    let tmp = Tmpfs::mount(&s.path().join("t"), "size=16m,nr_inodes=600,mode=0755");
+    let upper = tmp.path.join("upper");
+    let work = tmp.path.join("work");
+    fs::create_dir_all(&upper).unwrap();
+    fs::create_dir_all(&work).unwrap();
+    let stack = Stack {
+        lowers: vec![lower.clone()],
+        upper: Some(upper.clone()),
+        work: Some(work.clone()),
+    };
+    let m = Mount::fuse(&env::bin_under_test(), &stack, &[], &mnt).unwrap();
+    let pid = m.daemon_pid().expect("daemon pid");
+    let root = m.root().to_path_buf();
+    let t = tmp.path.clone();
+    let body = move || full_upper_body(&root, pid, &t, &big, &small);
+    let counts = env::with_deadline(Duration::from_secs(120), "ENOSPC scenario", body);
+    m.unmount().unwrap();
+    // What the upper layer holds is complete: no partial copy of big, the rest as written.
+    assert!(
+        work_entries(&work).is_empty(),
+        "work/ not empty after unmount"
+    );
+    let up_big = fs::read(upper.join("big")).unwrap();
+    assert_eq!(up_big.len(), BIG + 1, "copied-up big in the upper layer");
+    for i in 0..4 {
+        assert!(
+            fs::read(upper.join(format!("keep{i}"))).unwrap() == pattern(1 << 20, 10 + i as u8),
+            "keep{i} in the upper layer"
+        );
+    }
+    eprintln!(
+        "ENOSPC: {} failed copy-ups of a 10 MiB file, {} small files created before ENOSPC, \
+         {} rounds of 5 failing changes",
+        counts.0, counts.1, counts.2
+    );
+    drop(tmp);
+}
+
+fn free_bytes(fs_path: &Path) -> u64 {
+    let s = rustix::fs::statvfs(fs_path).unwrap();
+    s.f_bavail * s.f_frsize
+}
+
+/// The ENOSPC scenario proper (run under a deadline), on the tmpfs at `t`; returns counts of
+/// what it did.
+fn full_upper_body(
+    root: &Path,
+    pid: i32,
+    t: &Path,
+    big: &[u8],
+    small: &[u8],
+) -> (usize, usize, usize) {
+    let work = t.join("work");
+    // 4 MiB written and fsynced before anything goes wrong.
+    for i in 0..4u8 {
+        let mut f = fs::File::create(root.join(format!("keep{i}"))).unwrap();
+        f.write_all(&pattern(1 << 20, 10 + i)).unwrap();
+        f.sync_all().unwrap();
+    }
+    // A copy-up that needs the parent copied up too, while there is room.
+    append(&root.join("d/f0"), b"+").unwrap();
+    // 8 more MiB: about 4 MiB stay free, less than big (10 MiB).
+    let mut fill = fs::File::create(root.join("fill")).unwrap();
+    fill.write_all(&vec![7u8; 8 << 20]).unwrap();
+    let fd_base = daemon_fds(pid, t).0;
+    let free_before = free_bytes(t);
+    assert!(
+        free_before < big.len() as u64,
+        "{free_before} bytes free, not less than big"
+    );
+    // The copy-up of big writes ~4 MiB into work/ and fails: ENOSPC to the caller, the
+    // partial copy removed (its space comes back), the lower content still shown.
+    const ROUNDS: usize = 10;
+    for round in 0..ROUNDS {
+        expect_err(
+            append(&root.join("big"), b"!"),
+            Errno::NOSPC,
+            &format!("round {round}: copy-up of big with {free_before} bytes free"),
+        );
+        let left = work_entries(&work);
+        assert!(left.is_empty(), "round {round}: work/ holds {left:?}");
+        assert!(
+            !t.join("upper/big").exists(),
+            "round {round}: partial big in the upper layer"
+        );
+        assert_eq!(
+            free_bytes(t),
+            free_before,
+            "round {round}: space of the failed copy-up not given back"
+        );
+        assert_fds_within(pid, t, fd_base, &format!("round {round}"));
+    }
+    assert!(
+        fs::read(root.join("big")).unwrap() == big,
+        "big shows other than its lower content"
+    );
+    // Small files until full (the inodes run out first): each create and each write succeeds
+    // or gets ENOSPC, and a created file holds what its write reported.
+    let mut small_files = 0;
+    loop {
+        assert!(small_files < 10_000, "10000 small files fit in 600 inodes");
+        let p = root.join(format!("s{small_files}"));
+        let Some(mut f) = ok_or(fs::File::create(&p), &[Errno::NOSPC], "create small file") else {
+            break;
+        };
+        let wrote = ok_or(f.write(&[1u8; 4096]), &[Errno::NOSPC], "write small file");
+        drop(f);
+        let len = fs::metadata(&p).unwrap().len();
+        assert_eq!(len, wrote.unwrap_or(0) as u64, "{}: size", p.display());
+        small_files += 1;
+        if wrote.is_none() {
+            break;
+        }
+    }
+    assert!(small_files > 100, "only {small_files} small files fitted");
+    // Fill the data: the last write may be short, then ENOSPC; the file holds exactly what
+    // the writes reported.
+    let (more, e) = write_until_error(&mut fill, 256 << 10, 64 << 20);
+    assert_eq!(
+        errno(&e),
+        Some(Errno::NOSPC),
+        "filling the upper layer: {e}"
+    );
+    let fill_len = fs::metadata(root.join("fill")).unwrap().len();
+    assert_eq!(
+        fill_len,
+        (8 << 20) + more,
+        "fill: size differs from what the writes reported"
+    );
+    // Full: every kind of change gets ENOSPC and changes nothing visible, repeatedly, with no
+    // descriptor left behind.
+    let fd_full = daemon_fds(pid, t).0;
+    const FULL_ROUNDS: usize = 20;
+    for round in 0..FULL_ROUNDS {
+        let what = |op: &str| format!("full, round {round}: {op}");
+        expect_err(
+            append(&root.join("small"), b"!"),
+            Errno::NOSPC,
+            &what("copy-up"),
+        );
+        expect_err(
+            fs::create_dir(root.join("nd")),
+            Errno::NOSPC,
+            &what("mkdir"),
+        );
+        expect_err(
+            std::os::unix::fs::symlink("x", root.join("sl")),
+            Errno::NOSPC,
+            &what("symlink"),
+        );
+        expect_err(
+            fs::remove_file(root.join("victim")),
+            Errno::NOSPC,
+            &what("unlink of a lower file"),
+        );
+        expect_err(
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(root.join("d/new")),
+            Errno::NOSPC,
+            &what("create"),
+        );
+        assert!(
+            fs::read(root.join("small")).unwrap() == small,
+            "{}",
+            what("small")
+        );
+        assert_eq!(fs::read_to_string(root.join("victim")).unwrap(), "victim");
+        for gone in ["nd", "sl", "d/new"] {
+            assert!(
+                fs::symlink_metadata(root.join(gone)).is_err(),
+                "{}",
+                what(&format!("{gone} visible after a failed create"))
+            );
+        }
+        assert!(
+            work_entries(&work).is_empty(),
+            "{}",
+            what("work/ not empty")
+        );
+        assert_fds_within(pid, t, fd_full, &what("descriptors"));
+    }
+    // The mount is up and what was written before is intact.
+    for i in 0..4u8 {
+        let mut got = Vec::new();
+        fs::File::open(root.join(format!("keep{i}")))
+            .unwrap()
+            .read_to_end(&mut got)
+            .unwrap();
+        assert!(got == pattern(1 << 20, 10 + i), "keep{i} damaged");
+    }
+    assert_eq!(fs::read_to_string(root.join("d/f0")).unwrap(), "d/f0+");
+    // Space freed: everything works again, including the copy-up that failed.
+    drop(fill);
+    fs::remove_file(root.join("fill")).unwrap();
+    for i in 0..small_files {
+        fs::remove_file(root.join(format!("s{i}"))).unwrap();
+    }
+    append(&root.join("big"), b"!").unwrap();
+    let got = fs::read(root.join("big")).unwrap();
+    assert!(
+        got.len() == big.len() + 1 && got[..big.len()] == *big && got[big.len()] == b'!',
+        "big after its copy-up"
+    );
+    append(&root.join("small"), b"!").unwrap();
+    fs::create_dir(root.join("nd")).unwrap();
+    std::os::unix::fs::symlink("x", root.join("sl")).unwrap();
+    fs::remove_file(root.join("victim")).unwrap();
+    fs::write(root.join("d/new"), "new").unwrap();
+    assert_eq!(fs::read_to_string(root.join("d/new")).unwrap(), "new");
+    assert!(work_entries(&work).is_empty(), "work/ not empty at the end");
+    assert_fds_within(pid, t, usize::MAX, "at the end");
+    (ROUNDS, small_files, FULL_ROUNDS)
+}
+
+/// Lower tree for the descriptor test: `dirs` directories, each with a subdirectory, three
+/// files in each.
+fn many_dirs(lower: &Path, dirs: usize) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    for i in 0..dirs {
+        for sub in [format!("d{i}"), format!("d{i}/sub")] {
+            fs::create_dir_all(lower.join(&sub)).unwrap();
+            for j in 0..3 {
+                let rel = PathBuf::from(format!("{sub}/f{j}"));
+                let content = format!("{} {i} {j}", rel.display()).into_bytes();
+                fs::write(lower.join(&rel), &content).unwrap();
+                files.push((rel, content));
+            }
+        }
+    }
+    files
+}
+
+/// Every entry under `dir`, read back: (directories, files) seen. Panics on any error.
+fn walk(
+    dir: &Path,
+    root: &Path,
+    want: &std::collections::HashMap<PathBuf, Vec<u8>>,
+) -> (usize, usize) {
+    let mut dirs = 1;
+    let mut files = 0;
+    for e in fs::read_dir(dir).unwrap_or_else(|e| panic!("readdir {}: {e}", dir.display())) {
+        let e = e.unwrap();
+        let p = e.path();
+        let md = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
+        if md.is_dir() {
+            let (d, f) = walk(&p, root, want);
+            dirs += d;
+            files += f;
+        } else {
+            let got = fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+            if let Some(w) = want.get(p.strip_prefix(root).unwrap()) {
+                assert!(got == *w, "{}: content", p.display());
+            }
+            files += 1;
+        }
+    }
+    (dirs, files)
+}
+
+const NOFILE: u64 = 64;
+
+#[test]
+fn few_descriptors_give_emfile_never_eio() {
+    if !env::require_bin_under_test() {
+        return;
+    }
+    for tool in ["prlimit", "setpriv"] {
+        if !Path::new("/usr/bin").join(tool).exists() {
+            env::skip(&format!("{tool} (util-linux) is not installed"));
+            return;
+        }
+    }
+    let s = env::scratch("faults-emfile");
+    let lower = s.path().join("lower");
+    let upper = s.path().join("upper");
+    let work = s.path().join("work");
+    let mnt = s.path().join("mnt");
+    for d in [&lower, &upper, &work, &mnt] {
+        fs::create_dir_all(d).unwrap();
+    }
+    const DIRS: usize = 150;
+    let files = many_dirs(&lower, DIRS);
+    let want: std::collections::HashMap<PathBuf, Vec<u8>> = files.iter().cloned().collect();
+    let stack = Stack {
+        lowers: vec![lower.clone()],
+        upper: Some(upper.clone()),
+        work: Some(work.clone()),
+    };
+    // As root the daemon raises its own limit (CAP_SYS_RESOURCE): drop that capability so the
+    // limit set by prlimit holds.
+    let mnt = mnt.canonicalize().unwrap();
+    let args: Vec<OsString> = vec![
+        format!("--nofile={NOFILE}:{NOFILE}").into(),
+        "/usr/bin/setpriv".into(),
+        "--bounding-set=-sys_resource".into(),
+        env::bin_under_test().into(),
+        "-o".into(),
+        stack.options().into(),
+        mnt.clone().into(),
+    ];
+    let m = Mount::fuse_args(Path::new("/usr/bin/prlimit"), &args, &mnt, &[]).unwrap();
+    let pid = m.daemon_pid().expect("daemon pid");
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        line.split_whitespace().nth(3),
+        Some(NOFILE.to_string().as_str()),
+        "daemon's RLIMIT_NOFILE: {line}"
+    );
+    let root = m.root().to_path_buf();
+    let scratch_root = s.path().canonicalize().unwrap();
+    let report = env::with_deadline(Duration::from_secs(120), "EMFILE scenario", move || {
+        emfile_body(&root, pid, &scratch_root, &files, &want)
+    });
+    assert!(process_alive(pid), "daemon died");
+    assert!(mount_at(&mnt).is_some(), "mount gone");
+    assert!(work_entries(&work).is_empty(), "work/ not empty");
+    m.unmount().unwrap();
+    eprintln!("EMFILE ({NOFILE} fds): {report}");
+}
+
+fn emfile_body(
+    root: &Path,
+    pid: i32,
+    scratch: &Path,
+    files: &[(PathBuf, Vec<u8>)],
+    want: &std::collections::HashMap<PathBuf, Vec<u8>>,
+) -> String {
+    const LIMITS: [Errno; 2] = [Errno::MFILE, Errno::NFILE];
+    let at_mount = daemon_fds(pid, scratch).0;
+    // A walk of the whole tree needs no more descriptors than the daemon has: its directory
+    // fds are bounded.
+    let (d, f) = walk(root, root, want);
+    assert_eq!((d, f), (1 + files.len() / 3, files.len()), "first walk");
+    let after_walk = daemon_fds(pid, scratch).0;
+    assert!(
+        after_walk as u64 <= NOFILE,
+        "{after_walk} fds after the walk"
+    );
+    // Hold every file open: the daemon runs out; each open succeeds or gets EMFILE.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for (rel, _) in files {
+        match ok_or(fs::File::open(root.join(rel)), &LIMITS, "open held") {
+            Some(fh) => held.push(fh),
+            None => refused += 1,
+        }
+    }
+    assert!(refused > 0, "{} opens held and none refused", held.len());
+    // Out of descriptors: creates, copy-ups, mkdir, readdir, stat succeed or get EMFILE.
+    let mut outcome = [0usize; 2];
+    let mut count = |ok: bool| outcome[usize::from(!ok)] += 1;
+    let mut copied = Vec::new();
+    for (i, (rel, _)) in files.iter().enumerate().step_by(files.len() / 20) {
+        let ok = ok_or(append(&root.join(rel), b"x"), &LIMITS, "copy-up").is_some();
+        if ok {
+            copied.push(rel.clone());
+        }
+        count(ok);
+        count(
+            ok_or(
+                fs::write(root.join(format!("new{i}")), "n"),
+                &LIMITS,
+                "create",
+            )
+            .is_some(),
+        );
+        count(
+            ok_or(
+                fs::create_dir(root.join(format!("nd{i}"))),
+                &LIMITS,
+                "mkdir",
+            )
+            .is_some(),
+        );
+        count(
+            ok_or(
+                fs::read_dir(root.join(rel).parent().unwrap()),
+                &LIMITS,
+                "opendir",
+            )
+            .is_some(),
+        );
+        count(ok_or(fs::metadata(root.join(rel)), &LIMITS, "stat").is_some());
+    }
+    let (ok_full, emfile_full) = (outcome[0], outcome[1]);
+    // Nothing half-built: every file shows its lower content, or that plus the one append.
+    for (rel, content) in files {
+        if let Some(got) = ok_or(fs::read(root.join(rel)), &LIMITS, "read while out of fds") {
+            let mut w = content.clone();
+            if copied.contains(rel) {
+                w.push(b'x');
+            }
+            assert!(got == w, "{}: content while out of fds", rel.display());
+        }
+    }
+    let n_held = held.len();
+    drop(held);
+    // The kernel releases files asynchronously: wait for the daemon to close them.
+    let released = env::poll_until(Duration::from_secs(10), || {
+        daemon_fds(pid, scratch).1.is_empty()
+    });
+    assert!(
+        released,
+        "daemon still holds {:?} after the files were closed",
+        daemon_fds(pid, scratch).1
+    );
+    // Everything works again.
+    for (rel, _) in files.iter().step_by(files.len() / 20) {
+        append(&root.join(rel), b"y").unwrap();
+    }
+    for i in 0..20 {
+        fs::write(root.join(format!("after{i}")), "a").unwrap();
+    }
+    let mut want2 = want.clone();
+    for (rel, content) in files.iter().step_by(files.len() / 20) {
+        let mut w = content.clone();
+        if copied.contains(rel) {
+            w.push(b'x');
+        }
+        w.push(b'y');
+        want2.insert(rel.clone(), w);
+    }
+    walk(root, root, &want2);
+    let (end, open_files) = daemon_fds(pid, scratch);
+    assert!(open_files.is_empty(), "daemon holds {open_files:?}");
+    // The directory-fd cache is at least 16 under a low limit: the count may differ from the
+    // one after the first walk by what that cache holds, never by more.
+    assert!(
+        end <= at_mount + 16 && end <= after_walk + 16,
+        "daemon fds: {at_mount} at mount, {after_walk} after a walk, {end} at the end"
+    );
+    format!(
+        "{n_held} opens held, {refused} refused with EMFILE; while out: {ok_full} ops ok, \
+         {emfile_full} EMFILE; daemon fds {at_mount} at mount, {after_walk} after the walk, \
+         {end} at the end"
+    )
+}
