@@ -633,6 +633,14 @@ impl Overlay {
 
     // ------------------------------------------------------------ attributes
 
+    /// The xattr that keeps owner and mode of an entry of kind `kind`, if one does. The
+    /// kernel allows `user.*` xattrs only on regular files and directories (EPERM on others),
+    /// so in `xattr_permissions=2` symlinks, pipes, sockets and devices are owned for real.
+    pub(crate) fn override_xattr_for(&self, kind: Kind) -> Option<&'static str> {
+        let x = self.override_xattr?;
+        (!x.starts_with("user.") || matches!(kind, Kind::File | Kind::Dir)).then_some(x)
+    }
+
     pub(crate) fn attr_of(&self, node: &Node, st: &NodeState, stat: &Stat) -> Attr {
         let mut mode = stat.st_mode;
         let mut uid = stat.st_uid;

@@ -218,7 +218,7 @@ impl Overlay {
 
     /// Give a freshly built entry its owner (or the override xattr that stands for it).
     fn set_new_owner(&self, fd: BorrowedFd<'_>, uid: u32, gid: u32, mode: u32) -> Result<()> {
-        if let Some(x) = self.override_xattr {
+        if let Some(x) = self.override_xattr_for(Kind::from_mode(mode)) {
             return sys::fsetxattr(fd, OsStr::new(x), &format_override(uid, gid, mode), 0);
         }
         sys::fchown(fd, Some(uid), Some(gid))
@@ -378,8 +378,8 @@ impl Overlay {
         self.place_new(pu.as_fd(), name, false, &mut |dir, nm| {
             sys::symlink_at(target, dir, nm)?;
             let fd = sys::open_path_at(dir, nm)?;
-            if self.override_xattr.is_some() {
-                // Symlinks can't carry user.* xattrs; their owner is shown as stored.
+            if self.override_xattr_for(Kind::Symlink).is_some() {
+                // Their owner is shown as stored.
                 return Ok(());
             }
             sys::fchown(fd.as_fd(), Some(uid), Some(gid))
@@ -719,7 +719,7 @@ impl Overlay {
         let truncating_to_zero = set.size == Some(0);
         let u = self.copy_up(&node, truncating_to_zero)?;
         let st = node.state();
-        if let Some(x) = self.override_xattr {
+        if let Some(x) = self.override_xattr_for(st.kind) {
             if set.mode.is_some() || set.uid.is_some() || set.gid.is_some() {
                 let cur = u.stat()?;
                 let (mut uid, mut gid, mut mode) = (cur.st_uid, cur.st_gid, cur.st_mode);
