@@ -813,10 +813,20 @@ impl Overlay {
         if st.kind == Kind::Dir && writes {
             return Err(Errno::ISDIR);
         }
-        let fd = if writes || trunc {
-            self.copy_up(&node, trunc)?.open(open_flags(flags))?
-        } else {
-            st.top().open(open_flags(flags))?
+        let open_once = |st: &NodeState| {
+            if writes || trunc {
+                self.copy_up(&node, trunc)?.open(open_flags(flags))
+            } else {
+                st.top().open(open_flags(flags))
+            }
+        };
+        let fd = match open_once(&st) {
+            // `st` was read before a racing unlink pinned the node to an O_PATH fd and put a
+            // whiteout (a 0/0 device: ENXIO) at its name: open what the node is now.
+            Err(Errno::NXIO) if !matches!(st.kind, Kind::Char | Kind::Block) => {
+                open_once(&node.state())?
+            }
+            r => r?,
         };
         Ok(self.add_handle(Handle::File { fd }))
     }
