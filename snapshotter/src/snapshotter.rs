@@ -186,6 +186,14 @@ impl Snapshotter {
                             .map_err(|e| Error::io("chown", &fs, e))?;
                     }
                     let dst = mounts::snapshot_dir(&self.snapshots, rec.id);
+                    // A directory already there was renamed into place by a create that
+                    // died before its transaction committed: no record has this id (it is
+                    // allocated in this write transaction), so it is an orphan.
+                    if dst.exists() {
+                        tracing::warn!(dir = %dst.display(), "removing an orphaned snapshot directory left by a crash");
+                        std::fs::remove_dir_all(&dst)
+                            .map_err(|e| Error::io("remove orphaned directory", &dst, e))?;
+                    }
                     std::fs::rename(&tmp, &dst).map_err(|e| Error::io("rename into place", &dst, e))
                 },
             )
@@ -437,6 +445,18 @@ mod tests {
         assert!(s.root().join("snapshots/2").exists());
         s.remove("b").unwrap();
         assert!(!s.root().join("snapshots/2").exists());
+    }
+
+    #[test]
+    fn create_replaces_a_directory_orphaned_under_its_new_id() {
+        let (_d, s) = snap();
+        s.prepare("a", "", HashMap::new()).unwrap();
+        // What a kill between the rename into place and the commit leaves: the next id's
+        // directory exists though no record has that id.
+        std::fs::create_dir_all(s.root().join("snapshots/2/fs/stale")).unwrap();
+        s.prepare("b", "", HashMap::new()).unwrap();
+        assert!(s.root().join("snapshots/2/fs").is_dir());
+        assert!(!s.root().join("snapshots/2/fs/stale").exists());
     }
 
     #[test]
