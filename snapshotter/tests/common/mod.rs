@@ -657,3 +657,109 @@ pub fn listing(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+// ---------------------------------------------------------------------------------------
+// Randomness without a dependency, and reading snapshots back
+
+/// A small deterministic generator (xorshift64*). The seed is printed so a failing run can
+/// be repeated with `RUSTFUSE_TEST_SEED=N`.
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from `$RUSTFUSE_TEST_SEED`, else from the clock; prints the seed with `what`.
+    pub fn from_env(what: &str) -> Rng {
+        let seed = std::env::var("RUSTFUSE_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+        eprintln!("{what}: RUSTFUSE_TEST_SEED={seed}");
+        Rng::new(seed)
+    }
+
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// True with probability `percent`/100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(len + 8);
+        while v.len() < len {
+            v.extend_from_slice(&self.next_u64().to_le_bytes());
+        }
+        v.truncate(len);
+        v
+    }
+}
+
+/// Every regular file under `root` (relative path → content); panics on anything that is
+/// neither a file nor a directory.
+pub fn read_files(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {}: {e}", dir.display())) {
+            let p = e.unwrap().path();
+            let ft = std::fs::symlink_metadata(&p).unwrap().file_type();
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                let name = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.insert(name, std::fs::read(&p).unwrap());
+            } else {
+                panic!("unexpected {ft:?} at {}", p.display());
+            }
+        }
+    }
+    out
+}
+
+/// The snapshot directory (`<root>/snapshots/<id>/fs`) a mount spec reads from first: a bind
+/// mount's source, else an overlay's upperdir, else its topmost lowerdir. Returns the id too.
+pub fn first_dir(mounts: &[Mount]) -> (u64, PathBuf) {
+    let m = &mounts[0];
+    let dir = if m.r#type == "bind" {
+        PathBuf::from(&m.source)
+    } else {
+        let opt = |k: &str| m.options.iter().find_map(|o| o.strip_prefix(k));
+        match opt("upperdir=") {
+            Some(u) => PathBuf::from(u),
+            None => {
+                let l = opt("lowerdir=").unwrap_or_else(|| panic!("no lowerdir in {m:?}"));
+                rustfuse::options::split_lowerdirs(l)[0].clone()
+            }
+        }
+    };
+    assert_eq!(
+        dir.file_name().and_then(|n| n.to_str()),
+        Some("fs"),
+        "{m:?}"
+    );
+    let id = dir
+        .parent()
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no snapshot id in {}", dir.display()));
+    (id, dir)
+}
