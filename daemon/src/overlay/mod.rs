@@ -962,7 +962,13 @@ impl Overlay {
                     &b[b"user.containers.override_security.".len()..],
                 ]
                 .concat()
-            } else if is_internal_xattr(b, self.opts.xattr_permissions) {
+            } else if is_internal_xattr(b, self.opts.xattr_permissions)
+                || (self.opts.xattr_permissions == XattrPermissions::User
+                    && b.starts_with(b"security."))
+            {
+                // In `xattr_permissions=2` a `security.*` name reads its override (see
+                // stored_xattr_name): an on-disk `security.*` xattr would be listed but
+                // unreadable.
                 continue;
             } else {
                 b.to_vec()
