@@ -1,12 +1,14 @@
-//! Crash consistency: `kill -9` of the FUSE daemon in the middle of a copy-up or of renames,
-//! then a fresh mount of the same layers. Whatever the moment of the kill, every file shows
-//! its old or its new complete content, no name shows twice or vanishes, and the workdir is
-//! cleared at mount.
+//! Crash consistency: `kill -9` of the FUSE daemon in the middle of a copy-up, of renames or
+//! of an untar, then a fresh mount of the same layers. Whatever the moment of the kill, every
+//! file shows its old or its new complete content, no name shows twice or vanishes, and the
+//! workdir is cleared at mount.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use rustfuse_tests::env;
 use rustfuse_tests::mount::{Mount, Stack};
@@ -162,5 +164,291 @@ fn kill_during_renames_loses_no_name() {
         }
         eprintln!("round {round}: {moved} of {N} renamed before the kill");
         m.unmount().unwrap();
+    }
+}
+
+/// What the untar test extracts: a tree of a few thousand files, its archive, and the lower
+/// layer it lands on (some of the archive's directories and files already there, with other
+/// content, and files of the lower layer alone).
+struct Untar {
+    archive: PathBuf,
+    /// Archive member → content (regular files).
+    files: BTreeMap<String, Vec<u8>>,
+    dirs: BTreeSet<String>,
+    /// Lower-layer file → content.
+    lower_files: BTreeMap<String, Vec<u8>>,
+    lower_dirs: BTreeSet<String>,
+}
+
+const UNTAR_FILES: usize = 2000;
+
+fn untar_content(i: usize) -> Vec<u8> {
+    let len = match i % 50 {
+        0 => 0,
+        // Some files take several write(2) calls of tar's 10 KiB records.
+        1 => 200_000 + i,
+        _ => (i * 7919) % 16_000,
+    };
+    (0..len).map(|k| ((k * 31 + i) % 253) as u8).collect()
+}
+
+impl Untar {
+    /// Builds the tree in `root/src`, archives it as `root/tree.tar`, removes the tree.
+    fn new(root: &Path) -> Untar {
+        let src = root.join("src");
+        let mut u = Untar {
+            archive: root.join("tree.tar"),
+            files: BTreeMap::new(),
+            dirs: BTreeSet::new(),
+            lower_files: BTreeMap::new(),
+            lower_dirs: BTreeSet::new(),
+        };
+        for i in 0..UNTAR_FILES {
+            let (a, b) = (i % 30, (i / 30) % 3);
+            let d = match b {
+                0 => format!("a{a}"),
+                _ => format!("a{a}/b{b}"),
+            };
+            fs::create_dir_all(src.join(&d)).unwrap();
+            u.dirs.insert(format!("a{a}"));
+            u.dirs.insert(d.clone());
+            let p = format!("{d}/f{i}");
+            let c = untar_content(i);
+            fs::write(src.join(&p), &c).unwrap();
+            // The first ten top directories exist below, holding an old version of every
+            // seventh of their files.
+            if a < 10 {
+                u.lower_dirs.insert(format!("a{a}"));
+                u.lower_dirs.insert(d.clone());
+                if i % 7 == 0 {
+                    u.lower_files
+                        .insert(p.clone(), format!("old {p}").into_bytes());
+                }
+            }
+            u.files.insert(p, c);
+        }
+        for a in 0..10 {
+            let p = format!("a{a}/lower-only");
+            u.lower_files.insert(p.clone(), p.into_bytes());
+        }
+        let out = env::run_command(
+            Command::new("tar")
+                .arg("-cf")
+                .arg(&u.archive)
+                .arg("-C")
+                .arg(&src)
+                .arg("."),
+            Duration::from_secs(60),
+        )
+        .expect("tar -c");
+        assert!(out.status.success(), "tar -c: {}", out.stderr);
+        fs::remove_dir_all(&src).unwrap();
+        u
+    }
+
+    /// Fills a fresh lower layer.
+    fn populate(&self, lower: &Path) {
+        for d in &self.lower_dirs {
+            fs::create_dir_all(lower.join(d)).unwrap();
+        }
+        for (p, c) in &self.lower_files {
+            fs::write(lower.join(p), c).unwrap();
+        }
+    }
+
+    /// Starts `tar -xf` into `mnt`.
+    fn spawn(&self, mnt: &Path) -> std::process::Child {
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&self.archive)
+            .arg("-C")
+            .arg(mnt)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tar -x")
+    }
+
+    /// Checks the merged view at `mnt` after a crash: every name is one of the archive's or
+    /// the lower layer's; every file is absent, complete with its archived content, or its old
+    /// lower content; only a file tar was writing may hold a prefix of its content (tar writes
+    /// a file in place; what it wrote before the kill is there, as on any filesystem). Returns
+    /// (complete files, prefixes).
+    fn check(&self, mnt: &Path, what: &str) -> (usize, Vec<String>) {
+        let mut complete = 0;
+        let mut partial = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![String::new()];
+        while let Some(rel) = stack.pop() {
+            for e in fs::read_dir(mnt.join(&rel)).unwrap() {
+                let e = e.unwrap();
+                let name = e.file_name().into_string().unwrap();
+                let p = if rel.is_empty() {
+                    name
+                } else {
+                    format!("{rel}/{name}")
+                };
+                let md = fs::symlink_metadata(mnt.join(&p)).unwrap();
+                if md.is_dir() {
+                    assert!(
+                        self.dirs.contains(&p) || self.lower_dirs.contains(&p),
+                        "{what}: unexpected directory {p}"
+                    );
+                    stack.push(p);
+                    continue;
+                }
+                assert!(md.is_file(), "{what}: {p} is not a regular file");
+                let got = fs::read(mnt.join(&p)).unwrap();
+                let new = self.files.get(&p);
+                let old = self.lower_files.get(&p);
+                match (new, old) {
+                    (Some(n), _) if got == *n => complete += 1,
+                    (_, Some(o)) if got == *o => {}
+                    (Some(n), _) if n.starts_with(&got) => partial.push(p.clone()),
+                    (None, None) => panic!("{what}: unexpected name {p}"),
+                    _ => panic!(
+                        "{what}: {p} holds {} bytes that are neither its old nor (a prefix of) its new content",
+                        got.len()
+                    ),
+                }
+                seen.insert(p);
+            }
+        }
+        for p in self.lower_files.keys() {
+            if !self.files.contains_key(p) {
+                assert!(seen.contains(p), "{what}: lower-only {p} lost");
+            }
+        }
+        assert!(
+            partial.len() <= 1,
+            "{what}: several files hold part of their content: {partial:?}"
+        );
+        (complete, partial)
+    }
+}
+
+/// A small xorshift generator; the seed comes from `$RUSTFUSE_TEST_SEED` or the clock and is
+/// printed, so a failing run can be repeated.
+fn seeded_rng() -> impl FnMut() -> u64 {
+    let seed = std::env::var("RUSTFUSE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+        | 1;
+    eprintln!("seed {seed} (RUSTFUSE_TEST_SEED={seed} repeats it)");
+    let mut x = seed;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+/// Waits for `tar` (which fails fast once the daemon is gone) with a deadline.
+fn wait_tar(mut tar: std::process::Child, what: &str) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = tar.try_wait().unwrap() {
+            return st;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = tar.kill();
+            let _ = tar.wait();
+            panic!("{what}: tar did not exit within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// How far `tar` has read the archive (its file offset), once it has it open.
+fn read_offset(pid: u32, archive: &Path) -> Option<u64> {
+    for fd in fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        if fs::read_link(fd.path()).ok().as_deref() != Some(archive) {
+            continue;
+        }
+        let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_str()?));
+        return info
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("pos:"))
+            .and_then(|v| v.trim().parse().ok());
+    }
+    None
+}
+
+#[test]
+fn kill_during_untar_leaves_only_whole_files() {
+    if !env::require_bin_under_test() {
+        return;
+    }
+    const KILLS: usize = 4;
+    let mut rng = seeded_rng();
+    let shared = env::scratch("crash-untar-archive");
+    let u = Untar::new(&shared.path().canonicalize().unwrap());
+    let size = fs::metadata(&u.archive).unwrap().len();
+    for round in 1..=KILLS {
+        let s = env::scratch("crash-untar");
+        let l = Layout::new(s.path());
+        u.populate(&l.lower);
+        let m = l.mount();
+        let what = format!("round {round}");
+        // The moment: when tar has read a random 5..95 % of the archive (not a time, which
+        // would depend on the machine's load).
+        let frac = 0.05 + 0.9 * (rng() % 1000) as f64 / 1000.0;
+        let target = (size as f64 * frac) as u64;
+        let mut tar = u.spawn(&l.mnt);
+        let reached = env::poll_until(Duration::from_secs(120), || {
+            tar.try_wait().unwrap().is_some()
+                || read_offset(tar.id(), &u.archive).is_some_and(|p| p >= target)
+        });
+        assert!(reached, "{what}: tar made no progress in 120 s");
+        kill_daemon(&m);
+        drop(m);
+        let _ = wait_tar(tar, &what);
+
+        let m = l.mount();
+        l.assert_work_clean(&what);
+        let (complete, partial) = u.check(&l.mnt, &what);
+        eprintln!(
+            "{what}: killed at {:.0} % of the archive: {complete} of {UNTAR_FILES} files complete, partial: {partial:?}",
+            frac * 100.0
+        );
+        if round == KILLS {
+            // The same untar again, to the end, over what the crash left.
+            let st = wait_tar(u.spawn(&l.mnt), &what);
+            assert!(
+                st.success(),
+                "{what}: tar -x after the remount failed: {st}"
+            );
+            let (complete, partial) = u.check(&l.mnt, &what);
+            assert_eq!(
+                (complete, partial.len()),
+                (UNTAR_FILES, 0),
+                "{what}: after a second untar"
+            );
+        }
+        m.unmount().unwrap();
+        // No temporary name reached the upper layer.
+        let mut stack = vec![l.upper.clone()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                assert!(
+                    !e.file_name().to_string_lossy().starts_with('#'),
+                    "{what}: temporary name {} in the upper layer",
+                    e.path().display()
+                );
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(e.path());
+                }
+            }
+        }
     }
 }
