@@ -127,14 +127,10 @@ fn spawn_killer(
 
 #[test]
 fn kill_during_prepare_commit_remove() {
-    if let Some(reason) = unavailable(Mode::Overlay) {
-        skip(&reason);
+    if !can_run(Mode::Overlay) {
         return;
     }
-    let kills: usize = std::env::var("RUSTFUSE_CRASH_KILLS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(45);
+    let kills = env_number("RUSTFUSE_CRASH_KILLS", 45) as usize;
     let started = Instant::now();
     let mut rng = Rng::from_env("crash");
     let mut server = Server::start(Mode::Overlay);

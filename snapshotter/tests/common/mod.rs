@@ -91,6 +91,17 @@ pub fn unavailable(mode: Mode) -> Option<String> {
     None
 }
 
+/// True when `mode` can run here; else reports SKIPPED (or fails under `CI=true`).
+pub fn can_run(mode: Mode) -> bool {
+    match unavailable(mode) {
+        Some(reason) => {
+            skip(&reason);
+            false
+        }
+        None => true,
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // The server under test and a blocking client
 
@@ -661,6 +672,14 @@ pub fn listing(dir: &Path) -> Vec<String> {
 // ---------------------------------------------------------------------------------------
 // Randomness without a dependency, and reading snapshots back
 
+/// `$var` as a number, else `default`.
+pub fn env_number(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A small deterministic generator (xorshift64*). The seed is printed so a failing run can
 /// be repeated with `RUSTFUSE_TEST_SEED=N`.
 pub struct Rng(u64);
@@ -668,15 +687,10 @@ pub struct Rng(u64);
 impl Rng {
     /// Seeded from `$RUSTFUSE_TEST_SEED`, else from the clock; prints the seed with `what`.
     pub fn from_env(what: &str) -> Rng {
-        let seed = std::env::var("RUSTFUSE_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(1)
-            });
+        let clock = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        let seed = env_number("RUSTFUSE_TEST_SEED", clock);
         eprintln!("{what}: RUSTFUSE_TEST_SEED={seed}");
         Rng::new(seed)
     }
