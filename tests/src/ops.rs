@@ -576,6 +576,18 @@ pub fn run(root: &Path, ops: &[Op]) -> Vec<Outcome> {
         .collect()
 }
 
+/// Runs `(op, expected outcome)` pairs under `root` (expected as [`show`] prints an outcome:
+/// `ok`, `ok: result`, `ENOENT`) and returns one line per mismatch, prefixed with `stage`.
+pub fn mismatches(root: &Path, stage: &str, cases: &[(Op, &str)]) -> Vec<String> {
+    let ops: Vec<Op> = cases.iter().map(|(op, _)| op.clone()).collect();
+    cases
+        .iter()
+        .zip(run(root, &ops))
+        .filter(|((_, want), got)| show(got) != *want)
+        .map(|((op, want), got)| format!("{stage}: {op:?}: got {}, want {want}", show(&got)))
+        .collect()
+}
+
 /// Convenience constructors so scenarios read well.
 pub mod build {
     use super::{Op, RenameKind};
