@@ -226,19 +226,6 @@ fn raw_layer(dir: &Path) -> BTreeMap<String, char> {
     out
 }
 
-/// Runs `(op, expected outcome)` pairs on the mount (outcomes as [`ops::show`] prints them)
-/// and returns one line per mismatch.
-fn expect(root: &Path, stage: &str, cases: &[(Op, &str)]) -> Vec<String> {
-    let ops: Vec<Op> = cases.iter().map(|(op, _)| op.clone()).collect();
-    let out = ops::run(root, &ops);
-    cases
-        .iter()
-        .zip(&out)
-        .filter(|((_, want), got)| ops::show(got) != *want)
-        .map(|((op, want), got)| format!("{stage}: {op:?}: got {}, want {want}", ops::show(got)))
-        .collect()
-}
-
 /// What the merged view of [`wh_tree`] shows before and after the changes below, whatever the
 /// mount: lower names hidden by `.wh.` files stay hidden, `.wh.` names are never shown.
 fn wh_view_cases(after: bool) -> Vec<(Op, &'static str)> {
@@ -272,11 +259,11 @@ fn wh_names_follow_the_compatibility_notes() {
     let upper = stack.upper.clone().unwrap();
     let mount = || Mount::fuse(&env::bin_under_test(), &stack, &[], &mnt).unwrap();
     let m = mount();
-    let mut problems = expect(m.root(), "before", &wh_view_cases(false));
+    let mut problems = ops::mismatches(m.root(), "before", &wh_view_cases(false));
     // Names starting `.wh.` are refused with EINVAL by every call that makes a name, also
     // where the name is a whiteout below and where it is the opaque marker, and also in a
     // merged directory (which must stay merged).
-    problems.extend(expect(
+    problems.extend(ops::mismatches(
         m.root(),
         "refused",
         &[
@@ -300,7 +287,7 @@ fn wh_names_follow_the_compatibility_notes() {
         ],
     ));
     // Names that only look like it are ordinary.
-    problems.extend(expect(
+    problems.extend(ops::mismatches(
         m.root(),
         "lookalikes",
         &[
@@ -314,7 +301,7 @@ fn wh_names_follow_the_compatibility_notes() {
     ));
     // A name hidden by a `.wh.` file above can be made again, shows only what is written, and
     // needs no whiteout of its own when it goes: the `.wh.` file below still hides the name.
-    problems.extend(expect(
+    problems.extend(ops::mismatches(
         m.root(),
         "recreate",
         &[
@@ -332,7 +319,7 @@ fn wh_names_follow_the_compatibility_notes() {
             (read("only"), "ENOENT"),
         ],
     ));
-    problems.extend(expect(m.root(), "after", &wh_view_cases(true)));
+    problems.extend(ops::mismatches(m.root(), "after", &wh_view_cases(true)));
     m.unmount().unwrap();
     // On disk: no `.wh.` name and no whiteout was written (every removed name was hidden
     // below already); `m` was not even copied up (every change in it was refused); `d` is a
@@ -355,8 +342,8 @@ fn wh_names_follow_the_compatibility_notes() {
     }
     // The same view after a remount: nothing of the refused names took effect.
     let m = mount();
-    problems.extend(expect(m.root(), "remount", &wh_view_cases(true)));
-    problems.extend(expect(
+    problems.extend(ops::mismatches(m.root(), "remount", &wh_view_cases(true)));
+    problems.extend(ops::mismatches(
         m.root(),
         "remount",
         &[(read("f-moved"), "ok: \"new f\""), (readdir("d"), "ok")],
@@ -379,7 +366,7 @@ fn wh_file_whiteouts_written_by_the_daemon_stay_hidden() {
     let env = [("FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT", "1")];
     let mount = || Mount::fuse_env(&env::bin_under_test(), &stack, &[], &mnt, &env).unwrap();
     let m = mount();
-    let mut problems = expect(
+    let mut problems = ops::mismatches(
         m.root(),
         "remove",
         &[
@@ -400,7 +387,7 @@ fn wh_file_whiteouts_written_by_the_daemon_stay_hidden() {
         }
     }
     let m = mount();
-    problems.extend(expect(
+    problems.extend(ops::mismatches(
         m.root(),
         "remount",
         &[
