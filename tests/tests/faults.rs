@@ -406,11 +406,7 @@ fn many_dirs(lower: &Path, dirs: usize) -> Vec<(PathBuf, Vec<u8>)> {
 }
 
 /// Every entry under `dir`, read back: (directories, files) seen. Panics on any error.
-fn walk(
-    dir: &Path,
-    root: &Path,
-    want: &std::collections::HashMap<PathBuf, Vec<u8>>,
-) -> (usize, usize) {
+fn walk(dir: &Path, root: &Path, want: &Want) -> (usize, usize) {
     let mut dirs = 1;
     let mut files = 0;
     for e in fs::read_dir(dir).unwrap_or_else(|e| panic!("readdir {}: {e}", dir.display())) {
@@ -455,7 +451,6 @@ fn few_descriptors_give_emfile_never_eio() {
     }
     const DIRS: usize = 150;
     let files = many_dirs(&lower, DIRS);
-    let want: std::collections::HashMap<PathBuf, Vec<u8>> = files.iter().cloned().collect();
     let stack = Stack {
         lowers: vec![lower.clone()],
         upper: Some(upper.clone()),
@@ -488,7 +483,7 @@ fn few_descriptors_give_emfile_never_eio() {
     let root = m.root().to_path_buf();
     let scratch_root = s.path().canonicalize().unwrap();
     let report = env::with_deadline(Duration::from_secs(120), "EMFILE scenario", move || {
-        emfile_body(&root, pid, &scratch_root, &files, &want)
+        emfile_body(&root, pid, &scratch_root, &files)
     });
     assert!(process_alive(pid), "daemon died");
     assert!(mount_at(&mnt).is_some(), "mount gone");
@@ -497,18 +492,39 @@ fn few_descriptors_give_emfile_never_eio() {
     eprintln!("EMFILE ({NOFILE} fds): {report}");
 }
 
-fn emfile_body(
-    root: &Path,
-    pid: i32,
-    scratch: &Path,
-    files: &[(PathBuf, Vec<u8>)],
-    want: &std::collections::HashMap<PathBuf, Vec<u8>>,
-) -> String {
-    const LIMITS: [Errno; 2] = [Errno::MFILE, Errno::NFILE];
+type Want = std::collections::HashMap<PathBuf, Vec<u8>>;
+
+/// Appends `byte` to the lower file `rel` through the mount (a copy-up the first time);
+/// success or EMFILE/ENFILE, recorded in `want`.
+fn try_append(root: &Path, want: &mut Want, rel: &Path, byte: u8, what: &str) -> bool {
+    let ok = ok_or(append(&root.join(rel), &[byte]), &EMFILE, what).is_some();
+    if ok {
+        want.get_mut(rel).unwrap().push(byte);
+    }
+    ok
+}
+
+const EMFILE: [Errno; 2] = [Errno::MFILE, Errno::NFILE];
+
+/// Every file shows what `want` says, or cannot be read for lack of descriptors; `work/` is
+/// empty.
+fn assert_whole(root: &Path, work: &Path, want: &Want, what: &str) {
+    for (rel, w) in want {
+        if let Some(got) = ok_or(fs::read(root.join(rel)), &EMFILE, what) {
+            assert!(got == *w, "{what}: {}: content", rel.display());
+        }
+    }
+    let left = work_entries(work);
+    assert!(left.is_empty(), "{what}: work/ holds {left:?}");
+}
+
+fn emfile_body(root: &Path, pid: i32, scratch: &Path, files: &[(PathBuf, Vec<u8>)]) -> String {
+    let work = scratch.join("work");
+    let mut want: Want = files.iter().cloned().collect();
     let at_mount = daemon_fds(pid, scratch).0;
     // A walk of the whole tree needs no more descriptors than the daemon has: its directory
     // fds are bounded.
-    let (d, f) = walk(root, root, want);
+    let (d, f) = walk(root, root, &want);
     assert_eq!((d, f), (1 + files.len() / 3, files.len()), "first walk");
     let after_walk = daemon_fds(pid, scratch).0;
     assert!(
@@ -519,60 +535,59 @@ fn emfile_body(
     let mut held = Vec::new();
     let mut refused = 0;
     for (rel, _) in files {
-        match ok_or(fs::File::open(root.join(rel)), &LIMITS, "open held") {
+        match ok_or(fs::File::open(root.join(rel)), &EMFILE, "open held") {
             Some(fh) => held.push(fh),
             None => refused += 1,
         }
     }
     assert!(refused > 0, "{} opens held and none refused", held.len());
-    // Out of descriptors: creates, copy-ups, mkdir, readdir, stat succeed or get EMFILE.
+    let n_held = held.len();
+    // Out of descriptors: copy-ups, creates, mkdir, readdir, stat succeed or get EMFILE.
     let mut outcome = [0usize; 2];
-    let mut count = |ok: bool| outcome[usize::from(!ok)] += 1;
-    let mut copied = Vec::new();
-    for (i, (rel, _)) in files.iter().enumerate().step_by(files.len() / 20) {
-        let ok = ok_or(append(&root.join(rel), b"x"), &LIMITS, "copy-up").is_some();
-        if ok {
-            copied.push(rel.clone());
-        }
-        count(ok);
-        count(
+    let step = files.len() / 20;
+    for (i, (rel, _)) in files.iter().enumerate().step_by(step) {
+        let results = [
+            try_append(root, &mut want, rel, b'x', "copy-up"),
             ok_or(
                 fs::write(root.join(format!("new{i}")), "n"),
-                &LIMITS,
+                &EMFILE,
                 "create",
             )
             .is_some(),
-        );
-        count(
             ok_or(
                 fs::create_dir(root.join(format!("nd{i}"))),
-                &LIMITS,
+                &EMFILE,
                 "mkdir",
             )
             .is_some(),
-        );
-        count(
             ok_or(
                 fs::read_dir(root.join(rel).parent().unwrap()),
-                &LIMITS,
+                &EMFILE,
                 "opendir",
             )
             .is_some(),
-        );
-        count(ok_or(fs::metadata(root.join(rel)), &LIMITS, "stat").is_some());
-    }
-    let (ok_full, emfile_full) = (outcome[0], outcome[1]);
-    // Nothing half-built: every file shows its lower content, or that plus the one append.
-    for (rel, content) in files {
-        if let Some(got) = ok_or(fs::read(root.join(rel)), &LIMITS, "read while out of fds") {
-            let mut w = content.clone();
-            if copied.contains(rel) {
-                w.push(b'x');
-            }
-            assert!(got == w, "{}: content while out of fds", rel.display());
+            ok_or(fs::metadata(root.join(rel)), &EMFILE, "stat").is_some(),
+        ];
+        for ok in results {
+            outcome[usize::from(!ok)] += 1;
         }
     }
-    let n_held = held.len();
+    assert_whole(root, &work, &want, "out of fds");
+    // Give descriptors back one at a time: a copy-up then runs out at a later step each time,
+    // until it succeeds; whatever the step, nothing half-copied is left.
+    let mut steps = String::new();
+    for k in 0..12 {
+        let before = daemon_fds(pid, scratch).0;
+        drop(held.pop());
+        env::poll_until(Duration::from_secs(5), || {
+            daemon_fds(pid, scratch).0 < before
+        });
+        // Lower files not touched yet (indices 3k+1 are never multiples of `step`).
+        let rel = &files[3 * k + 1].0;
+        let ok = try_append(root, &mut want, rel, b'z', "copy-up with few fds");
+        steps.push(if ok { '+' } else { '-' });
+        assert_whole(root, &work, &want, &format!("{} fds given back", k + 1));
+    }
     drop(held);
     // The kernel releases files asynchronously: wait for the daemon to close them.
     let released = env::poll_until(Duration::from_secs(10), || {
@@ -584,22 +599,15 @@ fn emfile_body(
         daemon_fds(pid, scratch).1
     );
     // Everything works again.
-    for (rel, _) in files.iter().step_by(files.len() / 20) {
-        append(&root.join(rel), b"y").unwrap();
+    for (rel, _) in files.iter().step_by(step) {
+        assert!(try_append(root, &mut want, rel, b'y', "append after"));
     }
     for i in 0..20 {
         fs::write(root.join(format!("after{i}")), "a").unwrap();
+        fs::create_dir(root.join(format!("after-d{i}"))).unwrap();
     }
-    let mut want2 = want.clone();
-    for (rel, content) in files.iter().step_by(files.len() / 20) {
-        let mut w = content.clone();
-        if copied.contains(rel) {
-            w.push(b'x');
-        }
-        w.push(b'y');
-        want2.insert(rel.clone(), w);
-    }
-    walk(root, root, &want2);
+    walk(root, root, &want);
+    assert_whole(root, &work, &want, "at the end");
     let (end, open_files) = daemon_fds(pid, scratch);
     assert!(open_files.is_empty(), "daemon holds {open_files:?}");
     // The directory-fd cache is at least 16 under a low limit: the count may differ from the
@@ -609,8 +617,9 @@ fn emfile_body(
         "daemon fds: {at_mount} at mount, {after_walk} after a walk, {end} at the end"
     );
     format!(
-        "{n_held} opens held, {refused} refused with EMFILE; while out: {ok_full} ops ok, \
-         {emfile_full} EMFILE; daemon fds {at_mount} at mount, {after_walk} after the walk, \
-         {end} at the end"
+        "{n_held} opens held, {refused} refused with EMFILE; while out: {} ops ok, {} EMFILE; \
+         copy-ups as fds came back one by one: {steps}; daemon fds {at_mount} at mount, \
+         {after_walk} after the walk, {end} at the end",
+        outcome[0], outcome[1]
     )
 }
