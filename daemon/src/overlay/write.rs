@@ -3,10 +3,11 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
 
 use super::copyup::UpperDir;
 use super::loc::{DirHandle, Loc};
-use super::node::NodeState;
+use super::node::{Node, NodeState};
 use super::{
     Attr, Caller, Errno, Found, Handle, Kind, OPAQUE_FILE, Overlay, Result, SetAttr, SetTime,
     WH_PREFIX, format_override, is_internal_xattr, is_whiteout,
@@ -58,17 +59,49 @@ fn check_new_name(name: &OsStr) -> Result<()> {
 /// A file about to lose the name it is reached by keeps an `O_PATH` handle: it may still be
 /// open (fstat reaches the daemon without a file handle) or have other names. The kernel
 /// forgets an unlinked inode as soon as nothing holds it, and the handle goes with the node.
-fn pin(node: &super::node::Node) {
-    node.update(|s| {
+/// Unless [`Pin::done`] says the name went, dropping the pin gives the node its named location
+/// back: a failed unlink or rename (ENOSPC, EMFILE) must not leave a descriptor open for as
+/// long as the kernel keeps the inode.
+fn pin(node: &Arc<Node>) -> Pin {
+    let prev = node.update(|s| {
         if s.kind == Kind::Dir {
-            return;
+            return None;
         }
-        if let Some(u) = &s.upper {
-            if let Ok(p) = u.pin() {
-                s.upper = Some(p);
-            }
+        let u = s.upper.as_ref()?;
+        if !matches!(u, Loc::At(..)) {
+            return None;
         }
+        let p = u.pin().ok()?;
+        s.upper.replace(p)
     });
+    Pin {
+        node: node.clone(),
+        prev,
+    }
+}
+
+struct Pin {
+    node: Arc<Node>,
+    /// The named location to restore, while the removal has not happened.
+    prev: Option<Loc>,
+}
+
+impl Pin {
+    fn done(mut self) {
+        self.prev = None;
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        if let Some(prev) = self.prev.take() {
+            self.node.update(|s| {
+                if matches!(s.upper, Some(Loc::Fd(_))) {
+                    s.upper = Some(prev);
+                }
+            });
+        }
+    }
 }
 
 /// A moved node's new name, and for a file its new location.
@@ -445,7 +478,7 @@ impl Overlay {
         }
         let has_upper = found.upper.is_some();
         let node = self.node_of(found, parent, name);
-        pin(&node);
+        let pinned = pin(&node);
         let pu = self.copy_up_dir(&p)?;
         let ps = p.state();
         if has_upper {
@@ -457,6 +490,7 @@ impl Overlay {
         } else {
             self.make_whiteout(pu.as_fd(), name)?;
         }
+        pinned.done();
         let st = node.state();
         let gone = st
             .upper
@@ -583,6 +617,7 @@ impl Overlay {
             return Err(Errno::XDEV);
         }
         let mut dst_node = None;
+        let mut dst_pin = None;
         let mut dst_kind = None;
         if let Some(d) = dst {
             dst_kind = Some(d.kind);
@@ -599,7 +634,7 @@ impl Overlay {
             }
             let n = self.node_of(d, newparent, newname);
             if !exchange {
-                pin(&n);
+                dst_pin = Some(pin(&n));
             }
             if !exchange && n.kind() == Kind::Dir && !self.merged_is_empty(&n.state())? {
                 return Err(Errno::NOTEMPTY);
@@ -672,6 +707,9 @@ impl Overlay {
         }
         if !whiteout_done {
             self.rename_leaving(pu.as_fd(), name, npu.as_fd(), newname, src_lower)?;
+        }
+        if let Some(p) = dst_pin {
+            p.done();
         }
         if src_kind == Kind::Dir && dst_lower {
             self.set_opaque(npu.as_fd(), newname)?;
