@@ -64,9 +64,24 @@ impl Error {
     }
 }
 
+/// Longest status message sent. The message travels in the `grpc-message` trailer, and a
+/// key of tens of KiB quoted in it would exceed the client's header list limit: hyper/h2
+/// then tears down the whole connection (GOAWAY) instead of delivering the code.
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        tonic::Status::new(e.code(), e.to_string())
+        let mut msg = e.to_string();
+        if msg.len() > MAX_STATUS_MESSAGE {
+            let total = msg.len();
+            let mut cut = MAX_STATUS_MESSAGE;
+            while !msg.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            msg.truncate(cut);
+            msg.push_str(&format!("... ({total} bytes, cut)"));
+        }
+        tonic::Status::new(e.code(), msg)
     }
 }
 
@@ -118,6 +133,17 @@ mod tests {
             let status = tonic::Status::from(err);
             assert_eq!(status.code(), code);
         }
+    }
+
+    #[test]
+    fn long_messages_are_cut_keeping_the_code() {
+        let key = "é".repeat(40_000);
+        let status =
+            tonic::Status::from(Error::NotFound(format!("snapshot {key:?} does not exist")));
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert!(status.message().len() < MAX_STATUS_MESSAGE + 64);
+        assert!(status.message().starts_with("snapshot \"éé"));
+        assert!(status.message().ends_with("bytes, cut)"));
     }
 
     #[test]
