@@ -12,8 +12,34 @@ use crate::api::snapshots::snapshots_server::{Snapshots, SnapshotsServer};
 use crate::error::Error;
 use crate::snapshotter::Snapshotter;
 
-/// List answers in batches of this many.
+/// List answers in batches of at most this many snapshots...
 const LIST_BATCH: usize = 100;
+/// ...and about this many encoded bytes, well under the 4 MiB a gRPC client takes by
+/// default (keys and labels can be long: 100 snapshots with 64 KiB keys would not fit).
+const LIST_BATCH_BYTES: usize = 1 << 20;
+
+/// Split `infos` into List responses by [`LIST_BATCH`] and [`LIST_BATCH_BYTES`]; a single
+/// snapshot larger than the byte bound goes alone.
+fn batch(infos: Vec<pb::Info>) -> Vec<pb::ListSnapshotsResponse> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut bytes = 0;
+    for info in infos {
+        let len = prost::Message::encoded_len(&info) + 8;
+        if !cur.is_empty() && (cur.len() == LIST_BATCH || bytes + len > LIST_BATCH_BYTES) {
+            out.push(pb::ListSnapshotsResponse {
+                info: std::mem::take(&mut cur),
+            });
+            bytes = 0;
+        }
+        bytes += len;
+        cur.push(info);
+    }
+    if !cur.is_empty() {
+        out.push(pb::ListSnapshotsResponse { info: cur });
+    }
+    out
+}
 
 /// Where a call's work runs (see [`Service::call`]).
 #[derive(Clone, Copy)]
@@ -212,10 +238,8 @@ impl Snapshots for Service {
         let infos = self
             .call("List", "", ns, Run::Blocking, move |s| s.list(&r.filters))
             .await?;
-        let batches: Vec<Result<pb::ListSnapshotsResponse, Status>> = infos
-            .chunks(LIST_BATCH)
-            .map(|c| Ok(pb::ListSnapshotsResponse { info: c.to_vec() }))
-            .collect();
+        let batches: Vec<Result<pb::ListSnapshotsResponse, Status>> =
+            batch(infos).into_iter().map(Ok).collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
     }
 
@@ -242,5 +266,37 @@ impl Snapshots for Service {
         })
         .await?;
         Ok(Response::new(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: String) -> pb::Info {
+        pb::Info {
+            name,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn batches_by_count_and_bytes() {
+        let sizes =
+            |b: &[pb::ListSnapshotsResponse]| b.iter().map(|r| r.info.len()).collect::<Vec<_>>();
+        let small: Vec<_> = (0..250).map(|i| info(format!("s{i}"))).collect();
+        assert_eq!(sizes(&batch(small)), [100, 100, 50]);
+        let big: Vec<_> = (0..10)
+            .map(|i| info(format!("{i}{}", "k".repeat(300 << 10))))
+            .collect();
+        let b = batch(big);
+        assert_eq!(sizes(&b), [3, 3, 3, 1]);
+        assert!(
+            b.iter()
+                .all(|r| prost::Message::encoded_len(r) <= LIST_BATCH_BYTES + 64)
+        );
+        let huge = vec![info("h".repeat(2 << 20)), info("x".into())];
+        assert_eq!(sizes(&batch(huge)), [1, 1]);
+        assert!(batch(Vec::new()).is_empty());
     }
 }
