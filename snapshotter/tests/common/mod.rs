@@ -269,6 +269,8 @@ impl Drop for Server {
 pub struct Client {
     pub rt: tokio::runtime::Runtime,
     pub c: SnapshotsClient<Channel>,
+    /// The connection, for calls the generated client cannot make (raw bodies).
+    pub channel: Channel,
 }
 
 pub type R<T> = Result<T, tonic::Status>;
@@ -308,7 +310,8 @@ impl Client {
             .expect("connect to the snapshotter socket");
         Client {
             rt,
-            c: SnapshotsClient::new(channel),
+            c: SnapshotsClient::new(channel.clone()),
+            channel,
         }
     }
 
