@@ -6,12 +6,12 @@
 use std::ffi::OsString;
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rustfuse_tests::env;
 use rustfuse_tests::mount::{Mount, Stack, mount_at, process_alive};
+use rustfuse_tests::ops::{self, Op, build::*};
 use rustix::io::Errno;
 
 /// A tmpfs mounted for one test, unmounted on drop (declare it before the FUSE mount on top of
@@ -165,7 +165,11 @@ fn full_upper_layer_gives_enospc_and_recovers() {
     let small = pattern(64 << 10, 2);
     fs::write(lower.join("big"), &big).unwrap();
     fs::write(lower.join("small"), &small).unwrap();
-    fs::write(lower.join("victim"), "victim").unwrap();
+    for name in ["victim", "small2", "gone", "r1", "t1", "x1"] {
+        fs::write(lower.join(name), name).unwrap();
+    }
+    fs::create_dir_all(lower.join("ld")).unwrap();
+    fs::write(lower.join("ld/x"), "ld/x").unwrap();
     for i in 0..4 {
         fs::write(lower.join(format!("d/f{i}")), format!("d/f{i}")).unwrap();
     }
@@ -202,7 +206,7 @@ fn full_upper_layer_gives_enospc_and_recovers() {
     }
     eprintln!(
         "ENOSPC: {} failed copy-ups of a 10 MiB file, {} small files created before ENOSPC, \
-         {} rounds of 5 failing changes",
+         {} rounds of 15 failing changes",
         counts.0, counts.1, counts.2
     );
     drop(tmp);
@@ -211,6 +215,45 @@ fn full_upper_layer_gives_enospc_and_recovers() {
 fn free_bytes(fs_path: &Path) -> u64 {
     let s = rustix::fs::statvfs(fs_path).unwrap();
     s.f_bavail * s.f_frsize
+}
+
+/// Every kind of change, each expected to answer `want` (`ENOSPC` on a full upper layer, `ok`
+/// once there is room): copy-up by append, truncate, O_TRUNC write, xattr, chmod, link and
+/// rename; creates of each type, in a copied-up and in a lower-only directory and over a
+/// whiteout; unlink of a lower file and of an upper file with a lower one below (both need a
+/// whiteout).
+fn full_changes(want: &'static str) -> Vec<(Op, &'static str)> {
+    [
+        ops::build::append("small", "!"),
+        mkdir("nd"),
+        symlink("x", "sl"),
+        mkfifo("fifo"),
+        create("d/new"),
+        create("ld/new"),
+        create("gone"),
+        unlink("victim"),
+        unlink("small2"),
+        rename("r1", "r2"),
+        truncate("t1", 0),
+        write("x1", "x1 new"),
+        setxattr("ld/x", "user.k", "v"),
+        chmod("d/f1", 0o600),
+        link("d/f2", "d/f2-link"),
+    ]
+    .into_iter()
+    .map(|op| (op, want))
+    .collect()
+}
+
+/// What [`full_changes`] would change, read back.
+fn full_view() -> Vec<Op> {
+    let mut v = vec![readdir(""), readdir("d"), readdir("ld")];
+    for p in ["victim", "small2", "r1", "t1", "x1", "ld/x", "d/f1", "d/f2"] {
+        v.push(read(p));
+        v.push(stat(p));
+    }
+    v.push(listxattr("ld/x"));
+    v
 }
 
 /// The ENOSPC scenario proper (run under a deadline), on the tmpfs at `t`; returns counts of
@@ -229,8 +272,11 @@ fn full_upper_body(
         f.write_all(&pattern(1 << 20, 10 + i)).unwrap();
         f.sync_all().unwrap();
     }
-    // A copy-up that needs the parent copied up too, while there is room.
+    // A copy-up that needs the parent copied up too, an upper file with a lower one below, a
+    // whiteout: made while there is room.
     append(&root.join("d/f0"), b"+").unwrap();
+    append(&root.join("small2"), b"+").unwrap();
+    fs::remove_file(root.join("gone")).unwrap();
     // 8 more MiB: about 4 MiB stay free, less than big (10 MiB).
     let mut fill = fs::File::create(root.join("fill")).unwrap();
     fill.write_all(&vec![7u8; 8 << 20]).unwrap();
@@ -301,58 +347,27 @@ fn full_upper_body(
     );
     // Full: every kind of change gets ENOSPC and changes nothing visible, repeatedly, with no
     // descriptor left behind.
-    let fd_full = daemon_fds(pid, t).0;
+    // The first round opens directories not looked up before: the count is taken after it.
+    let mut fd_full = usize::MAX;
+    let view_before = ops::run(root, &full_view());
     const FULL_ROUNDS: usize = 20;
     for round in 0..FULL_ROUNDS {
-        let what = |op: &str| format!("full, round {round}: {op}");
-        expect_err(
-            append(&root.join("small"), b"!"),
-            Errno::NOSPC,
-            &what("copy-up"),
-        );
-        expect_err(
-            fs::create_dir(root.join("nd")),
-            Errno::NOSPC,
-            &what("mkdir"),
-        );
-        expect_err(
-            std::os::unix::fs::symlink("x", root.join("sl")),
-            Errno::NOSPC,
-            &what("symlink"),
-        );
-        expect_err(
-            fs::remove_file(root.join("victim")),
-            Errno::NOSPC,
-            &what("unlink of a lower file"),
-        );
-        expect_err(
-            fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o644)
-                .open(root.join("d/new")),
-            Errno::NOSPC,
-            &what("create"),
-        );
+        let what = format!("full, round {round}");
+        let mut problems = ops::mismatches(root, &what, &full_changes("ENOSPC"));
+        if ops::run(root, &full_view()) != view_before {
+            problems.push(format!("{what}: the view changed"));
+        }
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
         assert!(
             fs::read(root.join("small")).unwrap() == small,
-            "{}",
-            what("small")
+            "{what}: small"
         );
-        assert_eq!(fs::read_to_string(root.join("victim")).unwrap(), "victim");
-        for gone in ["nd", "sl", "d/new"] {
-            assert!(
-                fs::symlink_metadata(root.join(gone)).is_err(),
-                "{}",
-                what(&format!("{gone} visible after a failed create"))
-            );
+        let left = work_entries(&work);
+        assert!(left.is_empty(), "{what}: work/ holds {left:?}");
+        assert_fds_within(pid, t, fd_full, &what);
+        if round == 0 {
+            fd_full = daemon_fds(pid, t).0;
         }
-        assert!(
-            work_entries(&work).is_empty(),
-            "{}",
-            what("work/ not empty")
-        );
-        assert_fds_within(pid, t, fd_full, &what("descriptors"));
     }
     // The mount is up and what was written before is intact.
     for i in 0..4u8 {
@@ -376,12 +391,10 @@ fn full_upper_body(
         got.len() == big.len() + 1 && got[..big.len()] == *big && got[big.len()] == b'!',
         "big after its copy-up"
     );
-    append(&root.join("small"), b"!").unwrap();
-    fs::create_dir(root.join("nd")).unwrap();
-    std::os::unix::fs::symlink("x", root.join("sl")).unwrap();
-    fs::remove_file(root.join("victim")).unwrap();
-    fs::write(root.join("d/new"), "new").unwrap();
-    assert_eq!(fs::read_to_string(root.join("d/new")).unwrap(), "new");
+    let problems = ops::mismatches(root, "space freed", &full_changes("ok"));
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert_eq!(fs::read_to_string(root.join("d/new")).unwrap(), "");
+    assert_eq!(fs::read_to_string(root.join("r2")).unwrap(), "r1");
     assert!(work_entries(&work).is_empty(), "work/ not empty at the end");
     assert_fds_within(pid, t, usize::MAX, "at the end");
     (ROUNDS, small_files, FULL_ROUNDS)
