@@ -95,12 +95,15 @@ pub fn now() -> prost_types::Timestamp {
     prost_types::Timestamp::from(SystemTime::now())
 }
 
-fn decode(key: &str, bytes: &[u8]) -> Result<Record> {
+/// A record as stored: any bytes either decode or give `Error::Corrupt` naming `key`
+/// (public for the fuzz target).
+pub fn decode(key: &str, bytes: &[u8]) -> Result<Record> {
     <Record as prost::Message>::decode(bytes)
         .map_err(|e| Error::Corrupt(format!("record of {key:?}: {e}")))
 }
 
-fn encode(r: &Record) -> Vec<u8> {
+/// The stored form of a record; [`decode`] gives it back.
+pub fn encode(r: &Record) -> Vec<u8> {
     prost::Message::encode_to_vec(r)
 }
 
