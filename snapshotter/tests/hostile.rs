@@ -12,7 +12,8 @@
 //!   bodies: the server answers with an error or closes that connection, keeps serving a
 //!   client connected before, and nothing changes on disk;
 //! - the socket refuses another uid (65534) with EACCES, and the same probe connects once
-//!   the mode allows it (so the refusal is the mode's doing).
+//!   the mode allows it (so the refusal is the mode's doing); with `--group G` it is 0660
+//!   root:G, a process in G connects and one outside it gets EACCES.
 //!
 //! Needs root; prints `SKIPPED` or fails under `CI=true` without it.
 
@@ -573,12 +574,12 @@ fn malformed_frames_and_bodies_get_an_error_or_a_closed_connection() {
 
 const NOBODY: u32 = 65534;
 
-/// Connect to `socket` as uid/gid `NOBODY` (no supplementary groups) in a child process:
-/// Ok, or the errno the connect failed with.
-fn connect_as_nobody(socket: &Path) -> std::io::Result<()> {
+/// Connect to `socket` as uid `NOBODY` with group `gid` (no supplementary groups) in a
+/// child process: Ok, or the errno the connect failed with.
+fn connect_as_nobody(socket: &Path, gid: u32) -> std::io::Result<()> {
     let socket = socket.to_path_buf();
     let mut cmd = std::process::Command::new("/bin/true");
-    cmd.uid(NOBODY).gid(NOBODY);
+    cmd.uid(NOBODY).gid(gid);
     // SAFETY: the closure runs in the forked child before exec, after std has dropped to
     // NOBODY; it only calls connect(2) (through UnixStream, which builds the address on the
     // stack) and returns its error, which spawn() hands back to the parent. No locks are
@@ -591,25 +592,62 @@ fn connect_as_nobody(socket: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+fn assert_eacces(r: std::io::Result<()>, what: &str) {
+    match r {
+        Ok(()) => panic!("{what}: connected"),
+        Err(e) => assert_eq!(
+            e.raw_os_error(),
+            Some(rustix::io::Errno::ACCESS.raw_os_error()),
+            "{what}: {e}"
+        ),
+    }
+}
+
+/// The socket's mode, owner and group.
+fn socket_stat(sock: &Path) -> (u32, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::symlink_metadata(sock).unwrap();
+    (md.mode() & 0o7777, md.uid(), md.gid())
+}
+
 #[test]
 fn socket_refuses_other_users() {
     let Some((server, c)) = start() else { return };
     let sock = server.socket();
-    let md = std::fs::symlink_metadata(&sock).unwrap();
-    assert_eq!(md.permissions().mode() & 0o7777, 0o600, "socket mode");
-    assert_eq!(std::os::unix::fs::MetadataExt::uid(&md), 0, "socket owner");
+    assert_eq!(
+        socket_stat(&sock),
+        (0o600, 0, 0),
+        "socket mode, owner, group"
+    );
     // Let NOBODY reach the socket's directory, so only the socket's own mode decides.
     std::fs::set_permissions(server.dir(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let e = connect_as_nobody(&sock).expect_err("uid 65534 connected to a 0600 socket");
-    assert_eq!(
-        e.raw_os_error(),
-        Some(rustix::io::Errno::ACCESS.raw_os_error()),
-        "{e}"
-    );
+    assert_eacces(connect_as_nobody(&sock, NOBODY), "uid 65534, mode 0600");
     // The probe does connect when the mode allows it.
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let r = connect_as_nobody(&sock);
+    let r = connect_as_nobody(&sock, NOBODY);
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).unwrap();
     r.expect("with mode 0666 uid 65534 connects (the probe works)");
     c.prepare("still", "").expect("root is still served");
+}
+
+#[test]
+fn socket_group_admits_only_that_group() {
+    if !can_run(Mode::Overlay) {
+        return;
+    }
+    const GROUP: u32 = 4242;
+    let server = Server::start_with(Mode::Overlay, &["--group", &GROUP.to_string()]);
+    let sock = server.socket();
+    assert_eq!(
+        socket_stat(&sock),
+        (0o660, 0, GROUP),
+        "socket mode, owner, group"
+    );
+    std::fs::set_permissions(server.dir(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    connect_as_nobody(&sock, GROUP).expect("a member of --group connects");
+    assert_eacces(
+        connect_as_nobody(&sock, NOBODY),
+        "uid 65534 outside the group",
+    );
+    server.client().prepare("a", "").unwrap();
 }

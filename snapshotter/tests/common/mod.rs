@@ -110,10 +110,16 @@ pub struct Server {
     dir: tempfile::TempDir,
     pub mode: Mode,
     log: PathBuf,
+    args: Vec<String>,
 }
 
 impl Server {
     pub fn start(mode: Mode) -> Server {
+        Server::start_with(mode, &[])
+    }
+
+    /// [`Server::start`] with more `serve` arguments (e.g. `--group`).
+    pub fn start_with(mode: Mode, args: &[&str]) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("snap-test-")
             .tempdir()
@@ -124,6 +130,7 @@ impl Server {
             log: dir.path().join("server.log"),
             dir,
             mode,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         s.spawn();
         s
@@ -160,6 +167,7 @@ impl Server {
                 "--log-level",
                 "rustfuse_snapshotter=debug,info",
             ])
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
