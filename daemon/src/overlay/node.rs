@@ -102,15 +102,21 @@ impl Node {
 
 const SHARDS: usize = 64;
 
+/// After this many nodes are forgotten, freed memory is handed back to the kernel.
+const RELEASE_EVERY: u64 = 1 << 16;
+
 /// Node id → node, in independently locked shards.
 pub struct NodeTable {
     shards: Vec<Mutex<HashMap<u64, Arc<Node>>>>,
+    /// Nodes removed so far (see [`RELEASE_EVERY`]).
+    removed: AtomicU64,
 }
 
 impl Default for NodeTable {
     fn default() -> Self {
         NodeTable {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            removed: AtomicU64::new(0),
         }
     }
 }
@@ -176,14 +182,29 @@ impl NodeTable {
         if ino == ROOT_INO {
             return;
         }
-        let mut shard = self.shard(ino).lock();
-        if let Some(node) = shard.get(&ino) {
+        let removed = {
+            let mut shard = self.shard(ino).lock();
+            let Some(node) = shard.get(&ino) else { return };
             let prev = node.nlookup.load(Ordering::Relaxed);
             let next = prev.saturating_sub(n);
             node.nlookup.store(next, Ordering::Relaxed);
-            if next == 0 {
-                shard.remove(&ino);
+            if next != 0 {
+                return;
             }
+            shard.remove(&ino)
+        };
+        // Freed outside the shard lock; the node may live on in a handle or a child.
+        drop(removed);
+        if (self.removed.fetch_add(1, Ordering::Relaxed) + 1) % RELEASE_EVERY == 0 {
+            // A table that held a burst of entries keeps its buckets unless asked.
+            for s in &self.shards {
+                let mut s = s.lock();
+                if s.capacity() > 1024 && s.len() < s.capacity() / 4 {
+                    let len = s.len();
+                    s.shrink_to(len * 2);
+                }
+            }
+            crate::sys::release_free_memory();
         }
     }
 
