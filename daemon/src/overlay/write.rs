@@ -104,6 +104,18 @@ impl Drop for Pin {
     }
 }
 
+/// A `.wh.` file just made (`None`: it was there already).
+struct WhFile(Option<OsString>);
+
+impl WhFile {
+    /// The step it went with failed: remove it again.
+    fn undo(self, dir: BorrowedFd<'_>) {
+        if let Some(wh) = self.0 {
+            let _ = sys::unlink_at(dir, &wh);
+        }
+    }
+}
+
 /// A moved node's new name, and for a file its new location.
 fn relocate(node: &super::node::Node, parent: u64, dir: &UpperDir, name: &OsStr) {
     node.update(|s| {
@@ -186,16 +198,7 @@ impl Overlay {
         if self.dev_whiteouts {
             sys::mknod_at(dir, name, libc::S_IFCHR, 0)
         } else {
-            let fd = sys::open_at(
-                dir,
-                &wh_name_os(name),
-                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
-                0o700,
-            );
-            match fd {
-                Ok(_) | Err(Errno::EXIST) => Ok(()),
-                Err(e) => Err(e),
-            }
+            self.new_wh_file(dir, name).map(drop)
         }
     }
 
@@ -524,14 +527,23 @@ impl Overlay {
             }
             Ok(())
         } else {
-            if kind == Kind::Dir {
-                let tmp = self.tmp_name();
-                sys::rename_at(pu, name, work.as_fd(), &tmp, RenameFlags::empty())?;
-                super::copyup::remove_any(work.as_fd(), &tmp, Kind::Dir)?;
+            // The `.wh.` file first: if it cannot be made (ENOSPC), nothing has changed, and
+            // while both exist the upper entry is what is seen.
+            let wh = self.new_wh_file(pu, name)?;
+            let tmp = self.tmp_name();
+            let removed = if kind == Kind::Dir {
+                sys::rename_at(pu, name, work.as_fd(), &tmp, RenameFlags::empty())
             } else {
-                sys::unlink_at(pu, name)?;
+                sys::unlink_at(pu, name)
+            };
+            if let Err(e) = removed {
+                wh.undo(pu);
+                return Err(e);
             }
-            self.make_whiteout(pu, name)
+            if kind == Kind::Dir {
+                super::copyup::remove_any(work.as_fd(), &tmp, Kind::Dir)?;
+            }
+            Ok(())
         }
     }
 
@@ -746,9 +758,32 @@ impl Overlay {
                 Err(Errno::INVAL) | Err(Errno::PERM) | Err(Errno::NOSYS) => {}
                 Err(e) => return Err(e),
             }
+            sys::rename_at(old_dir, old, new_dir, new, RenameFlags::empty())?;
+            return self.make_whiteout(old_dir, old);
         }
-        sys::rename_at(old_dir, old, new_dir, new, RenameFlags::empty())?;
-        self.make_whiteout(old_dir, old)
+        // The `.wh.` file first, as in `replace_with_whiteout`.
+        let wh = self.new_wh_file(old_dir, old)?;
+        if let Err(e) = sys::rename_at(old_dir, old, new_dir, new, RenameFlags::empty()) {
+            wh.undo(old_dir);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Make the `.wh.NAME` whiteout file for `name` in `dir` (the daemon writes no 0/0
+    /// devices); what to undo if the step it goes with fails.
+    fn new_wh_file(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<WhFile> {
+        let wh = wh_name_os(name);
+        match sys::open_at(
+            dir,
+            &wh,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+            0o700,
+        ) {
+            Ok(_) => Ok(WhFile(Some(wh))),
+            Err(Errno::EXIST) => Ok(WhFile(None)),
+            Err(e) => Err(e),
+        }
     }
 
     pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> Result<Attr> {
