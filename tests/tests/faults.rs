@@ -150,6 +150,19 @@ fn write_until_error(f: &mut fs::File, chunk: usize, limit: u64) -> (u64, std::i
     }
 }
 
+/// `root/lower` under an upper and workdir on a tmpfs at `root/t` mounted with `opts`.
+fn upper_on_tmpfs(root: &Path, opts: &str) -> (Tmpfs, Stack) {
+    let tmp = Tmpfs::mount(&root.join("t"), &format!("{opts},mode=0755"));
+    let stack = Stack {
+        lowers: vec![root.join("lower")],
+        upper: Some(tmp.path.join("upper")),
+        work: Some(tmp.path.join("work")),
+    };
+    fs::create_dir_all(tmp.path.join("upper")).unwrap();
+    fs::create_dir_all(tmp.path.join("work")).unwrap();
+    (tmp, stack)
+}
+
 #[test]
 fn full_upper_layer_gives_enospc_and_recovers() {
     if !env::require_bin_under_test() {
@@ -174,16 +187,8 @@ fn full_upper_layer_gives_enospc_and_recovers() {
         fs::write(lower.join(format!("d/f{i}")), format!("d/f{i}")).unwrap();
     }
     // 16 MiB and 600 inodes: both data and inodes run out.
-    let tmp = Tmpfs::mount(&s.path().join("t"), "size=16m,nr_inodes=600,mode=0755");
-    let upper = tmp.path.join("upper");
-    let work = tmp.path.join("work");
-    fs::create_dir_all(&upper).unwrap();
-    fs::create_dir_all(&work).unwrap();
-    let stack = Stack {
-        lowers: vec![lower.clone()],
-        upper: Some(upper.clone()),
-        work: Some(work.clone()),
-    };
+    let (tmp, stack) = upper_on_tmpfs(s.path(), "size=16m,nr_inodes=600");
+    let (upper, work) = (tmp.path.join("upper"), tmp.path.join("work"));
     let m = Mount::fuse(&env::bin_under_test(), &stack, &[], &mnt).unwrap();
     let pid = m.daemon_pid().expect("daemon pid");
     let root = m.root().to_path_buf();
@@ -398,6 +403,97 @@ fn full_upper_body(
     assert!(work_entries(&work).is_empty(), "work/ not empty at the end");
     assert_fds_within(pid, t, usize::MAX, "at the end");
     (ROUNDS, small_files, FULL_ROUNDS)
+}
+
+#[test]
+fn full_upper_with_wh_file_whiteouts_changes_nothing_on_enospc() {
+    // With `.wh.NAME` whiteouts (FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT, as where mknod is not
+    // permitted) a removal is two steps: the `.wh.` file and the removal of the upper entry.
+    // When the first cannot be made, the second must not happen either: the caller gets
+    // ENOSPC and sees what it saw, never the lower file coming back.
+    if !env::require_bin_under_test() {
+        return;
+    }
+    let s = env::scratch("faults-enospc-wh");
+    let lower = s.path().join("lower");
+    let mnt = s.path().join("mnt");
+    for d in ["dd", "ld"] {
+        fs::create_dir_all(lower.join(d)).unwrap();
+    }
+    fs::create_dir_all(&mnt).unwrap();
+    for name in ["u1", "u2", "r", "ld/x"] {
+        fs::write(lower.join(name), name).unwrap();
+    }
+    let (tmp, stack) = upper_on_tmpfs(s.path(), "size=4m,nr_inodes=64");
+    let env = [("FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT", "1")];
+    let m = Mount::fuse_env(&env::bin_under_test(), &stack, &[], &mnt, &env).unwrap();
+    let root = m.root().to_path_buf();
+    let problems = env::with_deadline(Duration::from_secs(60), "ENOSPC with .wh.", move || {
+        let mut problems = ops::mismatches(
+            &root,
+            "before",
+            &[
+                (ops::build::append("u1", "+"), "ok"),
+                (ops::build::append("u2", "+"), "ok"),
+                (create("dd/t"), "ok"),
+                (unlink("dd/t"), "ok"),
+            ],
+        );
+        // Use up the inodes.
+        let mut fillers = 0;
+        while fs::write(root.join(format!("e{fillers}")), "").is_ok() {
+            fillers += 1;
+            assert!(fillers < 1000, "64 inodes hold 1000 files");
+        }
+        let changes = |want| {
+            vec![
+                (unlink("u1"), want),
+                (rename("u2", "u3"), want),
+                (rmdir("dd"), want),
+                (unlink("r"), want),
+                (rename("ld/x", "ld/y"), want),
+            ]
+        };
+        let view = [
+            readdir(""),
+            readdir("dd"),
+            readdir("ld"),
+            read("u1"),
+            read("u2"),
+            read("r"),
+        ];
+        let before = ops::run(&root, &view);
+        for round in 0..5 {
+            let what = format!("full, round {round}");
+            problems.extend(ops::mismatches(&root, &what, &changes("ENOSPC")));
+            if ops::run(&root, &view) != before {
+                problems.push(format!(
+                    "{what}: the view changed: {:?}",
+                    ops::run(&root, &view)
+                ));
+            }
+        }
+        for i in 0..fillers {
+            fs::remove_file(root.join(format!("e{i}"))).unwrap();
+        }
+        problems.extend(ops::mismatches(&root, "space freed", &changes("ok")));
+        problems.extend(ops::mismatches(
+            &root,
+            "space freed",
+            &[
+                (read("u1"), "ENOENT"),
+                (read("u2"), "ENOENT"),
+                (read("u3"), "ok: \"u2+\""),
+                (read("r"), "ENOENT"),
+                (readdir("ld"), "ok: y:f"),
+                (readdir(""), "ok: ld:d u3:f"),
+            ],
+        ));
+        problems
+    });
+    m.unmount().unwrap();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    drop(tmp);
 }
 
 /// Lower tree for the descriptor test: `dirs` directories, each with a subdirectory, three
