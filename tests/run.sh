@@ -36,4 +36,6 @@ RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}" cargo test --workspace --locked --no
 echo "== differential tests again, rustfuse behaving as on Linux 4.18 (FUSE 7.27, no newer syscalls)"
 RUSTFUSE_COMPAT_4_18=1 cargo test -p rustfuse-tests --locked --test differential
 RUSTFUSE_COMPAT_4_18=1 cargo test -p rustfuse-snapshotter --locked --test conformance fuse::
+echo "== fuzz: a short run of every cargo-fuzz target"
+FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash tests/fuzz.sh
 echo "== done"

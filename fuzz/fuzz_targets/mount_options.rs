@@ -10,7 +10,11 @@ fuzz_target!(|data: &[u8]| {
     let parts: Vec<&str> = s.split('\n').collect();
     if let Ok(o) = rustfuse::options::parse(&parts) {
         assert!(!o.lowerdirs.is_empty(), "accepted without a lowerdir");
-        assert_eq!(o.upperdir.is_some(), o.workdir.is_some(), "upperdir without workdir");
+        assert_eq!(
+            o.upperdir.is_some(),
+            o.workdir.is_some(),
+            "upperdir without workdir"
+        );
         assert!(!(o.squash_to_root && o.squash_to_uid.is_some()));
     }
 });
