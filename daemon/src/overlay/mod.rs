@@ -820,14 +820,24 @@ impl Overlay {
                 st.top().open(open_flags(flags))
             }
         };
-        let fd = match open_once(&st) {
-            // `st` was read before a racing unlink pinned the node to an O_PATH fd and put a
-            // whiteout (a 0/0 device: ENXIO) at its name: open what the node is now.
-            Err(Errno::NXIO) if !matches!(st.kind, Kind::Char | Kind::Block) => {
-                open_once(&node.state())?
+        // `st` (or the copy-up's location) may name an entry that a racing unlink or rename is
+        // replacing with a whiteout (a 0/0 device: ENXIO) before it pins the node to an O_PATH
+        // fd: open what the node is once the unlink has pinned it. If it never settles, the
+        // name is gone: answer as an open after the unlink would (ENOENT), never ENXIO.
+        let mut res = open_once(&st);
+        if !matches!(st.kind, Kind::Char | Kind::Block) {
+            let mut tries = 0;
+            while matches!(res, Err(Errno::NXIO)) {
+                tries += 1;
+                if tries > 100 {
+                    res = Err(Errno::NOENT);
+                    break;
+                }
+                std::thread::yield_now();
+                res = open_once(&node.state());
             }
-            r => r?,
-        };
+        }
+        let fd = res?;
         Ok(self.add_handle(Handle::File { fd }))
     }
 
