@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::mount::{MountFlags, UnmountFlags};
 
@@ -438,7 +438,15 @@ impl Mount {
         self.mounted = false;
         let mut problems = Vec::new();
         if self.kind == Kind::Kernel {
-            if let Err(e) = rustix::mount::unmount(&self.mnt, UnmountFlags::empty()) {
+            // EBUSY can be brief: another test thread's child, forked but not yet exec'd,
+            // holds copies of this thread's (close-on-exec) descriptors into the mount.
+            let mut res = rustix::mount::unmount(&self.mnt, UnmountFlags::empty());
+            let busy_until = Instant::now() + Duration::from_secs(5);
+            while res == Err(rustix::io::Errno::BUSY) && Instant::now() < busy_until {
+                std::thread::sleep(Duration::from_millis(10));
+                res = rustix::mount::unmount(&self.mnt, UnmountFlags::empty());
+            }
+            if let Err(e) = res {
                 problems.push(format!("umount {}: {e}", self.mnt.display()));
                 let _ = rustix::mount::unmount(&self.mnt, UnmountFlags::DETACH);
             }
