@@ -104,18 +104,6 @@ impl Drop for Pin {
     }
 }
 
-/// A `.wh.` file just made (`None`: it was there already).
-struct WhFile(Option<OsString>);
-
-impl WhFile {
-    /// The step it went with failed: remove it again.
-    fn undo(self, dir: BorrowedFd<'_>) {
-        if let Some(wh) = self.0 {
-            let _ = sys::unlink_at(dir, &wh);
-        }
-    }
-}
-
 /// A moved node's new name, and for a file its new location.
 fn relocate(node: &super::node::Node, parent: u64, dir: &UpperDir, name: &OsStr) {
     node.update(|s| {
@@ -527,19 +515,14 @@ impl Overlay {
             }
             Ok(())
         } else {
-            // The `.wh.` file first: if it cannot be made (ENOSPC), nothing has changed, and
-            // while both exist the upper entry is what is seen.
-            let wh = self.new_wh_file(pu, name)?;
             let tmp = self.tmp_name();
-            let removed = if kind == Kind::Dir {
-                sys::rename_at(pu, name, work.as_fd(), &tmp, RenameFlags::empty())
-            } else {
-                sys::unlink_at(pu, name)
-            };
-            if let Err(e) = removed {
-                wh.undo(pu);
-                return Err(e);
-            }
+            self.behind_wh_file(pu, name, || {
+                if kind == Kind::Dir {
+                    sys::rename_at(pu, name, work.as_fd(), &tmp, RenameFlags::empty())
+                } else {
+                    sys::unlink_at(pu, name)
+                }
+            })?;
             if kind == Kind::Dir {
                 super::copyup::remove_any(work.as_fd(), &tmp, Kind::Dir)?;
             }
@@ -761,29 +744,41 @@ impl Overlay {
             sys::rename_at(old_dir, old, new_dir, new, RenameFlags::empty())?;
             return self.make_whiteout(old_dir, old);
         }
-        // The `.wh.` file first, as in `replace_with_whiteout`.
-        let wh = self.new_wh_file(old_dir, old)?;
-        if let Err(e) = sys::rename_at(old_dir, old, new_dir, new, RenameFlags::empty()) {
-            wh.undo(old_dir);
-            return Err(e);
-        }
-        Ok(())
+        self.behind_wh_file(old_dir, old, || {
+            sys::rename_at(old_dir, old, new_dir, new, RenameFlags::empty())
+        })
     }
 
     /// Make the `.wh.NAME` whiteout file for `name` in `dir` (the daemon writes no 0/0
-    /// devices); what to undo if the step it goes with fails.
-    fn new_wh_file(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<WhFile> {
-        let wh = wh_name_os(name);
+    /// devices). True when made now, false when it was there already.
+    fn new_wh_file(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<bool> {
         match sys::open_at(
             dir,
-            &wh,
+            &wh_name_os(name),
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
             0o700,
         ) {
-            Ok(_) => Ok(WhFile(Some(wh))),
-            Err(Errno::EXIST) => Ok(WhFile(None)),
+            Ok(_) => Ok(true),
+            Err(Errno::EXIST) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Run `step`, which removes `name` from `dir` or moves it away, behind its `.wh.` file
+    /// made first: if the file cannot be made (ENOSPC) nothing has changed, while both exist
+    /// the upper entry is what is seen, and if `step` fails a file made here is removed again.
+    fn behind_wh_file(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        step: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let made = self.new_wh_file(dir, name)?;
+        step().inspect_err(|_| {
+            if made {
+                let _ = sys::unlink_at(dir, &wh_name_os(name));
+            }
+        })
     }
 
     pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> Result<Attr> {
