@@ -112,12 +112,15 @@ pub fn require_fuse_overlayfs() -> bool {
 /// Default deadline for one filesystem operation or one command.
 pub const OP_DEADLINE: Duration = Duration::from_secs(10);
 
+/// The number in environment variable `name`, when it is set and parses.
+pub fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|s| s.parse().ok())
+}
+
 /// Per-mount watchdog deadline: after this long a FUSE connection is aborted and the test
 /// fails. `$RUSTFUSE_TEST_WATCHDOG_SECS` overrides it.
 pub fn watchdog_deadline() -> Duration {
-    std::env::var("RUSTFUSE_TEST_WATCHDOG_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
+    env_number("RUSTFUSE_TEST_WATCHDOG_SECS")
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(90))
 }

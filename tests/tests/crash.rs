@@ -331,16 +331,12 @@ impl Untar {
 /// A small xorshift generator; the seed comes from `$RUSTFUSE_TEST_SEED` or the clock and is
 /// printed, so a failing run can be repeated.
 fn seeded_rng() -> impl FnMut() -> u64 {
-    let seed = std::env::var("RUSTFUSE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-        | 1;
+    let seed = env::env_number("RUSTFUSE_TEST_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    }) | 1;
     eprintln!("seed {seed} (RUSTFUSE_TEST_SEED={seed} repeats it)");
     let mut x = seed;
     move || {

@@ -945,10 +945,7 @@ mod random {
     }
 
     fn config() -> Config {
-        let cases = std::env::var("RUSTFUSE_PROPTEST_CASES")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(32);
+        let cases = rustfuse_tests::env::env_number("RUSTFUSE_PROPTEST_CASES").unwrap_or(32);
         Config {
             cases,
             max_shrink_iters: 64,

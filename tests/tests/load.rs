@@ -42,10 +42,7 @@ const LINKS: usize = 5;
 const TOP_DIRS: usize = 5;
 
 fn load_secs() -> u64 {
-    std::env::var("RUSTFUSE_LOAD_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(120)
+    env::env_number("RUSTFUSE_LOAD_SECS").unwrap_or(120)
 }
 
 /// splitmix64: a small deterministic PRNG.

@@ -37,10 +37,7 @@ const LOOKUPS: usize = 2000;
 const CHANGES: usize = 20;
 
 fn entries() -> usize {
-    std::env::var("RUSTFUSE_SCALE_ENTRIES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200_000)
+    env::env_number("RUSTFUSE_SCALE_ENTRIES").unwrap_or(200_000)
 }
 
 fn name(i: usize) -> String {
