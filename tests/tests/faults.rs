@@ -717,6 +717,10 @@ fn emfile_body(root: &Path, pid: i32, scratch: &Path, files: &[(PathBuf, Vec<u8>
     }
     walk(root, root, &want);
     assert_whole(root, &work, &want, "at the end");
+    // The reads just made are released asynchronously too.
+    env::poll_until(Duration::from_secs(10), || {
+        daemon_fds(pid, scratch).1.is_empty()
+    });
     let (end, open_files) = daemon_fds(pid, scratch);
     assert!(open_files.is_empty(), "daemon holds {open_files:?}");
     // The directory-fd cache is at least 16 under a low limit: the count may differ from the
