@@ -132,6 +132,18 @@ pub fn open_path_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd> {
     )
 }
 
+/// `O_PATH|O_DIRECTORY|O_NOFOLLOW` handle of the directory `name` in `dir` (ENOTDIR when
+/// the name holds something else).
+pub fn open_dir_path_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd> {
+    faults::check("open")?;
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
 /// Open `name` in `dir` for I/O (never following a final symlink).
 pub fn open_at(dir: BorrowedFd<'_>, name: &OsStr, flags: OFlags, mode: u32) -> Result<OwnedFd> {
     faults::check("open")?;

@@ -8,6 +8,7 @@
 //! - [`ops`]: a list of filesystem operations applied to a mount, errno recorded per step.
 //! - [`upper`]: a normalized description of an upper directory after unmount.
 //! - [`fsck`]: a checker of an upper directory's on-disk format after unmount.
+//! - [`rng`]: a small deterministic PRNG for the random-operation tests.
 //! - [`scenario`]: runs one tree + op list on kernel overlay and on the FUSE overlay and
 //!   compares everything.
 
@@ -16,6 +17,7 @@ pub mod fsck;
 pub mod layers;
 pub mod mount;
 pub mod ops;
+pub mod rng;
 pub mod scenario;
 pub mod snapshot;
 pub mod upper;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use rustfuse_tests::env::{self, bin_under_test, scratch, with_deadline};
 use rustfuse_tests::layers::{Layer, Materialized, Tree};
 use rustfuse_tests::mount::Mount;
+use rustfuse_tests::rng::Rng;
 
 const SIZE: usize = 64 << 20;
 const TAIL: &[u8] = b"appended!";
@@ -206,20 +207,6 @@ fn readers_racing_a_copy_up_see_old_or_new_never_partial() {
 }
 
 /// xorshift64*: a small deterministic PRNG.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
     File(String),
@@ -244,7 +231,7 @@ fn errkind(r: std::io::Result<()>) -> Result<(), ErrorKind> {
 /// number of ops, or the first unexpected answer.
 fn churn(dir: &Path, t: usize, dur: Duration) -> Result<(Model, usize), String> {
     let mut model = lower_model(t);
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1));
+    let mut rng = Rng::new(t as u64 + 1);
     let start = Instant::now();
     let mut n = 0;
     let mut counter = 0;

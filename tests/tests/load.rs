@@ -27,6 +27,7 @@ use rustfuse_tests::fsck::fsck;
 use rustfuse_tests::layers::{Layer, Tree};
 use rustfuse_tests::mount::{Mount, Stack, abort_fuse_connection, process_alive};
 use rustfuse_tests::ops::{Op, RenameKind, apply};
+use rustfuse_tests::rng::Rng;
 use rustfuse_tests::snapshot::{self, show_bytes};
 
 const THREADS: usize = 8;
@@ -43,25 +44,6 @@ const TOP_DIRS: usize = 5;
 
 fn load_secs() -> u64 {
     env::env_number("RUSTFUSE_LOAD_SECS").unwrap_or(120)
-}
-
-/// splitmix64: a small deterministic PRNG.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
-        &v[self.below(v.len())]
-    }
 }
 
 fn content(seed: usize, len: usize) -> Vec<u8> {
@@ -276,14 +258,6 @@ const EXPECTED: &[&str] = &[
     "EMLINK",    // link count limit (not expected, but legitimate)
 ];
 
-/// Errnos of a known, rare race (about one per million operations here): an open or read of
-/// a name that another thread is unlinking or renaming over can see the whiteout being put in
-/// its place (ENXIO) or fail with EIO. Reported as `KNOWN RACE:` lines and tolerated up to
-/// [`KNOWN_RACE_LIMIT`] per run; see docs/reliability.md. Any other errno fails the test.
-const KNOWN_RACES: &[&str] = &["EIO", "ENXIO"];
-const KNOWN_RACE_LIMIT: usize = 5;
-const KNOWN_RACE: &str = "KNOWN RACE: ";
-
 /// Per thread: the operation in flight (for the monitor).
 #[derive(Default)]
 struct Slot {
@@ -310,7 +284,7 @@ fn worker(
     epoch: Instant,
     stop: Arc<AtomicBool>,
 ) -> WorkerResult {
-    let mut rng = Rng(0x5EED_0000 + t as u64);
+    let mut rng = Rng::new(0x5EED_0000 + t as u64);
     let mut counts = Counts::new();
     let mut problems = Vec::new();
     let own = format!("t{t}/own");
@@ -372,12 +346,7 @@ fn worker(
         };
         if let Err(e) = &out {
             if !EXPECTED.contains(&e.as_str()) && problems.len() < 20 {
-                let known = if KNOWN_RACES.contains(&e.as_str()) {
-                    KNOWN_RACE
-                } else {
-                    ""
-                };
-                problems.push(format!("{known}thread {t} op {n}: {op:?}: {e}"));
+                problems.push(format!("thread {t} op {n}: {op:?}: {e}"));
             }
         }
         *counts
@@ -556,23 +525,10 @@ fn eight_threads_of_random_operations_then_fsck_and_remount() {
     let mut shown = slowest.1;
     shown.truncate(160);
     eprintln!("load: slowest operation {:.1?}: {shown}", slowest.0);
-    let (races, problems): (Vec<String>, Vec<String>) = problems
-        .into_iter()
-        .partition(|p| p.starts_with(KNOWN_RACE));
-    for r in &races {
-        let mut r = r.clone();
-        r.truncate(240);
-        eprintln!("{r}");
-    }
     assert!(
         problems.is_empty(),
         "unexpected answers:\n{}",
         problems.join("\n")
-    );
-    assert!(
-        races.len() <= KNOWN_RACE_LIMIT,
-        "{} answers of the known unlink/open race, more than {KNOWN_RACE_LIMIT}",
-        races.len()
     );
     let pid = g.daemon_pid();
     assert!(

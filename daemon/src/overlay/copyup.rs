@@ -48,6 +48,9 @@ impl Overlay {
         if let Some(u) = st.upper {
             return Ok(u);
         }
+        if st.unlinked && st.kind != Kind::Dir {
+            return self.copy_up_unlinked(node, &work, skip_data);
+        }
         let parent = self.node(st.parent)?;
         let pu = self.copy_up_dir(&parent)?;
         let (_, src) = st.lowers.first().ok_or(Errno::IO)?;
@@ -85,6 +88,31 @@ impl Overlay {
             if s.kind != Kind::Dir {
                 s.lowers.clear();
             }
+        });
+        Ok(upper)
+    }
+
+    /// The upper copy of a lower file no name reaches any more (open while it was unlinked
+    /// or renamed over): an anonymous file, as the open file it belongs to is. Copying it to
+    /// its old name would bring it back, or fail on the whiteout or file there now.
+    fn copy_up_unlinked(&self, node: &Arc<Node>, work: &OwnedFd, skip_data: bool) -> Result<Loc> {
+        let st = node.state();
+        let (_, src) = st.lowers.first().ok_or(Errno::IO)?;
+        let stat = src.stat()?;
+        let tmp = self.tmp_name();
+        let w = work.as_fd();
+        let built = self
+            .build_copy(st.kind, src, &stat, w, &tmp, skip_data)
+            .and_then(|()| sys::open_path_at(w, &tmp));
+        let removed = remove_any(w, &tmp, st.kind);
+        let fd = built?;
+        removed?;
+        let upper = Loc::Fd(Arc::new(fd));
+        let ust = upper.stat()?;
+        node.update(|s| {
+            s.upper = Some(upper.clone());
+            s.backing = (ust.st_dev, ust.st_ino);
+            s.lowers.clear();
         });
         Ok(upper)
     }

@@ -76,7 +76,13 @@ impl DirHandle {
         }
         let (parent, name) = self.origin.lock().clone().ok_or(Errno::STALE)?;
         let pfd = parent.fd()?;
-        let fd = Arc::new(sys::open_path_at(pfd.as_fd(), &name)?);
+        // While a rename moves the directory, its old name may hold a whiteout for a moment:
+        // never hand out an fd of something that is not a directory.
+        let fd = match sys::open_dir_path_at(pfd.as_fd(), &name) {
+            Ok(fd) => Arc::new(fd),
+            Err(Errno::NOTDIR) => return Err(Errno::NOENT),
+            Err(e) => return Err(e),
+        };
         *slot = Some(fd.clone());
         drop(slot);
         cache_insert(self);

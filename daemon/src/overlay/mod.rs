@@ -711,9 +711,18 @@ impl Overlay {
     }
 
     fn node_attr(&self, node: &Node) -> Result<Attr> {
-        let st = node.state();
-        let stat = st.top().stat()?;
-        Ok(self.attr_of(node, &st, &stat))
+        // A name read from the state may hold something else for a moment (a racing rename
+        // or unlink pins the node first, but a state read before that still names the old
+        // entry). Never answer a different file type: the kernel would mark the inode bad.
+        for _ in 0..100 {
+            let st = node.state();
+            let stat = st.top().stat()?;
+            if Kind::from_mode(stat.st_mode) == st.kind {
+                return Ok(self.attr_of(node, &st, &stat));
+            }
+            std::thread::yield_now();
+        }
+        Err(Errno::NOENT)
     }
 
     // ------------------------------------------------------------ read path

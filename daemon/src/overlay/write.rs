@@ -94,25 +94,34 @@ impl Pin {
 
 impl Drop for Pin {
     fn drop(&mut self) {
-        if let Some(prev) = self.prev.take() {
-            self.node.update(|s| {
-                if matches!(s.upper, Some(Loc::Fd(_))) {
-                    s.upper = Some(prev);
-                }
-            });
-        }
+        let Some(prev) = self.prev.take() else { return };
+        self.node.update(|s| {
+            let Some(Loc::Fd(fd)) = &s.upper else { return };
+            // A step that failed after the name changed (the rename went through, the
+            // whiteout after it did not) leaves the pin: only the fd still reaches the file.
+            let same = match (prev.stat(), sys::fstat(fd.as_fd())) {
+                (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
+                _ => false,
+            };
+            if same {
+                s.upper = Some(prev);
+            }
+        });
     }
 }
 
-/// A moved node's new name, and for a file its new location.
+/// A moved node's new name, and for a file its new location (a file renamed is pinned
+/// while its name changes, so its location is an fd until here).
 fn relocate(node: &super::node::Node, parent: u64, dir: &UpperDir, name: &OsStr) {
     node.update(|s| {
         s.parent = parent;
         s.name = name.to_os_string();
         match &s.upper {
-            Some(Loc::At(..)) => s.upper = Some(Loc::At(dir.h.clone(), name.to_os_string())),
+            Some(Loc::At(..) | Loc::Fd(_)) => {
+                s.upper = Some(Loc::At(dir.h.clone(), name.to_os_string()))
+            }
             Some(Loc::Dir(h)) => h.moved(&dir.h, name),
-            _ => {}
+            None => {}
         }
     });
 }
@@ -467,10 +476,13 @@ impl Overlay {
         if found.kind == Kind::Dir {
             return Err(Errno::ISDIR);
         }
-        let has_upper = found.upper.is_some();
         let node = self.node_of(found, parent, name);
-        let pinned = pin(&node);
         let pu = self.copy_up_dir(&p)?;
+        // No copy-up of this file (an open for writing racing the unlink) while its name
+        // goes: one that waits sees it unlinked and copies it up to an anonymous file.
+        let _no_copy_up = node.copyup.lock();
+        let has_upper = node.state().upper.is_some();
+        let pinned = pin(&node);
         let ps = p.state();
         if has_upper {
             if self.lower_positive(&ps, name)? {
@@ -645,6 +657,16 @@ impl Overlay {
                 self.copy_up(d, false)?;
             }
         }
+        // While the names change, a getattr, open or setattr of a moving file must reach
+        // the file, not what its old name holds for a moment (a whiteout, or the other file
+        // of an exchange): the kernel marks an inode whose type changes bad (EIO from then on).
+        let src_pin = pin(&src_node);
+        let xchg_pin = dst_node.as_ref().filter(|_| exchange).map(pin);
+        // A file renamed over is unlinked as a lower one is: no copy-up of it meanwhile.
+        let _no_dst_copy_up = dst_node
+            .as_ref()
+            .filter(|d| !exchange && d.kind() != Kind::Dir && !Arc::ptr_eq(d, &src_node))
+            .map(|d| d.copyup.lock());
         let ps = p.state();
         let nps = np.state();
         let src_lower = self.lower_positive(&ps, name)?;
@@ -664,8 +686,12 @@ impl Overlay {
                 self.set_opaque(pu.as_fd(), name)?;
             }
             relocate(&src_node, newparent, &npu, newname);
+            src_pin.done();
             if let Some(d) = &dst_node {
                 relocate(d, parent, &pu, name);
+            }
+            if let Some(p) = xchg_pin {
+                p.done();
             }
             return Ok(());
         }
@@ -710,7 +736,8 @@ impl Overlay {
             self.set_opaque(npu.as_fd(), newname)?;
         }
         relocate(&src_node, newparent, &npu, newname);
-        if let Some(d) = dst_node {
+        src_pin.done();
+        if let Some(d) = &dst_node {
             let st = d.state();
             let gone = st
                 .upper
