@@ -30,6 +30,8 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo build"
 cargo build --workspace --locked
+echo "== cargo build: the daemon with fault injection (tests/tests/injected.rs)"
+cargo build -p rustfuse --locked --features fault-injection --target-dir target/fault-injection
 echo "== cargo test"
 # One test binary at a time runs its mount tests in parallel threads; keep that bounded.
 RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}" cargo test --workspace --locked --no-fail-fast -- --nocapture

@@ -605,6 +605,10 @@ impl Filesystem for OverlayFs {
         reply: ReplyEmpty,
     ) {
         let _s = debug_span!("setxattr", ino = ino.0, ?name).entered();
+        if cfg!(feature = "fault-injection") && name == crate::sys::faults::PLAN_XATTR {
+            reply_empty(crate::sys::faults::plan(value), reply);
+            return;
+        }
         reply_empty(self.ov.setxattr(ino.0, name, value, flags), reply);
     }
 

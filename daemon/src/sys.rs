@@ -43,6 +43,65 @@ pub mod faults {
         *PLAN.lock() = None;
     }
 
+    /// The kernel calls a fault can be planned for (the names [`check`] is called with).
+    pub const OPS: &[&str] = &[
+        "chmod",
+        "chown",
+        "copy_file_range",
+        "fallocate",
+        "ficlone",
+        "fsync",
+        "getxattr",
+        "link",
+        "listxattr",
+        "mkdir",
+        "mknod",
+        "open",
+        "read",
+        "readlink",
+        "removexattr",
+        "rename",
+        "rmdir",
+        "setxattr",
+        "stat",
+        "symlink",
+        "truncate",
+        "unlink",
+        "utimens",
+        "write",
+    ];
+
+    /// The xattr name that plans a fault on a live mount, in a binary built with the
+    /// `fault-injection` feature: `setfattr -n rustfuse.fault -v OP:NTH:ERRNO MOUNTPOINT`
+    /// (e.g. `rename:1:5`, the next rename fails with EIO; `off` drops the plan). Without a
+    /// namespace prefix it names no real xattr, so in other builds it is refused as any such
+    /// name is.
+    pub const PLAN_XATTR: &str = "rustfuse.fault";
+
+    /// Plan a fault from a `OP:NTH:ERRNO` value, or drop the plan with `off` (EINVAL for
+    /// anything else).
+    pub fn plan(value: &[u8]) -> Result<()> {
+        let text = std::str::from_utf8(value).map_err(|_| Errno::INVAL)?;
+        if text.trim() == "off" {
+            clear();
+            return Ok(());
+        }
+        let mut parts = text.trim().split(':');
+        let (Some(op), Some(nth), Some(errno), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(Errno::INVAL);
+        };
+        let op = OPS.iter().find(|o| **o == op).ok_or(Errno::INVAL)?;
+        let nth: u64 = nth.parse().map_err(|_| Errno::INVAL)?;
+        let errno: i32 = errno.parse().map_err(|_| Errno::INVAL)?;
+        if nth == 0 || errno <= 0 {
+            return Err(Errno::INVAL);
+        }
+        inject(op, nth, Errno::from_raw_os_error(errno));
+        Ok(())
+    }
+
     #[inline]
     pub(crate) fn check(op: &'static str) -> Result<()> {
         if cfg!(any(test, feature = "fault-injection")) {

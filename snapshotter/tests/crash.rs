@@ -9,9 +9,10 @@
 //!   committed snapshot reads back byte for byte through a View, as does every active one;
 //! - Cleanup removes exactly the directories no listed snapshot uses (what a kill orphaned).
 //!
-//! Kernel overlayfs mode (`--mode overlay`) keeps it fast. Needs root; prints `SKIPPED` or
-//! fails under `CI=true` without it. `RUSTFUSE_CRASH_KILLS` sets the number of kills
-//! (default 45), `RUSTFUSE_TEST_SEED` repeats a run.
+//! Runs in kernel overlayfs mode (`--mode overlay`, `RUSTFUSE_CRASH_KILLS` kills, default 45)
+//! and in FUSE mode (`--mode fuse`, `RUSTFUSE_CRASH_KILLS_FUSE`, default 45). Needs root (and
+//! /dev/fuse for FUSE mode); prints `SKIPPED` or fails under `CI=true` without it.
+//! `RUSTFUSE_TEST_SEED` repeats a run.
 
 mod common;
 
@@ -127,13 +128,29 @@ fn spawn_killer(
 
 #[test]
 fn kill_during_prepare_commit_remove() {
-    if !can_run(Mode::Overlay) {
-        return;
+    if can_run(Mode::Overlay) {
+        crash_loop(
+            Mode::Overlay,
+            env_number("RUSTFUSE_CRASH_KILLS", 45) as usize,
+        );
     }
-    let kills = env_number("RUSTFUSE_CRASH_KILLS", 45) as usize;
+}
+
+/// The same in FUSE mode (the client mounts what Mounts returns as `fuse3.rustfuse`).
+#[test]
+fn kill_during_prepare_commit_remove_fuse_mode() {
+    if can_run(Mode::Fuse) {
+        crash_loop(
+            Mode::Fuse,
+            env_number("RUSTFUSE_CRASH_KILLS_FUSE", 45) as usize,
+        );
+    }
+}
+
+fn crash_loop(mode: Mode, kills: usize) {
     let started = Instant::now();
     let mut rng = Rng::from_env("crash");
-    let mut server = Server::start(Mode::Overlay);
+    let mut server = Server::start(mode);
     let mut model = Model::default();
     let mut stats = Stats::default();
     let mut in_flight: Option<InFlight> = None;
@@ -190,7 +207,8 @@ fn kill_during_prepare_commit_remove() {
         );
     }
     eprintln!(
-        "crash: {kills} kills; {summary}{replaced} directories orphaned under a reused id replaced by Prepare, {} more removed by Cleanup; {} files / {} bytes read back; {:?}",
+        "crash ({} mode): {kills} kills; {summary}{replaced} directories orphaned under a reused id replaced by Prepare, {} more removed by Cleanup; {} files / {} bytes read back; {:?}",
+        mode.arg(),
         stats.orphans_cleaned,
         stats.files_checked,
         stats.bytes_checked,

@@ -25,6 +25,16 @@ pub fn bin_under_test() -> PathBuf {
     }
 }
 
+/// The daemon built with the `fault-injection` feature (`$RUSTFUSE_FAULT_BIN`, else
+/// `<workspace>/target/fault-injection/debug/rustfuse`, where `tests/run.sh` builds it):
+/// a fault is planned on a live mount through the `rustfuse.fault` xattr.
+pub fn fault_injection_bin() -> PathBuf {
+    match std::env::var_os("RUSTFUSE_FAULT_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => workspace_root().join("target/fault-injection/debug/rustfuse"),
+    }
+}
+
 /// Debian's fuse-overlayfs (`$FUSE_OVERLAYFS_BIN`, else `/usr/bin/fuse-overlayfs`), if present.
 pub fn fuse_overlayfs_bin() -> Option<PathBuf> {
     let p = match std::env::var_os("FUSE_OVERLAYFS_BIN") {
@@ -92,6 +102,21 @@ pub fn require_bin_under_test() -> bool {
     if !bin.exists() {
         return skip(&format!(
             "binary under test {} does not exist (build it with `cargo build -p rustfuse` or set RUSTFUSE_BIN)",
+            bin.display()
+        ));
+    }
+    true
+}
+
+/// [`require_privileged`] plus the fault-injection build of the daemon must exist.
+pub fn require_fault_injection_bin() -> bool {
+    if !require_privileged() {
+        return false;
+    }
+    let bin = fault_injection_bin();
+    if !bin.exists() {
+        return skip(&format!(
+            "{} does not exist (build it with `cargo build -p rustfuse --features fault-injection --target-dir target/fault-injection` or set RUSTFUSE_FAULT_BIN)",
             bin.display()
         ));
     }

@@ -1,4 +1,4 @@
-//! Scale: one directory of `$RUSTFUSE_SCALE_ENTRIES` entries (default 200,000; the test is named for the 1,000,000 it was written for, see the report), written
+//! Scale: one directory of `$RUSTFUSE_SCALE_ENTRIES` entries (default 1,000,000), written
 //! straight into a lower layer on disk (under `$RUSTFUSE_TEST_TMPDIR`, else /var/tmp: not a
 //! tmpfs), then seen through a rustfuse mount:
 //! - readdir returns every name exactly once (and nothing else);
@@ -37,7 +37,7 @@ const LOOKUPS: usize = 2000;
 const CHANGES: usize = 20;
 
 fn entries() -> usize {
-    env::env_number("RUSTFUSE_SCALE_ENTRIES").unwrap_or(200_000)
+    env::env_number("RUSTFUSE_SCALE_ENTRIES").unwrap_or(1_000_000)
 }
 
 fn name(i: usize) -> String {

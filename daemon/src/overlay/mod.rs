@@ -1027,10 +1027,12 @@ pub(crate) fn is_whiteout(st: &Stat) -> bool {
 }
 
 fn open_flags(flags: i32) -> OFlags {
+    // Not O_DIRECT: the daemon's buffers are not aligned as the layer's filesystem wants for
+    // it (EINVAL on ext4), and the kernel already sends an O_DIRECT caller's I/O straight
+    // here, past the mount's page cache.
     let keep = libc::O_ACCMODE
         | libc::O_APPEND
         | libc::O_TRUNC
-        | libc::O_DIRECT
         | libc::O_SYNC
         | libc::O_DSYNC
         | libc::O_NOATIME
