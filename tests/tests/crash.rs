@@ -1,7 +1,8 @@
 //! Crash consistency: `kill -9` of the FUSE daemon in the middle of a copy-up, of renames or
 //! of an untar, then a fresh mount of the same layers. Whatever the moment of the kill, every
 //! file shows its old or its new complete content, no name shows twice or vanishes, and the
-//! workdir is cleared at mount.
+//! workdir is cleared at mount. Each is repeated at random moments: `$RUSTFUSE_CRASH_ROUNDS`
+//! kills (default 20; untar 10), `$RUSTFUSE_TEST_SEED` repeats a run.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -59,6 +60,11 @@ impl Layout {
     }
 }
 
+/// Kills per test: `$RUSTFUSE_CRASH_ROUNDS` (default 20; the untar test does half as many).
+fn rounds() -> u64 {
+    env::env_number("RUSTFUSE_CRASH_ROUNDS").unwrap_or(20)
+}
+
 fn kill_daemon(m: &Mount) {
     let pid = m.daemon_pid().expect("daemon pid");
     let pid = rustix::process::Pid::from_raw(pid).expect("pid");
@@ -76,7 +82,8 @@ fn kill_during_copy_up_shows_old_or_new_never_partial() {
     }
     const SIZE: usize = 64 << 20;
     let original = pattern(SIZE);
-    for round in 0..6u64 {
+    let mut rng = seeded_rng();
+    for round in 0..rounds() {
         let s = env::scratch("crash-copyup");
         let l = Layout::new(s.path());
         fs::write(l.lower.join("big"), &original).unwrap();
@@ -89,7 +96,8 @@ fn kill_during_copy_up_shows_old_or_new_never_partial() {
                 .open(&target)
                 .and_then(|mut f| f.write_all(b"!"))
         });
-        std::thread::sleep(Duration::from_millis(round * 12));
+        // A random moment in the copy (64 MiB takes some tens of milliseconds here).
+        std::thread::sleep(Duration::from_micros(rng() % 80_000));
         kill_daemon(&m);
         drop(m);
         let _ = writer.join();
@@ -125,7 +133,8 @@ fn kill_during_renames_loses_no_name() {
         return;
     }
     const N: usize = 300;
-    for round in 0..5u64 {
+    let mut rng = seeded_rng();
+    for round in 0..rounds() {
         let s = env::scratch("crash-rename");
         let l = Layout::new(s.path());
         for i in 0..N {
@@ -140,7 +149,7 @@ fn kill_during_renames_loses_no_name() {
                 }
             }
         });
-        std::thread::sleep(Duration::from_millis(5 + round * 20));
+        std::thread::sleep(Duration::from_micros(rng() % 120_000));
         kill_daemon(&m);
         drop(m);
         let _ = renamer.join();
@@ -384,12 +393,12 @@ fn kill_during_untar_leaves_only_whole_files() {
     if !env::require_bin_under_test() {
         return;
     }
-    const KILLS: usize = 4;
+    let kills = rounds().div_ceil(2);
     let mut rng = seeded_rng();
     let shared = env::scratch("crash-untar-archive");
     let u = Untar::new(&shared.path().canonicalize().unwrap());
     let size = fs::metadata(&u.archive).unwrap().len();
-    for round in 1..=KILLS {
+    for round in 1..=kills {
         let s = env::scratch("crash-untar");
         let l = Layout::new(s.path());
         u.populate(&l.lower);
@@ -416,7 +425,7 @@ fn kill_during_untar_leaves_only_whole_files() {
             "{what}: killed at {:.0} % of the archive: {complete} of {UNTAR_FILES} files complete, partial: {partial:?}",
             frac * 100.0
         );
-        if round == KILLS {
+        if round == kills {
             // The same untar again, to the end, over what the crash left.
             let st = wait_tar(u.spawn(&l.mnt), &what);
             assert!(
