@@ -201,6 +201,12 @@ pub const WORKLOADS: &[Workload] = &[
         "make -j2 of a generated C project in a lower layer",
     ),
     w(
+        "buildah-bud",
+        Mixed,
+        BeatFuseOverlayfs,
+        "rootless buildah bud (3000 files made, lower files changed, 2000-file COPY); kernel: native overlay",
+    ),
+    w(
         "mount-1",
         Mount,
         BeatFuseOverlayfs,
@@ -290,6 +296,9 @@ impl Ctx {
 
     /// One measured run of `w` on `fs_`; `None` where the workload does not apply.
     pub fn run(&self, fs_: &Fs, w: &Workload) -> Result<Option<f64>> {
+        if w.name == "buildah-bud" {
+            return crate::build::run(self, fs_).map(Some);
+        }
         let d = self.fresh_dirs(fs_)?;
         let mount_layers = match w.name {
             "mount-1" => Some(1),

@@ -1,6 +1,7 @@
 //! Harness for the integration tests: they mount for real (kernel overlayfs as the oracle, the
 //! FUSE overlay under test, Debian's fuse-overlayfs for interop) and compare what they see.
 //!
+//! - [`buildah`]: a rootless `buildah bud` (the build user, base image, context, Dockerfile).
 //! - [`env`]: where the binaries are, privilege checks (`SKIPPED` / CI failure), deadlines.
 //! - [`mount`]: a guard that mounts kernel overlayfs or a FUSE overlay and always unmounts.
 //! - [`layers`]: declarative lower/upper layer trees, materialized once per filesystem.
@@ -12,6 +13,7 @@
 //! - [`scenario`]: runs one tree + op list on kernel overlay and on the FUSE overlay and
 //!   compares everything.
 
+pub mod buildah;
 pub mod env;
 pub mod fsck;
 pub mod layers;

@@ -18,43 +18,12 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
+use rustfuse_tests::buildah::{self, Build};
 use rustfuse_tests::env::{
-    bin_under_test, fuse_overlayfs_bin, require_bin_under_test, run_command, scratch, skip,
+    bin_under_test, fuse_overlayfs_bin, require_bin_under_test, scratch, skip,
 };
-
-/// The build user; shared with rootless_snapshotter.rs.
-const USER: &str = "rustfuse-rl";
-
-fn which(prog: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(prog))
-        .find(|p| p.is_file())
-}
-
-fn sh(script: &str, args: &[&str], deadline: Duration) -> String {
-    let out = run_command(
-        Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .arg("sh")
-            .args(args),
-        deadline,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        out.status.success(),
-        "script failed (exit {}):\n{script}\nstdout:\n{}\nstderr:\n{}",
-        out.code(),
-        out.stdout,
-        out.stderr
-    );
-    out.stdout
-}
 
 fn can_run() -> bool {
     if !require_bin_under_test() {
@@ -63,151 +32,9 @@ fn can_run() -> bool {
     if fuse_overlayfs_bin().is_none() {
         return skip("fuse-overlayfs is not installed (apt-get install fuse-overlayfs)");
     }
-    for (prog, pkg) in [
-        ("buildah", "buildah"),
-        ("newuidmap", "uidmap"),
-        ("newgidmap", "uidmap"),
-        ("umoci", "umoci"),
-        ("busybox", "busybox-static"),
-        ("setpriv", "util-linux"),
-        ("useradd", "passwd"),
-    ] {
-        if which(prog).is_none() {
-            return skip(&format!("{prog} not found (Debian package {pkg})"));
-        }
-    }
-    let md = std::fs::metadata("/dev/fuse").unwrap();
-    if md.mode() & 0o006 != 0o006 {
-        eprintln!(
-            "note: /dev/fuse is {:o}; setting it to 0666 (Debian's default) for the rootless build",
-            md.mode() & 0o777
-        );
-        if let Err(e) =
-            std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(0o666))
-        {
-            return skip(&format!("/dev/fuse not usable by a non-root user: {e}"));
-        }
-    }
-    true
-}
-
-/// Creates the build user (no home: HOME is set per run) with subordinate id ranges that do not
-/// overlap any other entry. Idempotent.
-fn ensure_user() {
-    let script = r#"
-set -eu
-U="$1"
-id "$U" >/dev/null 2>&1 || useradd -M -d /nonexistent -s /bin/sh "$U" || id "$U" >/dev/null
-for f in /etc/subuid /etc/subgid; do
-  touch "$f"
-  if ! grep -q "^$U:" "$f"; then
-    start=$(awk -F: 'BEGIN{m=200000} {e=$2+$3; if (e>m) m=e} END{print m}' "$f")
-    echo "$U:$start:65536" >> "$f"
-  fi
-done
-id -u "$U"
-"#;
-    sh(script, &[USER], Duration::from_secs(30));
-}
-
-/// A two-layer busybox base image with lower files to modify, delete, replace and chmod, as an
-/// oci-archive tar (tag `latest`).
-fn build_base_image(d: &Path) -> PathBuf {
-    let script = r#"
-set -eu
-D="$1"
-img="$D/img"
-umoci init --layout "$img"
-umoci new --image "$img:latest"
-umoci unpack --image "$img:latest" "$D/bundle" >/dev/null
-R="$D/bundle/rootfs"
-mkdir -p "$R/bin" "$R/tmp" "$R/etc"
-cp "$(command -v busybox)" "$R/bin/busybox"
-for a in $(busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$R/bin/$a"; done
-umoci repack --image "$img:latest" "$D/bundle" >/dev/null
-rm -rf "$D/bundle"
-umoci unpack --image "$img:latest" "$D/bundle" >/dev/null
-R="$D/bundle/rootfs"
-mkdir -p "$R/lower/deldir/sub" "$R/replace/a/b" "$R/chm"
-i=1
-while [ $i -le 50 ]; do
-  echo "old$i" > "$R/replace/old$i"; echo x > "$R/replace/a/b/o$i"; i=$((i+1))
-done
-echo keep > "$R/lower/keep"; echo mod > "$R/lower/mod"; echo del > "$R/lower/del"
-echo ren > "$R/lower/ren"; echo d > "$R/lower/deldir/sub/f"; echo c > "$R/chm/file"
-ln -s keep "$R/lower/sym"
-umoci repack --image "$img:latest" "$D/bundle" >/dev/null
-rm -rf "$D/bundle"
-umoci config --image "$img:latest" --config.cmd /bin/sh
-tar -C "$img" -cf "$D/base.tar" .
-"#;
-    sh(script, &[d.to_str().unwrap()], Duration::from_secs(120));
-    d.join("base.tar")
-}
-
-const DOCKERFILE: &str = r#"FROM localhost/rf-base
-RUN mkdir -p /many && cd /many && for i in $(seq 1 3000); do echo "file $i" > f$i; done && mkdir -p /many/d/e && echo deep > /many/d/e/x
-RUN echo changed >> /lower/mod && rm /lower/del && rm -r /lower/deldir && mv /lower/ren /lower/renamed && ln -s ../many/f1 /lower/link && ln /lower/keep /lower/hard && rm /many/f1?? && echo again >> /many/f2
-RUN rm -rf /replace && mkdir /replace && echo new > /replace/new
-RUN chmod 0600 /lower/keep && chmod 0700 /chm && chmod 4755 /chm/file && chown 1000:1000 /lower/mod && chmod 0751 /many
-COPY files /ctx/
-RUN rm -rf /ctx/d3 && chmod 0640 /ctx/d4/c4 && ln /ctx/d5/c5 /ctx/d5/hard && echo h > /ctx/d5/h1 && ln /ctx/d5/h1 /ctx/d5/h2
-"#;
-
-/// The build context: the Dockerfile and 2000 files in 20 directories.
-fn build_context(d: &Path) -> PathBuf {
-    let ctx = d.join("ctx");
-    for i in 1..=2000 {
-        let dir = ctx.join(format!("files/d{}", i % 20));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(format!("c{i}")), format!("ctx {i}\n")).unwrap();
-    }
-    std::fs::write(ctx.join("Dockerfile"), DOCKERFILE).unwrap();
-    ctx
-}
-
-/// Run as the build user: storage.conf with the given mount program, import the base image,
-/// `buildah bud`, export the result as an OCI layout. Prints `BUILD_MS <n>`.
-const BUILD_SCRIPT: &str = r#"
-set -eu
-D="$1"; N="$2"; MP="$3"
-export HOME="$D/home-$N" XDG_RUNTIME_DIR="$D/xdg-$N"
-mkdir -p "$HOME/.config/containers" "$XDG_RUNTIME_DIR"
-chmod 700 "$XDG_RUNTIME_DIR"
-cat > "$HOME/.config/containers/storage.conf" <<EOF
-[storage]
-driver = "overlay"
-graphroot = "$D/graph-$N"
-runroot = "$D/run-$N"
-
-[storage.options.overlay]
-mount_program = "$MP"
-EOF
-id=$(buildah pull -q "oci-archive:$D/base.tar:latest")
-buildah tag "$id" localhost/rf-base
-s=$(date +%s%N)
-buildah bud --isolation chroot --network host --pull-never --layers \
-  -t localhost/rf-out -f "$D/ctx/Dockerfile" "$D/ctx"
-e=$(date +%s%N)
-echo "BUILD_MS $(( (e - s) / 1000000 ))"
-buildah push -q localhost/rf-out "oci:$D/out-$N:latest"
-buildah info | grep -A2 GraphOptions
-buildah rmi -a -f >/dev/null
-"#;
-
-fn chown_r(p: &Path, uid: u32) {
-    rustix::fs::chownat(
-        rustix::fs::CWD,
-        p,
-        Some(rustix::fs::Uid::from_raw(uid)),
-        Some(rustix::fs::Gid::from_raw(uid)),
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .unwrap();
-    if p.is_dir() && !p.is_symlink() {
-        for e in std::fs::read_dir(p).unwrap().flatten() {
-            chown_r(&e.path(), uid);
-        }
+    match buildah::unavailable() {
+        Some(reason) => skip(&reason),
+        None => true,
     }
 }
 
@@ -229,47 +56,9 @@ fn shim(d: &Path, name: &str, real: &Path) -> PathBuf {
 
 /// Builds with one mount program; returns (build milliseconds, unpacked rootfs).
 fn build_with(d: &Path, name: &str, mp: &Path) -> (u64, PathBuf) {
-    let out = run_command(
-        Command::new("setpriv")
-            .args([
-                &format!("--reuid={USER}"),
-                &format!("--regid={USER}"),
-                "--init-groups",
-                "env",
-                "-i",
-                "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-                "sh",
-                "-c",
-                BUILD_SCRIPT,
-                "sh",
-            ])
-            .arg(d)
-            .arg(name)
-            .arg(mp)
-            .current_dir(d),
-        Duration::from_secs(400),
-    )
-    .unwrap_or_else(|e| panic!("rootless build with {name}: {e}"));
-    assert!(
-        out.status.success(),
-        "rootless buildah build with mount_program {} failed (exit {}):\nstdout:\n{}\nstderr:\n{}",
-        mp.display(),
-        out.code(),
-        out.stdout,
-        out.stderr
-    );
-    let ms: u64 = out
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("BUILD_MS "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no BUILD_MS in:\n{}", out.stdout));
-    assert!(
-        out.stdout
-            .contains(&format!("overlay.mount_program={}", mp.display())),
-        "buildah does not use the configured mount_program:\n{}",
-        out.stdout
-    );
+    let Build { ms, .. } =
+        buildah::build_as_user(d, name, Some(mp), true, Duration::from_secs(400))
+            .unwrap_or_else(|e| panic!("{e}"));
     let calls = std::fs::read_to_string(d.join(format!("calls-{name}"))).unwrap_or_default();
     assert!(
         calls.lines().any(|l| l.contains("lowerdir=")),
@@ -280,14 +69,15 @@ fn build_with(d: &Path, name: &str, mp: &Path) -> (u64, PathBuf) {
         calls.lines().filter(|l| l.contains("lowerdir=")).count()
     );
     let unpacked = d.join(format!("unpacked-{name}"));
-    sh(
+    buildah::sh(
         r#"umoci unpack --image "$1:latest" "$2" >/dev/null"#,
         &[
             d.join(format!("out-{name}")).to_str().unwrap(),
             unpacked.to_str().unwrap(),
         ],
         Duration::from_secs(120),
-    );
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     (ms, unpacked.join("rootfs"))
 }
 
@@ -497,24 +287,18 @@ fn buildah_bud_with_rustfuse_matches_fuse_overlayfs() {
     if !can_run() {
         return;
     }
-    ensure_user();
-    let uid = sh("id -u \"$1\"", &[USER], Duration::from_secs(10))
-        .trim()
-        .parse::<u32>()
-        .unwrap();
+    let uid = buildah::ensure_user().unwrap_or_else(|e| panic!("{e}"));
     let s = scratch("rootless-build");
     let d = s.path();
     std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
     // Programs the user can reach: copies inside the scratch directory.
-    let rustfuse = d.join("rustfuse");
-    std::fs::copy(bin_under_test(), &rustfuse).unwrap();
-    std::fs::set_permissions(&rustfuse, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let rustfuse = buildah::program_copy(d, "rustfuse", &bin_under_test()).unwrap();
     let fo = fuse_overlayfs_bin().unwrap();
-    build_base_image(d);
-    build_context(d);
+    buildah::build_base_image(d).unwrap_or_else(|e| panic!("{e}"));
+    buildah::build_context(d).unwrap();
     let mp_fo = shim(d, "fuse-overlayfs", &fo);
     let mp_rf = shim(d, "rustfuse", &rustfuse);
-    chown_r(d, uid);
+    buildah::chown_r(d, uid).unwrap();
 
     let (ms_fo, root_fo) = build_with(d, "fuse-overlayfs", &mp_fo);
     let (ms_rf, root_rf) = build_with(d, "rustfuse", &mp_rf);

@@ -25,20 +25,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use rustfuse_tests::buildah::{USER, ensure_user, which};
 use rustfuse_tests::env::{
     Scratch, bin_under_test, require_bin_under_test, run_command, scratch, skip, workspace_root,
 };
-
-/// The test user; shared with rootless_build.rs.
-const USER: &str = "rustfuse-rl";
-
-fn which(prog: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(prog))
-        .find(|p| p.is_file())
-}
 
 fn snapshotter_bin() -> PathBuf {
     match std::env::var_os("RUSTFUSE_SNAPSHOTTER_BIN") {
@@ -51,23 +41,7 @@ fn snapshotter_bin() -> PathBuf {
 }
 
 fn sh(script: &str, args: &[&str], deadline: Duration) -> String {
-    let out = run_command(
-        Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .arg("sh")
-            .args(args),
-        deadline,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        out.status.success(),
-        "script failed (exit {}):\n{script}\nstdout:\n{}\nstderr:\n{}",
-        out.code(),
-        out.stdout,
-        out.stderr
-    );
-    out.stdout
+    rustfuse_tests::buildah::sh(script, args, deadline).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Programs every rootless run needs, with their Debian packages.
@@ -107,28 +81,6 @@ fn can_run(more: &[(&str, &str)]) -> bool {
         }
     }
     true
-}
-
-/// Creates the test user (no home: HOME is set per run) with subordinate id ranges that do not
-/// overlap any other entry. Idempotent.
-fn ensure_user() -> u32 {
-    let script = r#"
-set -eu
-U="$1"
-id "$U" >/dev/null 2>&1 || useradd -M -d /nonexistent -s /bin/sh "$U" || id "$U" >/dev/null
-for f in /etc/subuid /etc/subgid; do
-  touch "$f"
-  if ! grep -q "^$U:" "$f"; then
-    start=$(awk -F: 'BEGIN{m=200000} {e=$2+$3; if (e>m) m=e} END{print m}' "$f")
-    echo "$U:$start:65536" >> "$f"
-  fi
-done
-id -u "$U"
-"#;
-    sh(script, &[USER], Duration::from_secs(30))
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// Runs inside RootlessKit as the user: `$1` = scratch dir, `$2` = --mode.
@@ -238,7 +190,7 @@ fn check_doctor(doctor: &str) -> String {
 /// A scratch directory owned by the test user (created if need be), with `bins` copied to
 /// `bin/` under the given names. Returns the directory and the user's uid.
 fn user_scratch(name: &str, bins: &[(PathBuf, &str)]) -> (Scratch, u32) {
-    let uid = ensure_user();
+    let uid = ensure_user().unwrap_or_else(|e| panic!("{e}"));
     let s = scratch(name);
     let d = s.path();
     std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();

@@ -1,0 +1,293 @@
+//! A rootless `buildah bud`, as podman/buildah users run it: a non-root user with /etc/subuid
+//! and /etc/subgid ranges, containers/storage's overlay driver with a `mount_program` (or
+//! none: the kernel's overlayfs in the user's namespace), offline from a busybox base image
+//! made with umoci. Used by `tests/tests/rootless_build.rs` (the images must match) and by the
+//! comparison tool in `benches/` (the `buildah-bud` workload: build times).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::env::run_command;
+
+/// The build user (no home: HOME is set per build).
+pub const USER: &str = "rustfuse-rl";
+
+/// Programs a build needs, with their Debian packages.
+const TOOLS: &[(&str, &str)] = &[
+    ("buildah", "buildah"),
+    ("newuidmap", "uidmap"),
+    ("newgidmap", "uidmap"),
+    ("umoci", "umoci"),
+    ("busybox", "busybox-static"),
+    ("setpriv", "util-linux"),
+    ("useradd", "passwd"),
+];
+
+pub fn which(prog: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
+/// Why a rootless build cannot run here, if it cannot (a missing program, /dev/fuse not
+/// usable by other users and not fixable).
+pub fn unavailable() -> Option<String> {
+    for (prog, pkg) in TOOLS {
+        if which(prog).is_none() {
+            return Some(format!("{prog} not found (Debian package {pkg})"));
+        }
+    }
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata("/dev/fuse").ok()?;
+    if md.mode() & 0o006 != 0o006 {
+        eprintln!(
+            "note: /dev/fuse is {:o}; setting it to 0666 (Debian's default) for the rootless build",
+            md.mode() & 0o777
+        );
+        if let Err(e) =
+            std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(0o666))
+        {
+            return Some(format!("/dev/fuse not usable by a non-root user: {e}"));
+        }
+    }
+    None
+}
+
+/// Runs `sh -c script sh args...`; its stdout, or an error with both outputs.
+pub fn sh(script: &str, args: &[&str], deadline: Duration) -> Result<String, String> {
+    let out = run_command(
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .args(args),
+        deadline,
+    )?;
+    if !out.status.success() {
+        return Err(format!(
+            "script failed (exit {}):\n{script}\nstdout:\n{}\nstderr:\n{}",
+            out.code(),
+            out.stdout,
+            out.stderr
+        ));
+    }
+    Ok(out.stdout)
+}
+
+/// Creates the build user with subordinate id ranges that overlap no other entry
+/// (idempotent); its uid.
+pub fn ensure_user() -> Result<u32, String> {
+    let script = r#"
+set -eu
+U="$1"
+id "$U" >/dev/null 2>&1 || useradd -M -d /nonexistent -s /bin/sh "$U" || id "$U" >/dev/null
+for f in /etc/subuid /etc/subgid; do
+  touch "$f"
+  if ! grep -q "^$U:" "$f"; then
+    start=$(awk -F: 'BEGIN{m=200000} {e=$2+$3; if (e>m) m=e} END{print m}' "$f")
+    echo "$U:$start:65536" >> "$f"
+  fi
+done
+id -u "$U"
+"#;
+    let out = sh(script, &[USER], Duration::from_secs(30))?;
+    out.trim()
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or_else(|| format!("no uid for {USER} in {out:?}"))
+}
+
+/// A two-layer busybox base image with lower files to modify, delete, replace and chmod, as
+/// `d/base.tar` (an oci-archive, tag `latest`).
+pub fn build_base_image(d: &Path) -> Result<PathBuf, String> {
+    let script = r#"
+set -eu
+D="$1"
+img="$D/img"
+rm -rf "$img" "$D/bundle"
+umoci init --layout "$img"
+umoci new --image "$img:latest"
+umoci unpack --image "$img:latest" "$D/bundle" >/dev/null
+R="$D/bundle/rootfs"
+mkdir -p "$R/bin" "$R/tmp" "$R/etc"
+cp "$(command -v busybox)" "$R/bin/busybox"
+for a in $(busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$R/bin/$a"; done
+umoci repack --image "$img:latest" "$D/bundle" >/dev/null
+rm -rf "$D/bundle"
+umoci unpack --image "$img:latest" "$D/bundle" >/dev/null
+R="$D/bundle/rootfs"
+mkdir -p "$R/lower/deldir/sub" "$R/replace/a/b" "$R/chm"
+i=1
+while [ $i -le 50 ]; do
+  echo "old$i" > "$R/replace/old$i"; echo x > "$R/replace/a/b/o$i"; i=$((i+1))
+done
+echo keep > "$R/lower/keep"; echo mod > "$R/lower/mod"; echo del > "$R/lower/del"
+echo ren > "$R/lower/ren"; echo d > "$R/lower/deldir/sub/f"; echo c > "$R/chm/file"
+ln -s keep "$R/lower/sym"
+umoci repack --image "$img:latest" "$D/bundle" >/dev/null
+rm -rf "$D/bundle"
+umoci config --image "$img:latest" --config.cmd /bin/sh
+tar -C "$img" -cf "$D/base.tar" .
+"#;
+    sh(
+        script,
+        &[&d.display().to_string()],
+        Duration::from_secs(120),
+    )?;
+    Ok(d.join("base.tar"))
+}
+
+/// RUN steps that create thousands of files, modify, delete and rename lower files, chmod and
+/// chown, a `rm -rf DIR && mkdir DIR`, and a COPY of a 2000-file context.
+pub const DOCKERFILE: &str = r#"FROM localhost/rf-base
+RUN mkdir -p /many && cd /many && for i in $(seq 1 3000); do echo "file $i" > f$i; done && mkdir -p /many/d/e && echo deep > /many/d/e/x
+RUN echo changed >> /lower/mod && rm /lower/del && rm -r /lower/deldir && mv /lower/ren /lower/renamed && ln -s ../many/f1 /lower/link && ln /lower/keep /lower/hard && rm /many/f1?? && echo again >> /many/f2
+RUN rm -rf /replace && mkdir /replace && echo new > /replace/new
+RUN chmod 0600 /lower/keep && chmod 0700 /chm && chmod 4755 /chm/file && chown 1000:1000 /lower/mod && chmod 0751 /many
+COPY files /ctx/
+RUN rm -rf /ctx/d3 && chmod 0640 /ctx/d4/c4 && ln /ctx/d5/c5 /ctx/d5/hard && echo h > /ctx/d5/h1 && ln /ctx/d5/h1 /ctx/d5/h2
+"#;
+
+/// The build context `d/ctx`: the Dockerfile and 2000 files in 20 directories.
+pub fn build_context(d: &Path) -> std::io::Result<PathBuf> {
+    let ctx = d.join("ctx");
+    for i in 1..=2000 {
+        let dir = ctx.join(format!("files/d{}", i % 20));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(format!("c{i}")), format!("ctx {i}\n"))?;
+    }
+    std::fs::write(ctx.join("Dockerfile"), DOCKERFILE)?;
+    Ok(ctx)
+}
+
+/// Run as the build user: storage.conf with the given mount program (none: native overlay),
+/// import the base image, `buildah bud`, optionally export the result as an OCI layout
+/// `out-NAME`. Prints `BUILD_MS <n>` (the `buildah bud` alone).
+const BUILD_SCRIPT: &str = r#"
+set -eu
+D="$1"; N="$2"; MP="$3"; EXPORT="$4"
+export HOME="$D/home-$N" XDG_RUNTIME_DIR="$D/xdg-$N"
+mkdir -p "$HOME/.config/containers" "$XDG_RUNTIME_DIR"
+chmod 700 "$XDG_RUNTIME_DIR"
+cat > "$HOME/.config/containers/storage.conf" <<EOF
+[storage]
+driver = "overlay"
+graphroot = "$D/graph-$N"
+runroot = "$D/run-$N"
+
+[storage.options.overlay]
+EOF
+if [ -n "$MP" ]; then echo "mount_program = \"$MP\"" >> "$HOME/.config/containers/storage.conf"; fi
+id=$(buildah pull -q "oci-archive:$D/base.tar:latest")
+buildah tag "$id" localhost/rf-base
+s=$(date +%s%N)
+buildah bud --isolation chroot --network host --pull-never --layers \
+  -t localhost/rf-out -f "$D/ctx/Dockerfile" "$D/ctx"
+e=$(date +%s%N)
+echo "BUILD_MS $(( (e - s) / 1000000 ))"
+if [ "$EXPORT" = 1 ]; then buildah push -q localhost/rf-out "oci:$D/out-$N:latest"; fi
+buildah info | grep -A2 GraphOptions
+buildah rmi -a -f >/dev/null
+"#;
+
+/// What one build printed, and how long `buildah bud` took.
+pub struct Build {
+    pub ms: u64,
+    pub stdout: String,
+}
+
+/// One rootless build in `d` (which the build user owns: see [`chown_r`]) named `name`, with
+/// `mount_program` = `mp` (None: containers/storage's native overlay).
+pub fn build_as_user(
+    d: &Path,
+    name: &str,
+    mp: Option<&Path>,
+    export: bool,
+    deadline: Duration,
+) -> Result<Build, String> {
+    let out = run_command(
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={USER}"),
+                &format!("--regid={USER}"),
+                "--init-groups",
+                "env",
+                "-i",
+                "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                "sh",
+                "-c",
+                BUILD_SCRIPT,
+                "sh",
+            ])
+            .arg(d)
+            .arg(name)
+            .arg(mp.unwrap_or(Path::new("")))
+            .arg(if export { "1" } else { "0" })
+            .current_dir(d),
+        deadline,
+    )
+    .map_err(|e| format!("rootless build {name}: {e}"))?;
+    let what = match mp {
+        Some(p) => format!("mount_program {}", p.display()),
+        None => "the native overlay driver".to_string(),
+    };
+    if !out.status.success() {
+        return Err(format!(
+            "rootless buildah build with {what} failed (exit {}):\nstdout:\n{}\nstderr:\n{}",
+            out.code(),
+            out.stdout,
+            out.stderr
+        ));
+    }
+    let ms = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("BUILD_MS "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("no BUILD_MS in:\n{}", out.stdout))?;
+    if let Some(p) = mp {
+        if !out
+            .stdout
+            .contains(&format!("overlay.mount_program={}", p.display()))
+        {
+            return Err(format!(
+                "buildah does not use the configured mount_program:\n{}",
+                out.stdout
+            ));
+        }
+    }
+    Ok(Build {
+        ms,
+        stdout: out.stdout,
+    })
+}
+
+/// A copy of `real` at `d/NAME` that the build user can run.
+pub fn program_copy(d: &Path, name: &str, real: &Path) -> std::io::Result<PathBuf> {
+    let p = d.join(name);
+    std::fs::copy(real, &p)?;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+    Ok(p)
+}
+
+/// `chown -R uid:uid p` (not following symlinks).
+pub fn chown_r(p: &Path, uid: u32) -> std::io::Result<()> {
+    rustix::fs::chownat(
+        rustix::fs::CWD,
+        p,
+        Some(rustix::fs::Uid::from_raw(uid)),
+        Some(rustix::fs::Gid::from_raw(uid)),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )?;
+    if p.is_dir() && !p.is_symlink() {
+        for e in std::fs::read_dir(p)?.flatten() {
+            chown_r(&e.path(), uid)?;
+        }
+    }
+    Ok(())
+}
