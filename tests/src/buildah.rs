@@ -41,20 +41,7 @@ pub fn unavailable() -> Option<String> {
             return Some(format!("{prog} not found (Debian package {pkg})"));
         }
     }
-    use std::os::unix::fs::MetadataExt;
-    let md = std::fs::metadata("/dev/fuse").ok()?;
-    if md.mode() & 0o006 != 0o006 {
-        eprintln!(
-            "note: /dev/fuse is {:o}; setting it to 0666 (Debian's default) for the rootless build",
-            md.mode() & 0o777
-        );
-        if let Err(e) =
-            std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(0o666))
-        {
-            return Some(format!("/dev/fuse not usable by a non-root user: {e}"));
-        }
-    }
-    None
+    crate::env::dev_fuse_for_everyone("the rootless build").err()
 }
 
 /// Runs `sh -c script sh args...`; its stdout, or an error with both outputs.

@@ -93,6 +93,22 @@ pub fn require_privileged() -> bool {
     true
 }
 
+/// Lets non-root users open /dev/fuse (mode 0666, Debian's udev default), saying so when this
+/// changes it; `what` names the test in the note.
+pub fn dev_fuse_for_everyone(what: &str) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let md = std::fs::metadata("/dev/fuse").map_err(|e| format!("/dev/fuse: {e}"))?;
+    if md.mode() & 0o006 == 0o006 {
+        return Ok(());
+    }
+    eprintln!(
+        "note: /dev/fuse is {:o}; setting it to 0666 (Debian's default) for {what}",
+        md.mode() & 0o777
+    );
+    std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| format!("/dev/fuse not usable by a non-root user: {e}"))
+}
+
 /// [`require_privileged`] plus the binary under test must exist.
 pub fn require_bin_under_test() -> bool {
     if !require_privileged() {

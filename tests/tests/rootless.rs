@@ -6,7 +6,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use rustfuse_tests::env::{bin_under_test, require_bin_under_test, run_command, scratch, skip};
+use rustfuse_tests::env::{
+    bin_under_test, dev_fuse_for_everyone, require_bin_under_test, run_command, scratch, skip,
+};
 
 const NOBODY: u32 = 65534;
 
@@ -35,18 +37,9 @@ fn can_run() -> bool {
             return skip(&format!("{tool} missing (util-linux)"));
         }
     }
-    // An unprivileged user must be able to open /dev/fuse (Debian's udev makes it 0666).
-    let md = std::fs::metadata("/dev/fuse").unwrap();
-    if md.mode() & 0o006 != 0o006 {
-        eprintln!(
-            "note: /dev/fuse is {:o}; setting it to 0666 (Debian's default) for the rootless test",
-            md.mode() & 0o777
-        );
-        if let Err(e) =
-            std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(0o666))
-        {
-            return skip(&format!("/dev/fuse not usable by uid {NOBODY}: {e}"));
-        }
+    // An unprivileged user must be able to open /dev/fuse.
+    if let Err(e) = dev_fuse_for_everyone("the rootless test") {
+        return skip(&e);
     }
     let probe = run_command(
         Command::new("setpriv").args([

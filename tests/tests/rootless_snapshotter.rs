@@ -27,7 +27,8 @@ use std::time::Duration;
 
 use rustfuse_tests::buildah::{USER, ensure_user, which};
 use rustfuse_tests::env::{
-    Scratch, bin_under_test, require_bin_under_test, run_command, scratch, skip, workspace_root,
+    Scratch, bin_under_test, dev_fuse_for_everyone, require_bin_under_test, run_command, scratch,
+    skip, workspace_root,
 };
 
 fn snapshotter_bin() -> PathBuf {
@@ -68,17 +69,8 @@ fn can_run(more: &[(&str, &str)]) -> bool {
             return skip(&format!("{prog} not found (Debian package {pkg})"));
         }
     }
-    let md = std::fs::metadata("/dev/fuse").unwrap();
-    if md.mode() & 0o006 != 0o006 {
-        eprintln!(
-            "note: /dev/fuse is {:o}; setting it to 0666 (Debian's default) for the rootless snapshotter",
-            md.mode() & 0o777
-        );
-        if let Err(e) =
-            std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(0o666))
-        {
-            return skip(&format!("/dev/fuse not usable by a non-root user: {e}"));
-        }
+    if let Err(e) = dev_fuse_for_everyone("the rootless snapshotter") {
+        return skip(&e);
     }
     true
 }
