@@ -185,15 +185,51 @@ pub(crate) struct Found {
 }
 
 enum Handle {
-    File {
-        fd: OwnedFd,
-    },
+    File(FileHandle),
     /// The merged listing is taken at the first readdir, not at opendir: with the kernel's
     /// directory cache most opens never read.
     Dir {
         ino: u64,
         entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
     },
+}
+
+/// An open file.
+pub(crate) struct FileHandle {
+    fd: OwnedFd,
+    /// Opened for reading while the file was only in a lower layer: once it is copied up
+    /// (another open writes it), reads go to the copy, as with kernel overlayfs, and never
+    /// past the end of the old file while the kernel already shows the new size.
+    below: Option<Below>,
+}
+
+struct Below {
+    node: Arc<Node>,
+    flags: OFlags,
+    up: std::sync::OnceLock<OwnedFd>,
+}
+
+impl FileHandle {
+    pub(crate) fn new(fd: OwnedFd) -> FileHandle {
+        FileHandle { fd, below: None }
+    }
+
+    /// The descriptor I/O goes to.
+    fn fd(&self) -> BorrowedFd<'_> {
+        if let Some(b) = &self.below {
+            if b.up.get().is_none() {
+                if let Some(loc) = b.node.update(|s| s.upper.clone()) {
+                    if let Ok(fd) = loc.open(b.flags) {
+                        let _ = b.up.set(fd);
+                    }
+                }
+            }
+            if let Some(up) = b.up.get() {
+                return up.as_fd();
+            }
+        }
+        self.fd.as_fd()
+    }
 }
 
 const HANDLE_SHARDS: usize = 32;
@@ -748,9 +784,9 @@ impl Overlay {
         let node = self.node(ino)?;
         if let Some(fh) = fh {
             if let Some(h) = self.handle(fh) {
-                if let Handle::File { fd } = &*h {
+                if let Handle::File(f) = &*h {
                     let st = node.state();
-                    let stat = sys::fstat(fd.as_fd())?;
+                    let stat = sys::fstat(f.fd())?;
                     return Ok(self.attr_of(&node, &st, &stat));
                 }
             }
@@ -804,7 +840,7 @@ impl Overlay {
 
     fn file_fd(&self, fh: u64) -> Result<Arc<Handle>> {
         match self.handle(fh) {
-            Some(h) if matches!(&*h, Handle::File { .. }) => Ok(h),
+            Some(h) if matches!(&*h, Handle::File(_)) => Ok(h),
             _ => Err(Errno::BADF),
         }
     }
@@ -833,6 +869,7 @@ impl Overlay {
         // replacing with a whiteout (a 0/0 device: ENXIO) before it pins the node to an O_PATH
         // fd: open what the node is once the unlink has pinned it. If it never settles, the
         // name is gone: answer as an open after the unlink would (ENOENT), never ENXIO.
+        let below = !(writes || trunc) && st.upper.is_none() && st.kind == Kind::File;
         let mut res = open_once(&st);
         if !matches!(st.kind, Kind::Char | Kind::Block) {
             let mut tries = 0;
@@ -847,7 +884,12 @@ impl Overlay {
             }
         }
         let fd = res?;
-        Ok(self.add_handle(Handle::File { fd }))
+        let below = below.then(|| Below {
+            node: node.clone(),
+            flags: open_flags(flags),
+            up: std::sync::OnceLock::new(),
+        });
+        Ok(self.add_handle(Handle::File(FileHandle { fd, below })))
     }
 
     pub fn release(&self, fh: u64) {
@@ -856,9 +898,8 @@ impl Overlay {
 
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.file_fd(fh)?;
-        let Handle::File { fd } = &*h else {
-            unreachable!()
-        };
+        let Handle::File(f) = &*h else { unreachable!() };
+        let fd = f.fd();
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
@@ -874,9 +915,8 @@ impl Overlay {
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
         let h = self.file_fd(fh)?;
-        let Handle::File { fd } = &*h else {
-            unreachable!()
-        };
+        let Handle::File(f) = &*h else { unreachable!() };
+        let fd = f.fd();
         // A write that stops part way (ENOSPC, EFBIG, EDQUOT) reports what it wrote, as
         // write(2) does; its error is the answer to the next write.
         let mut done = 0;
@@ -897,9 +937,8 @@ impl Overlay {
             return Err(Errno::NOSYS);
         }
         let h = self.file_fd(fh)?;
-        let Handle::File { fd } = &*h else {
-            unreachable!()
-        };
+        let Handle::File(f) = &*h else { unreachable!() };
+        let fd = f.fd();
         sys::fsync(fd.as_fd(), datasync)
     }
 
@@ -917,17 +956,15 @@ impl Overlay {
 
     pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Result<()> {
         let h = self.file_fd(fh)?;
-        let Handle::File { fd } = &*h else {
-            unreachable!()
-        };
+        let Handle::File(f) = &*h else { unreachable!() };
+        let fd = f.fd();
         sys::fallocate(fd.as_fd(), mode, off, len)
     }
 
     pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
         let h = self.file_fd(fh)?;
-        let Handle::File { fd } = &*h else {
-            unreachable!()
-        };
+        let Handle::File(f) = &*h else { unreachable!() };
+        let fd = f.fd();
         sys::lseek(fd.as_fd(), off, whence).map(|o| o as i64)
     }
 
@@ -941,9 +978,10 @@ impl Overlay {
     ) -> Result<u32> {
         let hi = self.file_fd(fh_in)?;
         let ho = self.file_fd(fh_out)?;
-        let (Handle::File { fd: fi }, Handle::File { fd: fo }) = (&*hi, &*ho) else {
+        let (Handle::File(fi), Handle::File(fo)) = (&*hi, &*ho) else {
             unreachable!()
         };
+        let (fi, fo) = (fi.fd(), fo.fd());
         let len = len.min(u32::MAX as u64 & !0xfff) as usize;
         sys::copy_file_range(fi.as_fd(), &mut off_in, fo.as_fd(), &mut off_out, len)
             .map(|n| n as u32)

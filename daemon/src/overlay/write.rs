@@ -9,8 +9,8 @@ use super::copyup::UpperDir;
 use super::loc::{DirHandle, Loc};
 use super::node::{Node, NodeState};
 use super::{
-    Attr, Caller, Errno, Found, Handle, Kind, OPAQUE_FILE, Overlay, Result, SetAttr, SetTime,
-    WH_PREFIX, format_override, is_internal_xattr, is_whiteout,
+    Attr, Caller, Errno, FileHandle, Found, Handle, Kind, OPAQUE_FILE, Overlay, Result, SetAttr,
+    SetTime, WH_PREFIX, format_override, is_internal_xattr, is_whiteout,
 };
 use crate::sys::{self, OFlags, RenameFlags, Timespec};
 
@@ -360,9 +360,7 @@ impl Overlay {
             Ok(())
         })?;
         let attr = self.intern_new(parent, &pu, name)?;
-        let fh = self.add_handle(Handle::File {
-            fd: out.expect("built"),
-        });
+        let fh = self.add_handle(Handle::File(FileHandle::new(out.expect("built"))));
         Ok((attr, fh))
     }
 
@@ -857,7 +855,7 @@ impl Overlay {
                 return Err(Errno::ISDIR);
             }
             let by_handle = fh.and_then(|fh| self.handle(fh)).and_then(|h| match &*h {
-                Handle::File { fd } => Some(sys::ftruncate(fd.as_fd(), size)),
+                Handle::File(f) => Some(sys::ftruncate(f.fd(), size)),
                 Handle::Dir { .. } => None,
             });
             match by_handle {
