@@ -38,13 +38,22 @@ const FILES: usize = 5;
 /// symlink: ELOOP for O_NOFOLLOW; a directory: EISDIR, ENOTDIR, ENOTEMPTY), link of a
 /// directory (EPERM), and EEXIST only for what makes a name.
 fn expected(op: &str, errno: &str) -> bool {
-    match errno {
-        "ENOENT" | "EISDIR" | "ENOTDIR" | "ENOTEMPTY" | "ELOOP" => true,
-        "EPERM" => op == "link",
-        "EEXIST" => matches!(op, "mkdir" | "symlink" | "link"),
-        _ => false,
+    match op {
+        // A file once open stays usable, whatever happens to its name (a directory opened
+        // for reading answers read with EISDIR).
+        "read+fstat after open" | "fstat+read held" => errno == "EISDIR",
+        "write+fstat after open" => false,
+        _ => match errno {
+            "ENOENT" | "EISDIR" | "ENOTDIR" | "ENOTEMPTY" | "ELOOP" => true,
+            "EPERM" => op == "link",
+            "EEXIST" => matches!(op, "mkdir" | "symlink" | "link"),
+            _ => false,
+        },
     }
 }
+
+/// Operations that must succeed sometimes, or the race did not happen.
+const MUST_SUCCEED: &[&str] = &["rename", "exchange", "unlink", "create", "open", "lstat"];
 
 fn names() -> Vec<String> {
     DIRS.iter()
@@ -147,15 +156,19 @@ fn inspect(
     };
     let (op, r): (&'static str, std::io::Result<()>) = match rng.below(100) {
         0..=24 => ("lstat", fs::symlink_metadata(&a).map(drop)),
-        25..=49 => (
-            "open+read+fstat",
-            open(false).and_then(|mut f| {
+        25..=49 => match open(false) {
+            Ok(mut f) => {
+                count(counts, "open", Ok(()));
                 let mut buf = [0u8; 100];
-                let _ = f.read(&mut buf)?;
-                f.metadata()?;
-                f.read(&mut buf).map(drop)
-            }),
-        ),
+                let r = f
+                    .read(&mut buf)
+                    .and_then(|_| f.metadata())
+                    .and_then(|_| f.read(&mut buf))
+                    .map(drop);
+                ("read+fstat after open", r)
+            }
+            Err(e) => ("open", Err(e)),
+        },
         50..=64 => ("open and keep", open(false).map(|f| held.push(f))),
         65..=74 => (
             "readdir",
@@ -167,13 +180,15 @@ fn inspect(
                 .map(drop)
                 .map_err(std::io::Error::from),
         ),
-        _ => (
-            "append+fstat",
-            open(true).and_then(|mut f| {
-                std::io::Write::write_all(&mut f, b"+")?;
-                f.metadata().map(drop)
-            }),
-        ),
+        _ => match open(true) {
+            Ok(mut f) => {
+                count(counts, "open for append", Ok(()));
+                let r =
+                    std::io::Write::write_all(&mut f, b"+").and_then(|_| f.metadata().map(drop));
+                ("write+fstat after open", r)
+            }
+            Err(e) => ("open for append", Err(e)),
+        },
     };
     count(counts, op, r);
     if held.len() > 4 {
@@ -226,11 +241,17 @@ fn run(format: &str, env: &[(&str, &str)]) -> Vec<String> {
     for (op, answers) in &per_op {
         println!("  {op:18} {}", answers.join(", "));
     }
-    counts
+    let mut problems: Vec<String> = counts
         .iter()
         .filter(|((op, answer), _)| answer != "ok" && !expected(op, answer))
         .map(|((op, answer), n)| format!("{format} whiteouts: {op} answered {answer} {n} times"))
-        .collect()
+        .collect();
+    for op in MUST_SUCCEED {
+        if !counts.contains_key(&(*op, "ok".to_string())) {
+            problems.push(format!("{format} whiteouts: no {op} succeeded"));
+        }
+    }
+    problems
 }
 
 #[test]

@@ -155,6 +155,16 @@ pub enum Loc {
 }
 
 impl Loc {
+    /// The same location (not: the same file), to tell a state that moved on since it was read.
+    pub fn same_place(&self, other: &Loc) -> bool {
+        match (self, other) {
+            (Loc::Fd(a), Loc::Fd(b)) => Arc::ptr_eq(a, b),
+            (Loc::Dir(a), Loc::Dir(b)) => Arc::ptr_eq(a, b),
+            (Loc::At(a, n), Loc::At(b, m)) => Arc::ptr_eq(a, b) && n == m,
+            _ => false,
+        }
+    }
+
     /// The handle of a directory's location.
     pub fn dir_handle(&self) -> Option<&Arc<DirHandle>> {
         match self {

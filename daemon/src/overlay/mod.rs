@@ -219,8 +219,14 @@ impl FileHandle {
         if let Some(b) = &self.below {
             if b.up.get().is_none() {
                 if let Some(loc) = b.node.update(|s| s.upper.clone()) {
+                    // Only the copy itself: a rename between reading the location and
+                    // opening it would leave another file there.
                     if let Ok(fd) = loc.open(b.flags) {
-                        let _ = b.up.set(fd);
+                        let backing = b.node.update(|s| s.backing);
+                        if sys::fstat(fd.as_fd()).is_ok_and(|st| (st.st_dev, st.st_ino) == backing)
+                        {
+                            let _ = b.up.set(fd);
+                        }
                     }
                 }
             }
@@ -750,11 +756,17 @@ impl Overlay {
         // A name read from the state may hold something else for a moment (a racing rename
         // or unlink pins the node first, but a state read before that still names the old
         // entry). Never answer a different file type: the kernel would mark the inode bad.
+        // Likewise an ENOENT from a name the node has just left is not the answer.
         for _ in 0..100 {
             let st = node.state();
-            let stat = st.top().stat()?;
-            if Kind::from_mode(stat.st_mode) == st.kind {
-                return Ok(self.attr_of(node, &st, &stat));
+            let top = st.top();
+            match top.stat() {
+                Ok(stat) if Kind::from_mode(stat.st_mode) == st.kind => {
+                    return Ok(self.attr_of(node, &st, &stat));
+                }
+                Ok(_) => {}
+                Err(Errno::NOENT) if !node.update(|s| s.top().same_place(top)) => {}
+                Err(e) => return Err(e),
             }
             std::thread::yield_now();
         }

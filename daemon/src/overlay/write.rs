@@ -62,22 +62,25 @@ fn check_new_name(name: &OsStr) -> Result<()> {
 /// Unless [`Pin::done`] says the name went, dropping the pin gives the node its named location
 /// back: a failed unlink or rename (ENOSPC, EMFILE) must not leave a descriptor open for as
 /// long as the kernel keeps the inode.
-fn pin(node: &Arc<Node>) -> Pin {
-    let prev = node.update(|s| {
+/// Fails (EMFILE, ...) before anything changed when the handle cannot be opened: without it
+/// the node would keep a name that is about to mean another file.
+fn pin(node: &Arc<Node>) -> Result<Pin> {
+    let prev = node.update(|s| -> Result<Option<Loc>> {
         if s.kind == Kind::Dir {
-            return None;
+            return Ok(None);
         }
-        let u = s.upper.as_ref()?;
-        if !matches!(u, Loc::At(..)) {
-            return None;
+        match &s.upper {
+            Some(u @ Loc::At(..)) => {
+                let p = u.pin()?;
+                Ok(s.upper.replace(p))
+            }
+            _ => Ok(None),
         }
-        let p = u.pin().ok()?;
-        s.upper.replace(p)
-    });
-    Pin {
+    })?;
+    Ok(Pin {
         node: node.clone(),
         prev,
-    }
+    })
 }
 
 struct Pin {
@@ -97,13 +100,15 @@ impl Drop for Pin {
         let Some(prev) = self.prev.take() else { return };
         self.node.update(|s| {
             let Some(Loc::Fd(fd)) = &s.upper else { return };
-            // A step that failed after the name changed (the rename went through, the
-            // whiteout after it did not) leaves the pin: only the fd still reaches the file.
-            let same = match (prev.stat(), sys::fstat(fd.as_fd())) {
-                (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
+            // Kept only when the old name is known to hold something else now (or nothing):
+            // then only the fd still reaches the file. A step that cannot tell (EMFILE)
+            // leaves the name, which is what a removal failing before the change leaves.
+            let moved = match (prev.stat(), sys::fstat(fd.as_fd())) {
+                (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino),
+                (Err(Errno::NOENT), _) => true,
                 _ => false,
             };
-            if same {
+            if !moved {
                 s.upper = Some(prev);
             }
         });
@@ -480,7 +485,7 @@ impl Overlay {
         // goes: one that waits sees it unlinked and copies it up to an anonymous file.
         let _no_copy_up = node.copyup.lock();
         let has_upper = node.state().upper.is_some();
-        let pinned = pin(&node);
+        let pinned = pin(&node)?;
         let ps = p.state();
         if has_upper {
             if self.lower_positive(&ps, name)? {
@@ -622,7 +627,6 @@ impl Overlay {
             return Err(Errno::XDEV);
         }
         let mut dst_node = None;
-        let mut dst_pin = None;
         let mut dst_kind = None;
         if let Some(d) = dst {
             dst_kind = Some(d.kind);
@@ -638,9 +642,6 @@ impl Overlay {
                 }
             }
             let n = self.node_of(d, newparent, newname);
-            if !exchange {
-                dst_pin = Some(pin(&n));
-            }
             if !exchange && n.kind() == Kind::Dir && !self.merged_is_empty(&n.state())? {
                 return Err(Errno::NOTEMPTY);
             }
@@ -658,17 +659,28 @@ impl Overlay {
         // While the names change, a getattr, open or setattr of a moving file must reach
         // the file, not what its old name holds for a moment (a whiteout, or the other file
         // of an exchange): the kernel marks an inode whose type changes bad (EIO from then on).
-        let src_pin = pin(&src_node);
-        let xchg_pin = dst_node.as_ref().filter(|_| exchange).map(pin);
-        // A file renamed over is unlinked as a lower one is: no copy-up of it meanwhile.
+        let src_pin = pin(&src_node)?;
+        let xchg_pin = dst_node
+            .as_ref()
+            .filter(|_| exchange)
+            .map(pin)
+            .transpose()?;
+        // A file renamed over is unlinked as a lower one is: no copy-up of it meanwhile, and
+        // its pin taken under that lock holds whatever copy an earlier copy-up made.
         let _no_dst_copy_up = dst_node
             .as_ref()
             .filter(|d| !exchange && d.kind() != Kind::Dir && !Arc::ptr_eq(d, &src_node))
             .map(|d| d.copyup.lock());
+        let dst_pin = match &dst_node {
+            Some(d) if !exchange => Some(pin(d)?),
+            _ => None,
+        };
         let ps = p.state();
         let nps = np.state();
         let src_lower = self.lower_positive(&ps, name)?;
         let dst_lower = self.lower_positive(&nps, newname)?;
+        // From the moment the names change, the nodes follow them, whatever fails after
+        // (`after`: a step that failed once the entries had moved, reported at the end).
         if exchange {
             sys::rename_at(
                 pu.as_fd(),
@@ -677,12 +689,6 @@ impl Overlay {
                 newname,
                 RenameFlags::EXCHANGE,
             )?;
-            if src_kind == Kind::Dir && dst_lower {
-                self.set_opaque(npu.as_fd(), newname)?;
-            }
-            if dst_kind == Some(Kind::Dir) && src_lower {
-                self.set_opaque(pu.as_fd(), name)?;
-            }
             relocate(&src_node, newparent, &npu, newname);
             src_pin.done();
             if let Some(d) = &dst_node {
@@ -691,16 +697,20 @@ impl Overlay {
             if let Some(p) = xchg_pin {
                 p.done();
             }
+            if src_kind == Kind::Dir && dst_lower {
+                self.set_opaque(npu.as_fd(), newname)?;
+            }
+            if dst_kind == Some(Kind::Dir) && src_lower {
+                self.set_opaque(pu.as_fd(), name)?;
+            }
             return Ok(());
         }
-        let mut whiteout_done = false;
-        match upper_at(npu.as_fd(), newname)? {
+        let after = match upper_at(npu.as_fd(), newname)? {
             UpperAt::Entry(Kind::Dir) => {
                 // An empty merged directory may still hold whiteouts: clear them first.
                 let d = sys::open_path_at(npu.as_fd(), newname)?;
                 remove_tree_contents(d.as_fd())?;
-                self.rename_leaving(pu.as_fd(), name, npu.as_fd(), newname, src_lower)?;
-                whiteout_done = true;
+                self.rename_leaving(pu.as_fd(), name, npu.as_fd(), newname, src_lower)?
             }
             UpperAt::DevWhiteout if src_kind == Kind::Dir => {
                 // rename(2) won't put a directory over a device: exchange, then the whiteout
@@ -712,26 +722,24 @@ impl Overlay {
                     newname,
                     RenameFlags::EXCHANGE,
                 )?;
-                if !src_lower {
-                    sys::unlink_at(pu.as_fd(), name)?;
+                if src_lower {
+                    Ok(())
+                } else {
+                    sys::unlink_at(pu.as_fd(), name)
                 }
-                whiteout_done = true;
             }
             UpperAt::FileWhiteout => {
-                self.rename_leaving(pu.as_fd(), name, npu.as_fd(), newname, src_lower)?;
+                let after =
+                    self.rename_leaving(pu.as_fd(), name, npu.as_fd(), newname, src_lower)?;
                 let _ = sys::unlink_at(npu.as_fd(), &wh_name_os(newname));
-                whiteout_done = true;
+                after
             }
-            UpperAt::Nothing | UpperAt::Entry(_) | UpperAt::DevWhiteout => {}
-        }
-        if !whiteout_done {
-            self.rename_leaving(pu.as_fd(), name, npu.as_fd(), newname, src_lower)?;
-        }
+            UpperAt::Nothing | UpperAt::Entry(_) | UpperAt::DevWhiteout => {
+                self.rename_leaving(pu.as_fd(), name, npu.as_fd(), newname, src_lower)?
+            }
+        };
         if let Some(p) = dst_pin {
             p.done();
-        }
-        if src_kind == Kind::Dir && dst_lower {
-            self.set_opaque(npu.as_fd(), newname)?;
         }
         relocate(&src_node, newparent, &npu, newname);
         src_pin.done();
@@ -745,10 +753,15 @@ impl Overlay {
                 d.update(|s| s.unlinked = true);
             }
         }
+        after?;
+        if src_kind == Kind::Dir && dst_lower {
+            self.set_opaque(npu.as_fd(), newname)?;
+        }
         Ok(())
     }
 
-    /// rename(2) in the upper layer, leaving a whiteout at the old name when `whiteout`.
+    /// rename(2) in the upper layer, leaving a whiteout at the old name when `whiteout`. The
+    /// outer error: nothing moved. The inner one: the entry moved, a later step failed.
     fn rename_leaving(
         &self,
         old_dir: BorrowedFd<'_>,
@@ -756,22 +769,35 @@ impl Overlay {
         new_dir: BorrowedFd<'_>,
         new: &OsStr,
         whiteout: bool,
-    ) -> Result<()> {
+    ) -> Result<Result<()>> {
         if !whiteout {
-            return sys::rename_at(old_dir, old, new_dir, new, RenameFlags::empty());
+            return sys::rename_at(old_dir, old, new_dir, new, RenameFlags::empty()).map(Ok);
         }
         if self.dev_whiteouts {
             match sys::rename_at(old_dir, old, new_dir, new, RenameFlags::WHITEOUT) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(Ok(())),
                 Err(Errno::INVAL) | Err(Errno::PERM) | Err(Errno::NOSYS) => {}
                 Err(e) => return Err(e),
             }
-            sys::rename_at(old_dir, old, new_dir, new, RenameFlags::empty())?;
-            return self.make_whiteout(old_dir, old);
+            // Without RENAME_WHITEOUT: the whiteout is made first (in the workdir), so that
+            // failing to make it changes nothing, and put at the old name once that is free.
+            let work = self.work_fd()?;
+            let tmp = self.tmp_name();
+            self.make_whiteout(work.as_fd(), &tmp)?;
+            if let Err(e) = sys::rename_at(old_dir, old, new_dir, new, RenameFlags::empty()) {
+                let _ = sys::unlink_at(work.as_fd(), &tmp);
+                return Err(e);
+            }
+            let placed = sys::rename_at(work.as_fd(), &tmp, old_dir, old, RenameFlags::NOREPLACE);
+            if placed.is_err() {
+                let _ = sys::unlink_at(work.as_fd(), &tmp);
+            }
+            return Ok(placed);
         }
         self.behind_wh_file(old_dir, old, || {
             sys::rename_at(old_dir, old, new_dir, new, RenameFlags::empty())
         })
+        .map(Ok)
     }
 
     /// Make the `.wh.NAME` whiteout file for `name` in `dir` (the daemon writes no 0/0
