@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::env::run_command;
+use crate::env::{run_command, which};
 
 /// The build user (no home: HOME is set per build).
 pub const USER: &str = "rustfuse-rl";
@@ -24,14 +24,6 @@ const TOOLS: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("useradd", "passwd"),
 ];
-
-pub fn which(prog: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(prog))
-        .find(|p| p.is_file())
-}
 
 /// Why a rootless build cannot run here, if it cannot (a missing program, /dev/fuse not
 /// usable by other users and not fixable).
@@ -56,10 +48,8 @@ pub fn sh(script: &str, args: &[&str], deadline: Duration) -> Result<String, Str
     )?;
     if !out.status.success() {
         return Err(format!(
-            "script failed (exit {}):\n{script}\nstdout:\n{}\nstderr:\n{}",
-            out.code(),
-            out.stdout,
-            out.stderr
+            "script failed {}\n(script:\n{script})",
+            out.report()
         ));
     }
     Ok(out.stdout)
@@ -225,10 +215,8 @@ pub fn build_as_user(
     };
     if !out.status.success() {
         return Err(format!(
-            "rootless buildah build with {what} failed (exit {}):\nstdout:\n{}\nstderr:\n{}",
-            out.code(),
-            out.stdout,
-            out.stderr
+            "rootless buildah build with {what} failed {}",
+            out.report()
         ));
     }
     let ms = out

@@ -35,6 +35,15 @@ pub fn fault_injection_bin() -> PathBuf {
     }
 }
 
+/// Where `prog` is: PATH, then the sbin/bin directories.
+pub fn which(prog: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
 /// Debian's fuse-overlayfs (`$FUSE_OVERLAYFS_BIN`, else `/usr/bin/fuse-overlayfs`), if present.
 pub fn fuse_overlayfs_bin() -> Option<PathBuf> {
     let p = match std::env::var_os("FUSE_OVERLAYFS_BIN") {
@@ -111,28 +120,28 @@ pub fn dev_fuse_for_everyone(what: &str) -> Result<(), String> {
 
 /// [`require_privileged`] plus the binary under test must exist.
 pub fn require_bin_under_test() -> bool {
-    if !require_privileged() {
-        return false;
-    }
-    let bin = bin_under_test();
-    if !bin.exists() {
-        return skip(&format!(
-            "binary under test {} does not exist (build it with `cargo build -p rustfuse` or set RUSTFUSE_BIN)",
-            bin.display()
-        ));
-    }
-    true
+    require_built(
+        &bin_under_test(),
+        "build it with `cargo build -p rustfuse` or set RUSTFUSE_BIN",
+    )
 }
 
 /// [`require_privileged`] plus the fault-injection build of the daemon must exist.
 pub fn require_fault_injection_bin() -> bool {
+    require_built(
+        &fault_injection_bin(),
+        "build it with `cargo build -p rustfuse --features fault-injection --target-dir target/fault-injection` or set RUSTFUSE_FAULT_BIN",
+    )
+}
+
+/// [`require_privileged`] plus `bin` must exist (`how`: how to make it).
+fn require_built(bin: &Path, how: &str) -> bool {
     if !require_privileged() {
         return false;
     }
-    let bin = fault_injection_bin();
     if !bin.exists() {
         return skip(&format!(
-            "{} does not exist (build it with `cargo build -p rustfuse --features fault-injection --target-dir target/fault-injection` or set RUSTFUSE_FAULT_BIN)",
+            "binary under test {} does not exist ({how})",
             bin.display()
         ));
     }
@@ -204,6 +213,16 @@ pub struct CmdOutput {
 }
 
 impl CmdOutput {
+    /// `(exit N):` and both outputs, for the message of a command that failed.
+    pub fn report(&self) -> String {
+        format!(
+            "(exit {}):\nstdout:\n{}\nstderr:\n{}",
+            self.code(),
+            self.stdout,
+            self.stderr
+        )
+    }
+
     /// Exit code, or -signal when killed.
     pub fn code(&self) -> i32 {
         use std::os::unix::process::ExitStatusExt;

@@ -115,13 +115,7 @@ umount "$D/mnt"
         Duration::from_secs(60),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        out.status.success(),
-        "rootless run failed (exit {}):\nstdout:\n{}\nstderr:\n{}",
-        out.code(),
-        out.stdout,
-        out.stderr
-    );
+    assert!(out.status.success(), "rootless run failed {}", out.report());
     assert_eq!(
         out.stdout.trim(),
         "0:0",

@@ -25,10 +25,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use rustfuse_tests::buildah::{USER, ensure_user, which};
+use rustfuse_tests::buildah::{USER, ensure_user};
 use rustfuse_tests::env::{
     Scratch, bin_under_test, dev_fuse_for_everyone, require_bin_under_test, run_command, scratch,
-    skip, workspace_root,
+    skip, which, workspace_root,
 };
 
 fn snapshotter_bin() -> PathBuf {
