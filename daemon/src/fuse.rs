@@ -1,17 +1,19 @@
 //! The FUSE adapter: decodes a fuser request, calls the overlay, maps the answer.
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno as FErrno, FileAttr, FileHandle, FileType,
-    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    AccessFlags, BackingId, BsdFileFlags, CopyFileRangeFlags, Errno as FErrno, FileAttr,
+    FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{debug_span, trace};
 
@@ -75,8 +77,160 @@ const NEGATIVE: Attr = Attr {
     blksize: 0,
 };
 
+/// One inode's open files, for FUSE passthrough: the kernel fails (EIO) an open that mixes
+/// passthrough and cached files on one inode, or names a second backing file for it.
+#[derive(Default)]
+struct IoMode {
+    cached: u32,
+    passthrough: u32,
+    /// Registered with the kernel while `passthrough > 0`; closed when the last one goes.
+    backing: Option<BackingId>,
+}
+
+const IO_SHARDS: usize = 32;
+
+/// FUSE passthrough (Linux 6.9+, a privileged daemon): the kernel reads and writes an open
+/// upper file itself, with no request to the daemon. Only upper files: a read handle of a
+/// lower file moves to the copy after a copy-up (kernel overlayfs semantics), which a backing
+/// file cannot. An inode still open through such a cached handle keeps its new opens cached
+/// until that handle is released.
+struct Passthrough {
+    /// Negotiated at INIT.
+    negotiated: AtomicBool,
+    /// New backing files may be registered (off once the kernel refused one for good).
+    usable: AtomicBool,
+    inodes: Vec<parking_lot::Mutex<HashMap<u64, IoMode>>>,
+    /// Open file handle -> (inode, passthrough?).
+    handles: Vec<parking_lot::Mutex<HashMap<u64, (u64, bool)>>>,
+}
+
+/// An answer to OPEN or CREATE, cached or passthrough.
+trait OpenReply {
+    fn open_backing(&self, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId>;
+    fn send(self, fh: u64, backing: Option<&BackingId>);
+}
+
+impl OpenReply for ReplyOpen {
+    fn open_backing(&self, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId> {
+        ReplyOpen::open_backing(self, fd)
+    }
+
+    fn send(self, fh: u64, backing: Option<&BackingId>) {
+        match backing {
+            Some(b) => self.opened_passthrough(FileHandle(fh), FopenFlags::empty(), b),
+            None => self.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+        }
+    }
+}
+
+/// CREATE's answer carries the new entry.
+struct Created<'a> {
+    reply: ReplyCreate,
+    ttl: &'a Duration,
+    attr: FileAttr,
+}
+
+impl OpenReply for Created<'_> {
+    fn open_backing(&self, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId> {
+        self.reply.open_backing(fd)
+    }
+
+    fn send(self, fh: u64, backing: Option<&BackingId>) {
+        let (ttl, attr, g, fh) = (self.ttl, &self.attr, Generation(0), FileHandle(fh));
+        match backing {
+            Some(b) => self
+                .reply
+                .created_passthrough(ttl, attr, g, fh, FopenFlags::empty(), b),
+            None => self
+                .reply
+                .created(ttl, attr, g, fh, FopenFlags::FOPEN_KEEP_CACHE),
+        }
+    }
+}
+
+impl Passthrough {
+    fn new() -> Passthrough {
+        Passthrough {
+            negotiated: AtomicBool::new(false),
+            usable: AtomicBool::new(true),
+            inodes: (0..IO_SHARDS).map(|_| Default::default()).collect(),
+            handles: (0..IO_SHARDS).map(|_| Default::default()).collect(),
+        }
+    }
+
+    fn on(&self) -> bool {
+        self.negotiated.load(Ordering::Relaxed)
+    }
+
+    /// Answer the open of file `fh` of inode `ino`, passthrough when it may be, while the
+    /// inode's mode is locked (no other open or release of it interleaves).
+    fn open(&self, ov: &Overlay, ino: u64, fh: u64, reply: impl OpenReply) {
+        let mut inodes = self.inodes[ino as usize % IO_SHARDS].lock();
+        let m = inodes.entry(ino).or_default();
+        if m.cached == 0 && m.backing.is_none() && self.usable.load(Ordering::Relaxed) {
+            match ov.with_upper_fd(fh, |fd| reply.open_backing(fd)) {
+                Some(Ok(b)) => m.backing = Some(b),
+                Some(Err(e)) => {
+                    // EPERM (not privileged after all), ELOOP (the upper layer is itself
+                    // stacked too deep), ...: this file stays cached, and for EPERM, ENOTTY
+                    // and EOPNOTSUPP every later one too.
+                    let fatal = matches!(
+                        e.raw_os_error(),
+                        Some(libc::EPERM | libc::ENOTTY | libc::EOPNOTSUPP | libc::ENOSYS)
+                    );
+                    if fatal {
+                        self.usable.store(false, Ordering::Relaxed);
+                    }
+                    tracing::debug!(ino, error = %e, fatal, "passthrough refused; cached I/O");
+                }
+                None => {}
+            }
+        }
+        let pt = match &m.backing {
+            // Every open of an inode with a backing file must name it, even one that raced a
+            // copy-up (the inode is an upper file now).
+            Some(b) => {
+                m.passthrough += 1;
+                reply.send(fh, Some(b));
+                true
+            }
+            None => {
+                m.cached += 1;
+                reply.send(fh, None);
+                false
+            }
+        };
+        drop(inodes);
+        self.handles[fh as usize % IO_SHARDS]
+            .lock()
+            .insert(fh, (ino, pt));
+    }
+
+    fn release(&self, fh: u64) {
+        let Some((ino, pt)) = self.handles[fh as usize % IO_SHARDS].lock().remove(&fh) else {
+            return;
+        };
+        let mut inodes = self.inodes[ino as usize % IO_SHARDS].lock();
+        let Some(m) = inodes.get_mut(&ino) else {
+            return;
+        };
+        if pt {
+            m.passthrough = m.passthrough.saturating_sub(1);
+            if m.passthrough == 0 {
+                m.backing = None;
+            }
+        } else {
+            m.cached = m.cached.saturating_sub(1);
+        }
+        if m.passthrough == 0 && m.cached == 0 {
+            inodes.remove(&ino);
+        }
+    }
+}
+
 pub struct OverlayFs {
     ov: Overlay,
+    pt: Passthrough,
     ttl: Duration,
     /// Capabilities to leave out even when offered (the 4.18 compatibility mode).
     limit: Option<InitFlags>,
@@ -93,6 +247,7 @@ impl OverlayFs {
         let writeback = ov.options().writeback.unwrap_or(false);
         OverlayFs {
             ov,
+            pt: Passthrough::new(),
             ttl,
             limit: None,
             writeback,
@@ -208,12 +363,26 @@ impl Filesystem for OverlayFs {
         if self.writeback && !self.ov.read_only() {
             want |= InitFlags::FUSE_WRITEBACK_CACHE;
         }
+        // Passthrough needs a privileged daemon, and is not combined with the writeback cache.
+        if self.ov.options().passthrough != Some(false)
+            && !self.writeback
+            && crate::sys::may_open_backing()
+        {
+            want |= InitFlags::FUSE_PASSTHROUGH;
+        }
         if let Some(limit) = self.limit {
             want &= limit;
         }
         let offered = config.capabilities();
-        let take = want & offered;
+        let mut take = want & offered;
+        if take.contains(InitFlags::FUSE_PASSTHROUGH) && config.set_max_stack_depth(1).is_err() {
+            take.remove(InitFlags::FUSE_PASSTHROUGH);
+        }
         let _ = config.add_capabilities(take);
+        self.pt.negotiated.store(
+            take.contains(InitFlags::FUSE_PASSTHROUGH),
+            Ordering::Relaxed,
+        );
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
         if self.limit.is_some() {
@@ -404,7 +573,8 @@ impl Filesystem for OverlayFs {
             flags &= !libc::O_APPEND;
         }
         match self.ov.open(ino.0, flags) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(fh) if self.pt.on() => self.pt.open(&self.ov, ino.0, fh, reply),
+            Ok(fh) => reply.send(fh, None),
             Err(e) => reply.error(fuse_errno(e)),
         }
     }
@@ -465,6 +635,9 @@ impl Filesystem for OverlayFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if self.pt.on() {
+            self.pt.release(fh.0);
+        }
         self.ov.release(fh.0);
         reply.ok();
     }
@@ -648,13 +821,18 @@ impl Filesystem for OverlayFs {
             .ov
             .create(caller(req), parent.0, name, mode & !umask, flags)
         {
-            Ok((a, fh)) => reply.created(
-                &self.ttl,
-                &self.fattr(&a),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
+            Ok((a, fh)) => {
+                let created = Created {
+                    reply,
+                    ttl: &self.ttl,
+                    attr: self.fattr(&a),
+                };
+                if self.pt.on() {
+                    self.pt.open(&self.ov, a.ino, fh, created)
+                } else {
+                    created.send(fh, None)
+                }
+            }
             Err(e) => reply.error(fuse_errno(e)),
         }
     }

@@ -81,6 +81,9 @@ pub struct OverlayOptions {
     pub fsync: bool,
     pub threaded: Option<bool>,
     pub writeback: Option<bool>,
+    /// `passthrough=0|1`: FUSE passthrough of upper files' reads and writes (on by default
+    /// where the kernel offers it and the daemon may use it; `0` keeps all I/O in the daemon).
+    pub passthrough: Option<bool>,
     /// Cache timeout in seconds; `None` means effectively infinite.
     pub timeout: Option<f64>,
     pub noxattrs: bool,
@@ -109,6 +112,7 @@ impl Default for OverlayOptions {
             fsync: true,
             threaded: None,
             writeback: None,
+            passthrough: None,
             timeout: None,
             noxattrs: false,
             xattr_permissions: XattrPermissions::Off,
@@ -313,6 +317,7 @@ pub fn parse<S: AsRef<str>>(option_strings: &[S]) -> Result<OverlayOptions, Opti
             "volatile" => o.fsync = false,
             "threaded" => o.threaded = Some(parse_bool(key, value)?),
             "writeback" => o.writeback = Some(parse_bool(key, value)?),
+            "passthrough" => o.passthrough = Some(parse_bool(key, value)?),
             "timeout" => {
                 let v = value.ok_or_else(|| invalid("timeout", "needs a value"))?;
                 let t: f64 = v

@@ -152,6 +152,24 @@ pub mod compat {
     }
 }
 
+/// May this process register backing files for FUSE passthrough? The kernel wants
+/// CAP_SYS_ADMIN in the initial user namespace (`FUSE_DEV_IOC_BACKING_OPEN`); a daemon in a
+/// user namespace (rootless) is refused.
+pub fn may_open_backing() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    if compat::in_user_namespace() {
+        return false;
+    }
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
+}
+
 fn c(name: &OsStr) -> Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| Errno::INVAL)
 }

@@ -194,7 +194,8 @@ fn eio_at_each_step_changes_nothing_and_the_mount_stays_up() {
     let s = scratch("injected");
     let Materialized { stack, mnt } = tree().materialize(s.path()).unwrap();
     let work = stack.work.clone().unwrap();
-    let m = Mount::fuse(&fault_injection_bin(), &stack, &[], &mnt).unwrap();
+    // passthrough=0: reads and writes must reach the daemon, where the faults are.
+    let m = Mount::fuse(&fault_injection_bin(), &stack, &["passthrough=0"], &mnt).unwrap();
     let root = m.root().to_path_buf();
     let pid = m.daemon_pid().expect("daemon pid");
     // Upper-only entries for the cases that need them.
@@ -272,5 +273,72 @@ fn eio_at_each_step_changes_nothing_and_the_mount_stays_up() {
     }
     m.unmount().unwrap();
     println!("injected: {} faults, each EIO to the caller", CASES.len());
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Does the running kernel have FUSE passthrough (6.9+)? (A test may ask the version; the
+/// daemon decides from what INIT offers.)
+fn kernel_has_passthrough() -> bool {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut v = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 9)
+}
+
+/// FUSE passthrough (Linux 6.9+, a daemon with CAP_SYS_ADMIN): writes to an upper file go from
+/// the kernel straight to that file, so a fault planned for the daemon's write is not hit,
+/// and the data is there. Reads of a lower file still reach the daemon (their handles move to
+/// the copy after a copy-up, which a backing file cannot). With `passthrough=0`, or a kernel
+/// without it, the write reaches the daemon.
+#[test]
+fn writes_to_upper_files_go_around_the_daemon_with_passthrough() {
+    if !env::require_fault_injection_bin() {
+        return;
+    }
+    let offered = kernel_has_passthrough();
+    let mut problems = Vec::new();
+    for (opts, bypass) in [(&[][..], offered), (&["passthrough=0"][..], false)] {
+        let s = scratch("passthrough");
+        let Materialized { stack, mnt } = tree().materialize(s.path()).unwrap();
+        let m = Mount::fuse(&fault_injection_bin(), &stack, opts, &mnt).unwrap();
+        let root = m.root().to_path_buf();
+        fs::write(root.join("u-pt"), "upper").unwrap();
+        let steps: [(&str, &str, bool, Step); 2] = [
+            ("write", "write to an upper file", bypass, |r| {
+                let mut f = fs::OpenOptions::new().write(true).open(r.join("u-pt"))?;
+                f.write_all(b"written")
+            }),
+            ("read", "O_DIRECT read of a lower file", false, |r| {
+                direct(r.join("lower-read"), false)?.read_exact(&mut [0u8; 5])
+            }),
+        ];
+        for (op, what, bypass, step) in steps {
+            plan(&root, &format!("{op}:1:{EIO}")).expect("plan a fault");
+            let r = step(&root);
+            plan(&root, "off").expect("drop the plan");
+            let ok = match (&r, bypass) {
+                (Ok(()), true) => true,
+                (Err(e), false) => e.raw_os_error() == Some(EIO),
+                _ => false,
+            };
+            if !ok {
+                let want = if bypass {
+                    "success (passthrough)"
+                } else {
+                    "EIO (the daemon's fault)"
+                };
+                problems.push(format!("-o {opts:?}: {what}: got {r:?}, want {want}"));
+            }
+        }
+        let want = if bypass { "written" } else { "upper" };
+        match fs::read_to_string(root.join("u-pt")) {
+            Ok(got) if got == want => {}
+            other => problems.push(format!("-o {opts:?}: u-pt holds {other:?}, want {want:?}")),
+        }
+        m.unmount().unwrap();
+    }
+    println!("passthrough offered by this kernel: {offered}");
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

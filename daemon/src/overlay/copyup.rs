@@ -143,7 +143,12 @@ impl Overlay {
                 )?;
                 if !skip_data && stat.st_size > 0 {
                     let input = src.open(OFlags::RDONLY)?;
-                    copy_data(input.as_fd(), out.as_fd(), stat.st_size as u64)?;
+                    let dev = stat.st_dev;
+                    let clone = !self.no_clone_from.read().contains(&dev);
+                    let len = stat.st_size as u64;
+                    if copy_data(input.as_fd(), out.as_fd(), len, clone)? == Reflink::Refused {
+                        self.no_clone_from.write().insert(dev);
+                    }
                 }
                 if self.opts.fsync {
                     sys::fsync(out.as_fd(), false)?;
@@ -210,11 +215,34 @@ impl Overlay {
     }
 }
 
-/// Copy `len` bytes: FICLONE, else copy_file_range, else read/write. Holes stay holes where
-/// the source reports them.
-pub(crate) fn copy_data(input: BorrowedFd<'_>, out: BorrowedFd<'_>, len: u64) -> Result<()> {
-    if sys::ficlone(out, input).is_ok() {
-        return Ok(());
+/// What FICLONE did in [`copy_data`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Reflink {
+    Done,
+    /// These filesystems cannot clone (EXDEV, EOPNOTSUPP, EINVAL, ENOTTY, ENOSYS): the
+    /// caller stops trying for this layer.
+    Refused,
+    /// Not tried, or failed otherwise (the data was copied).
+    Copied,
+}
+
+/// Copy `len` bytes: FICLONE (when `clone`), else copy_file_range, else read/write. Holes
+/// stay holes where the source reports them.
+pub(crate) fn copy_data(
+    input: BorrowedFd<'_>,
+    out: BorrowedFd<'_>,
+    len: u64,
+    clone: bool,
+) -> Result<Reflink> {
+    let mut outcome = Reflink::Copied;
+    if clone {
+        match sys::ficlone(out, input) {
+            Ok(()) => return Ok(Reflink::Done),
+            Err(Errno::XDEV | Errno::OPNOTSUPP | Errno::INVAL | Errno::NOTTY | Errno::NOSYS) => {
+                outcome = Reflink::Refused
+            }
+            Err(_) => {}
+        }
     }
     let mut off_in = 0u64;
     let mut off_out = 0u64;
@@ -264,7 +292,7 @@ pub(crate) fn copy_data(input: BorrowedFd<'_>, out: BorrowedFd<'_>, len: u64) ->
     }
     // A trailing hole: set the size.
     sys::ftruncate(out, len)?;
-    Ok(())
+    Ok(outcome)
 }
 
 pub(crate) fn atime_of(st: &sys::Stat) -> Timespec {

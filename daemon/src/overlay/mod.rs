@@ -201,6 +201,8 @@ pub(crate) struct FileHandle {
     /// (another open writes it), reads go to the copy, as with kernel overlayfs, and never
     /// past the end of the old file while the kernel already shows the new size.
     below: Option<Below>,
+    /// The fd is a regular file of the upper layer: it can back FUSE passthrough.
+    upper: bool,
 }
 
 struct Below {
@@ -210,8 +212,13 @@ struct Below {
 }
 
 impl FileHandle {
-    pub(crate) fn new(fd: OwnedFd) -> FileHandle {
-        FileHandle { fd, below: None }
+    /// A regular file of the upper layer.
+    pub(crate) fn upper(fd: OwnedFd) -> FileHandle {
+        FileHandle {
+            fd,
+            below: None,
+            upper: true,
+        }
     }
 
     /// The descriptor I/O goes to.
@@ -251,6 +258,9 @@ pub struct Overlay {
     handles: Vec<Mutex<std::collections::HashMap<u64, Arc<Handle>>>>,
     next_fh: AtomicU64,
     next_tmp: AtomicU64,
+    /// Devices of lower layers whose files the upper layer's filesystem cannot FICLONE:
+    /// their copy-ups go straight to copy_file_range (decided per layer, never for all).
+    pub(crate) no_clone_from: parking_lot::RwLock<std::collections::HashSet<u64>>,
     /// Whiteouts can be 0/0 character devices (mknod works in the workdir).
     pub(crate) dev_whiteouts: bool,
     /// Inode numbers come from more than one filesystem: tag them by layer device.
@@ -361,6 +371,7 @@ impl Overlay {
                 .collect(),
             next_fh: AtomicU64::new(1),
             next_tmp: AtomicU64::new(0),
+            no_clone_from: Default::default(),
             dev_whiteouts,
             devs,
             overflow_uid: read_overflow("/proc/sys/kernel/overflowuid"),
@@ -896,16 +907,27 @@ impl Overlay {
             }
         }
         let fd = res?;
+        let upper = st.kind == Kind::File && (writes || trunc || st.upper.is_some());
         let below = below.then(|| Below {
             node: node.clone(),
             flags: open_flags(flags),
             up: std::sync::OnceLock::new(),
         });
-        Ok(self.add_handle(Handle::File(FileHandle { fd, below })))
+        Ok(self.add_handle(Handle::File(FileHandle { fd, below, upper })))
     }
 
     pub fn release(&self, fh: u64) {
         self.handle_shard(fh).lock().remove(&fh);
+    }
+
+    /// Run `f` on the descriptor of open file `fh` if it is a regular file of the upper layer
+    /// (what FUSE passthrough may hand to the kernel); `None` for anything else.
+    pub fn with_upper_fd<R>(&self, fh: u64, f: impl FnOnce(BorrowedFd<'_>) -> R) -> Option<R> {
+        let h = self.handle(fh)?;
+        match &*h {
+            Handle::File(file) if file.upper && file.below.is_none() => Some(f(file.fd.as_fd())),
+            _ => None,
+        }
     }
 
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {

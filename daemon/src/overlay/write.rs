@@ -365,7 +365,7 @@ impl Overlay {
             Ok(())
         })?;
         let attr = self.intern_new(parent, &pu, name)?;
-        let fh = self.add_handle(Handle::File(FileHandle::new(out.expect("built"))));
+        let fh = self.add_handle(Handle::File(FileHandle::upper(out.expect("built"))));
         Ok((attr, fh))
     }
 
