@@ -186,24 +186,19 @@ impl Passthrough {
                 None => {}
             }
         }
-        let pt = match &m.backing {
-            // Every open of an inode with a backing file must name it, even one that raced a
-            // copy-up (the inode is an upper file now).
-            Some(b) => {
-                m.passthrough += 1;
-                reply.send(fh, Some(b));
-                true
-            }
-            None => {
-                m.cached += 1;
-                reply.send(fh, None);
-                false
-            }
-        };
-        drop(inodes);
+        // Every open of an inode with a backing file must name it, even one that raced a
+        // copy-up (the inode is an upper file now). The handle is recorded before the answer
+        // goes out: its RELEASE may come right after, on another thread.
+        let pt = m.backing.is_some();
+        if pt {
+            m.passthrough += 1;
+        } else {
+            m.cached += 1;
+        }
         self.handles[fh as usize % IO_SHARDS]
             .lock()
             .insert(fh, (ino, pt));
+        reply.send(fh, m.backing.as_ref());
     }
 
     fn release(&self, fh: u64) {
