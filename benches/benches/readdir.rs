@@ -40,7 +40,7 @@ fn bench(c: &mut Criterion) {
                     let mut off = 0;
                     loop {
                         let mut got = 0;
-                        ov.readdir(fh, off, |e, next| {
+                        ov.readdir(fh, dir, off, |e, next| {
                             black_box(&e.name);
                             off = next;
                             got += 1;

@@ -39,7 +39,8 @@ pub const WANTED: InitFlags = InitFlags::FUSE_ASYNC_READ
     .union(InitFlags::FUSE_DO_READDIRPLUS)
     .union(InitFlags::FUSE_READDIRPLUS_AUTO)
     .union(InitFlags::FUSE_CACHE_SYMLINKS)
-    .union(InitFlags::FUSE_ATOMIC_O_TRUNC);
+    .union(InitFlags::FUSE_ATOMIC_O_TRUNC)
+    .union(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
 
 /// What FUSE protocol 7.27 (Linux 4.18) offers: the compatibility mode asks for no more.
 pub const PROTO_7_27: InitFlags = InitFlags::FUSE_ASYNC_READ
@@ -226,6 +227,10 @@ impl Passthrough {
 pub struct OverlayFs {
     ov: Overlay,
     pt: Passthrough,
+    /// FUSE_NO_OPENDIR_SUPPORT was negotiated: OPENDIR answers ENOSYS once, and the kernel
+    /// then opens directories itself (cached listings, KEEP_CACHE) with no OPENDIR or
+    /// RELEASEDIR round trip; READDIR comes with handle 0.
+    no_opendir: AtomicBool,
     ttl: Duration,
     /// Capabilities to leave out even when offered (the 4.18 compatibility mode).
     limit: Option<InitFlags>,
@@ -243,6 +248,7 @@ impl OverlayFs {
         OverlayFs {
             ov,
             pt: Passthrough::new(),
+            no_opendir: AtomicBool::new(false),
             ttl,
             limit: None,
             writeback,
@@ -374,6 +380,10 @@ impl Filesystem for OverlayFs {
             take.remove(InitFlags::FUSE_PASSTHROUGH);
         }
         let _ = config.add_capabilities(take);
+        self.no_opendir.store(
+            take.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT),
+            Ordering::Relaxed,
+        );
         self.pt.negotiated.store(
             take.contains(InitFlags::FUSE_PASSTHROUGH),
             Ordering::Relaxed,
@@ -650,6 +660,10 @@ impl Filesystem for OverlayFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _s = debug_span!("opendir", ino = ino.0).entered();
+        if self.no_opendir.load(Ordering::Relaxed) {
+            // The kernel stops asking; this open and every later one go on with handle 0.
+            return reply.error(FErrno::ENOSYS);
+        }
         match self.ov.opendir(ino.0) {
             // FOPEN_CACHE_DIR came with protocol 7.28.
             Ok(fh) if self.limit.is_some() => {
@@ -666,12 +680,12 @@ impl Filesystem for OverlayFs {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let r = self.ov.readdir(fh.0, offset, |e, off| {
+        let r = self.ov.readdir(fh.0, ino.0, offset, |e, off| {
             reply.add(INodeNo(e.ino), off, ftype(e.kind), &e.name)
         });
         match r {

@@ -560,7 +560,7 @@ impl Driver {
     fn list(&self, ino: u64) -> Result<Vec<(String, Kind, u64)>, Errno> {
         let fh = self.ov.opendir(ino).map_err(raw)?;
         let mut v = Vec::new();
-        let r = self.ov.readdir(fh, 0, |e, _| {
+        let r = self.ov.readdir(fh, ino, 0, |e, _| {
             if e.name != "." && e.name != ".." {
                 v.push((e.name.to_string_lossy().into_owned(), e.kind, e.ino));
             }

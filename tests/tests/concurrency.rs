@@ -467,3 +467,115 @@ fn four_threads_random_namespace_ops() {
     );
     g.unmount().unwrap();
 }
+
+/// Reads up to `n` entries from `d`: each name and the `d_off` after it.
+fn read_some(d: &mut rustix::fs::Dir, n: usize) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        match d.read() {
+            Some(Ok(e)) => {
+                let name = e.file_name().to_string_lossy().into_owned();
+                out.push((name, e.offset()));
+            }
+            Some(Err(e)) => panic!("readdir: {e}"),
+            None => break,
+        }
+    }
+    out
+}
+
+/// Directory streams as users see them, now that the kernel opens directories itself (no
+/// OPENDIR round trip) and every READDIR names only the directory: readers of one merged
+/// directory that interleave, start over while another is half way, and seekdir back to a
+/// telldir position each see every name exactly once, the names kernel overlayfs shows.
+#[test]
+fn interleaved_directory_readers_see_every_name_once() {
+    if !env::require_bin_under_test() {
+        return;
+    }
+    let s = scratch("dir-streams");
+    let mut top = Layer::new();
+    let mut bottom = Layer::new();
+    for i in 0..1500 {
+        bottom = bottom.file(&format!("d/b{i:04}"), "b");
+        if i % 3 == 0 {
+            top = top.file(&format!("d/b{i:04}"), "shadow");
+        }
+        if i % 2 == 0 {
+            top = top.file(&format!("d/t{i:04}"), "t");
+        }
+    }
+    for i in (1..1500).step_by(10).filter(|i| i % 3 != 0) {
+        top = top.whiteout(&format!("d/b{i:04}"));
+    }
+    let m = Tree::new()
+        .lower(top)
+        .lower(bottom)
+        .materialize(s.path())
+        .unwrap();
+    let want: BTreeSet<String> = {
+        let k = Mount::kernel(&m.stack, &m.mnt).unwrap();
+        let n = names(&k.root().join("d")).unwrap();
+        k.unmount().unwrap();
+        n
+    };
+    let mounted = mount(&m);
+    let dir = mounted.root().join("d");
+    let problems = with_deadline(Duration::from_secs(60), "directory streams", move || {
+        let open = || {
+            let fd = fs::File::open(&dir).unwrap();
+            rustix::fs::Dir::read_from(&fd).unwrap()
+        };
+        let mut problems = Vec::new();
+        let (mut a, mut b) = (open(), open());
+        // Interleaved: a reads 100, b reads all, a reads 50 more.
+        let mut seen_a = read_some(&mut a, 100);
+        let seen_b = read_some(&mut b, usize::MAX);
+        seen_a.extend(read_some(&mut a, 50));
+        // A third reader starts over while a is half way; then a goes on to the end.
+        let mut c = open();
+        let seen_c = read_some(&mut c, usize::MAX);
+        // seekdir back to where a was after its 120th entry, then read to the end twice over:
+        // once before the seek (the rest), once after it (from entry 121 again).
+        let mark = seen_a[119].1;
+        seen_a.extend(read_some(&mut a, usize::MAX));
+        a.seek(mark).unwrap();
+        let again = read_some(&mut a, usize::MAX);
+        for (who, seen) in [("a", &seen_a), ("b", &seen_b), ("c", &seen_c)] {
+            let got: Vec<&String> = seen
+                .iter()
+                .map(|(n, _)| n)
+                .filter(|n| *n != "." && *n != "..")
+                .collect();
+            let set: BTreeSet<String> = got.iter().map(|n| n.to_string()).collect();
+            if got.len() != set.len() {
+                problems.push(format!(
+                    "reader {who}: {} names, {} distinct",
+                    got.len(),
+                    set.len()
+                ));
+            }
+            if set != want {
+                let missing: Vec<_> = want.difference(&set).take(5).collect();
+                let extra: Vec<_> = set.difference(&want).take(5).collect();
+                problems.push(format!(
+                    "reader {who}: missing {missing:?}, extra {extra:?}"
+                ));
+            }
+        }
+        let tail: Vec<&String> = seen_a[120..].iter().map(|(n, _)| n).collect();
+        let reread: Vec<&String> = again.iter().map(|(n, _)| n).collect();
+        if tail != reread {
+            problems.push(format!(
+                "after seekdir to entry 120: {} entries, first {:?}; before: {} entries, first {:?}",
+                reread.len(),
+                reread.first(),
+                tail.len(),
+                tail.first()
+            ));
+        }
+        problems
+    });
+    mounted.unmount().unwrap();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

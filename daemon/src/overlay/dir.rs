@@ -12,6 +12,96 @@ use super::node::NodeState;
 use super::{Attr, Errno, Handle, Kind, Overlay, Result, WH_PREFIX, is_whiteout};
 use crate::sys;
 
+/// Listings of directories read with no open handle: once the kernel stops sending OPENDIR
+/// (`FUSE_NO_OPENDIR_SUPPORT`), a READDIR names only the directory. A listing is taken at the
+/// READDIR at offset 0 and dropped at the one that finds its end (or when the directory's
+/// node is forgotten); the offsets handed out carry its generation in their high 32 bits, so
+/// a reader that started before another one rewound keeps reading its own listing.
+#[derive(Default)]
+pub(crate) struct Listings {
+    shards: [Mutex<ListingShard>; LISTING_SHARDS],
+    next_gen: std::sync::atomic::AtomicU32,
+}
+
+const LISTING_SHARDS: usize = 16;
+/// Directory inode -> its listings, each with its generation.
+type ListingShard = HashMap<u64, Vec<(u32, Arc<Vec<DirEntry>>)>>;
+/// Listings kept per directory (readers that started at different times).
+const LISTINGS_PER_DIR: usize = 4;
+
+impl Listings {
+    fn shard(&self, ino: u64) -> &Mutex<ListingShard> {
+        &self.shards[ino as usize % LISTING_SHARDS]
+    }
+
+    /// The listing `offset` continues (its generation and the index to start at), or a new
+    /// one from `list` when there is none (offset 0, or one already dropped).
+    fn get(
+        &self,
+        ino: u64,
+        offset: u64,
+        list: impl FnOnce() -> Result<Vec<DirEntry>>,
+    ) -> Result<(u32, Arc<Vec<DirEntry>>, usize)> {
+        let (generation, index) = ((offset >> 32) as u32, (offset & 0xffff_ffff) as usize);
+        if offset != 0 {
+            if let Some((_, l)) = self
+                .shard(ino)
+                .lock()
+                .get(&ino)
+                .and_then(|v| v.iter().find(|(g, _)| *g == generation))
+            {
+                return Ok((generation, l.clone(), index));
+            }
+        }
+        let l = Arc::new(list()?);
+        // Generations 1..2^31: offsets stay positive as an off_t.
+        let g = self
+            .next_gen
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % 0x7fff_ffff
+            + 1;
+        let mut sh = self.shard(ino).lock();
+        let v = sh.entry(ino).or_default();
+        v.push((g, l.clone()));
+        if v.len() > LISTINGS_PER_DIR {
+            v.remove(0);
+        }
+        Ok((g, l, index))
+    }
+
+    fn drop_listing(&self, ino: u64, generation: u32) {
+        let mut sh = self.shard(ino).lock();
+        if let Some(v) = sh.get_mut(&ino) {
+            v.retain(|(g, _)| *g != generation);
+            if v.is_empty() {
+                sh.remove(&ino);
+            }
+        }
+    }
+
+    /// Drop the listings of `ino` once its node is gone (`alive` says whether it is).
+    pub(crate) fn forget(&self, ino: u64, alive: impl FnOnce(u64) -> bool) {
+        let mut sh = self.shard(ino).lock();
+        if sh.contains_key(&ino) && !alive(ino) {
+            sh.remove(&ino);
+        }
+    }
+}
+
+/// Where a READDIR reads: an open handle's listing, or (`fh` 0, no OPENDIR) the directory's.
+struct Stream {
+    entries: Arc<Vec<DirEntry>>,
+    start: usize,
+    /// The generation of a handle-less listing, carried in the offsets.
+    generation: Option<u32>,
+}
+
+impl Stream {
+    fn offset(&self, i: usize) -> u64 {
+        (u64::from(self.generation.unwrap_or(0)) << 32) | (i as u64 + 1)
+    }
+}
+
 /// One entry of a merged directory.
 #[derive(Debug, Clone)]
 pub struct DirEntry {
@@ -225,16 +315,43 @@ impl Overlay {
         Ok(entries)
     }
 
-    /// Entries from `offset` on; each entry's offset is its index + 1.
+    /// The listing a READDIR of directory `ino` at `offset` reads: the handle's, or with `fh`
+    /// 0 (the kernel sends no OPENDIR) the directory's own.
+    fn stream(&self, fh: u64, ino: u64, offset: u64) -> Result<Stream> {
+        if fh != 0 {
+            return Ok(Stream {
+                entries: self.dir_entries(fh)?,
+                start: offset as usize,
+                generation: None,
+            });
+        }
+        if self.node(ino)?.kind() != Kind::Dir {
+            return Err(Errno::NOTDIR);
+        }
+        let (generation, entries, start) = self.listings.get(ino, offset, || self.list_dir(ino))?;
+        if start >= entries.len() {
+            // The reader found the end: its listing is done.
+            self.listings.drop_listing(ino, generation);
+        }
+        Ok(Stream {
+            entries,
+            start,
+            generation: Some(generation),
+        })
+    }
+
+    /// Entries of directory `ino` (open as `fh`, or 0 for none) from `offset` on; each entry's
+    /// offset is where the next READDIR starts.
     pub fn readdir(
         &self,
         fh: u64,
+        ino: u64,
         offset: u64,
         mut add: impl FnMut(&DirEntry, u64) -> bool,
     ) -> Result<()> {
-        let entries = self.dir_entries(fh)?;
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            if add(e, i as u64 + 1) {
+        let s = self.stream(fh, ino, offset)?;
+        for (i, e) in s.entries.iter().enumerate().skip(s.start) {
+            if add(e, s.offset(i)) {
                 break;
             }
         }
@@ -250,9 +367,9 @@ impl Overlay {
         offset: u64,
         mut add: impl FnMut(&DirEntry, u64, Option<&Attr>) -> bool,
     ) -> Result<()> {
-        let entries = self.dir_entries(fh)?;
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            let off = i as u64 + 1;
+        let s = self.stream(fh, dir_ino, offset)?;
+        for (i, e) in s.entries.iter().enumerate().skip(s.start) {
+            let off = s.offset(i);
             if e.name == "." || e.name == ".." {
                 if add(e, off, None) {
                     break;

@@ -256,6 +256,8 @@ pub struct Overlay {
     pub(crate) work: Option<Arc<OwnedFd>>,
     nodes: NodeTable,
     handles: Vec<Mutex<std::collections::HashMap<u64, Arc<Handle>>>>,
+    /// Listings of directories read with no open handle (see [`dir::Listings`]).
+    listings: dir::Listings,
     next_fh: AtomicU64,
     next_tmp: AtomicU64,
     /// Devices of lower layers whose files the upper layer's filesystem cannot FICLONE:
@@ -370,6 +372,7 @@ impl Overlay {
                 .map(|_| Mutex::new(Default::default()))
                 .collect(),
             next_fh: AtomicU64::new(1),
+            listings: Default::default(),
             next_tmp: AtomicU64::new(0),
             no_clone_from: Default::default(),
             dev_whiteouts,
@@ -801,6 +804,7 @@ impl Overlay {
 
     pub fn forget(&self, ino: u64, nlookup: u64) {
         self.nodes.forget(ino, nlookup);
+        self.listings.forget(ino, |ino| self.node(ino).is_ok());
     }
 
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {

@@ -201,7 +201,7 @@ fn lookup_probes_and_whiteouts() {
     // Listing: the marker file is hidden.
     let fh = ov.opendir(d.ino).unwrap();
     let mut names = Vec::new();
-    ov.readdir(fh, 0, |e, _| {
+    ov.readdir(fh, d.ino, 0, |e, _| {
         names.push(e.name.to_string_lossy().into_owned());
         false
     })
@@ -216,7 +216,7 @@ fn lookup_probes_and_whiteouts() {
     let d2 = ov.mkdir(CALLER, ROOT_INO, OsStr::new("d"), 0o755).unwrap();
     let fh = ov.opendir(d2.ino).unwrap();
     let mut n = 0;
-    ov.readdir(fh, 0, |_, _| {
+    ov.readdir(fh, d2.ino, 0, |_, _| {
         n += 1;
         false
     })
