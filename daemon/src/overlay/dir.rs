@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use parking_lot::Mutex;
 use std::os::unix::ffi::OsStrExt;
@@ -14,20 +15,36 @@ use crate::sys;
 
 /// Listings of directories read with no open handle: once the kernel stops sending OPENDIR
 /// (`FUSE_NO_OPENDIR_SUPPORT`), a READDIR names only the directory. A listing is taken at the
-/// READDIR at offset 0 and dropped at the one that finds its end (or when the directory's
-/// node is forgotten); the offsets handed out carry its generation in their high 32 bits, so
-/// a reader that started before another one rewound keeps reading its own listing.
+/// READDIR at offset 0 and dropped at the one that finds its end; the offsets handed out carry
+/// its generation in their high 32 bits, so a reader that started before another one rewound
+/// keeps reading its own listing. With no RELEASEDIR to say a reader stopped half way, a
+/// listing also goes when its directory's node is forgotten, when it has not been read for
+/// [`LISTING_IDLE`], or, past [`LISTING_BUDGET`] entries in all, when it has not been read for
+/// a second. A reader whose listing went on reads a new one from its index on (the same names
+/// in the same order while the directory is unchanged).
 #[derive(Default)]
 pub(crate) struct Listings {
     shards: [Mutex<ListingShard>; LISTING_SHARDS],
     next_gen: std::sync::atomic::AtomicU32,
+    /// Entries in all listings kept.
+    total: std::sync::atomic::AtomicUsize,
+}
+
+struct Listing {
+    generation: u32,
+    entries: Arc<Vec<DirEntry>>,
+    used: std::time::Instant,
 }
 
 const LISTING_SHARDS: usize = 16;
-/// Directory inode -> its listings, each with its generation.
-type ListingShard = HashMap<u64, Vec<(u32, Arc<Vec<DirEntry>>)>>;
+/// Directory inode -> its listings.
+type ListingShard = HashMap<u64, Vec<Listing>>;
 /// Listings kept per directory (readers that started at different times).
 const LISTINGS_PER_DIR: usize = 4;
+/// A listing not read for this long is dropped.
+const LISTING_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Past this many entries in all, listings idle for a second are dropped.
+const LISTING_BUDGET: usize = 1 << 20;
 
 impl Listings {
     fn shard(&self, ino: u64) -> &Mutex<ListingShard> {
@@ -43,36 +60,72 @@ impl Listings {
         list: impl FnOnce() -> Result<Vec<DirEntry>>,
     ) -> Result<(u32, Arc<Vec<DirEntry>>, usize)> {
         let (generation, index) = ((offset >> 32) as u32, (offset & 0xffff_ffff) as usize);
+        let now = std::time::Instant::now();
         if offset != 0 {
-            if let Some((_, l)) = self
-                .shard(ino)
-                .lock()
-                .get(&ino)
-                .and_then(|v| v.iter().find(|(g, _)| *g == generation))
+            let mut sh = self.shard(ino).lock();
+            if let Some(l) = sh
+                .get_mut(&ino)
+                .and_then(|v| v.iter_mut().find(|l| l.generation == generation))
             {
-                return Ok((generation, l.clone(), index));
+                l.used = now;
+                return Ok((generation, l.entries.clone(), index));
             }
         }
-        let l = Arc::new(list()?);
+        let entries = Arc::new(list()?);
         // Generations 1..2^31: offsets stay positive as an off_t.
         let g = self
             .next_gen
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             % 0x7fff_ffff
             + 1;
-        let mut sh = self.shard(ino).lock();
-        let v = sh.entry(ino).or_default();
-        v.push((g, l.clone()));
-        if v.len() > LISTINGS_PER_DIR {
-            v.remove(0);
+        let len = entries.len();
+        {
+            let mut sh = self.shard(ino).lock();
+            self.sweep(&mut sh, now, LISTING_IDLE);
+            self.total.fetch_add(len, Ordering::Relaxed);
+            let v = sh.entry(ino).or_default();
+            v.push(Listing {
+                generation: g,
+                entries: entries.clone(),
+                used: now,
+            });
+            if v.len() > LISTINGS_PER_DIR {
+                let gone = v.remove(0);
+                self.total.fetch_sub(gone.entries.len(), Ordering::Relaxed);
+            }
         }
-        Ok((g, l, index))
+        if self.total.load(Ordering::Relaxed) > LISTING_BUDGET {
+            for sh in &self.shards {
+                self.sweep(&mut sh.lock(), now, std::time::Duration::from_secs(1));
+            }
+        }
+        Ok((g, entries, index))
+    }
+
+    /// Drop the listings of `sh` not read for `idle`.
+    fn sweep(&self, sh: &mut ListingShard, now: std::time::Instant, idle: std::time::Duration) {
+        sh.retain(|_, v| {
+            v.retain(|l| {
+                let keep = now.saturating_duration_since(l.used) < idle;
+                if !keep {
+                    self.total.fetch_sub(l.entries.len(), Ordering::Relaxed);
+                }
+                keep
+            });
+            !v.is_empty()
+        });
     }
 
     fn drop_listing(&self, ino: u64, generation: u32) {
         let mut sh = self.shard(ino).lock();
         if let Some(v) = sh.get_mut(&ino) {
-            v.retain(|(g, _)| *g != generation);
+            v.retain(|l| {
+                let keep = l.generation != generation;
+                if !keep {
+                    self.total.fetch_sub(l.entries.len(), Ordering::Relaxed);
+                }
+                keep
+            });
             if v.is_empty() {
                 sh.remove(&ino);
             }
@@ -83,7 +136,9 @@ impl Listings {
     pub(crate) fn forget(&self, ino: u64, alive: impl FnOnce(u64) -> bool) {
         let mut sh = self.shard(ino).lock();
         if sh.contains_key(&ino) && !alive(ino) {
-            sh.remove(&ino);
+            for l in sh.remove(&ino).unwrap_or_default() {
+                self.total.fetch_sub(l.entries.len(), Ordering::Relaxed);
+            }
         }
     }
 }
@@ -392,5 +447,59 @@ impl Overlay {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listing(n: usize) -> Vec<DirEntry> {
+        (0..n)
+            .map(|i| DirEntry {
+                name: format!("e{i}").into(),
+                ino: i as u64 + 10,
+                kind: Kind::File,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn listings_follow_their_generation_and_go_at_the_end() {
+        let l = Listings::default();
+        let built = std::cell::Cell::new(0);
+        let list = |n| {
+            built.set(built.get() + 1);
+            Ok(listing(n))
+        };
+        let (g1, a, i) = l.get(7, 0, || list(5)).unwrap();
+        assert_eq!((a.len(), i), (5, 0));
+        // A second reader rewinds: a new listing, the first one still there for its reader.
+        let (g2, _, _) = l.get(7, 0, || list(6)).unwrap();
+        assert_ne!(g1, g2);
+        let (g, again, i) = l.get(7, (u64::from(g1) << 32) | 3, || list(9)).unwrap();
+        assert_eq!((g, again.len(), i), (g1, 5, 3));
+        assert_eq!(built.get(), 2, "the first reader's listing was reused");
+        assert_eq!(l.total.load(Ordering::Relaxed), 11);
+        l.drop_listing(7, g1);
+        assert_eq!(l.total.load(Ordering::Relaxed), 6);
+        // Its generation gone, a reader goes on in a new listing from its index.
+        let (g3, b, i) = l.get(7, (u64::from(g1) << 32) | 3, || list(6)).unwrap();
+        assert!(g3 != g1 && g3 != g2);
+        assert_eq!((b.len(), i), (6, 3));
+        // Forgotten directory: everything goes.
+        l.forget(7, |_| false);
+        assert_eq!(l.total.load(Ordering::Relaxed), 0);
+        assert!(l.shard(7).lock().is_empty());
+    }
+
+    #[test]
+    fn listings_of_one_directory_are_bounded() {
+        let l = Listings::default();
+        for _ in 0..10 {
+            l.get(3, 0, || Ok(listing(2))).unwrap();
+        }
+        assert_eq!(l.shard(3).lock()[&3].len(), LISTINGS_PER_DIR);
+        assert_eq!(l.total.load(Ordering::Relaxed), 2 * LISTINGS_PER_DIR);
     }
 }
