@@ -163,6 +163,18 @@ pub struct DirEntry {
     pub name: OsString,
     pub ino: u64,
     pub kind: Kind,
+    /// What the listing saw of this name in the lower layers (which never change), so that a
+    /// READDIRPLUS lookup probes only the layers that have it.
+    pub(crate) hint: Option<LowerHint>,
+}
+
+/// Of lower layers 0..64 (bit = the layer's index): which list the name itself (any type,
+/// whiteouts included) and which list `.wh.NAME`. A layer in neither answers ENOENT to both
+/// probes of a lookup, so the lookup skips it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct LowerHint {
+    pub present: u64,
+    pub wh: u64,
 }
 
 /// What the merge knows of one name while walking the layers top-down.
@@ -185,12 +197,23 @@ impl Overlay {
         let mut out: Vec<Merging> = Vec::new();
         let mut index: HashMap<OsString, usize> = HashMap::new();
         let mut hidden: HashSet<OsString> = HashSet::new();
+        // Lower layers' names for the lookup hints; none when a layer index is 64 or more.
+        let mut hints: Option<HashMap<OsString, LowerHint>> = Some(HashMap::new());
         let layers = st
             .upper_dir()?
             .into_iter()
-            .map(|(_, fd)| (true, fd))
-            .chain(st.lower_dirs()?.into_iter().map(|(_, _, fd)| (false, fd)));
-        for (is_upper, fd) in layers {
+            .map(|(_, fd)| (None, fd))
+            .chain(st.lower_dirs()?.into_iter().map(|(l, _, fd)| (Some(l), fd)));
+        for (layer, fd) in layers {
+            let is_upper = layer.is_none();
+            let bit = match layer {
+                Some(l) if l < 64 => 1u64 << l,
+                Some(_) => {
+                    hints = None;
+                    0
+                }
+                None => 0,
+            };
             let dev = sys::fstat(fd.as_fd())?.st_dev;
             let mut this_hidden = Vec::new();
             let mut dir = sys::open_dir_stream(fd.as_fd())?;
@@ -203,6 +226,9 @@ impl Overlay {
                 if let Some(rest) = raw.strip_prefix(WH_PREFIX) {
                     if !rest.starts_with(WH_PREFIX) {
                         let rest = OsStr::from_bytes(rest);
+                        if let Some(h) = hints.as_mut().filter(|_| bit != 0) {
+                            h.entry(rest.to_os_string()).or_default().wh |= bit;
+                        }
                         // A whiteout also ends the merging of a directory seen above.
                         if let Some(&i) = index.get(rest) {
                             out[i].closed = true;
@@ -212,6 +238,9 @@ impl Overlay {
                     continue;
                 }
                 let name = OsStr::from_bytes(raw);
+                if let Some(h) = hints.as_mut().filter(|_| bit != 0) {
+                    h.entry(name.to_os_string()).or_default().present |= bit;
+                }
                 let mut ft = ent.file_type();
                 let mut real_ino = ent.ino();
                 if ft == sys::FileType::CharacterDevice || ft == sys::FileType::Unknown {
@@ -301,6 +330,9 @@ impl Overlay {
                 } else {
                     m.top_ino
                 },
+                hint: hints
+                    .as_ref()
+                    .map(|h| h.get(&m.name).copied().unwrap_or_default()),
                 name: m.name,
                 kind: m.kind,
             })
@@ -356,6 +388,7 @@ impl Overlay {
             name: ".".into(),
             ino,
             kind: Kind::Dir,
+            hint: None,
         });
         entries.push(DirEntry {
             name: "..".into(),
@@ -365,6 +398,7 @@ impl Overlay {
                 st.parent
             },
             kind: Kind::Dir,
+            hint: None,
         });
         entries.extend(self.merged_entries(ino, &st)?);
         Ok(entries)
@@ -431,7 +465,7 @@ impl Overlay {
                 }
                 continue;
             }
-            let attr = match self.lookup(dir_ino, &e.name) {
+            let attr = match self.lookup_hinted(dir_ino, &e.name, e.hint.as_ref()) {
                 Ok(a) => a,
                 Err(Errno::NOENT) => continue,
                 Err(e) => return Err(e),
@@ -440,6 +474,7 @@ impl Overlay {
                 name: e.name.clone(),
                 ino: attr.ino,
                 kind: attr.kind,
+                hint: None,
             };
             if add(&shown, off, Some(&attr)) {
                 self.forget(attr.ino, 1);
@@ -460,6 +495,7 @@ mod tests {
                 name: format!("e{i}").into(),
                 ino: i as u64 + 10,
                 kind: Kind::File,
+                hint: None,
             })
             .collect()
     }

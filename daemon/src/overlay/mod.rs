@@ -502,6 +502,19 @@ impl Overlay {
         parent: &NodeState,
         name: &OsStr,
     ) -> Result<Option<Found>> {
+        self.resolve_hinted(parent_ino, parent, name, None)
+    }
+
+    /// [`Overlay::resolve`]; with a `hint`, a lower layer that lists neither the name nor its
+    /// `.wh.` file is skipped without a probe (lower layers never change; the upper one is
+    /// always probed).
+    pub(crate) fn resolve_hinted(
+        &self,
+        parent_ino: u64,
+        parent: &NodeState,
+        name: &OsStr,
+        hint: Option<&dir::LowerHint>,
+    ) -> Result<Option<Found>> {
         if name.as_bytes().starts_with(WH_PREFIX) {
             return Ok(None);
         }
@@ -555,6 +568,16 @@ impl Overlay {
             }
         }
         for (layer, lh, dfd) in parent.lower_dirs()? {
+            if let Some(h) = hint.filter(|_| layer < 64) {
+                let bit = 1u64 << layer;
+                if h.present & bit == 0 {
+                    // What the probes below would find: ENOENT, then `.wh.NAME` or nothing.
+                    if h.wh & bit != 0 {
+                        break;
+                    }
+                    continue;
+                }
+            }
             match sys::stat_at(dfd.as_fd(), name) {
                 Ok(st) => {
                     if is_whiteout(&st) {
@@ -791,12 +814,25 @@ impl Overlay {
 
     /// Look a name up; counts one kernel reference on success.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        self.lookup_hinted(parent, name, None)
+    }
+
+    /// [`Overlay::lookup`], probing only the lower layers `hint` (from a listing) says have
+    /// the name.
+    pub(crate) fn lookup_hinted(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        hint: Option<&dir::LowerHint>,
+    ) -> Result<Attr> {
         let p = self.node(parent)?;
         let ps = p.state();
         if ps.kind != Kind::Dir {
             return Err(Errno::NOTDIR);
         }
-        let found = self.resolve(parent, &ps, name)?.ok_or(Errno::NOENT)?;
+        let found = self
+            .resolve_hinted(parent, &ps, name, hint)?
+            .ok_or(Errno::NOENT)?;
         let (node, stat) = self.intern(found, parent, name, true);
         let st = node.state();
         Ok(self.attr_of(&node, &st, &stat))

@@ -327,3 +327,101 @@ fn directory_fd_eviction_under_concurrent_reopens() {
     }
     super::loc::set_dir_fd_budget(4096);
 }
+
+/// READDIRPLUS lookups use what the listing saw of each name in the lower layers to skip the
+/// layers that lack it: they must find exactly what a plain lookup finds.
+#[test]
+fn hinted_lookups_of_a_listing_match_plain_lookups() {
+    let l = Layers::new("hints");
+    let root = &l.root;
+    for d in ["l0/d", "l1/d/sub", "l2/d/sub", "upper2", "work2"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    for f in [
+        "l2/d/a",
+        "l2/d/b",
+        "l2/d/c",
+        "l2/d/x",
+        "l2/d/y",
+        "l2/d/sub/s2",
+    ] {
+        fs::write(root.join(f), "bottom").unwrap();
+    }
+    for f in ["l1/d/.wh.a", "l1/d/c", "l1/d/z", "l1/d/sub/s1"] {
+        fs::write(root.join(f), "middle").unwrap();
+    }
+    for f in ["l0/d/y", "l0/d/.wh.x", "l0/d/t"] {
+        fs::write(root.join(f), "top").unwrap();
+    }
+    // A 0/0 whiteout of `b` in the middle layer, where mknod is allowed.
+    let _ = rustix::fs::mknodat(
+        rustix::fs::CWD,
+        root.join("l1/d/b"),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::empty(),
+        0,
+    );
+    fs::hard_link(root.join("l2/d/c"), root.join("l2/d/c-link")).unwrap();
+    let mount = |upper: &str, work: &str| {
+        let o = options::parse(&[format!(
+            "lowerdir={}:{}:{},upperdir={},workdir={}",
+            root.join("l0").display(),
+            root.join("l1").display(),
+            root.join("l2").display(),
+            root.join(upper).display(),
+            root.join(work).display()
+        )])
+        .unwrap();
+        Overlay::new(o).unwrap()
+    };
+    let hinted = mount("upper", "work");
+    let plain = mount("upper2", "work2");
+    let d = hinted.lookup(ROOT_INO, OsStr::new("d")).unwrap();
+    let fh = hinted.opendir(d.ino).unwrap();
+    let mut seen = Vec::new();
+    hinted
+        .readdirplus(fh, d.ino, 0, |e, _, a| {
+            if let Some(a) = a {
+                seen.push((e.name.clone(), a.ino, a.kind, a.size));
+            }
+            false
+        })
+        .unwrap();
+    hinted.release(fh);
+    let pd = plain.lookup(ROOT_INO, OsStr::new("d")).unwrap();
+    let mut names: Vec<String> = seen
+        .iter()
+        .map(|(n, ..)| n.to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let want_b = if fs::symlink_metadata(root.join("l1/d/b")).is_ok() {
+        vec![]
+    } else {
+        vec!["b"]
+    };
+    let mut want: Vec<&str> = ["c", "c-link", "sub", "t", "y", "z"].to_vec();
+    want.extend(want_b);
+    want.sort();
+    assert_eq!(names, want);
+    for (name, ino, kind, size) in &seen {
+        let a = plain.lookup(pd.ino, name).unwrap();
+        assert_eq!(
+            (a.ino, a.kind, a.size),
+            (*ino, *kind, *size),
+            "{name:?}: hinted lookup differs"
+        );
+    }
+    // And the merged subdirectory found by the hinted lookup lists both of its layers.
+    let sub = seen.iter().find(|(n, ..)| n == "sub").unwrap().1;
+    let fh = hinted.opendir(sub).unwrap();
+    let mut inside = Vec::new();
+    hinted
+        .readdir(fh, sub, 0, |e, _| {
+            inside.push(e.name.to_string_lossy().into_owned());
+            false
+        })
+        .unwrap();
+    hinted.release(fh);
+    inside.sort();
+    assert_eq!(inside, [".", "..", "s1", "s2"]);
+}
