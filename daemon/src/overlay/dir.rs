@@ -187,6 +187,9 @@ struct Merging {
     first_lower_dir: Option<u64>,
     /// No lower layer can contribute any more (a non-directory, or an opaque directory).
     closed: bool,
+    /// The lower layers below its first one that list it or its `.wh.` file. (The layers
+    /// above its first one list neither, or it would not be visible.)
+    hint: LowerHint,
 }
 
 impl Overlay {
@@ -197,8 +200,8 @@ impl Overlay {
         let mut out: Vec<Merging> = Vec::new();
         let mut index: HashMap<OsString, usize> = HashMap::new();
         let mut hidden: HashSet<OsString> = HashSet::new();
-        // Lower layers' names for the lookup hints; none when a layer index is 64 or more.
-        let mut hints: Option<HashMap<OsString, LowerHint>> = Some(HashMap::new());
+        // Lookup hints (see `LowerHint`); none when a layer index is 64 or more.
+        let mut hintable = true;
         let layers = st
             .upper_dir()?
             .into_iter()
@@ -209,7 +212,7 @@ impl Overlay {
             let bit = match layer {
                 Some(l) if l < 64 => 1u64 << l,
                 Some(_) => {
-                    hints = None;
+                    hintable = false;
                     0
                 }
                 None => 0,
@@ -226,20 +229,19 @@ impl Overlay {
                 if let Some(rest) = raw.strip_prefix(WH_PREFIX) {
                     if !rest.starts_with(WH_PREFIX) {
                         let rest = OsStr::from_bytes(rest);
-                        if let Some(h) = hints.as_mut().filter(|_| bit != 0) {
-                            h.entry(rest.to_os_string()).or_default().wh |= bit;
-                        }
-                        // A whiteout also ends the merging of a directory seen above.
+                        // A whiteout also ends the merging of a directory seen above. (A name
+                        // not seen above is hidden: it needs no hint.)
                         if let Some(&i) = index.get(rest) {
                             out[i].closed = true;
+                            out[i].hint.wh |= bit;
                         }
                         this_hidden.push(rest.to_os_string());
                     }
                     continue;
                 }
                 let name = OsStr::from_bytes(raw);
-                if let Some(h) = hints.as_mut().filter(|_| bit != 0) {
-                    h.entry(name.to_os_string()).or_default().present |= bit;
+                if let Some(&i) = index.get(name) {
+                    out[i].hint.present |= bit;
                 }
                 let mut ft = ent.file_type();
                 let mut real_ino = ent.ino();
@@ -293,6 +295,10 @@ impl Overlay {
                             top_ino: ino,
                             first_lower_dir: None,
                             closed: kind != Kind::Dir,
+                            hint: LowerHint {
+                                present: bit,
+                                wh: 0,
+                            },
                         };
                         if kind == Kind::Dir {
                             if is_upper {
@@ -330,9 +336,7 @@ impl Overlay {
                 } else {
                     m.top_ino
                 },
-                hint: hints
-                    .as_ref()
-                    .map(|h| h.get(&m.name).copied().unwrap_or_default()),
+                hint: hintable.then_some(m.hint),
                 name: m.name,
                 kind: m.kind,
             })
