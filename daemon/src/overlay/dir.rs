@@ -134,6 +134,10 @@ impl Listings {
 
     /// Drop the listings of `ino` once its node is gone (`alive` says whether it is).
     pub(crate) fn forget(&self, ino: u64, alive: impl FnOnce(u64) -> bool) {
+        // Every FORGET comes here; most come while no listing is kept at all.
+        if self.total.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         let mut sh = self.shard(ino).lock();
         if sh.contains_key(&ino) && !alive(ino) {
             for l in sh.remove(&ino).unwrap_or_default() {
@@ -240,7 +244,9 @@ impl Overlay {
                     continue;
                 }
                 let name = OsStr::from_bytes(raw);
-                if let Some(&i) = index.get(name) {
+                // Seen in a layer above (one lookup serves the whole entry).
+                let seen = index.get(name).copied();
+                if let Some(i) = seen {
                     out[i].hint.present |= bit;
                 }
                 let mut ft = ent.file_type();
@@ -250,7 +256,7 @@ impl Overlay {
                         continue;
                     };
                     if is_whiteout(&s) {
-                        if let Some(&i) = index.get(name) {
+                        if let Some(i) = seen {
                             out[i].closed = true;
                         }
                         this_hidden.push(name.to_os_string());
@@ -261,18 +267,14 @@ impl Overlay {
                 }
                 let kind = Kind::from_mode(ft.as_raw_mode());
                 let mut ino = self.map_dev_ino(dev, real_ino);
-                if !is_upper
-                    && kind != Kind::Dir
-                    && !index.contains_key(name)
-                    && !hidden.contains(name)
-                {
+                if !is_upper && kind != Kind::Dir && seen.is_none() && !hidden.contains(name) {
                     // Lower hard links get a number per name: lookup's rule needs the count.
                     if let Ok(s) = sys::stat_at(fd.as_fd(), name) {
                         ino = self.lower_file_ino(&s, dir_ino, name);
                     }
                 }
-                match index.get(name) {
-                    Some(&i) => {
+                match seen {
+                    Some(i) => {
                         let m = &mut out[i];
                         if m.closed || m.kind != Kind::Dir {
                             continue;

@@ -68,6 +68,20 @@ fn entries(dir: &Path) -> Vec<String> {
 
 const CALLER: Caller = Caller { uid: 0, gid: 0 };
 
+/// The names a listing of directory `ino` gives (`.` and `..` included), sorted.
+fn listed(ov: &Overlay, ino: u64) -> Vec<String> {
+    let fh = ov.opendir(ino).unwrap();
+    let mut names = Vec::new();
+    ov.readdir(fh, ino, 0, |e, _| {
+        names.push(e.name.to_string_lossy().into_owned());
+        false
+    })
+    .unwrap();
+    ov.release(fh);
+    names.sort();
+    names
+}
+
 #[test]
 fn failed_copy_up_leaves_nothing_half_done() {
     let _g = SERIAL.lock();
@@ -199,30 +213,17 @@ fn lookup_probes_and_whiteouts() {
         Some(Errno::NOENT)
     );
     // Listing: the marker file is hidden.
-    let fh = ov.opendir(d.ino).unwrap();
-    let mut names = Vec::new();
-    ov.readdir(fh, d.ino, 0, |e, _| {
-        names.push(e.name.to_string_lossy().into_owned());
-        false
-    })
-    .unwrap();
-    ov.release(fh);
-    names.sort();
-    assert_eq!(names, [".", "..", "x", "z"]);
+    assert_eq!(listed(&ov, d.ino), [".", "..", "x", "z"]);
     // rm + mkdir of a lower directory: the new one is opaque and empty.
     ov.unlink(d.ino, OsStr::new("x")).unwrap();
     ov.unlink(d.ino, OsStr::new("z")).unwrap();
     ov.rmdir(ROOT_INO, OsStr::new("d")).unwrap();
     let d2 = ov.mkdir(CALLER, ROOT_INO, OsStr::new("d"), 0o755).unwrap();
-    let fh = ov.opendir(d2.ino).unwrap();
-    let mut n = 0;
-    ov.readdir(fh, d2.ino, 0, |_, _| {
-        n += 1;
-        false
-    })
-    .unwrap();
-    ov.release(fh);
-    assert_eq!(n, 2, "only . and .. in the recreated directory");
+    assert_eq!(
+        listed(&ov, d2.ino).len(),
+        2,
+        "only . and .. in the recreated directory"
+    );
 }
 
 #[test]
@@ -413,15 +414,5 @@ fn hinted_lookups_of_a_listing_match_plain_lookups() {
     }
     // And the merged subdirectory found by the hinted lookup lists both of its layers.
     let sub = seen.iter().find(|(n, ..)| n == "sub").unwrap().1;
-    let fh = hinted.opendir(sub).unwrap();
-    let mut inside = Vec::new();
-    hinted
-        .readdir(fh, sub, 0, |e, _| {
-            inside.push(e.name.to_string_lossy().into_owned());
-            false
-        })
-        .unwrap();
-    hinted.release(fh);
-    inside.sort();
-    assert_eq!(inside, [".", "..", "s1", "s2"]);
+    assert_eq!(listed(&hinted, sub), [".", "..", "s1", "s2"]);
 }
