@@ -84,6 +84,11 @@ pub struct OverlayOptions {
     /// `passthrough=0|1`: FUSE passthrough of upper files' reads and writes (on by default
     /// where the kernel offers it and the daemon may use it; `0` keeps all I/O in the daemon).
     pub passthrough: Option<bool>,
+    /// `metacopy=on|off` (as kernel overlayfs; off by default): a change of mode, owner,
+    /// times or xattrs of a lower file copies up its metadata only, and the data follows at
+    /// the first write. Off by default because such an upper file reads as zeros through
+    /// fuse-overlayfs and through tools that read an upper layer directly.
+    pub metacopy: bool,
     /// Cache timeout in seconds; `None` means effectively infinite.
     pub timeout: Option<f64>,
     pub noxattrs: bool,
@@ -113,6 +118,7 @@ impl Default for OverlayOptions {
             threaded: None,
             writeback: None,
             passthrough: None,
+            metacopy: false,
             timeout: None,
             noxattrs: false,
             xattr_permissions: XattrPermissions::Off,
@@ -318,6 +324,7 @@ pub fn parse<S: AsRef<str>>(option_strings: &[S]) -> Result<OverlayOptions, Opti
             "threaded" => o.threaded = Some(parse_bool(key, value)?),
             "writeback" => o.writeback = Some(parse_bool(key, value)?),
             "passthrough" => o.passthrough = Some(parse_bool(key, value)?),
+            "metacopy" => o.metacopy = parse_bool(key, value)?,
             "timeout" => {
                 let v = value.ok_or_else(|| invalid("timeout", "needs a value"))?;
                 let t: f64 = v

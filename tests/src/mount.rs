@@ -230,12 +230,23 @@ impl Mount {
     /// Mounts kernel overlayfs with `redirect_dir=off,index=off,metacopy=off` (the semantics
     /// fuse-overlayfs follows: merged directories cannot be renamed, EXDEV).
     pub fn kernel(stack: &Stack, mnt: &Path) -> Result<Mount, String> {
+        let features = match stack.upper {
+            Some(_) => "redirect_dir=off,index=off,metacopy=off",
+            None => "",
+        };
+        Self::kernel_with(stack, mnt, features)
+    }
+
+    /// Mounts kernel overlayfs with `features` (e.g. `redirect_dir=on,index=off,metacopy=on`)
+    /// instead of the defaults of [`Mount::kernel`].
+    pub fn kernel_with(stack: &Stack, mnt: &Path, features: &str) -> Result<Mount, String> {
         let mnt = mnt
             .canonicalize()
             .map_err(|e| format!("{}: {e}", mnt.display()))?;
         let mut data = stack.options();
-        if stack.upper.is_some() {
-            data.push_str(",redirect_dir=off,index=off,metacopy=off");
+        if !features.is_empty() {
+            data.push(',');
+            data.push_str(features);
         }
         let cdata = CString::new(data.clone()).expect("no NUL in options");
         rustix::mount::mount(

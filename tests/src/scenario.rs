@@ -24,6 +24,8 @@ pub fn snap(root: &Path) -> Snapshot {
 pub enum Fs {
     /// Kernel overlayfs.
     Kernel,
+    /// Kernel overlayfs with these features instead of the defaults of [`Mount::kernel`].
+    KernelWith(String),
     /// A FUSE overlay binary with extra `-o` options and environment.
     Fuse {
         /// The binary.
@@ -49,6 +51,7 @@ impl Fs {
     pub fn mount(&self, m: &Materialized) -> Result<Mount, String> {
         match self {
             Fs::Kernel => Mount::kernel(&m.stack, &m.mnt),
+            Fs::KernelWith(f) => Mount::kernel_with(&m.stack, &m.mnt, f),
             Fs::Fuse { bin, opts, env } => {
                 let o: Vec<&str> = opts.iter().map(String::as_str).collect();
                 let e: Vec<(&str, &str)> =
@@ -61,7 +64,7 @@ impl Fs {
     /// Short name for reports.
     pub fn name(&self) -> String {
         match self {
-            Fs::Kernel => "kernel".into(),
+            Fs::Kernel | Fs::KernelWith(_) => "kernel".into(),
             Fs::Fuse { bin, .. } => bin
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -242,7 +245,7 @@ impl Pair {
                     side.name,
                     probs.join("\n  ")
                 );
-                if matches!(side.fs, Fs::Kernel) {
+                if matches!(side.fs, Fs::Kernel | Fs::KernelWith(_)) {
                     f.notes.push(msg);
                 } else if let Some(why) = self.known_inode_deviation {
                     f.notes.push(format!("known deviation ({why}): {msg}"));
@@ -309,7 +312,7 @@ impl Pair {
                         side.name,
                         msgs.join("\n  ")
                     );
-                    if matches!(side.fs, Fs::Kernel) {
+                    if matches!(side.fs, Fs::Kernel | Fs::KernelWith(_)) {
                         f.notes.push(msg);
                     } else {
                         f.failures.push(msg);

@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use super::loc::{DirHandle, Loc};
 use super::node::Node;
-use super::{Errno, Kind, ORIGIN_XATTR, ORIGIN_XATTR_TRUSTED, Overlay, Result, is_internal_xattr};
+use super::{
+    Errno, Kind, METACOPY_XATTRS, ORIGIN_XATTR, ORIGIN_XATTR_TRUSTED, Overlay, Result,
+    is_internal_xattr,
+};
 use crate::sys::{self, OFlags, RenameFlags, Timespec};
 
 /// A directory's upper part, ready for use: its handle and an fd.
@@ -36,20 +39,49 @@ impl Overlay {
         Ok(UpperDir { h, fd })
     }
 
-    /// The upper copy of a node, made if there is none yet (parents first). With
-    /// `skip_data` the data is not copied (the caller truncates it to zero anyway).
+    /// The upper copy of a node with its data, made if there is none yet (parents first);
+    /// a metacopy gets its data. With `skip_data` the data is not copied (the caller
+    /// truncates it to zero anyway).
     pub(crate) fn copy_up(&self, node: &Arc<Node>, skip_data: bool) -> Result<Loc> {
-        if let Some(u) = node.state().upper {
+        let data = if skip_data { Data::Skip } else { Data::All };
+        self.copy_up_as(node, data)
+    }
+
+    /// The upper copy of a node for a change of its metadata only (mode, owner, times,
+    /// xattrs): with `metacopy=on` a lower regular file's data stays below until it is
+    /// written; otherwise the same as [`Overlay::copy_up`].
+    pub(crate) fn copy_up_meta(&self, node: &Arc<Node>) -> Result<Loc> {
+        if self.opts.metacopy && node.kind() == Kind::File {
+            self.copy_up_as(node, Data::Meta)
+        } else {
+            self.copy_up(node, false)
+        }
+    }
+
+    fn copy_up_as(&self, node: &Arc<Node>, data: Data) -> Result<Loc> {
+        let done = |st: &super::node::NodeState| match &st.upper {
+            Some(u) if !st.metacopy || data == Data::Meta => Some(u.clone()),
+            _ => None,
+        };
+        if let Some(u) = done(&node.state()) {
             return Ok(u);
         }
         let work = self.work_fd()?;
         let _guard = node.copyup.lock();
         let st = node.state();
-        if let Some(u) = st.upper {
+        if let Some(u) = done(&st) {
             return Ok(u);
         }
+        if let Some(u) = st.upper.clone() {
+            return self.copy_up_data(node, &st, u, data == Data::Skip);
+        }
         if st.unlinked && st.kind != Kind::Dir {
-            return self.copy_up_unlinked(node, &work, skip_data);
+            let data = if data == Data::Skip {
+                Data::Skip
+            } else {
+                Data::All
+            };
+            return self.copy_up_unlinked(node, &work, data);
         }
         let parent = self.node(st.parent)?;
         let pu = self.copy_up_dir(&parent)?;
@@ -57,7 +89,19 @@ impl Overlay {
         let stat = src.stat()?;
         let tmp = self.tmp_name();
         let w = work.as_fd();
-        let built = self.build_copy(st.kind, src, &stat, w, &tmp, skip_data);
+        let mut data = data;
+        let built = self.build_copy(&st, &stat, w, &tmp, data).and_then(|()| {
+            if data == Data::Meta && !self.mark_metacopy(w, &tmp) {
+                // Neither mark can be written here: a full copy instead.
+                data = Data::All;
+                let out = sys::open_at(w, &tmp, OFlags::WRONLY, 0)?;
+                self.fill(st.data()?, stat.st_size, out.as_fd())?;
+                if self.opts.fsync {
+                    sys::fsync(out.as_fd(), false)?;
+                }
+            }
+            Ok(())
+        });
         if let Err(e) = built {
             let _ = remove_any(w, &tmp, st.kind);
             return Err(e);
@@ -85,24 +129,83 @@ impl Overlay {
         node.update(|s| {
             s.upper = Some(upper.clone());
             s.backing = (ust.st_dev, ust.st_ino);
-            if s.kind != Kind::Dir {
+            s.metacopy = data == Data::Meta;
+            if s.kind != Kind::Dir && !s.metacopy {
                 s.lowers.clear();
             }
         });
         Ok(upper)
     }
 
+    /// A metacopy's data, copied into its upper file in place (it has the size already),
+    /// synced, and only then the mark removed: a crash part way leaves a file that still
+    /// reads from below. With `skip_data` the file is emptied instead.
+    fn copy_up_data(
+        &self,
+        node: &Arc<Node>,
+        st: &super::node::NodeState,
+        upper: Loc,
+        skip_data: bool,
+    ) -> Result<Loc> {
+        let out = upper.open(OFlags::WRONLY)?;
+        let before = sys::fstat(out.as_fd())?;
+        if skip_data {
+            sys::ftruncate(out.as_fd(), 0)?;
+        } else {
+            self.fill(st.data()?, before.st_size, out.as_fd())?;
+        }
+        // Copying the data is not a change of the file: keep its times.
+        sys::futimens(out.as_fd(), atime_of(&before), mtime_of(&before))?;
+        if self.opts.fsync {
+            sys::fsync(out.as_fd(), false)?;
+        }
+        for m in METACOPY_XATTRS {
+            match upper.removexattr(OsStr::new(m)) {
+                Ok(()) | Err(Errno::NODATA) | Err(Errno::NOTSUP) | Err(Errno::PERM) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        node.update(|s| {
+            s.metacopy = false;
+            s.lowers.clear();
+        });
+        Ok(upper)
+    }
+
+    /// Mark `dir/name` a metacopy (`trusted.` where permitted, else `user.`); false if
+    /// neither can be written.
+    fn mark_metacopy(&self, dir: BorrowedFd<'_>, name: &OsStr) -> bool {
+        METACOPY_XATTRS
+            .iter()
+            .any(|m| sys::setxattr_at(dir, name, OsStr::new(m), b"").is_ok())
+    }
+
+    /// Copy the first `len` bytes of `src` into `out`, by FICLONE where the lower layer's
+    /// filesystem allows it.
+    fn fill(&self, src: &Loc, len: i64, out: BorrowedFd<'_>) -> Result<()> {
+        if len <= 0 {
+            return Ok(());
+        }
+        let input = src.open(OFlags::RDONLY)?;
+        let dev = sys::fstat(input.as_fd())?.st_dev;
+        let clone = !self.no_clone_from.read().contains(&dev);
+        if copy_data(input.as_fd(), out, len as u64, clone)? == Reflink::Refused {
+            self.no_clone_from.write().insert(dev);
+        }
+        Ok(())
+    }
+
     /// The upper copy of a lower file no name reaches any more (open while it was unlinked
     /// or renamed over): an anonymous file, as the open file it belongs to is. Copying it to
     /// its old name would bring it back, or fail on the whiteout or file there now.
-    fn copy_up_unlinked(&self, node: &Arc<Node>, work: &OwnedFd, skip_data: bool) -> Result<Loc> {
+    fn copy_up_unlinked(&self, node: &Arc<Node>, work: &OwnedFd, data: Data) -> Result<Loc> {
         let st = node.state();
         let (_, src) = st.lowers.first().ok_or(Errno::IO)?;
         let stat = src.stat()?;
         let tmp = self.tmp_name();
         let w = work.as_fd();
         let built = self
-            .build_copy(st.kind, src, &stat, w, &tmp, skip_data)
+            .build_copy(&st, &stat, w, &tmp, data)
             .and_then(|()| sys::open_path_at(w, &tmp));
         let removed = remove_any(w, &tmp, st.kind);
         let fd = built?;
@@ -112,21 +215,24 @@ impl Overlay {
         node.update(|s| {
             s.upper = Some(upper.clone());
             s.backing = (ust.st_dev, ust.st_ino);
+            s.metacopy = false;
             s.lowers.clear();
         });
         Ok(upper)
     }
 
-    /// Make `work/tmp` a copy of `src` (data unless `skip_data`, owner, mode, xattrs, times).
+    /// Make `work/tmp` a copy of the node's topmost lower file `src` (of `stat`): its data
+    /// (from where the node's data is) as `data` says, owner, mode, xattrs, times.
     fn build_copy(
         &self,
-        kind: Kind,
-        src: &Loc,
+        st: &super::node::NodeState,
         stat: &sys::Stat,
         work: BorrowedFd<'_>,
         tmp: &OsStr,
-        skip_data: bool,
+        data: Data,
     ) -> Result<()> {
+        let kind = st.kind;
+        let (_, src) = st.lowers.first().ok_or(Errno::IO)?;
         let mode = stat.st_mode & 0o7777;
         match kind {
             Kind::Dir => sys::mkdir_at(work, tmp, 0o700)?,
@@ -141,16 +247,14 @@ impl Overlay {
                     OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
                     0o600,
                 )?;
-                if !skip_data && stat.st_size > 0 {
-                    let input = src.open(OFlags::RDONLY)?;
-                    let dev = stat.st_dev;
-                    let clone = !self.no_clone_from.read().contains(&dev);
-                    let len = stat.st_size as u64;
-                    if copy_data(input.as_fd(), out.as_fd(), len, clone)? == Reflink::Refused {
-                        self.no_clone_from.write().insert(dev);
-                    }
+                match data {
+                    Data::All => self.fill(st.data()?, stat.st_size, out.as_fd())?,
+                    Data::Skip => {}
+                    // The size with no data (a sparse file); nothing to sync, as with
+                    // kernel overlayfs: no data was written.
+                    Data::Meta => sys::ftruncate(out.as_fd(), stat.st_size.max(0) as u64)?,
                 }
-                if self.opts.fsync {
+                if self.opts.fsync && data != Data::Meta {
                     sys::fsync(out.as_fd(), false)?;
                 }
             }
@@ -213,6 +317,16 @@ impl Overlay {
         }
         Ok(())
     }
+}
+
+/// What a copy-up brings up of a file's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Data {
+    All,
+    /// Nothing: the caller empties the file anyway.
+    Skip,
+    /// Nothing yet (`metacopy=on`): the upper file is marked a metacopy.
+    Meta,
 }
 
 /// What FICLONE did in [`copy_data`].

@@ -171,6 +171,9 @@ pub(crate) const OPAQUE_XATTRS: [&str; 3] = [
     "user.overlay.opaque",
     "user.fuseoverlayfs.opaque",
 ];
+/// The mark of a metacopy upper file (kernel overlayfs's names: `trusted.` for a privileged
+/// mount, `user.` with `userxattr`); read in both, written in the first one permitted.
+pub(crate) const METACOPY_XATTRS: [&str; 2] = ["trusted.overlay.metacopy", "user.overlay.metacopy"];
 pub(crate) const OPAQUE_FILE: &str = ".wh..wh..opq";
 pub(crate) const WH_PREFIX: &[u8] = b".wh.";
 
@@ -182,6 +185,8 @@ pub(crate) struct Found {
     /// stat of the topmost real file.
     pub top: Stat,
     pub ino: u64,
+    /// The upper file is a metacopy; `lowers` holds the data file, if any layer has it.
+    pub metacopy: bool,
 }
 
 enum Handle {
@@ -225,7 +230,8 @@ impl FileHandle {
     fn fd(&self) -> BorrowedFd<'_> {
         if let Some(b) = &self.below {
             if b.up.get().is_none() {
-                if let Some(loc) = b.node.update(|s| s.upper.clone()) {
+                // A metacopy's upper file holds no data until the data is copied up.
+                if let Some(loc) = b.node.update(|s| s.upper.clone().filter(|_| !s.metacopy)) {
                     // Only the copy itself: a rename between reading the location and
                     // opening it would leave another file there.
                     if let Ok(fd) = loc.open(b.flags) {
@@ -412,6 +418,7 @@ impl Overlay {
                 upper: upper.map(|u| Loc::Dir(DirHandle::root(u))),
                 lowers,
                 backing: (st.st_dev, st.st_ino),
+                metacopy: false,
                 unlinked: false,
             },
         ));
@@ -535,13 +542,18 @@ impl Overlay {
                     let k = Kind::from_mode(st.st_mode);
                     if k != Kind::Dir {
                         let loc = Loc::At(uh.clone(), name.to_os_string());
-                        let ino = self.upper_file_ino(&loc, &st);
+                        let (ino, metacopy) = self.upper_file_ino(&loc, &st);
+                        let metacopy = metacopy && k == Kind::File;
+                        if metacopy {
+                            lowers.extend(self.lower_data(parent, name, hint, None)?);
+                        }
                         return Ok(Some(Found {
                             kind: k,
                             upper: Some(loc),
                             lowers,
                             top: st,
                             ino,
+                            metacopy,
                         }));
                     }
                     let fd = sys::open_path_at(u.as_fd(), name)?;
@@ -556,6 +568,7 @@ impl Overlay {
                             lowers,
                             ino: self.map_ino(&st),
                             top: st,
+                            metacopy: false,
                         }));
                     }
                 }
@@ -586,13 +599,22 @@ impl Overlay {
                     let k = Kind::from_mode(st.st_mode);
                     match kind {
                         None if k != Kind::Dir => {
-                            lowers.push((layer, Loc::At(lh.clone(), name.to_os_string())));
+                            let loc = Loc::At(lh.clone(), name.to_os_string());
+                            // A metacopy in a lower layer (a committed upper stacked below)
+                            // counts only where metacopy is on, as with kernel overlayfs.
+                            let metacopy =
+                                k == Kind::File && self.opts.metacopy && is_metacopy(&loc);
+                            lowers.push((layer, loc));
+                            if metacopy {
+                                lowers.extend(self.lower_data(parent, name, hint, Some(layer))?);
+                            }
                             return Ok(Some(Found {
                                 kind: k,
                                 upper: None,
                                 lowers,
                                 ino: self.lower_file_ino(&st, parent_ino, name),
                                 top: st,
+                                metacopy,
                             }));
                         }
                         Some(Kind::Dir) | None if k == Kind::Dir => {
@@ -633,19 +655,65 @@ impl Overlay {
             lowers,
             top,
             ino,
+            metacopy: false,
         }))
     }
 
-    /// An upper file keeps the inode number of the lower file it was copied up from.
-    fn upper_file_ino(&self, loc: &Loc, st: &Stat) -> u64 {
+    /// The data of a metacopy: the same name's regular file in the next lower layer that
+    /// has the name, below layer `below` (none: all lower layers), past further metacopies
+    /// where metacopy is on (no redirects are written or followed), or none.
+    fn lower_data(
+        &self,
+        parent: &NodeState,
+        name: &OsStr,
+        hint: Option<&dir::LowerHint>,
+        below: Option<u16>,
+    ) -> Result<Option<(u16, Loc)>> {
+        for (layer, lh, dfd) in parent.lower_dirs()? {
+            if below.is_some_and(|b| layer <= b) {
+                continue;
+            }
+            if let Some(h) = hint.filter(|_| layer < 64) {
+                let bit = 1u64 << layer;
+                if h.present & bit == 0 {
+                    if h.wh & bit != 0 {
+                        return Ok(None);
+                    }
+                    continue;
+                }
+            }
+            match sys::stat_at(dfd.as_fd(), name) {
+                Ok(st) if Kind::from_mode(st.st_mode) == Kind::File => {
+                    let loc = Loc::At(lh.clone(), name.to_os_string());
+                    if self.opts.metacopy && is_metacopy(&loc) {
+                        continue;
+                    }
+                    return Ok(Some((layer, loc)));
+                }
+                Ok(_) | Err(Errno::NOTDIR) => return Ok(None),
+                Err(Errno::NOENT) => {
+                    if Self::wh_file_exists(dfd.as_fd(), name) {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// An upper file keeps the inode number of the lower file it was copied up from; and
+    /// whether it is a metacopy (read in any mount: the mark says where the data is).
+    fn upper_file_ino(&self, loc: &Loc, st: &Stat) -> (u64, bool) {
         // One listxattr answers for most files (which have no xattrs at all).
-        let origin = loc
-            .listxattr()
-            .ok()
-            .and_then(|names| find_origin_name(&names))
+        let names = loc.listxattr().unwrap_or_default();
+        let metacopy = names
+            .iter()
+            .any(|n| METACOPY_XATTRS.iter().any(|m| n.as_bytes() == m.as_bytes()));
+        let origin = find_origin_name(&names)
             .and_then(|n| loc.getxattr(n).ok())
             .and_then(|v| parse_origin(&v));
-        origin.unwrap_or_else(|| self.map_ino(st))
+        (origin.unwrap_or_else(|| self.map_ino(st)), metacopy)
     }
 
     /// The inode number of a lower non-directory. A file with several hard links below gets
@@ -690,6 +758,7 @@ impl Overlay {
             backing: (found.top.st_dev, found.top.st_ino),
             upper: found.upper,
             lowers: found.lowers,
+            metacopy: found.metacopy,
             unlinked: false,
         }
     }
@@ -772,10 +841,17 @@ impl Overlay {
         {
             nlink = 1;
         }
+        let mut blocks = stat.st_blocks as u64;
+        if st.metacopy {
+            // The upper file holds no data: report what the data takes, as kernel overlayfs.
+            if let Ok(d) = st.data().and_then(|l| l.stat()) {
+                blocks = d.st_blocks as u64;
+            }
+        }
         Attr {
             ino: node.ino,
             size: stat.st_size as u64,
-            blocks: stat.st_blocks as u64,
+            blocks,
             atime: (stat.st_atime, stat.st_atime_nsec as u32),
             mtime: (stat.st_mtime, stat.st_mtime_nsec as u32),
             ctime: (stat.st_ctime, stat.st_ctime_nsec as u32),
@@ -847,8 +923,9 @@ impl Overlay {
         let node = self.node(ino)?;
         if let Some(fh) = fh {
             if let Some(h) = self.handle(fh) {
-                if let Handle::File(f) = &*h {
-                    let st = node.state();
+                let st = node.state();
+                // A read handle of a metacopy is the lower file: its metadata is above.
+                if let (Handle::File(f), false) = (&*h, st.metacopy) {
                     let stat = sys::fstat(f.fd())?;
                     return Ok(self.attr_of(&node, &st, &stat));
                 }
@@ -925,14 +1002,15 @@ impl Overlay {
             if writes || trunc {
                 self.copy_up(&node, trunc)?.open(open_flags(flags))
             } else {
-                st.top().open(open_flags(flags))
+                st.data()?.open(open_flags(flags))
             }
         };
         // `st` (or the copy-up's location) may name an entry that a racing unlink or rename is
         // replacing with a whiteout (a 0/0 device: ENXIO) before it pins the node to an O_PATH
         // fd: open what the node is once the unlink has pinned it. If it never settles, the
         // name is gone: answer as an open after the unlink would (ENOENT), never ENXIO.
-        let below = !(writes || trunc) && st.upper.is_none() && st.kind == Kind::File;
+        let below =
+            !(writes || trunc) && (st.upper.is_none() || st.metacopy) && st.kind == Kind::File;
         let mut res = open_once(&st);
         if !matches!(st.kind, Kind::Char | Kind::Block) {
             let mut tries = 0;
@@ -947,7 +1025,8 @@ impl Overlay {
             }
         }
         let fd = res?;
-        let upper = st.kind == Kind::File && (writes || trunc || st.upper.is_some());
+        let upper =
+            st.kind == Kind::File && (writes || trunc || (st.upper.is_some() && !st.metacopy));
         let below = below.then(|| Below {
             node: node.clone(),
             flags: open_flags(flags),
@@ -1132,6 +1211,13 @@ pub(crate) fn find_origin_name(names: &[OsString]) -> Option<&'static OsStr> {
 
 pub(crate) fn parse_origin(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Does the file carry a metacopy mark?
+fn is_metacopy(loc: &Loc) -> bool {
+    METACOPY_XATTRS
+        .iter()
+        .any(|m| loc.getxattr(OsStr::new(m)).is_ok())
 }
 
 pub(crate) fn is_whiteout(st: &Stat) -> bool {

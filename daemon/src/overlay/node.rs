@@ -27,8 +27,12 @@ pub struct NodeState {
     /// The upper-layer file, once there is one.
     pub upper: Option<Loc>,
     /// Directories: the lower directories merged under this one, topmost first, down to the
-    /// first opaque one. Other kinds: the one lower file, while there is no upper.
+    /// first opaque one. Other kinds: the one lower file, while there is no upper; with
+    /// `metacopy`, the lower metacopy file (if the metadata is below) and the data file.
     pub lowers: Vec<(u16, Loc)>,
+    /// A regular file whose topmost file holds its metadata only: the data is the last of
+    /// `lowers`, until the first write copies it up.
+    pub metacopy: bool,
     /// (st_dev, st_ino) of the topmost real file: tells a reused inode number from this one.
     pub backing: (u64, u64),
     /// No name reaches this inode any more (it lives on only through open handles).
@@ -41,6 +45,18 @@ impl NodeState {
         self.upper
             .as_ref()
             .unwrap_or_else(|| &self.lowers.first().expect("a node has a layer").1)
+    }
+
+    /// Where the file's data is: for a metacopy the lower data file (EIO if no layer has
+    /// it), else the topmost file.
+    pub fn data(&self) -> super::Result<&Loc> {
+        if self.metacopy {
+            return match self.lowers.last() {
+                Some((_, l)) if !self.top().same_place(l) => Ok(l),
+                _ => Err(super::Errno::IO),
+            };
+        }
+        Ok(self.top())
     }
 
     /// A directory's upper part: its handle and fd.
@@ -159,8 +175,16 @@ impl NodeTable {
                         s.parent = state.parent;
                         s.name = state.name;
                     } else if !(s.upper.is_some() && state.upper.is_none()) {
-                        // A file: the name it was just found by is its location now.
+                        // A file: the name it was just found by is its location now. Its
+                        // data, once copied up, never goes back below: a lookup that read
+                        // the metacopy mark just before the copy removed it is older news.
+                        let data_up =
+                            s.upper.is_some() && !s.metacopy && s.backing == state.backing;
                         *s = state;
+                        if data_up && s.metacopy {
+                            s.metacopy = false;
+                            s.lowers.clear();
+                        }
                     }
                 });
                 n.clone()

@@ -3,6 +3,8 @@
 
 use std::ffi::OsStr;
 use std::fs;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
@@ -34,14 +36,19 @@ impl Layers {
     }
 
     fn overlay(&self) -> Overlay {
-        let o = options::parse(&[format!(
+        self.overlay_with(&[])
+    }
+
+    /// An overlay of these layers with `extra` options too.
+    fn overlay_with(&self, extra: &[&str]) -> Overlay {
+        let mut opts = vec![format!(
             "lowerdir={},upperdir={},workdir={}",
             self.p("lower").display(),
             self.p("upper").display(),
             self.p("work").display()
-        )])
-        .unwrap();
-        Overlay::new(o).unwrap()
+        )];
+        opts.extend(extra.iter().map(|o| o.to_string()));
+        Overlay::new(options::parse(&opts).unwrap()).unwrap()
     }
 }
 
@@ -415,4 +422,118 @@ fn hinted_lookups_of_a_listing_match_plain_lookups() {
     // And the merged subdirectory found by the hinted lookup lists both of its layers.
     let sub = seen.iter().find(|(n, ..)| n == "sub").unwrap().1;
     assert_eq!(listed(&hinted, sub), [".", "..", "s1", "s2"]);
+}
+
+fn metacopy_mark(path: &Path) -> bool {
+    METACOPY_XATTRS.iter().any(|m| {
+        let dir = fs::File::open(path.parent().unwrap()).unwrap();
+        sys::getxattr_at(dir.as_fd(), path.file_name().unwrap(), OsStr::new(m)).is_ok()
+    })
+}
+
+fn chmod_only(mode: u32) -> SetAttr {
+    SetAttr {
+        mode: Some(mode),
+        uid: None,
+        gid: None,
+        size: None,
+        atime: None,
+        mtime: None,
+    }
+}
+
+#[test]
+fn metacopy_keeps_the_data_below_until_a_write() {
+    let _g = SERIAL.lock();
+    let l = Layers::new("metacopy");
+    let data = vec![7u8; 1 << 20];
+    fs::write(l.p("lower/f"), &data).unwrap();
+    let ov = l.overlay_with(&["metacopy=on"]);
+    let f = ov.lookup(ROOT_INO, OsStr::new("f")).unwrap();
+    let a = ov.setattr(f.ino, None, chmod_only(0o600)).unwrap();
+    assert_eq!((a.perm, a.size), (0o600, 1 << 20));
+    // The upper file: the metadata, the size, the mark, no data.
+    let md = fs::metadata(l.p("upper/f")).unwrap();
+    assert_eq!((md.len(), md.blocks()), (1 << 20, 0), "no data copied");
+    assert!(metacopy_mark(&l.p("upper/f")), "marked a metacopy");
+    assert_eq!(a.blocks, fs::metadata(l.p("lower/f")).unwrap().blocks());
+    let r = ov.open(f.ino, libc::O_RDONLY).unwrap();
+    assert_eq!(
+        ov.read(r, 0, 1 << 21).unwrap(),
+        data,
+        "reads the lower data"
+    );
+    // A remount (metacopy off: the mark is still read) sees the same.
+    {
+        let ov2 = l.overlay();
+        let f2 = ov2.lookup(ROOT_INO, OsStr::new("f")).unwrap();
+        assert_eq!(f2.perm, 0o600);
+        let h = ov2.open(f2.ino, libc::O_RDONLY).unwrap();
+        assert_eq!(ov2.read(h, 0, 1 << 21).unwrap(), data);
+        ov2.release(h);
+    }
+    // The first write brings the data up; the earlier read handle follows it.
+    let w = ov.open(f.ino, libc::O_WRONLY).unwrap();
+    assert_eq!(ov.write(w, 0, b"x").unwrap(), 1);
+    ov.release(w);
+    assert!(!metacopy_mark(&l.p("upper/f")), "mark removed");
+    let got = ov.read(r, 0, 1 << 21).unwrap();
+    assert_eq!((got.len(), got[0], got[1]), (1 << 20, b'x', 7));
+    ov.release(r);
+    let up = fs::read(l.p("upper/f")).unwrap();
+    assert_eq!((up.len(), up[0], up[(1 << 20) - 1]), (1 << 20, b'x', 7));
+    assert_eq!(
+        fs::read(l.p("lower/f")).unwrap(),
+        data,
+        "lower layer unchanged"
+    );
+    // Truncating a metacopy to zero copies nothing.
+    fs::write(l.p("lower/g"), b"gggg").unwrap();
+    let g = ov.lookup(ROOT_INO, OsStr::new("g")).unwrap();
+    ov.setattr(g.ino, None, chmod_only(0o640)).unwrap();
+    assert!(metacopy_mark(&l.p("upper/g")));
+    let mut t = chmod_only(0o640);
+    (t.mode, t.size) = (None, Some(0));
+    assert_eq!(ov.setattr(g.ino, None, t).unwrap().size, 0);
+    assert!(!metacopy_mark(&l.p("upper/g")));
+    assert_eq!(fs::read(l.p("upper/g")).unwrap(), b"");
+}
+
+#[test]
+fn a_failed_data_copy_of_a_metacopy_keeps_it_reading_below() {
+    let _g = SERIAL.lock();
+    for (op, errno) in [("copy_file_range", Errno::NOSPC), ("fsync", Errno::IO)] {
+        let l = Layers::new(&format!("metacopy-fault-{op}"));
+        let data = vec![9u8; 1 << 20];
+        fs::write(l.p("lower/f"), &data).unwrap();
+        let ov = l.overlay_with(&["metacopy=on"]);
+        let f = ov.lookup(ROOT_INO, OsStr::new("f")).unwrap();
+        ov.setattr(f.ino, None, chmod_only(0o600)).unwrap();
+        faults::inject(op, 1, errno);
+        let r = ov.open(f.ino, libc::O_RDWR);
+        faults::clear();
+        assert_eq!(
+            r.err(),
+            Some(errno),
+            "{op}: the open fails with the step's errno"
+        );
+        assert!(metacopy_mark(&l.p("upper/f")), "{op}: still a metacopy");
+        let h = ov.open(f.ino, libc::O_RDONLY).unwrap();
+        assert_eq!(ov.read(h, 0, 1 << 21).unwrap(), data, "{op}: reads below");
+        ov.release(h);
+        let fresh = l.overlay();
+        let f2 = fresh.lookup(ROOT_INO, OsStr::new("f")).unwrap();
+        let h = fresh.open(f2.ino, libc::O_RDONLY).unwrap();
+        assert_eq!(
+            fresh.read(h, 0, 1 << 21).unwrap(),
+            data,
+            "{op}: after a remount"
+        );
+        fresh.release(h);
+        // A retry works.
+        let w = ov.open(f.ino, libc::O_WRONLY).unwrap();
+        ov.release(w);
+        assert!(!metacopy_mark(&l.p("upper/f")), "{op}");
+        assert_eq!(fs::read(l.p("upper/f")).unwrap(), data, "{op}");
+    }
 }

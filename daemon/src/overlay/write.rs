@@ -456,6 +456,7 @@ impl Overlay {
             lowers: Vec::new(),
             ino: self.map_ino(&top),
             top,
+            metacopy: false,
         };
         let (node, stat) = self.intern(found, parent, name, true);
         Ok(self.attr_of(&node, &node.state(), &stat))
@@ -835,8 +836,11 @@ impl Overlay {
     pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> Result<Attr> {
         self.writable()?;
         let node = self.node(ino)?;
-        let truncating_to_zero = set.size == Some(0);
-        let u = self.copy_up(&node, truncating_to_zero)?;
+        let u = match set.size {
+            // Mode, owner and times only: the data may stay below (metacopy=on).
+            None => self.copy_up_meta(&node)?,
+            Some(size) => self.copy_up(&node, size == 0)?,
+        };
         let st = node.state();
         if let Some(x) = self.override_xattr_for(st.kind) {
             if set.mode.is_some() || set.uid.is_some() || set.gid.is_some() {
@@ -935,7 +939,7 @@ impl Overlay {
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         self.check_xattr_change(name)?;
         let node = self.node(ino)?;
-        let u = self.copy_up(&node, false)?;
+        let u = self.copy_up_meta(&node)?;
         u.setxattr(&self.stored_xattr_name(name), value, flags)
     }
 
@@ -946,7 +950,7 @@ impl Overlay {
         let st = node.state();
         let stored = self.stored_xattr_name(name);
         st.top().getxattr(&stored)?;
-        let u = self.copy_up(&node, false)?;
+        let u = self.copy_up_meta(&node)?;
         u.removexattr(&stored)
     }
 }
