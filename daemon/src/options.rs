@@ -85,7 +85,8 @@ pub struct OverlayOptions {
     /// where the kernel offers it and the daemon may use it; `0` keeps all I/O in the daemon).
     pub passthrough: Option<bool>,
     /// `metacopy=on|off` (as kernel overlayfs; off by default): a change of mode, owner,
-    /// times or xattrs of a lower file copies up its metadata only, and the data follows at
+    /// times or xattrs, or a rename, of a lower file copies up its metadata only (a rename
+    /// records where the data is, kernel overlayfs's redirect), and the data follows at
     /// the first write. Off by default because such an upper file reads as zeros through
     /// fuse-overlayfs and through tools that read an upper layer directly.
     pub metacopy: bool,

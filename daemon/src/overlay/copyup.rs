@@ -4,13 +4,14 @@
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::loc::{DirHandle, Loc};
 use super::node::Node;
 use super::{
-    Errno, Kind, METACOPY_XATTRS, ORIGIN_XATTR, ORIGIN_XATTR_TRUSTED, Overlay, Result,
-    is_internal_xattr,
+    Errno, Kind, METACOPY_XATTRS, ORIGIN_XATTR, ORIGIN_XATTR_TRUSTED, Overlay, REDIRECT_XATTRS,
+    Result, is_internal_xattr,
 };
 use crate::sys::{self, OFlags, RenameFlags, Timespec};
 
@@ -54,6 +55,43 @@ impl Overlay {
         if self.opts.metacopy && node.kind() == Kind::File {
             self.copy_up_as(node, Data::Meta)
         } else {
+            self.copy_up(node, false)
+        }
+    }
+
+    /// The upper copy of a file about to be renamed: with `metacopy=on` a lower regular
+    /// file's (or a metacopy's) data stays below, and the upper file records the data's path
+    /// from the layer root (kernel overlayfs's absolute `redirect`), which a lookup by the
+    /// new name follows. Otherwise the same as [`Overlay::copy_up`].
+    pub(crate) fn copy_up_moving(&self, node: &Arc<Node>) -> Result<Loc> {
+        if !(self.opts.metacopy && node.kind() == Kind::File) {
+            return self.copy_up(node, false);
+        }
+        let u = self.copy_up_as(node, Data::Meta)?;
+        let _guard = node.copyup.lock();
+        let st = node.state();
+        if !st.metacopy {
+            return Ok(u);
+        }
+        let has = |x: &&str| u.getxattr(OsStr::new(x)).is_ok();
+        if REDIRECT_XATTRS.iter().any(has) {
+            return Ok(u);
+        }
+        // The data found by its name: its directory's path in the layer, and the name.
+        let path = match st.data()? {
+            Loc::At(dir, name) => dir.path().join(name),
+            _ => PathBuf::new(),
+        };
+        let value = [b"/", path.as_os_str().as_bytes()].concat();
+        let marked = !path.as_os_str().is_empty()
+            && REDIRECT_XATTRS
+                .iter()
+                .any(|x| u.setxattr(OsStr::new(x), &value, 0).is_ok());
+        drop(_guard);
+        if marked {
+            Ok(u)
+        } else {
+            // No redirect can be written: the data comes up instead.
             self.copy_up(node, false)
         }
     }
@@ -159,7 +197,7 @@ impl Overlay {
         if self.opts.fsync {
             sys::fsync(out.as_fd(), false)?;
         }
-        for m in METACOPY_XATTRS {
+        for m in METACOPY_XATTRS.iter().chain(&REDIRECT_XATTRS) {
             match upper.removexattr(OsStr::new(m)) {
                 Ok(()) | Err(Errno::NODATA) | Err(Errno::NOTSUP) | Err(Errno::PERM) => {}
                 Err(e) => return Err(e),

@@ -89,6 +89,17 @@ impl DirHandle {
         Ok(fd)
     }
 
+    /// Its path from the layer root (`""` for the root), from the names it is reached by.
+    pub fn path(&self) -> std::path::PathBuf {
+        let mut names = Vec::new();
+        let mut next = self.origin.lock().clone();
+        while let Some((parent, name)) = next {
+            names.push(name);
+            next = parent.origin.lock().clone();
+        }
+        names.iter().rev().collect()
+    }
+
     /// The directory was renamed (its fd, if held, still points at it).
     pub fn moved(&self, parent: &Arc<DirHandle>, name: &OsStr) {
         let mut o = self.origin.lock();

@@ -174,6 +174,9 @@ pub(crate) const OPAQUE_XATTRS: [&str; 3] = [
 /// The mark of a metacopy upper file (kernel overlayfs's names: `trusted.` for a privileged
 /// mount, `user.` with `userxattr`); read in both, written in the first one permitted.
 pub(crate) const METACOPY_XATTRS: [&str; 2] = ["trusted.overlay.metacopy", "user.overlay.metacopy"];
+/// Where a renamed metacopy's data is (kernel overlayfs's `redirect`): a name in the same
+/// directory, or a path from the layer root starting with `/`.
+pub(crate) const REDIRECT_XATTRS: [&str; 2] = ["trusted.overlay.redirect", "user.overlay.redirect"];
 pub(crate) const OPAQUE_FILE: &str = ".wh..wh..opq";
 pub(crate) const WH_PREFIX: &[u8] = b".wh.";
 
@@ -545,7 +548,7 @@ impl Overlay {
                         let (ino, metacopy) = self.upper_file_ino(&loc, &st);
                         let metacopy = metacopy && k == Kind::File;
                         if metacopy {
-                            lowers.extend(self.lower_data(parent, name, hint, None)?);
+                            lowers.extend(self.metacopy_data(&loc, parent, name, hint, None)?);
                         }
                         return Ok(Some(Found {
                             kind: k,
@@ -604,10 +607,14 @@ impl Overlay {
                             // counts only where metacopy is on, as with kernel overlayfs.
                             let metacopy =
                                 k == Kind::File && self.opts.metacopy && is_metacopy(&loc);
+                            let data = match metacopy {
+                                true => {
+                                    self.metacopy_data(&loc, parent, name, hint, Some(layer))?
+                                }
+                                false => None,
+                            };
                             lowers.push((layer, loc));
-                            if metacopy {
-                                lowers.extend(self.lower_data(parent, name, hint, Some(layer))?);
-                            }
+                            lowers.extend(data);
                             return Ok(Some(Found {
                                 kind: k,
                                 upper: None,
@@ -657,6 +664,68 @@ impl Overlay {
             ino,
             metacopy: false,
         }))
+    }
+
+    /// The data of metacopy `meta` (in layer `below`, none: the upper layer): where its
+    /// redirect says, else the same name below.
+    fn metacopy_data(
+        &self,
+        meta: &Loc,
+        parent: &NodeState,
+        name: &OsStr,
+        hint: Option<&dir::LowerHint>,
+        below: Option<u16>,
+    ) -> Result<Option<(u16, Loc)>> {
+        let redirect = REDIRECT_XATTRS
+            .iter()
+            .find_map(|x| meta.getxattr(OsStr::new(x)).ok());
+        let Some(r) = redirect else {
+            return self.lower_data(parent, name, hint, below);
+        };
+        let Some(path) = r.strip_prefix(b"/") else {
+            // A name in the same directory.
+            if r.is_empty() || r.contains(&b'/') {
+                return Ok(None);
+            }
+            return self.lower_data(parent, OsStr::from_bytes(&r), None, below);
+        };
+        // A path from the root of each lower layer below; no `.`, `..` or empty parts.
+        let bad = |c: &[u8]| c.is_empty() || c == b"." || c == b"..";
+        if path.split(|b| *b == b'/').any(bad) {
+            return Ok(None);
+        }
+        for (i, layer) in self.lowers.iter().enumerate() {
+            let i = i as u16;
+            if below.is_some_and(|b| i <= b) {
+                continue;
+            }
+            // One part at a time, following no symlink: the path stays in the layer.
+            let mut walked: Result<OwnedFd> = Err(Errno::NOENT);
+            for part in path.split(|b| *b == b'/') {
+                let dir = match &walked {
+                    Ok(fd) => fd.as_fd(),
+                    Err(_) => layer.fd.as_fd(),
+                };
+                walked = sys::open_path_at(dir, OsStr::from_bytes(part));
+                if walked.is_err() {
+                    break;
+                }
+            }
+            let fd = match walked {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) | Err(Errno::NOTDIR) => continue,
+                Err(e) => return Err(e),
+            };
+            let st = sys::fstat(fd.as_fd())?;
+            if Kind::from_mode(st.st_mode) != Kind::File {
+                return Ok(None);
+            }
+            let loc = Loc::Fd(Arc::new(fd));
+            if !(self.opts.metacopy && is_metacopy(&loc)) {
+                return Ok(Some((i, loc)));
+            }
+        }
+        Ok(None)
     }
 
     /// The data of a metacopy: the same name's regular file in the next lower layer that

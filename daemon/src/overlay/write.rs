@@ -651,11 +651,14 @@ impl Overlay {
         let src_node = self.node_of(src, parent, name);
         let pu = self.copy_up_dir(&p)?;
         let npu = self.copy_up_dir(&np)?;
-        self.copy_up(&src_node, false)?;
         if exchange {
+            self.copy_up(&src_node, false)?;
             if let Some(d) = &dst_node {
                 self.copy_up(d, false)?;
             }
+        } else {
+            // With metacopy=on a file's data stays below (a redirect says where).
+            self.copy_up_moving(&src_node)?;
         }
         // While the names change, a getattr, open or setattr of a moving file must reach
         // the file, not what its old name holds for a moment (a whiteout, or the other file
