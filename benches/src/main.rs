@@ -38,10 +38,15 @@ options:
   --fuse-overlayfs2 PATH fuse-overlayfs 2.0; default /opt/fuse-overlayfs2/bin/fuse-overlayfs
   --workdir DIR          layers, uppers and mountpoints (on disk, not tmpfs);
                          default /var/tmp/rustfuse-compare
-  --out DIR              where results[-rootless].json and .svg go; default the work dir
+  --out DIR              where results[-rootless][-metacopy].json and .svg go; default
+                         the work dir
   --timeout SECS         deadline of every command; default 600
   --rootless             mount every filesystem as uid 65534 inside a user namespace
                          (setpriv + unshare -Urm; kernel overlayfs with userxattr)
+  --metacopy             kernel overlayfs with redirect_dir=on,metacopy=on (root mode
+                         only: it refuses metacopy with userxattr) and rustfuse with
+                         -o metacopy=on; fuse-overlayfs has no such mode; files
+                         results[-rootless]-metacopy.*
   --list                 list the workloads and exit
 ";
 
@@ -57,6 +62,7 @@ struct Args {
     out: Option<PathBuf>,
     timeout: Duration,
     rootless: bool,
+    metacopy: bool,
     list: bool,
 }
 
@@ -73,6 +79,7 @@ fn parse_args(argv: &[String]) -> Result<Args> {
         out: None,
         timeout: Duration::from_secs(600),
         rootless: false,
+        metacopy: false,
         list: false,
     };
     let mut it = argv.iter();
@@ -103,6 +110,7 @@ fn parse_args(argv: &[String]) -> Result<Args> {
             "--out" => a.out = Some(val()?.into()),
             "--timeout" => a.timeout = Duration::from_secs(val()?.parse().context("--timeout")?),
             "--rootless" => a.rootless = true,
+            "--metacopy" => a.metacopy = true,
             "--list" => a.list = true,
             "-h" | "--help" => {
                 print!("{USAGE}");
@@ -224,6 +232,7 @@ fn make_ctx(a: &Args, userns: bool) -> Result<Ctx> {
         run_root: workdir.join("run"),
         timeout: a.timeout,
         userns,
+        metacopy: a.metacopy,
     })
 }
 
@@ -271,7 +280,10 @@ fn real_main(argv: &[String]) -> Result<()> {
         a.scale.to_string(),
         "--timeout".into(),
         a.timeout.as_secs().to_string(),
-    ];
+    ]
+    .into_iter()
+    .chain(a.metacopy.then(|| "--metacopy".to_string()))
+    .collect();
     if a.rootless {
         // The unprivileged user must reach the layers and the run dirs.
         let _ = std::fs::create_dir_all(&ctx.run_root);
@@ -300,7 +312,12 @@ fn real_main(argv: &[String]) -> Result<()> {
         &selected,
         &sizes,
         a.reps,
-        if a.rootless { "rootless" } else { "root" },
+        match (a.rootless, a.metacopy) {
+            (false, false) => "root",
+            (false, true) => "root, metacopy=on (kernel overlayfs and rustfuse)",
+            (true, false) => "rootless",
+            (true, true) => "rootless, metacopy=on (rustfuse only: not with userxattr)",
+        },
     );
     let total = selected.len() * a.reps * runnable.len();
     let mut done = 0;
@@ -341,11 +358,11 @@ fn real_main(argv: &[String]) -> Result<()> {
     let out = a.out.clone().unwrap_or(workdir.clone());
     std::fs::create_dir_all(&out)?;
     print!("{}", results.table());
-    let stem = if a.rootless {
-        "results-rootless"
-    } else {
-        "results"
-    };
+    let stem = format!(
+        "results{}{}",
+        if a.rootless { "-rootless" } else { "" },
+        if a.metacopy { "-metacopy" } else { "" }
+    );
     let json = out.join(format!("{stem}.json"));
     let svg = out.join(format!("{stem}.svg"));
     std::fs::write(&json, results.json(&report::machine()))

@@ -102,6 +102,7 @@ impl Mount {
         mnt: &Path,
         log: &Path,
         userxattr: bool,
+        metacopy: bool,
     ) -> Result<(Mount, Duration)> {
         run::check_interrupted()?;
         clear_mountpoint(mnt);
@@ -115,12 +116,18 @@ impl Mount {
             Kind::Kernel => {
                 if userxattr {
                     opts.push_str(",userxattr");
+                } else if metacopy {
+                    // Not with userxattr: kernel overlayfs refuses metacopy there.
+                    opts.push_str(",redirect_dir=on,metacopy=on");
                 }
                 let mut c = Command::new("mount");
                 c.args(["-t", "overlay", "overlay", "-o", &opts]);
                 c
             }
             Kind::Fuse => {
+                if metacopy && fs.id == "rustfuse" {
+                    opts.push_str(",metacopy=on");
+                }
                 let mut c = Command::new(&fs.bin);
                 c.arg("-o").arg(&opts);
                 c

@@ -238,6 +238,9 @@ pub struct Ctx {
     /// Running inside the user namespace of a rootless run (see `rootless`): kernel overlayfs
     /// needs `userxattr`, and dropping caches is asked of the root parent.
     pub userns: bool,
+    /// `--metacopy`: kernel overlayfs with `redirect_dir=on,metacopy=on` (root mode only) and
+    /// rustfuse with `-o metacopy=on`.
+    pub metacopy: bool,
 }
 
 pub struct Dirs {
@@ -269,7 +272,16 @@ impl Ctx {
     }
 
     fn mount(&self, fs_: &Fs, lowers: &[PathBuf], d: &Dirs) -> Result<(Mount, Duration)> {
-        Mount::new(fs_, lowers, &d.upper, &d.work, &d.mnt, &d.log, self.userns)
+        Mount::new(
+            fs_,
+            lowers,
+            &d.upper,
+            &d.work,
+            &d.mnt,
+            &d.log,
+            self.userns,
+            self.metacopy,
+        )
     }
 
     fn drop_caches(&self) -> Result<()> {
