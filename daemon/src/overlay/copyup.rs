@@ -134,6 +134,7 @@ impl Overlay {
                 data = Data::All;
                 let out = sys::open_at(w, &tmp, OFlags::WRONLY, 0)?;
                 self.fill(st.data()?, stat.st_size, out.as_fd())?;
+                sys::futimens(out.as_fd(), atime_of(&stat), mtime_of(&stat))?;
                 if self.opts.fsync {
                     sys::fsync(out.as_fd(), false)?;
                 }

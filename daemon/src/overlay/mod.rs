@@ -721,7 +721,7 @@ impl Overlay {
                 return Ok(None);
             }
             let loc = Loc::Fd(Arc::new(fd));
-            if !(self.opts.metacopy && is_metacopy(&loc)) {
+            if !is_metacopy(&loc) {
                 return Ok(Some((i, loc)));
             }
         }
@@ -730,7 +730,7 @@ impl Overlay {
 
     /// The data of a metacopy: the same name's regular file in the next lower layer that
     /// has the name, below layer `below` (none: all lower layers), past further metacopies
-    /// where metacopy is on (no redirects are written or followed), or none.
+    /// (which hold no data; their own redirects are not followed), or none.
     fn lower_data(
         &self,
         parent: &NodeState,
@@ -754,7 +754,8 @@ impl Overlay {
             match sys::stat_at(dfd.as_fd(), name) {
                 Ok(st) if Kind::from_mode(st.st_mode) == Kind::File => {
                     let loc = Loc::At(lh.clone(), name.to_os_string());
-                    if self.opts.metacopy && is_metacopy(&loc) {
+                    // Never a metacopy as the data (it holds none), whatever the mount says.
+                    if is_metacopy(&loc) {
                         continue;
                     }
                     return Ok(Some((layer, loc)));
