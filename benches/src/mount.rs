@@ -29,6 +29,16 @@ pub struct Fs {
     pub missing: Option<String>,
 }
 
+/// How the filesystems are mounted in this run.
+#[derive(Debug, Clone, Copy)]
+pub struct How {
+    /// Inside a user namespace: kernel overlayfs with `userxattr`.
+    pub userxattr: bool,
+    /// Kernel overlayfs with `redirect_dir=on,metacopy=on` (not with `userxattr`), rustfuse
+    /// with `-o metacopy=on`.
+    pub metacopy: bool,
+}
+
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 const UMOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -101,9 +111,12 @@ impl Mount {
         work: &Path,
         mnt: &Path,
         log: &Path,
-        userxattr: bool,
-        metacopy: bool,
+        how: How,
     ) -> Result<(Mount, Duration)> {
+        let How {
+            userxattr,
+            metacopy,
+        } = how;
         run::check_interrupted()?;
         clear_mountpoint(mnt);
         let mut opts = format!(

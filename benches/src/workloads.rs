@@ -279,8 +279,10 @@ impl Ctx {
             &d.work,
             &d.mnt,
             &d.log,
-            self.userns,
-            self.metacopy,
+            mount::How {
+                userxattr: self.userns,
+                metacopy: self.metacopy,
+            },
         )
     }
 
