@@ -307,3 +307,50 @@ fn renamed_metacopies_follow_their_redirect_and_links_bring_the_data_up() {
         assert!(d.is_empty(), "{}", d.join("\n"));
     }
 }
+
+/// A metacopy renamed by kernel overlayfs (a relative redirect over a whiteout of the old
+/// name), committed as a lower layer, renamed again by rustfuse into another directory: the
+/// data still reads after a remount (a redirect is written only where its walk finds the
+/// data; else the data comes up).
+#[test]
+fn renaming_a_kernel_renamed_metacopy_again_keeps_its_data() {
+    if !require_bin_under_test() {
+        return;
+    }
+    let tree = Tree::new().lower(Layer::new().file("d/y", pattern(40_000, 4)).dir("e"));
+    let s = scratch("metacopy-rerename");
+    let m = tree.materialize(&s.path().join("k")).unwrap();
+    let k = Mount::kernel_with(&m.stack, &m.mnt, KERNEL_METACOPY).unwrap();
+    for (op, out) in [rename("d/y", "d/x")]
+        .iter()
+        .zip(ops::run(k.root(), &[rename("d/y", "d/x")]))
+    {
+        assert!(out.is_ok(), "kernel {op:?}: {}", ops::show(&out));
+    }
+    k.unmount().unwrap();
+    // The kernel's upper becomes the top lower layer of a new stack.
+    let top = m.stack.upper.clone().unwrap();
+    let (upper, work) = (s.path().join("u2"), s.path().join("w2"));
+    std::fs::create_dir(&upper).unwrap();
+    std::fs::create_dir(&work).unwrap();
+    let stack = Stack {
+        lowers: vec![top, m.stack.lowers[0].clone()],
+        upper: Some(upper),
+        work: Some(work),
+    };
+    let ours = |extra: &[&str]| Mount::fuse(&bin_under_test(), &stack, extra, &m.mnt).unwrap();
+    let w = ours(&["metacopy=on"]);
+    let steps = [rename("d/x", "e/z")];
+    for (op, out) in steps.iter().zip(ops::run(w.root(), &steps)) {
+        assert!(out.is_ok(), "{op:?}: {}", ops::show(&out));
+    }
+    assert_eq!(
+        std::fs::read(w.root().join("e/z")).unwrap(),
+        pattern(40_000, 4)
+    );
+    w.unmount().unwrap();
+    let r = ours(&["metacopy=on"]);
+    let got = std::fs::read(r.root().join("e/z"));
+    r.unmount().unwrap();
+    assert_eq!(got.unwrap(), pattern(40_000, 4), "after a remount");
+}

@@ -73,17 +73,33 @@ impl Overlay {
         if !st.metacopy {
             return Ok(u);
         }
-        let has = |x: &&str| u.getxattr(OsStr::new(x)).is_ok();
-        if REDIRECT_XATTRS.iter().any(has) {
+        let existing = REDIRECT_XATTRS
+            .iter()
+            .find_map(|x| u.getxattr(OsStr::new(x)).ok());
+        if existing.as_ref().is_some_and(|r| r.starts_with(b"/")) {
+            // An absolute redirect holds wherever the file goes.
             return Ok(u);
         }
-        // The data found by its name: its directory's path in the layer, and the name.
-        let path = match st.data()? {
-            Loc::At(dir, name) => dir.path().join(name),
+        // The data found by its name: its directory's path in the layer, and the name. Only
+        // written where a lookup walking that path from the top lower layer finds this very
+        // file (not a whiteout or another file of a higher layer at the same path); a
+        // relative redirect written elsewhere would mean another directory's name.
+        let data = st.data()?;
+        let path = match (data, &existing) {
+            (Loc::At(dir, name), None) => dir.path().join(name),
             _ => PathBuf::new(),
         };
-        let value = [b"/", path.as_os_str().as_bytes()].concat();
-        let marked = !path.as_os_str().is_empty()
+        let same = |found: Option<(u16, Loc)>| -> bool {
+            let (Some((_, f)), Ok(d)) = (found, data.stat()) else {
+                return false;
+            };
+            f.stat()
+                .is_ok_and(|f| (f.st_dev, f.st_ino) == (d.st_dev, d.st_ino))
+        };
+        let bytes = path.as_os_str().as_bytes();
+        let value = [b"/", bytes].concat();
+        let marked = !bytes.is_empty()
+            && same(self.walk_redirect(bytes, None).unwrap_or(None))
             && REDIRECT_XATTRS
                 .iter()
                 .any(|x| u.setxattr(OsStr::new(x), &value, 0).is_ok());
@@ -128,6 +144,11 @@ impl Overlay {
         let tmp = self.tmp_name();
         let w = work.as_fd();
         let mut data = data;
+        if data == Data::Meta && st.metacopy {
+            // A lower metacopy: where its data is (its redirect, a chain) is not carried
+            // over to a new metacopy, so the data comes up.
+            data = Data::All;
+        }
         let built = self.build_copy(&st, &stat, w, &tmp, data).and_then(|()| {
             if data == Data::Meta && !self.mark_metacopy(w, &tmp) {
                 // Neither mark can be written here: a full copy instead.
@@ -188,20 +209,29 @@ impl Overlay {
     ) -> Result<Loc> {
         let out = upper.open(OFlags::WRONLY)?;
         let before = sys::fstat(out.as_fd())?;
+        // Writing strips set-id bits and file capabilities: put them back after the copy.
+        let caps = upper.getxattr(OsStr::new(CAPS)).ok();
         if skip_data {
             sys::ftruncate(out.as_fd(), 0)?;
         } else {
             self.fill(st.data()?, before.st_size, out.as_fd())?;
+        }
+        if before.st_mode & 0o6000 != 0 {
+            sys::fchmod(out.as_fd(), before.st_mode & 0o7777)?;
+        }
+        if let Some(v) = caps {
+            sys::fsetxattr(out.as_fd(), OsStr::new(CAPS), &v, 0)?;
         }
         // Copying the data is not a change of the file: keep its times.
         sys::futimens(out.as_fd(), atime_of(&before), mtime_of(&before))?;
         if self.opts.fsync {
             sys::fsync(out.as_fd(), false)?;
         }
+        // Only the marks there are; one that cannot go must not be taken for gone.
+        let names = upper.listxattr()?;
         for m in METACOPY_XATTRS.iter().chain(&REDIRECT_XATTRS) {
-            match upper.removexattr(OsStr::new(m)) {
-                Ok(()) | Err(Errno::NODATA) | Err(Errno::NOTSUP) | Err(Errno::PERM) => {}
-                Err(e) => return Err(e),
+            if names.iter().any(|n| n.as_bytes() == m.as_bytes()) {
+                upper.removexattr(OsStr::new(m))?;
             }
         }
         node.update(|s| {
@@ -357,6 +387,9 @@ impl Overlay {
         Ok(())
     }
 }
+
+/// File capabilities, which a write clears.
+const CAPS: &str = "security.capability";
 
 /// What a copy-up brings up of a file's data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -689,6 +689,16 @@ impl Overlay {
             }
             return self.lower_data(parent, OsStr::from_bytes(&r), None, below);
         };
+        self.walk_redirect(path, below)
+    }
+
+    /// The data an absolute redirect `/path` names: the regular file at `path` in the first
+    /// lower layer below `below` (none: all) that has it, not a metacopy.
+    pub(crate) fn walk_redirect(
+        &self,
+        path: &[u8],
+        below: Option<u16>,
+    ) -> Result<Option<(u16, Loc)>> {
         // A path from the root of each lower layer below; no `.`, `..` or empty parts.
         let bad = |c: &[u8]| c.is_empty() || c == b"." || c == b"..";
         if path.split(|b| *b == b'/').any(bad) {

@@ -487,6 +487,36 @@ fn metacopy_keeps_the_data_below_until_a_write() {
         data,
         "lower layer unchanged"
     );
+    // A set-uid file with capabilities keeps both through the data copy (a write clears
+    // them; the copy is not the caller's write).
+    fs::write(l.p("lower/s"), b"setuid").unwrap();
+    let s = ov.lookup(ROOT_INO, OsStr::new("s")).unwrap();
+    ov.setattr(s.ino, None, chmod_only(0o4755)).unwrap();
+    let caps = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
+    let dir = fs::File::open(l.p("upper")).unwrap();
+    let has_caps = sys::setxattr_at(
+        dir.as_fd(),
+        OsStr::new("s"),
+        OsStr::new("security.capability"),
+        caps,
+    )
+    .is_ok();
+    let w = ov.open(s.ino, libc::O_WRONLY).unwrap();
+    ov.release(w);
+    assert!(!metacopy_mark(&l.p("upper/s")));
+    assert_eq!(
+        fs::metadata(l.p("upper/s")).unwrap().mode() & 0o7777,
+        0o4755
+    );
+    if has_caps {
+        let got = sys::getxattr_at(
+            dir.as_fd(),
+            OsStr::new("s"),
+            OsStr::new("security.capability"),
+        );
+        assert_eq!(got.ok().as_deref(), Some(&caps[..]), "capabilities kept");
+    }
+    assert_eq!(fs::read(l.p("upper/s")).unwrap(), b"setuid");
     // Truncating a metacopy to zero copies nothing.
     fs::write(l.p("lower/g"), b"gggg").unwrap();
     let g = ov.lookup(ROOT_INO, OsStr::new("g")).unwrap();
