@@ -56,6 +56,9 @@ fn parse_cli(args: Vec<OsString>) -> Result<Parsed, String> {
                 foreground = true;
             }
             "-s" => {}
+            // mount(8)'s read-only flag, as fuse-overlayfs takes it.
+            "-r" => option_strings.push("ro".into()),
+            "-w" => option_strings.push("rw".into()),
             "-V" | "--version" => {
                 println!("rustfuse: version {}", env!("CARGO_PKG_VERSION"));
                 println!(

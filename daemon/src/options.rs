@@ -364,7 +364,9 @@ pub fn parse<S: AsRef<str>>(option_strings: &[S]) -> Result<OverlayOptions, Opti
             "context" | "fscontext" | "defcontext" | "rootcontext" => {
                 o.context = value.map(|v| v.trim_matches('"').to_string());
             }
+            // The last of `ro` and `rw` wins, as with mount(8).
             "ro" => o.read_only = true,
+            "rw" => o.read_only = false,
             "max_write" | "max_read" | "fsname" | "subtype" | "blksize" => {}
             k if MOUNT_FLAGS.contains(&k) => {
                 if !o.mount_flags.iter().any(|f| f == tok) {
@@ -424,6 +426,15 @@ mod tests {
         assert_eq!(o.context.as_deref(), Some("system_u:object_r:c:s0:c1,c2"));
         assert!(o.unknown.is_empty());
         assert_eq!(o.mount_flags, vec!["noatime".to_string()]);
+    }
+
+    #[test]
+    fn last_of_ro_and_rw_wins() {
+        let ro = parse(&["lowerdir=/l,upperdir=/u,workdir=/w,rw,ro"]).unwrap();
+        assert!(ro.read_only);
+        assert_eq!(ro.upperdir, Some(PathBuf::from("/u")));
+        let rw = parse(&["lowerdir=/l,upperdir=/u,workdir=/w", "ro", "rw"]).unwrap();
+        assert!(!rw.read_only);
     }
 
     #[test]

@@ -279,6 +279,8 @@ pub struct Overlay {
     overflow_uid: u32,
     overflow_gid: u32,
     pub(crate) override_xattr: Option<&'static str>,
+    /// No upper layer, or `ro`: every change answers EROFS and nothing is written.
+    read_only: bool,
 }
 
 impl Overlay {
@@ -304,47 +306,51 @@ impl Overlay {
         let mut upper = None;
         let mut work = None;
         let mut dev_whiteouts = false;
+        // A read-only mount (`ro`, BuildKit's and containerd's read-only mounts of an active
+        // snapshot) shows the upper layer too, and writes nothing anywhere: the workdir is
+        // only checked, never prepared or probed (a read-write mount of the same layers may
+        // be live and using it).
         if let (Some(u), Some(w)) = (&opts.upperdir, &opts.workdir) {
+            let ufd = sys::open_dir_path(u).map_err(|e| {
+                path_err(
+                    "upperdir",
+                    u,
+                    format!("cannot open directory: {}", errstr(e)),
+                )
+            })?;
+            let wfd = sys::open_dir_path(w).map_err(|e| {
+                path_err(
+                    "workdir",
+                    w,
+                    format!("cannot open directory: {}", errstr(e)),
+                )
+            })?;
+            let ust = sys::fstat(ufd.as_fd()).map_err(|e| path_err("upperdir", u, errstr(e)))?;
+            let wst = sys::fstat(wfd.as_fd()).map_err(|e| path_err("workdir", w, errstr(e)))?;
+            if ust.st_dev != wst.st_dev {
+                return Err(path_err(
+                    "workdir",
+                    w,
+                    format!(
+                        "not on the same filesystem as upperdir {} (renames between them would fail)",
+                        u.display()
+                    ),
+                ));
+            }
             if !opts.read_only {
-                let ufd = sys::open_dir_path(u).map_err(|e| {
-                    path_err(
-                        "upperdir",
-                        u,
-                        format!("cannot open directory: {}", errstr(e)),
-                    )
-                })?;
-                let wfd = sys::open_dir_path(w).map_err(|e| {
-                    path_err(
-                        "workdir",
-                        w,
-                        format!("cannot open directory: {}", errstr(e)),
-                    )
-                })?;
-                let ust =
-                    sys::fstat(ufd.as_fd()).map_err(|e| path_err("upperdir", u, errstr(e)))?;
-                let wst = sys::fstat(wfd.as_fd()).map_err(|e| path_err("workdir", w, errstr(e)))?;
-                if ust.st_dev != wst.st_dev {
-                    return Err(path_err(
-                        "workdir",
-                        w,
-                        format!(
-                            "not on the same filesystem as upperdir {} (renames between them would fail)",
-                            u.display()
-                        ),
-                    ));
-                }
                 let wk = prepare_workdir(wfd.as_fd()).map_err(|e| {
                     path_err("workdir", w, format!("cannot prepare work/: {}", errstr(e)))
                 })?;
                 dev_whiteouts = std::env::var_os("FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT").is_none()
                     && probe_dev_whiteout(wk.as_fd());
-                upper = Some(Layer {
-                    fd: Arc::new(ufd),
-                    path: u.clone(),
-                });
                 work = Some(Arc::new(wk));
             }
+            upper = Some(Layer {
+                fd: Arc::new(ufd),
+                path: u.clone(),
+            });
         }
+        let read_only = work.is_none();
         // Directory fds are cached within half the descriptor limit; the rest is for open
         // files and the process itself.
         loc::set_dir_fd_budget((sys::nofile_limit().saturating_sub(512) / 2) as usize);
@@ -389,6 +395,7 @@ impl Overlay {
             overflow_uid: read_overflow("/proc/sys/kernel/overflowuid"),
             overflow_gid: read_overflow("/proc/sys/kernel/overflowgid"),
             override_xattr,
+            read_only,
         };
         ov.make_root()
             .map_err(|e| path_err("lowerdir", Path::new(""), format!("root: {}", errstr(e))))?;
@@ -436,8 +443,10 @@ impl Overlay {
         )
     }
 
+    /// Whether changes answer EROFS: no upper layer, or mounted `ro` (the upper layer is then
+    /// shown as it is, read-only).
     pub fn read_only(&self) -> bool {
-        self.upper.is_none()
+        self.read_only
     }
 
     pub fn options(&self) -> &OverlayOptions {
