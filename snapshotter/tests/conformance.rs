@@ -304,6 +304,8 @@ cases!(
     e07_list_batches,
     e08_socket_and_layout,
     e09_hard_links_across_layers,
+    b01_buildkit_readonly_mounts_of_an_active_snapshot,
+    b02_buildkit_walking_differ_mounts,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1150,4 +1152,189 @@ fn e08_socket_and_layout(x: &Ctx) {
                 .contains(&"uidmapping=0:1000:1:1:100000:65536".to_string())
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// BuildKit's mount contract (docs/snapshotter.md "What BuildKit does with the mounts"),
+// replayed without BuildKit; tests/tests/buildkit.rs runs the real one.
+
+/// BuildKit's `readOnlyMounter` (cache/refs.go) applied to what a snapshotter returned: an
+/// `overlay` mount loses `workdir=` and its `upperdir=` becomes the topmost lower layer; any
+/// other type (`fuse3.rustfuse`, `bind`) keeps every option but `rw` and gets `ro` appended.
+fn buildkit_readonly(mounts: &[Mount]) -> Vec<Mount> {
+    mounts
+        .iter()
+        .map(|m| {
+            let mut m = m.clone();
+            if m.r#type == "overlay" {
+                let upper = m
+                    .options
+                    .iter()
+                    .find_map(|o| o.strip_prefix("upperdir=").map(str::to_string));
+                m.options
+                    .retain(|o| !o.starts_with("upperdir=") && !o.starts_with("workdir="));
+                if let Some(u) = upper {
+                    for o in m.options.iter_mut() {
+                        if let Some(l) = o.strip_prefix("lowerdir=") {
+                            *o = format!("lowerdir={u}:{l}");
+                        }
+                    }
+                }
+            } else {
+                m.options.retain(|o| o != "rw");
+                m.options.push("ro".into());
+            }
+            m
+        })
+        .collect()
+}
+
+/// Every change to the upper layer a RUN step can make, on top of `buildkit_base_layers`.
+fn buildkit_run_step() -> Vec<Op> {
+    vec![
+        file("/new", "new file", 0o644),
+        file("/etc/conf", "changed", 0o600),
+        Op::RemoveAll("/etc/gone"),
+        Op::RemoveAll("/tree"),
+        Op::RemoveAll("/repl"),
+        Op::Dir("/repl", 0o750),
+        file("/repl/fresh", "fresh", 0o644),
+        Op::Rename("/mv-me", "/moved"),
+        Op::Chown("/etc/owned", 1000, 1000),
+        file("/links/a", "linked", 0o644),
+        Op::Link("/links/a", "/links/b"),
+        Op::Symlink("../new", "/links/s"),
+    ]
+}
+
+/// The two committed layers below the RUN of the `b` cases.
+fn buildkit_base_layers() -> [Vec<Op>; 2] {
+    [
+        vec![
+            Op::Dir("/etc", 0o755),
+            file("/etc/conf", "orig", 0o644),
+            file("/etc/gone", "x", 0o644),
+            file("/etc/owned", "o", 0o644),
+            Op::Dir("/tree", 0o755),
+            Op::Dir("/tree/sub", 0o755),
+            file("/tree/sub/f", "f", 0o644),
+            Op::Dir("/repl", 0o755),
+            file("/repl/old", "old", 0o644),
+        ],
+        vec![file("/mv-me", "move me", 0o644), Op::Dir("/links", 0o755)],
+    ]
+}
+
+/// The base layers committed, and an active snapshot on them: `(active key, its RUN
+/// mounts, a flat directory with the same content)`.
+fn buildkit_base(x: &Ctx, tag: &str) -> (String, Vec<Mount>, PathBuf) {
+    let flat = x.dir("flat");
+    let mut parent = String::new();
+    for (i, ops) in buildkit_base_layers().iter().enumerate() {
+        let key = format!("{tag} base {i} active");
+        let mounts = x.c.prepare(&key, &parent).unwrap();
+        let (mp, g) = x.mount(&mounts, "base");
+        apply(&mp, ops);
+        apply(&flat, ops);
+        g.unmount();
+        parent = format!("{tag} base {i}");
+        x.c.commit(&parent, &key).unwrap();
+    }
+    let key = format!("{tag} run");
+    let mounts = x.c.prepare(&key, &parent).unwrap();
+    (key, mounts, flat)
+}
+
+fn assert_erofs(mp: &Path, what: &str) {
+    let err = std::fs::write(mp.join("new-in-ro"), "x").expect_err("a write must fail");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(30),
+        "{what}: EROFS expected, got {err}"
+    );
+    let err = std::fs::remove_file(mp.join("new")).expect_err("an unlink must fail");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(30),
+        "{what}: EROFS expected, got {err}"
+    );
+}
+
+/// A RUN's read-write mount stays live while BuildKit mounts the same active snapshot
+/// read-only, twice at once (checksums, cache keys), then unmounts one read-only mount while
+/// the other and the read-write one are live, then the read-write one while a read-only one
+/// is live; every read-only mount shows the full result of the RUN and refuses writes.
+fn b01_buildkit_readonly_mounts_of_an_active_snapshot(x: &Ctx) {
+    let (key, mounts, flat) = buildkit_base(x, "b01");
+    let (rw, rw_guard) = x.mount(&mounts, "run");
+    apply(&rw, &buildkit_run_step());
+    apply(&flat, &buildkit_run_step());
+    assert_same_tree(&rw, &flat, "read-write mount after the RUN");
+    // BuildKit asks for the mounts again when it mounts for checksums.
+    let again = x.c.mounts(&key).unwrap();
+    assert_eq!(again, mounts, "Mounts() of an active snapshot changed");
+    let (ro1, g1) = x.mount(&buildkit_readonly(&again), "ro1");
+    let (ro2, g2) = x.mount(&buildkit_readonly(&again), "ro2");
+    for (mp, what) in [
+        (&ro1, "first read-only mount"),
+        (&ro2, "second read-only mount"),
+    ] {
+        assert_same_tree(mp, &flat, what);
+        assert_erofs(mp, what);
+    }
+    g1.unmount();
+    assert_same_tree(&ro2, &flat, "read-only mount after the other one went");
+    assert_same_tree(&rw, &flat, "read-write mount after a read-only one went");
+    // The RUN goes on writing after a read-only mount came and went.
+    apply(&rw, &[file("/later", "later", 0o644)]);
+    apply(&flat, &[file("/later", "later", 0o644)]);
+    rw_guard.unmount();
+    g2.unmount();
+    // A fresh read-only mount, and the committed result as BuildKit mounts it (read-only).
+    let (ro3, g3) = x.mount(&buildkit_readonly(&x.c.mounts(&key).unwrap()), "ro3");
+    assert_same_tree(&ro3, &flat, "read-only mount after the RUN ended");
+    g3.unmount();
+    x.c.commit("b01 done", &key).unwrap();
+    let v = x.c.view("b01 view", "b01 done").unwrap();
+    let (vm, gv) = x.mount(&buildkit_readonly(&v), "view");
+    // Hard links now in a lower layer: the same defect as e09 in FUSE mode (issue 14).
+    let links = x.mode != Mode::Fuse || fuse_program_is_fuse_overlayfs();
+    let what = "read-only mount of a view of the committed result";
+    assert_same_tree_links(&vm, &flat, what, links);
+    assert_erofs(&vm, "view");
+    gv.unmount();
+}
+
+/// The walking differ (BuildKit's for every snapshotter but overlayfs/stargz on `overlay`
+/// mounts, containerd's for `ctr snapshots diff`): the parent and the active snapshot are
+/// mounted read-only at once, each through `readOnlyMounter`, while the RUN's read-write
+/// mount may still be live; the two trees must differ by exactly the RUN's changes.
+fn b02_buildkit_walking_differ_mounts(x: &Ctx) {
+    let (key, mounts, flat) = buildkit_base(x, "b02");
+    let before = x.dir("flat-before");
+    for ops in buildkit_base_layers() {
+        apply(&before, &ops);
+    }
+    let (rw, rw_guard) = x.mount(&mounts, "run");
+    apply(&rw, &buildkit_run_step());
+    apply(&flat, &buildkit_run_step());
+    let parent = x.c.stat(&key).unwrap().parent;
+    let lower = x.c.view("b02 lower", &parent).unwrap();
+    let (lm, gl) = x.mount(&buildkit_readonly(&lower), "lower");
+    let (um, gu) = x.mount(&buildkit_readonly(&mounts), "upper");
+    assert_same_tree(&lm, &before, "the differ's lower mount");
+    assert_same_tree(
+        &um,
+        &flat,
+        "the differ's upper mount, read-write mount live",
+    );
+    rw_guard.unmount();
+    assert_same_tree(
+        &um,
+        &flat,
+        "the differ's upper mount, read-write mount gone",
+    );
+    gu.unmount();
+    gl.unmount();
+    x.c.remove("b02 lower").unwrap();
 }
