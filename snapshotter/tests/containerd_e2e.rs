@@ -1,29 +1,76 @@
-//! End to end with a real containerd (Debian's 1.6): the test starts its own containerd with
-//! its own config, root and socket, and `rustfuse-snapshotter` as a proxy plugin; checks
-//! `ctr plugins ls`, `ctr snapshots` prepare/commit/view/mounts/usage/tree/rm, imports an
-//! image built offline (busybox-static + umoci) and runs a container with `ctr run` that
-//! writes files, in both modes.
+//! End to end with a real containerd: the test starts its own containerd with its own config,
+//! root and socket, and `rustfuse-snapshotter` as a proxy plugin; checks `ctr plugins ls`,
+//! `ctr snapshots` prepare/commit/view/mounts/usage/tree/rm, imports an image built offline
+//! (busybox-static + umoci), runs a container with `ctr run` that changes the image's files in
+//! every way a layer can record, and diffs the container's snapshot with `ctr snapshots diff`
+//! (containerd's walking differ, which mounts the active snapshot read-only): the layer tar
+//! must hold every change, and the same entries in both modes.
 //!
-//! Needs root and the Debian packages containerd, runc, umoci, busybox-static (and fuse3 for
-//! FUSE mode, whose `mount.fuse3` runs `rustfuse` from PATH: `$RUSTFUSE_BIN` or
+//! Against Debian's containerd 1.6 (`containerd_*`) and a containerd 2.x built by
+//! `tests/install-containerd2.sh` (`containerd2_*`: the binaries in
+//! `$RUSTFUSE_CONTAINERD2_DIR`, else in the script's cache directory).
+//!
+//! Needs root and the Debian packages containerd, runc, umoci, busybox-static, tar (and fuse3
+//! for FUSE mode, whose `mount.fuse3` runs `rustfuse` from PATH: `$RUSTFUSE_BIN` or
 //! `target/debug/rustfuse`). Installs nothing; prints `SKIPPED: <reason>` when it cannot run,
 //! or fails under `CI=true`.
 
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::{Mode, fuse_program, mounts_under, skip};
 use rustix::mount::UnmountFlags;
 
 const BIN: &str = env!("CARGO_BIN_EXE_rustfuse-snapshotter");
-const DEADLINE: Duration = Duration::from_secs(60);
+/// For a daemon to listen, and for any one command (`ctr run` writes 32 MiB through FUSE in a
+/// debug build; the diff reads it back through two mounts).
+const DEADLINE: Duration = Duration::from_secs(180);
+/// The containerd 2.x release `tests/install-containerd2.sh` installs by default.
+const CONTAINERD2_VERSION: &str = "2.4.2";
+const BIG_MIB: u64 = 32;
 
-fn skip(reason: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true and this privileged test cannot run: {reason}");
+/// Which containerd the test runs.
+#[derive(Clone, Debug)]
+enum Release {
+    /// Debian's 1.6, from PATH.
+    Debian,
+    /// A 2.x: `containerd`, `ctr` and `containerd-shim-runc-v2` in this directory.
+    V2(PathBuf),
+}
+
+impl Release {
+    fn v2() -> Release {
+        let dir = std::env::var_os("RUSTFUSE_CONTAINERD2_DIR")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(format!(
+                    "/var/cache/rustfuse-test/containerd/{CONTAINERD2_VERSION}/bin"
+                ))
+            });
+        Release::V2(dir)
     }
-    println!("SKIPPED: {reason}");
-    eprintln!("SKIPPED: {reason}");
+
+    fn name(&self) -> &'static str {
+        match self {
+            Release::Debian => "containerd 1.6",
+            Release::V2(_) => "containerd 2",
+        }
+    }
+
+    fn program(&self, prog: &str) -> Option<PathBuf> {
+        match self {
+            Release::V2(dir) => Some(dir.join(prog)).filter(|p| p.is_file()),
+            Release::Debian => which(prog),
+        }
+    }
 }
 
 fn which(prog: &str) -> Option<PathBuf> {
@@ -34,32 +81,27 @@ fn which(prog: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn fuse_program() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("RUSTFUSE_BIN").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    let mut c = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/rustfuse")];
-    if let Some(dir) = Path::new(BIN).parent() {
-        c.push(dir.join("rustfuse"));
-    }
-    c.into_iter().find(|p| p.is_file())
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Overlay,
-    Fuse,
-}
-
-fn unavailable(mode: Mode) -> Option<String> {
+fn unavailable(mode: Mode, release: &Release) -> Option<String> {
     if !rustix::process::geteuid().is_root() {
         return Some("containerd end-to-end tests need root".into());
     }
-    for prog in ["containerd", "ctr", "runc", "umoci", "busybox"] {
+    for prog in ["runc", "umoci", "busybox", "tar", "sha256sum"] {
         if which(prog).is_none() {
             return Some(format!(
-                "{prog} not found (Debian packages: containerd runc umoci busybox-static)"
+                "{prog} not found (Debian packages: runc umoci busybox-static tar coreutils)"
             ));
+        }
+    }
+    for prog in ["containerd", "ctr", "containerd-shim-runc-v2"] {
+        if release.program(prog).is_none() {
+            return Some(match release {
+                Release::Debian => format!("{prog} not found (Debian package containerd)"),
+                Release::V2(dir) => format!(
+                    "{prog} not in {} (run tests/install-containerd2.sh or set \
+                     RUSTFUSE_CONTAINERD2_DIR)",
+                    dir.display()
+                ),
+            });
         }
     }
     if mode == Mode::Fuse {
@@ -74,6 +116,63 @@ fn unavailable(mode: Mode) -> Option<String> {
         }
     }
     None
+}
+
+/// Run `cmd` (stdin closed) within `limit`, stdout to `stdout` if given (else captured);
+/// killed and a panic on overrun.
+fn output_within(cmd: &mut Command, limit: Duration, stdout: Option<&Path>) -> Output {
+    let mut out = match stdout {
+        Some(p) => std::fs::File::create(p).unwrap(),
+        None => tempfile::tempfile().unwrap(),
+    };
+    let mut err = tempfile::tempfile().unwrap();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(err.try_clone().unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let read = |f: &mut std::fs::File| {
+        let mut v = Vec::new();
+        f.rewind().unwrap();
+        f.read_to_end(&mut v).unwrap();
+        v
+    };
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not finish within {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&read(&mut err))
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: if stdout.is_some() {
+            Vec::new()
+        } else {
+            read(&mut out)
+        },
+        stderr: read(&mut err),
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = output_within(cmd, DEADLINE, None);
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A child process killed (and waited for) on drop.
@@ -129,8 +228,9 @@ fn wait_socket(p: &mut Proc, sock: &Path) {
 struct Env {
     dir: tempfile::TempDir,
     /// Namespace and container id: runc's state directory (/run/containerd/runc/<ns>) is
-    /// shared by all containerd instances, so each mode uses its own.
+    /// shared by all containerd instances, so each test uses its own.
     ns: &'static str,
+    ctr: PathBuf,
     path: std::ffi::OsString,
     // Dropped in reverse order: containerd first, then the snapshotter.
     snap: Option<Proc>,
@@ -141,21 +241,16 @@ impl Drop for Env {
     fn drop(&mut self) {
         if let Some(mut c) = self.containerd.take() {
             // Kill leftover shims of our namespace via ctr before containerd goes.
-            let _ = self.ctr_raw(&["tasks", "kill", "-s", "SIGKILL", self.ns]);
+            let _ = std::panic::catch_unwind(|| {
+                self.ctr_raw(&["tasks", "kill", "-s", "SIGKILL", self.ns])
+            });
             c.stop();
         }
         if let Some(mut s) = self.snap.take() {
             s.stop();
         }
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut mps: Vec<&str> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| m.starts_with(self.dir.path().to_str().unwrap()))
-            .collect();
-        mps.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mps {
-            let _ = rustix::mount::unmount(m, UnmountFlags::DETACH);
+        for m in mounts_under(self.dir.path()) {
+            let _ = rustix::mount::unmount(&m, UnmountFlags::DETACH);
         }
     }
 }
@@ -165,30 +260,31 @@ impl Env {
         self.dir.path().join(rel)
     }
 
-    fn start(mode: Mode) -> Env {
+    fn start(mode: Mode, release: &Release, ns: &'static str) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("snap-e2e-")
             .tempdir()
             .unwrap();
-        // PATH for containerd: mount.fuse3 runs `rustfuse` from it.
+        // PATH for containerd: its shim, and `rustfuse` for mount.fuse3.
         let bin = dir.path().join("bin");
         std::fs::create_dir_all(&bin).unwrap();
         if let Some(p) = fuse_program() {
             std::os::unix::fs::symlink(std::fs::canonicalize(p).unwrap(), bin.join("rustfuse"))
                 .unwrap();
         }
-        let mut path = bin.into_os_string();
-        path.push(":");
-        path.push(std::env::var_os("PATH").unwrap_or_default());
-        path.push(":/usr/sbin:/sbin");
+        let mut dirs = vec![bin];
+        if let Release::V2(d) = release {
+            dirs.push(d.clone());
+        }
+        dirs.extend(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ));
+        dirs.extend(["/usr/sbin", "/sbin"].map(PathBuf::from));
         let mut env = Env {
             dir,
-            ns: if mode == Mode::Fuse {
-                "rustfuse-e2e-fuse"
-            } else {
-                "rustfuse-e2e-overlay"
-            },
-            path,
+            ns,
+            ctr: release.program("ctr").expect("ctr"),
+            path: std::env::join_paths(dirs).unwrap(),
             snap: None,
             containerd: None,
         };
@@ -198,14 +294,7 @@ impl Env {
             .arg(env.p("snap.sock"))
             .arg("--root")
             .arg(env.p("snaproot"))
-            .args([
-                "--mode",
-                if mode == Mode::Fuse {
-                    "fuse"
-                } else {
-                    "overlay"
-                },
-            ])
+            .args(["--mode", mode.arg()])
             .args(["--log-level", "rustfuse_snapshotter=debug,info"])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -220,13 +309,35 @@ impl Env {
         env.snap = Some(snap);
 
         let d = env.dir.path().display().to_string();
+        // 2.x reads config version 3 (its CRI is several plugins), and ctr imports through
+        // its transfer service, which unpacks with the snapshotter its unpack_config names;
+        // [proxy_plugins] is the same in both.
+        let (version, disabled, tables) = match release {
+            Release::Debian => (2, r#""io.containerd.grpc.v1.cri""#, String::new()),
+            Release::V2(_) => (
+                3,
+                r#""io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime""#,
+                format!(
+                    r#"[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/{}"
+  snapshotter = "rustfuse"
+  differ = "walking"
+"#,
+                    match std::env::consts::ARCH {
+                        "x86_64" => "amd64",
+                        "aarch64" => "arm64",
+                        other => other,
+                    }
+                ),
+            ),
+        };
         std::fs::write(
             env.p("config.toml"),
             format!(
-                r#"version = 2
+                r#"version = {version}
 root = "{d}/croot"
 state = "{d}/cstate"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+disabled_plugins = [{disabled}]
 [grpc]
   address = "{d}/containerd.sock"
 [ttrpc]
@@ -235,12 +346,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   [proxy_plugins.rustfuse]
     type = "snapshot"
     address = "{d}/snap.sock"
-"#
+{tables}"#
             ),
         )
         .unwrap();
         let log = env.p("containerd.log");
-        let child = Command::new("containerd")
+        let child = Command::new(release.program("containerd").expect("containerd"))
             .arg("--config")
             .arg(env.p("config.toml"))
             .env("PATH", &env.path)
@@ -258,20 +369,23 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         env
     }
 
-    fn ctr_raw(&self, args: &[&str]) -> std::io::Result<Output> {
-        Command::new("ctr")
-            .arg("--address")
+    fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.ctr);
+        c.arg("--address")
             .arg(self.p("containerd.sock"))
             .args(["--namespace", self.ns])
             .args(args)
-            .env("PATH", &self.path)
-            .stdin(Stdio::null())
-            .output()
+            .env("PATH", &self.path);
+        c
     }
 
-    /// Run ctr; panics with both logs on failure.
-    fn ctr(&self, args: &[&str]) -> String {
-        let out = self.ctr_raw(args).expect("exec ctr");
+    fn ctr_raw(&self, args: &[&str]) -> Output {
+        output_within(&mut self.ctr_cmd(args), DEADLINE, None)
+    }
+
+    /// Run ctr (stdout to `to` if given); panics with both logs on failure.
+    fn ctr_to(&self, args: &[&str], to: Option<&Path>) -> String {
+        let out = output_within(&mut self.ctr_cmd(args), DEADLINE, to);
         if !out.status.success() {
             panic!(
                 "ctr {args:?}: {}\nstdout: {}\nstderr: {}\n--- snapshotter ---\n{}\n--- containerd ---\n{}",
@@ -285,6 +399,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    fn ctr(&self, args: &[&str]) -> String {
+        self.ctr_to(args, None)
+    }
+
     fn snaps(&self, args: &[&str]) -> String {
         let mut a = vec!["snapshots", "--snapshotter", "rustfuse"];
         a.extend_from_slice(args);
@@ -292,44 +410,97 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+// ---------------------------------------------------------------------------------------
+// The image, and what the container does to it
 
-/// A two-layer OCI image (busybox, then a file), built offline with umoci, as a tar.
+/// Applets the container's script uses, as links in the image's /bin.
+const APPLETS: &[&str] = &[
+    "sh",
+    "cat",
+    "echo",
+    "ls",
+    "mkdir",
+    "rm",
+    "mv",
+    "chmod",
+    "chown",
+    "dd",
+    "ln",
+    "sync",
+    "sha256sum",
+];
+
+/// Files of the image's second layer: path, content, mode, owner. Every one but
+/// `data/unchanged.txt` is changed by [`SCRIPT`].
+const LOWER: &[(&str, &str, u32, (u32, u32))] = &[
+    ("hello", "from layer 2\n", 0o644, (0, 0)),
+    ("data/unchanged.txt", "unchanged\n", 0o644, (0, 0)),
+    ("data/modify.txt", "original\n", 0o640, (42, 43)),
+    ("data/delete.txt", "delete me\n", 0o644, (0, 0)),
+    ("data/tree/x.txt", "x\n", 0o644, (0, 0)),
+    ("data/tree/a/b/c.txt", "c\n", 0o644, (0, 0)),
+    ("data/replace/old1.txt", "old1\n", 0o644, (0, 0)),
+    ("data/replace/old2/sub.txt", "sub\n", 0o644, (0, 0)),
+    ("data/rename-src.txt", "rename me\n", 0o604, (7, 8)),
+    ("data/chmod.txt", "chmod me\n", 0o644, (0, 0)),
+    ("data/chown.txt", "chown me\n", 0o644, (0, 0)),
+];
+
+/// The container's changes: new files and directories, a copy-up with a write, deletions of
+/// a file and a tree, a directory replaced by a new one, a rename, chmod, chown, a big file,
+/// a symlink and a hard link pair. Prints the big file's SHA-256.
+const SCRIPT: &str = "set -e
+cat /hello
+echo new file > /new.txt
+mkdir -p /data/newdir/deep
+echo deep > /data/newdir/deep/f.txt
+echo appended >> /data/modify.txt
+rm /data/delete.txt
+rm -r /data/tree
+rm -r /data/replace
+mkdir -m 0750 /data/replace
+echo replaced > /data/replace/new.txt
+mv /data/rename-src.txt /data/renamed.txt
+chmod 0751 /data/chmod.txt
+chown 1234:5678 /data/chown.txt
+dd if=/dev/urandom of=/data/big.bin bs=1048576 count=32 2>/dev/null
+ln -s ../hello /data/link
+echo pair > /data/hl1
+ln /data/hl1 /data/hl2
+sync
+sha256sum /data/big.bin
+";
+
+/// A two-layer OCI image (busybox, then [`LOWER`]), built offline with umoci, as a tar.
 fn build_image(dir: &Path) -> PathBuf {
     let img = dir.join("img");
     let image = format!("{}:latest", img.display());
     let bundle = dir.join("bundle");
-    run(Command::new("umoci").arg("init").arg("--layout").arg(&img));
-    run(Command::new("umoci").args(["new", "--image", &image]));
-    run(Command::new("umoci")
-        .args(["unpack", "--image", &image])
-        .arg(&bundle));
+    let umoci = |args: &[&str]| {
+        run(Command::new("umoci").args(args));
+    };
+    let bundle_s = bundle.to_str().unwrap();
+    umoci(&["init", "--layout", img.to_str().unwrap()]);
+    umoci(&["new", "--image", &image]);
+    umoci(&["unpack", "--image", &image, bundle_s]);
     let rootfs = bundle.join("rootfs");
     std::fs::create_dir_all(rootfs.join("bin")).unwrap();
     std::fs::copy(which("busybox").unwrap(), rootfs.join("bin/busybox")).unwrap();
-    for l in ["sh", "cat", "echo", "ls"] {
+    for l in APPLETS {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(l)).unwrap();
     }
-    run(Command::new("umoci")
-        .args(["repack", "--image", &image])
-        .arg(&bundle));
+    umoci(&["repack", "--image", &image, bundle_s]);
     std::fs::remove_dir_all(&bundle).unwrap();
-    run(Command::new("umoci")
-        .args(["unpack", "--image", &image])
-        .arg(&bundle));
-    std::fs::write(bundle.join("rootfs/hello"), "from layer 2\n").unwrap();
-    run(Command::new("umoci")
-        .args(["repack", "--image", &image])
-        .arg(&bundle));
-    run(Command::new("umoci").args(["config", "--image", &image, "--config.cmd", "/bin/sh"]));
+    umoci(&["unpack", "--image", &image, bundle_s]);
+    for (path, content, mode, (uid, gid)) in LOWER {
+        let p = rootfs.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).unwrap();
+        std::os::unix::fs::chown(&p, Some(*uid), Some(*gid)).unwrap();
+    }
+    umoci(&["repack", "--image", &image, bundle_s]);
+    umoci(&["config", "--image", &image, "--config.cmd", "/bin/sh"]);
     let tar = dir.join("img.tar");
     run(Command::new("tar")
         .arg("-C")
@@ -340,12 +511,279 @@ fn build_image(dir: &Path) -> PathBuf {
     tar
 }
 
-fn e2e(mode: Mode) {
-    if let Some(reason) = unavailable(mode) {
+// ---------------------------------------------------------------------------------------
+// Reading a layer tar
+
+/// One entry of a layer tar: its type and link target as `tar -tv` lists them, the rest
+/// from what `tar -x` made of it.
+#[derive(Debug)]
+struct Entry {
+    /// `-` file, `d` directory, `l` symlink, `h` hard link to an earlier entry, ...
+    kind: char,
+    /// Symlink target, or the name a hard link points to.
+    link: String,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    ino: u64,
+}
+
+struct Layer {
+    root: PathBuf,
+    entries: BTreeMap<String, Entry>,
+}
+
+impl Layer {
+    /// List `tar` and extract it (owners and modes kept, whiteouts as plain files) into `into`.
+    fn read(tar: &Path, into: &Path) -> Layer {
+        let list = run(Command::new("tar")
+            .args(["--numeric-owner", "-tvf"])
+            .arg(tar));
+        std::fs::create_dir_all(into).unwrap();
+        run(Command::new("tar")
+            .args(["--numeric-owner", "--same-owner", "-xpf"])
+            .arg(tar)
+            .arg("-C")
+            .arg(into));
+        let norm = |s: &str| s.trim_start_matches("./").trim_end_matches('/').to_string();
+        let mut entries = BTreeMap::new();
+        for line in list.lines() {
+            // perms uid/gid size date time name [-> target | link to target]
+            let f: Vec<&str> = line.split_whitespace().collect();
+            assert!(f.len() >= 6, "tar listing line: {line:?}");
+            let rest = f[5..].join(" ");
+            let (name, link) = if let Some((n, t)) = rest.split_once(" -> ") {
+                (n.to_string(), t.to_string())
+            } else if let Some((n, t)) = rest.split_once(" link to ") {
+                (n.to_string(), norm(t))
+            } else {
+                (rest, String::new())
+            };
+            let name = norm(&name);
+            if name.is_empty() || name == "." {
+                continue;
+            }
+            let md = std::fs::symlink_metadata(into.join(&name))
+                .unwrap_or_else(|e| panic!("extracted {name}: {e}"));
+            let kind = f[0].chars().next().unwrap();
+            let dup = entries.insert(
+                name.clone(),
+                Entry {
+                    kind,
+                    link,
+                    mode: md.mode() & 0o7777,
+                    uid: md.uid(),
+                    gid: md.gid(),
+                    size: if kind == 'd' { 0 } else { md.size() },
+                    ino: md.ino(),
+                },
+            );
+            assert!(dup.is_none(), "{name} twice in the layer:\n{list}");
+        }
+        Layer {
+            root: into.to_path_buf(),
+            entries,
+        }
+    }
+
+    fn content(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.root.join(name)).unwrap_or_default()
+    }
+
+    /// The entries, one line each, for comparing two layers (no times, no inode numbers;
+    /// contents of small files only).
+    fn summary(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .map(|(name, e)| {
+                let content = if matches!(e.kind, '-' | 'h') && e.size <= 64 {
+                    format!("{:?}", String::from_utf8_lossy(&self.content(name)))
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{name} {} {:o} {}:{} {} {} {content}",
+                    e.kind, e.mode, e.uid, e.gid, e.size, e.link
+                )
+            })
+            .collect()
+    }
+}
+
+/// Directories runc creates in a rootfs as mount points (ctr's default spec): a diff may hold
+/// them.
+const RUNTIME_DIRS: &[&str] = &["dev", "proc", "sys", "run"];
+
+/// Checks of a layer's entries: what is wrong, and which entries were looked at.
+struct Check<'a> {
+    l: &'a Layer,
+    bad: Vec<String>,
+    seen: std::collections::BTreeSet<String>,
+}
+
+impl<'a> Check<'a> {
+    /// The entry `name`, if it is there with type `kind`.
+    fn want(&mut self, name: &str, kind: char) -> Option<&'a Entry> {
+        self.seen.insert(name.to_string());
+        match self.l.entries.get(name) {
+            Some(e) if e.kind == kind => Some(e),
+            Some(e) => {
+                self.bad
+                    .push(format!("{name}: type {:?}, want {kind:?}", e.kind));
+                None
+            }
+            None => {
+                self.bad.push(format!("{name}: missing"));
+                None
+            }
+        }
+    }
+
+    /// A regular file with this content and owner (and mode, if given).
+    fn file(&mut self, name: &str, content: &str, mode: Option<u32>, owner: (u32, u32)) {
+        let Some(e) = self.want(name, '-') else {
+            return;
+        };
+        let got = self.l.content(name);
+        if got != content.as_bytes() {
+            self.bad.push(format!(
+                "{name}: content {:?}, want {content:?}",
+                String::from_utf8_lossy(&got)
+            ));
+        }
+        if let Some(m) = mode.filter(|m| *m != e.mode) {
+            self.bad
+                .push(format!("{name}: mode {:o}, want {m:o}", e.mode));
+        }
+        if (e.uid, e.gid) != owner {
+            self.bad
+                .push(format!("{name}: owner {}:{}, want {owner:?}", e.uid, e.gid));
+        }
+    }
+}
+
+/// Everything [`SCRIPT`] changed, checked in the diff; returns what is wrong.
+fn check_changes(l: &Layer, big_sha: &str) -> Vec<String> {
+    let mut c = Check {
+        l,
+        bad: Vec::new(),
+        seen: Default::default(),
+    };
+    c.file("new.txt", "new file\n", None, (0, 0));
+    c.file("data/newdir/deep/f.txt", "deep\n", None, (0, 0));
+    c.file(
+        "data/modify.txt",
+        "original\nappended\n",
+        Some(0o640),
+        (42, 43),
+    );
+    c.file("data/replace/new.txt", "replaced\n", None, (0, 0));
+    c.file("data/renamed.txt", "rename me\n", Some(0o604), (7, 8));
+    c.file("data/chmod.txt", "chmod me\n", Some(0o751), (0, 0));
+    c.file("data/chown.txt", "chown me\n", Some(0o644), (1234, 5678));
+    // The hard link pair: the first one written is the file, the other a link to it.
+    let pair = ["data/hl1", "data/hl2"];
+    let first = pair
+        .into_iter()
+        .find(|n| l.entries.get(*n).is_some_and(|e| e.kind == '-'))
+        .unwrap_or(pair[0]);
+    let other = pair.into_iter().find(|n| *n != first).unwrap();
+    c.file(first, "pair\n", None, (0, 0));
+    if let Some(e) = c.want(other, 'h') {
+        if e.link != first {
+            c.bad
+                .push(format!("{other}: links to {:?}, want {first:?}", e.link));
+        }
+        if l.entries.get(first).is_some_and(|f| f.ino != e.ino) {
+            c.bad
+                .push(format!("{other}: extracted as another inode than {first}"));
+        }
+    }
+    for dir in ["data", "data/newdir", "data/newdir/deep"] {
+        c.want(dir, 'd');
+    }
+    if let Some(e) = c.want("data/replace", 'd') {
+        if e.mode != 0o750 {
+            c.bad
+                .push(format!("data/replace: mode {:o}, want 750", e.mode));
+        }
+    }
+    for wh in [
+        "data/.wh.delete.txt",
+        "data/.wh.tree",
+        "data/.wh.rename-src.txt",
+    ] {
+        c.want(wh, '-');
+    }
+    // The replaced directory: an opaque marker, or a whiteout of each old entry.
+    let opaque = "data/replace/.wh..wh..opq";
+    if l.entries.contains_key(opaque) {
+        c.seen.insert(opaque.to_string());
+    } else {
+        for wh in ["data/replace/.wh.old1.txt", "data/replace/.wh.old2"] {
+            c.want(wh, '-');
+        }
+    }
+    if let Some(e) = c.want("data/link", 'l') {
+        if e.link != "../hello" {
+            c.bad
+                .push(format!("data/link: target {:?}, want \"../hello\"", e.link));
+        }
+    }
+    if let Some(e) = c.want("data/big.bin", '-') {
+        if e.size != BIG_MIB << 20 {
+            c.bad.push(format!(
+                "data/big.bin: {} bytes, want {BIG_MIB} MiB",
+                e.size
+            ));
+        }
+        let sum = run(Command::new("sha256sum").arg(l.root.join("data/big.bin")));
+        if sum.split_whitespace().next() != Some(big_sha) {
+            c.bad.push(format!(
+                "data/big.bin: sha256 {sum:?}, the container wrote {big_sha}"
+            ));
+        }
+    }
+    // Nothing else: unchanged files, the deleted trees' contents, the old directory's.
+    for (name, e) in &l.entries {
+        let runtime_dir = e.kind == 'd' && RUNTIME_DIRS.contains(&name.as_str());
+        if !c.seen.contains(name) && !runtime_dir {
+            c.bad.push(format!("{name}: in the diff, but not changed"));
+        }
+    }
+    c.bad
+}
+
+/// Each test's diff summary, to compare across modes and releases.
+static SUMMARIES: Mutex<Vec<(String, Vec<String>)>> = Mutex::new(Vec::new());
+
+/// Compare `summary` with those of the tests that finished before (all must agree), then
+/// record it.
+fn compare_and_record(what: String, summary: Vec<String>) {
+    let mut all = SUMMARIES.lock().unwrap_or_else(|e| e.into_inner());
+    for (other, theirs) in all.iter() {
+        let only_ours: Vec<&String> = summary.iter().filter(|l| !theirs.contains(l)).collect();
+        let only_theirs: Vec<&String> = theirs.iter().filter(|l| !summary.contains(l)).collect();
+        assert!(
+            only_ours.is_empty() && only_theirs.is_empty(),
+            "the diffs of {what} and {other} differ:\nonly in {what}: {only_ours:#?}\n\
+             only in {other}: {only_theirs:#?}"
+        );
+        println!("{what}: the diff is the same as {other}'s");
+    }
+    all.push((what, summary));
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn e2e(mode: Mode, release: Release, ns: &'static str) {
+    if let Some(reason) = unavailable(mode, &release) {
         skip(&reason);
         return;
     }
-    let env = Env::start(mode);
+    let started = Instant::now();
+    let env = Env::start(mode, &release, ns);
 
     // The proxy plugin is loaded.
     let plugins = env.ctr(&["plugins", "ls"]);
@@ -387,7 +825,6 @@ fn e2e(mode: Mode) {
     // Removing a parent with a child fails; children first works.
     assert!(
         !env.ctr_raw(&["snapshots", "--snapshotter", "rustfuse", "rm", "base"])
-            .unwrap()
             .status
             .success()
     );
@@ -395,7 +832,7 @@ fn e2e(mode: Mode) {
     env.snaps(&["rm", "child-c"]);
     env.snaps(&["rm", "base"]);
 
-    // Import an image and run a container that writes files.
+    // Import an image and run a container that changes its files.
     let tar = build_image(env.dir.path());
     env.ctr(&[
         "images",
@@ -414,29 +851,79 @@ fn e2e(mode: Mode) {
     );
     let out = env.ctr(&[
         "run",
-        "--rm",
         "--snapshotter",
         "rustfuse",
         "localhost/e2e:latest",
         env.ns,
         "/bin/sh",
         "-c",
-        "cat /hello; echo written > /new; mkdir -p /d/e; echo deep > /d/e/f; cat /new /d/e/f; ls /",
+        SCRIPT,
     ]);
     assert!(out.contains("from layer 2"), "{out}");
-    assert!(out.contains("written") && out.contains("deep"), "{out}");
-    // The container's snapshot went with --rm; the image layers stay.
+    let big_sha = out
+        .lines()
+        .find(|l| l.ends_with("/data/big.bin"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no sha256sum line in:\n{out}"))
+        .to_string();
+
+    // The container's snapshot (key = container id) against its parent, as an uncompressed
+    // layer on ctr's stdout.
+    let diff = env.p("diff.tar");
+    env.ctr_to(
+        &[
+            "snapshots",
+            "--snapshotter",
+            "rustfuse",
+            "diff",
+            "--media-type",
+            "application/vnd.oci.image.layer.v1.tar",
+            env.ns,
+        ],
+        Some(&diff),
+    );
+    let layer = Layer::read(&diff, &env.p("diff"));
+    let what = format!("{} {mode:?} mode", release.name());
+    let summary = layer.summary();
+    let shown = if summary.is_empty() {
+        "(empty)".to_string()
+    } else {
+        summary.join("\n  ")
+    };
+    println!("{what}: the container's diff:\n  {shown}");
+    let bad = check_changes(&layer, &big_sha);
+    assert!(
+        bad.is_empty(),
+        "{what}: `ctr snapshots diff` of the container's snapshot lacks changes:\n  {}\n\
+         the diff:\n  {shown}",
+        bad.join("\n  "),
+    );
+    compare_and_record(what.clone(), summary);
+
+    // Removing the container removes its snapshot; the image layers stay.
+    env.ctr(&["containers", "rm", env.ns]);
     let ls = env.snaps(&["ls"]);
     assert_eq!(ls.matches("Active").count(), 0, "{ls}");
     env.ctr(&["images", "rm", "--sync", "localhost/e2e:latest"]);
+    println!("{what}: passed in {:?}", started.elapsed());
 }
 
 #[test]
 fn containerd_overlay() {
-    e2e(Mode::Overlay);
+    e2e(Mode::Overlay, Release::Debian, "rustfuse-e2e-overlay");
 }
 
 #[test]
 fn containerd_fuse() {
-    e2e(Mode::Fuse);
+    e2e(Mode::Fuse, Release::Debian, "rustfuse-e2e-fuse");
+}
+
+#[test]
+fn containerd2_overlay() {
+    e2e(Mode::Overlay, Release::v2(), "rustfuse-e2e2-overlay");
+}
+
+#[test]
+fn containerd2_fuse() {
+    e2e(Mode::Fuse, Release::v2(), "rustfuse-e2e2-fuse");
 }
