@@ -1,0 +1,145 @@
+//! Cases from an external POSIX conformance run, each against kernel overlayfs as the oracle:
+//! the modes of new entries under the caller's umask (a short name, a 255-byte name, a path of
+//! 4095 bytes, a directory, a fifo), and renames by a caller who owns neither the entry nor
+//! its directories (uid 65534 in root-owned 0777 directories: a root-owned 0700 directory
+//! renamed within its parent and back, a root-owned 0644 file moved between two directories),
+//! on entries made through the mount and on entries of a lower layer.
+//!
+//! The commands run in `sh` (and `perl` for bare rename(2)) as the caller would, so the
+//! caller's umask and credentials are the real ones.
+
+use std::path::Path;
+use std::process::Command;
+
+use rustfuse_tests::env::{
+    OP_DEADLINE, bin_under_test, require_bin_under_test, run_command, scratch,
+};
+use rustfuse_tests::layers::{Layer, Tree};
+use rustfuse_tests::mount::Mount;
+use rustfuse_tests::scenario::snap;
+use rustfuse_tests::snapshot::diff;
+
+/// Lower-layer entries the renames work on too (made by root).
+fn tree() -> Tree {
+    Tree::new().lower(
+        Layer::new()
+            .dir("ltop")
+            .mode(0o777)
+            .dir("ltop/sub")
+            .mode(0o700)
+            .dir("ld1")
+            .mode(0o777)
+            .dir("ld2")
+            .mode(0o777)
+            .file("ld1/f", "f")
+            .mode(0o644),
+    )
+}
+
+const LONG_DIR: &str = "dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd";
+
+/// 20 directories of 200 bytes and their slashes, then a file name: 4095 bytes in all.
+fn long_path() -> (String, String) {
+    let dirs = vec![LONG_DIR; 20].join("/");
+    let file = "f".repeat(4095 - dirs.len() - 1);
+    (dirs, file)
+}
+
+/// As root: new entries under two umasks (0620 and 0642 files, 0750 directories, fifos),
+/// names up to 255 bytes and a path of 4095 bytes; then the entries the renames use.
+fn create_script() -> String {
+    let name255 = "n".repeat(255);
+    let (dirs, file) = long_path();
+    format!(
+        "set -e
+umask 157; : > short; : > {name255}; mkfifo fifo620; mkdir dir620
+umask 135; : > short642; mkdir -p {dirs}; : > {dirs}/{file}
+umask 027; mkdir d750
+umask 0
+mkdir -m 0777 top d1 d2; mkdir -m 0700 top/sub; echo f > d1/f; chmod 0644 d1/f
+stat -c %a {dirs}/{file}
+"
+    )
+}
+
+/// As uid 65534: rename(2) each pair and print what it answered.
+const RENAMES: &str = r#"
+for my $p (["top/sub", "top/sub2"], ["top/sub2", "top/sub"], ["d1/f", "d2/f"],
+           ["ltop/sub", "ltop/sub2"], ["ltop/sub2", "ltop/sub"], ["ld1/f", "ld2/f"]) {
+    my $r = rename($p->[0], $p->[1]) ? "ok" : "$!";
+    print "$p->[0] -> $p->[1]: $r\n";
+}
+"#;
+
+fn sh(dir: &Path, uid: Option<u32>, program: &str, script: &str) -> String {
+    let mut cmd = match uid {
+        Some(u) => {
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={u}"))
+                .arg(format!("--regid={u}"))
+                .arg("--clear-groups")
+                .arg(program);
+            c
+        }
+        None => Command::new(program),
+    };
+    let flag = if program == "perl" { "-e" } else { "-c" };
+    cmd.arg(flag).arg(script).current_dir(dir);
+    let out = run_command(&mut cmd, OP_DEADLINE).unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} in {}: {}",
+        dir.display(),
+        out.report()
+    );
+    out.stdout
+}
+
+/// Kernel overlayfs and rustfuse: the same modes for every new entry, the same answer to
+/// every rename by a caller who owns nothing, and the same tree at the end.
+#[test]
+fn umask_modes_and_renames_by_another_user_match_the_kernel() {
+    if !require_bin_under_test() {
+        return;
+    }
+    let s = scratch("posix");
+    let mut views = Vec::new();
+    for side in ["kernel", "rustfuse"] {
+        let m = tree()
+            .materialize(&s.path().join(side))
+            .expect("materialize");
+        // uid 65534 must reach the mount point.
+        for d in [s.path(), &s.path().join(side)] {
+            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+        }
+        let g = match side {
+            "kernel" => Mount::kernel(&m.stack, &m.mnt),
+            _ => Mount::fuse(&bin_under_test(), &m.stack, &["allow_other"], &m.mnt),
+        }
+        .unwrap_or_else(|e| panic!("{side}: {e}"));
+        let long_mode = sh(g.root(), None, "sh", &create_script());
+        assert_eq!(
+            long_mode.trim(),
+            "642",
+            "{side}: mode of the file at a 4095-byte path"
+        );
+        let renames = sh(g.root(), Some(65534), "perl", RENAMES);
+        views.push((side, renames, snap(g.root())));
+        g.unmount().unwrap();
+    }
+    let (k, r) = (&views[0], &views[1]);
+    assert_eq!(
+        r.1, k.1,
+        "renames as uid 65534: rustfuse vs kernel overlayfs"
+    );
+    let d = diff(&k.2, "kernel overlayfs", &r.2, "rustfuse");
+    assert!(d.is_empty(), "trees differ:\n{}", d.join("\n"));
+    // What the kernel shows is what POSIX asks for.
+    let mode = |p: &str| k.2.entries.get(p).map(|e| e.mode).unwrap_or(0);
+    assert_eq!(mode("short"), 0o620);
+    assert_eq!(mode(&"n".repeat(255)), 0o620);
+    assert_eq!(mode("dir620"), 0o620);
+    assert_eq!(mode("d750"), 0o750);
+    assert_eq!(mode("short642"), 0o642);
+}
