@@ -428,6 +428,7 @@ fn run(
     sys::compat::set_kernel_4_18(
         std::env::var_os("RUSTFUSE_COMPAT_4_18").is_some_and(|v| v != "0"),
     );
+    sys::clear_umask();
     let ov = match Overlay::new(opts) {
         Ok(o) => o,
         Err(e) => return Err(fail(e.to_string(), &notify)),

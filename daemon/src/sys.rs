@@ -599,6 +599,12 @@ pub fn raise_nofile_limit() {
     }
 }
 
+/// Clear the process umask: the modes of new entries come from the caller (the kernel has
+/// already applied the caller's umask to them), never from this process's own umask.
+pub fn clear_umask() {
+    rustix::process::umask(rustix::fs::Mode::empty());
+}
+
 /// The soft RLIMIT_NOFILE.
 pub fn nofile_limit() -> u64 {
     rustix::process::getrlimit(rustix::process::Resource::Nofile)
