@@ -24,6 +24,13 @@ if ((${#missing[@]})); then
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# BuildKit for tests/tests/buildkit.rs (no Debian package): built with Go, cached by version.
+echo "== BuildKit (tests/install-buildkit.sh)"
+if ! bash tests/install-buildkit.sh; then
+  case "${CI:-}" in true | 1) exit 1 ;; esac
+  echo "== BuildKit not installed: tests/tests/buildkit.rs will print SKIPPED"
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"

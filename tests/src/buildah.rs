@@ -242,6 +242,40 @@ pub fn build_as_user(
     })
 }
 
+/// `setpriv` to the build user with a clean environment (`PATH` with `d/bin` first, `HOME` and
+/// `XDG_RUNTIME_DIR` = `d`, plus `env`), running `prog` in `d`; the caller appends its
+/// arguments.
+pub fn as_user_in(d: &Path, env: &[String], prog: &str) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        &format!("--reuid={USER}"),
+        &format!("--regid={USER}"),
+        "--init-groups",
+        "env",
+        "-i",
+    ])
+    .arg(format!(
+        "PATH={}:/usr/sbin:/usr/bin:/sbin:/bin",
+        d.join("bin").display()
+    ))
+    .arg(format!("HOME={}", d.display()))
+    .arg(format!("XDG_RUNTIME_DIR={}", d.display()))
+    .args(env)
+    .arg(prog)
+    .current_dir(d);
+    cmd
+}
+
+/// [`as_user_in`] running `rootlesskit` with the host network, its own PID namespace (so that
+/// killing it on a deadline takes every process inside, FUSE daemons included), `/etc` and
+/// `/run` copied up, and state under `d/STATE`. The caller appends the command to run inside.
+pub fn in_rootlesskit(d: &Path, state: &str, env: &[String]) -> Command {
+    let mut cmd = as_user_in(d, env, "rootlesskit");
+    cmd.args(["--net=host", "--pidns", "--copy-up=/etc", "--copy-up=/run"])
+        .arg(format!("--state-dir={}", d.join(state).display()));
+    cmd
+}
+
 /// A copy of `real` at `d/NAME` that the build user can run.
 pub fn program_copy(d: &Path, name: &str, real: &Path) -> std::io::Result<PathBuf> {
     let p = d.join(name);

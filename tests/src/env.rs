@@ -25,6 +25,18 @@ pub fn bin_under_test() -> PathBuf {
     }
 }
 
+/// The snapshotter binary: `$RUSTFUSE_SNAPSHOTTER_BIN`, else `rustfuse-snapshotter` beside
+/// [`bin_under_test`].
+pub fn snapshotter_bin() -> PathBuf {
+    match std::env::var_os("RUSTFUSE_SNAPSHOTTER_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => bin_under_test()
+            .parent()
+            .map(|d| d.join("rustfuse-snapshotter"))
+            .unwrap_or_default(),
+    }
+}
+
 /// The daemon built with the `fault-injection` feature (`$RUSTFUSE_FAULT_BIN`, else
 /// `<workspace>/target/fault-injection/debug/rustfuse`, where `tests/run.sh` builds it):
 /// a fault is planned on a live mount through the `rustfuse.fault` xattr.

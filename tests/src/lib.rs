@@ -2,6 +2,8 @@
 //! FUSE overlay under test, Debian's fuse-overlayfs for interop) and compare what they see.
 //!
 //! - [`buildah`]: a rootless `buildah bud` (the build user, base image, context, Dockerfile).
+//! - [`buildkit`]: rootless BuildKit (buildkitd under RootlessKit) building one Dockerfile
+//!   offline on a chosen snapshotter; the unpacked image and its description.
 //! - [`env`]: where the binaries are, privilege checks (`SKIPPED` / CI failure), deadlines.
 //! - [`mount`]: a guard that mounts kernel overlayfs or a FUSE overlay and always unmounts.
 //! - [`layers`]: declarative lower/upper layer trees, materialized once per filesystem.
@@ -14,6 +16,7 @@
 //!   compares everything.
 
 pub mod buildah;
+pub mod buildkit;
 pub mod env;
 pub mod fsck;
 pub mod layers;

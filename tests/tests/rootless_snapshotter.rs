@@ -25,21 +25,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use rustfuse_tests::buildah::{USER, ensure_user};
+use rustfuse_tests::buildah::{ensure_user, in_rootlesskit};
 use rustfuse_tests::env::{
     Scratch, bin_under_test, dev_fuse_for_everyone, require_bin_under_test, run_command, scratch,
-    skip, which, workspace_root,
+    skip, snapshotter_bin, which, workspace_root,
 };
-
-fn snapshotter_bin() -> PathBuf {
-    match std::env::var_os("RUSTFUSE_SNAPSHOTTER_BIN") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => bin_under_test()
-            .parent()
-            .map(|d| d.join("rustfuse-snapshotter"))
-            .unwrap_or_default(),
-    }
-}
 
 fn sh(script: &str, args: &[&str], deadline: Duration) -> String {
     rustfuse_tests::buildah::sh(script, args, deadline).unwrap_or_else(|e| panic!("{e}"))
@@ -199,38 +189,6 @@ fn user_scratch(name: &str, bins: &[(PathBuf, &str)]) -> (Scratch, u32) {
         Duration::from_secs(10),
     );
     (s, uid)
-}
-
-/// `setpriv` to the test user with a clean environment (`PATH` with `D/bin` first, `HOME` and
-/// `XDG_RUNTIME_DIR` = `D`, plus `env`), then `rootlesskit` with its own PID namespace (so that
-/// killing it on a deadline takes every process inside, FUSE daemons included) and state under
-/// `D/STATE`. The caller appends the command to run inside.
-fn in_rootlesskit(d: &Path, state: &str, env: &[String]) -> Command {
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        &format!("--reuid={USER}"),
-        &format!("--regid={USER}"),
-        "--init-groups",
-        "env",
-        "-i",
-    ])
-    .arg(format!(
-        "PATH={}:/usr/sbin:/usr/bin:/sbin:/bin",
-        d.join("bin").display()
-    ))
-    .arg(format!("HOME={}", d.display()))
-    .arg(format!("XDG_RUNTIME_DIR={}", d.display()))
-    .args(env)
-    .args([
-        "rootlesskit",
-        "--net=host",
-        "--pidns",
-        "--copy-up=/etc",
-        "--copy-up=/run",
-    ])
-    .arg(format!("--state-dir={}", d.join(state).display()))
-    .current_dir(d);
-    cmd
 }
 
 fn run_cycle(mode: &str) {
