@@ -31,6 +31,13 @@ if ! bash tests/install-buildkit.sh; then
   echo "== BuildKit not installed: tests/tests/buildkit.rs will print SKIPPED"
 fi
 
+# containerd 2.x for the containerd2_* end-to-end tests (Debian ships 1.6): built, cached.
+echo "== containerd 2.x (tests/install-containerd2.sh)"
+if ! bash tests/install-containerd2.sh; then
+  case "${CI:-}" in true | 1) exit 1 ;; esac
+  echo "== containerd 2.x not installed: the containerd2_* tests will print SKIPPED"
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
