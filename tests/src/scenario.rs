@@ -2,6 +2,7 @@
 //! on the FUSE overlay under test, compared step by step and at the end.
 
 use std::fmt::Write as _;
+use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::env::{Scratch, scratch};
@@ -9,7 +10,7 @@ use crate::layers::{Materialized, Tree};
 use crate::mount::{Mount, timed};
 use crate::ops::{Op, Outcome, apply, show};
 use crate::snapshot::{Snapshot, diff, ino_changes, ino_links, snapshot};
-use crate::upper::{self, Upper, describe_upper, work_leftovers};
+use crate::upper::{self, UKind, Upper, describe_upper, work_leftovers};
 
 /// Takes a snapshot with a deadline (the FUSE side could hang).
 pub fn snap(root: &Path) -> Snapshot {
@@ -18,6 +19,10 @@ pub fn snap(root: &Path) -> Snapshot {
         snapshot(&r)
     })
 }
+
+/// Kernel overlayfs features of the hard-link oracle: lower hard links keep one inode through
+/// copy-up (an index in the workdir), as rustfuse's hard links do.
+pub const KERNEL_INDEX: &str = "redirect_dir=off,index=on,metacopy=off";
 
 /// Which filesystem a side of the comparison is.
 #[derive(Debug, Clone)]
@@ -45,6 +50,17 @@ impl Fs {
             opts: Vec::new(),
             env: Vec::new(),
         }
+    }
+
+    /// Kernel overlayfs with [`KERNEL_INDEX`] (`index=on`).
+    pub fn kernel_index() -> Fs {
+        Fs::KernelWith(KERNEL_INDEX.into())
+    }
+
+    /// True for kernel overlayfs mounted with `index=on`: its workdir keeps `index/` entries
+    /// and its upper layer holds only the names copied up through.
+    pub fn indexes(&self) -> bool {
+        matches!(self, Fs::KernelWith(f) if f.split(',').any(|o| o == "index=on"))
     }
 
     /// Mounts `m` with this filesystem.
@@ -132,9 +148,20 @@ impl Pair {
         b: Fs,
         readonly: bool,
     ) -> Result<Pair, String> {
+        Self::with_trees(name, (tree, a), (tree, b), readonly)
+    }
+
+    /// [`Pair::with_mode`] with a tree of its own for each side: the same layers in another
+    /// on-disk format (`.wh.` whiteouts for the side under test where the kernel has char 0/0).
+    pub fn with_trees(
+        name: &str,
+        a: (&Tree, Fs),
+        b: (&Tree, Fs),
+        readonly: bool,
+    ) -> Result<Pair, String> {
         let s = scratch(name);
         let mut sides = Vec::new();
-        for (fs, dir) in [(a, "a"), (b, "b")] {
+        for ((tree, fs), dir) in [(a, "a"), (b, "b")] {
             let dir = s.path().join(dir);
             let mat = if readonly {
                 tree.materialize_ro(&dir)
@@ -210,35 +237,54 @@ impl Pair {
         t
     }
 
-    /// Compares the merged views, inode behaviour, the upper dirs after unmount and the views
-    /// after a remount. Consumes the pair (everything gets unmounted).
-    pub fn finish(mut self, check_remount: bool) -> Findings {
+    /// Snapshots both merged views now and compares them as [`Pair::finish`] does (view,
+    /// inode identity since the start, nlink against the names seen): the findings, and the
+    /// snapshots.
+    pub fn compare_now(&self) -> (Findings, (Snapshot, Snapshot)) {
+        let now = (snap(self.a.root()), snap(self.b.root()));
         let mut f = Findings::default();
-        let (an, bn) = (self.a.name.clone(), self.b.name.clone());
-        let mismatched_steps = self
-            .a
-            .outcomes
-            .iter()
-            .zip(&self.b.outcomes)
-            .any(|(x, y)| x != y);
-        if mismatched_steps {
-            f.failures.push(format!(
-                "errno/result of some steps differ:\n{}",
-                self.steps_table()
-            ));
-        }
-        let after = (snap(self.a.root()), snap(self.b.root()));
-        let d = diff(&after.0, &an, &after.1, &bn);
+        self.compare_views(&now, &mut f);
+        (f, now)
+    }
+
+    fn compare_views(&self, after: &(Snapshot, Snapshot), f: &mut Findings) {
+        let (an, bn) = (&self.a.name, &self.b.name);
+        let d = diff(&after.0, an, &after.1, bn);
         if !d.is_empty() {
             f.failures
                 .push(format!("merged views differ:\n  {}", d.join("\n  ")));
         }
+        // An oracle with index=on shows a lower hard link's true nlink even where a whiteout
+        // hides some of its names: the side under test must show the same, not fewer.
+        let oracle_problems: Vec<&String> = match self.a.fs.indexes() {
+            true => self
+                .before
+                .0
+                .problems
+                .iter()
+                .chain(&after.0.problems)
+                .collect(),
+            false => Vec::new(),
+        };
         for (side, s0, s1) in [
             (&self.a, &self.before.0, &after.0),
             (&self.b, &self.before.1, &after.1),
         ] {
             let mut probs: Vec<String> = s0.problems.clone();
             probs.extend(s1.problems.iter().cloned());
+            let (as_oracle, probs): (Vec<String>, Vec<String>) = match side.fs {
+                Fs::Fuse { .. } => probs
+                    .into_iter()
+                    .partition(|p| oracle_problems.contains(&p)),
+                _ => (Vec::new(), probs),
+            };
+            if !as_oracle.is_empty() {
+                f.notes.push(format!(
+                    "{} shows what the oracle shows:\n  {}",
+                    side.name,
+                    as_oracle.join("\n  ")
+                ));
+            }
             if !probs.is_empty() {
                 let msg = format!(
                     "{} merged view inconsistent with itself:\n  {}",
@@ -267,6 +313,34 @@ impl Pair {
                 "inode identity differs (pairs (path before ops, path after ops) with the same st_ino):\n  only {an}: {only_a:?}\n  only {bn}: {only_b:?}"
             ));
         }
+    }
+
+    /// Compares the merged views, inode behaviour, the upper dirs after unmount and the views
+    /// after a remount. Consumes the pair (everything gets unmounted).
+    ///
+    /// Against an oracle with `index=on` ([`Fs::indexes`]) the workdirs' indexes (`index/`,
+    /// `rustfuse-index`) are not leftovers, and a regular file only the side under test has in
+    /// its upper dir is a note, not a difference, when it is a hard link (nlink > 1) showing in
+    /// the oracle's view with the same content: the kernel links a name of an indexed inode
+    /// into its upper dir only when copying up through that name.
+    pub fn finish(mut self, check_remount: bool) -> Findings {
+        let mut f = Findings::default();
+        let (an, bn) = (self.a.name.clone(), self.b.name.clone());
+        let mismatched_steps = self
+            .a
+            .outcomes
+            .iter()
+            .zip(&self.b.outcomes)
+            .any(|(x, y)| x != y);
+        if mismatched_steps {
+            f.failures.push(format!(
+                "errno/result of some steps differ:\n{}",
+                self.steps_table()
+            ));
+        }
+        let after = (snap(self.a.root()), snap(self.b.root()));
+        self.compare_views(&after, &mut f);
+        let indexed = self.a.fs.indexes();
         // Unmount, compare the upper dirs.
         let mut uppers: Vec<Upper> = Vec::new();
         for side in [&mut self.a, &mut self.b] {
@@ -277,7 +351,16 @@ impl Pair {
                 continue;
             };
             uppers.push(describe_upper(up, &side.mat.stack.lowers));
-            let left = work_leftovers(work);
+            let mut left = work_leftovers(work);
+            if indexed {
+                left.retain(|l| !l.starts_with("index/") && l != "rustfuse-index");
+                let n =
+                    index_files(&work.join("index")) + index_files(&work.join("rustfuse-index"));
+                f.notes.push(format!(
+                    "{}: {n} index entries left in the workdir (regular files, distinct inodes)",
+                    side.name
+                ));
+            }
             if !left.is_empty() {
                 f.failures.push(format!(
                     "{}: workdir not clean after unmount: {left:?}",
@@ -285,13 +368,17 @@ impl Pair {
                 ));
             }
         }
-        let d = match uppers.as_slice() {
-            [x, y] => upper::diff(x, &an, y, &bn),
-            _ => Vec::new(),
-        };
-        if !d.is_empty() {
-            f.failures
-                .push(format!("upper dirs differ:\n  {}", d.join("\n  ")));
+        if let [x, y] = uppers.as_mut_slice() {
+            if indexed {
+                let upper_b = self.b.mat.stack.upper.clone().expect("upper");
+                f.notes
+                    .extend(drop_linked_names(x, y, &upper_b, &after.0, &bn));
+            }
+            let d = upper::diff(x, &an, y, &bn);
+            if !d.is_empty() {
+                f.failures
+                    .push(format!("upper dirs differ:\n  {}", d.join("\n  ")));
+            }
         }
         if check_remount {
             for (side, s1) in [(&mut self.a, &after.0), (&mut self.b, &after.1)] {
@@ -324,6 +411,73 @@ impl Pair {
     }
 }
 
+/// Takes out of `y` (the upper dir of `bn`, at `upper_b`) what only it has because it links
+/// the names of an indexed inode into the upper dir where the oracle (upper dir `x`, merged
+/// view `view`) does not: regular files that are hard links (nlink > 1) whose content the
+/// oracle's view shows at that path, and the directories created to hold only those, with the
+/// mode and owner the view shows. Returns a note per entry taken out.
+fn drop_linked_names(
+    x: &Upper,
+    y: &mut Upper,
+    upper_b: &Path,
+    view: &Snapshot,
+    bn: &str,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    y.retain(|p, e| {
+        let linked_name = x.get(p).is_none()
+            && matches!(&e.kind, UKind::File(c)
+                if view.entries.get(p).and_then(|i| i.content.as_ref()) == Some(c))
+            && std::fs::symlink_metadata(upper_b.join(p)).is_ok_and(|m| m.nlink() > 1);
+        if linked_name {
+            notes.push(format!(
+                "upper {p}: only in {bn}, a hard link of the copied-up file: {e}"
+            ));
+        }
+        !linked_name
+    });
+    let mut dirs: Vec<String> = y
+        .iter()
+        .filter(|(p, e)| {
+            !p.is_empty() && x.get(*p).is_none() && matches!(e.kind, UKind::Dir { opaque: false })
+        })
+        .map(|(p, _)| p.clone())
+        .collect();
+    dirs.sort_by_key(|p| std::cmp::Reverse(p.matches('/').count()));
+    for p in dirs {
+        let prefix = format!("{p}/");
+        let holds_nothing_else = !y.keys().any(|k| k.starts_with(&prefix));
+        let as_viewed = view.entries.get(&p).is_some_and(|i| {
+            i.kind == crate::snapshot::Kind::Dir && y[&p].attrs == Some((i.mode, i.uid, i.gid))
+        });
+        if holds_nothing_else && as_viewed {
+            let e = y.remove(&p).expect("listed");
+            notes.push(format!(
+                "upper {p}: only in {bn}, a directory holding only linked names: {e}"
+            ));
+        }
+    }
+    notes
+}
+
+/// Regular files under `dir` (recursively), counted once per inode.
+fn index_files(dir: &Path) -> usize {
+    let mut inos = std::collections::BTreeSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => {
+                    inos.insert(e.ino());
+                }
+                _ => {}
+            }
+        }
+    }
+    inos.len()
+}
+
 /// A scripted differential case.
 pub struct Scenario {
     /// Name (scratch dir prefix, reports).
@@ -338,6 +492,13 @@ pub struct Scenario {
     pub readonly: bool,
     /// See [`Pair::known_inode_deviation`].
     pub known_inode_deviation: Option<&'static str>,
+    /// The oracle ([`Fs::Kernel`] unless set).
+    pub oracle: Fs,
+    /// The layers the filesystem under test mounts, when not [`Scenario::tree`]: the same
+    /// layers in a format the oracle cannot read (`.wh.` whiteouts).
+    pub under_test_tree: Option<Tree>,
+    /// Compare the merged views and inode identity after every step, not only at the end.
+    pub each_step: bool,
 }
 
 impl Scenario {
@@ -350,6 +511,9 @@ impl Scenario {
             remount: true,
             readonly: false,
             known_inode_deviation: None,
+            oracle: Fs::Kernel,
+            under_test_tree: None,
+            each_step: false,
         }
     }
 
@@ -365,6 +529,26 @@ impl Scenario {
         self
     }
 
+    /// Compares against `oracle` (a kernel overlayfs, e.g. [`Fs::kernel_index`]) instead of
+    /// [`Fs::Kernel`].
+    pub fn oracle(mut self, oracle: Fs) -> Scenario {
+        self.oracle = oracle;
+        self
+    }
+
+    /// The filesystem under test mounts `tree` (the same layers in another on-disk format)
+    /// while the oracle mounts [`Scenario::tree`].
+    pub fn under_test_tree(mut self, tree: Tree) -> Scenario {
+        self.under_test_tree = Some(tree);
+        self
+    }
+
+    /// Compares the merged views, inode identity and link counts after every step.
+    pub fn each_step(mut self) -> Scenario {
+        self.each_step = true;
+        self
+    }
+
     /// Runs it on kernel overlayfs vs the binary under test and panics with a full report on
     /// any difference. Returns early (SKIPPED) when not privileged or the binary is missing.
     pub fn check(self) {
@@ -376,30 +560,44 @@ impl Scenario {
             "scenario {} uses .wh. whiteouts that kernel overlayfs does not understand",
             self.name
         );
-        let mut pair = Pair::with_mode(
+        let tree_b = self.under_test_tree.as_ref().unwrap_or(&self.tree);
+        let mut pair = Pair::with_trees(
             self.name,
-            &self.tree,
-            Fs::Kernel,
-            Fs::under_test(),
+            (&self.tree, self.oracle.clone()),
+            (tree_b, Fs::under_test()),
             self.readonly,
         )
         .unwrap_or_else(|e| panic!("{}: set-up failed: {e}", self.name));
         pair.known_inode_deviation = self.known_inode_deviation;
-        for op in &self.ops {
+        let mut step_failures = Vec::new();
+        for (i, op) in self.ops.iter().enumerate() {
             pair.step(op);
+            if self.each_step {
+                let (f, _) = pair.compare_now();
+                if !f.failures.is_empty() {
+                    step_failures.push(format!(
+                        "after step {} {op:?}:
+{}",
+                        i + 1,
+                        f.failures.join("\n")
+                    ));
+                }
+            }
         }
         let table = pair.steps_table();
-        let f = pair.finish(self.remount);
+        let mut f = pair.finish(self.remount);
         for n in &f.notes {
             eprintln!("note ({}): {n}", self.name);
         }
-        if !f.failures.is_empty() {
+        step_failures.append(&mut f.failures);
+        if !step_failures.is_empty() {
             panic!(
-                "scenario {}: {} difference(s) between kernel overlayfs and {}\nsteps:\n{table}\n{}",
+                "scenario {}: {} difference(s) between kernel overlayfs ({:?}) and {}\nsteps:\n{table}\n{}",
                 self.name,
-                f.failures.len(),
+                step_failures.len(),
+                self.oracle,
                 crate::env::bin_under_test().display(),
-                f.failures.join("\n\n")
+                step_failures.join("\n\n")
             );
         }
     }

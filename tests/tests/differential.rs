@@ -324,8 +324,9 @@ fn write_link() {
 #[test]
 fn write_hardlink_copy_up() {
     // h1 and h2 are one inode in a lower layer; writing through one name copies it up.
-    // Kernel overlayfs (index=off) breaks the link: h1 gets its own upper inode, h2 keeps
-    // showing the lower inode (whose nlink still says 2).
+    // Kernel overlayfs with index=on (the oracle here) keeps the link: every name shows the
+    // one inode, the new content and the true nlink, which unlink lowers for the others
+    // (tests/tests/hardlinks.rs has the rest).
     let tree = Tree::new().lower(
         Layer::new()
             .file("h1", "shared")
@@ -351,10 +352,7 @@ fn write_hardlink_copy_up() {
             stat("d/h4"),
         ],
     )
-    .known_inode_deviation(
-        "rustfuse gives each name of a lower hard link its own inode number, since FUSE node \
-         ids are inode numbers and copy-up must break the link per name (docs/compatibility.md)",
-    )
+    .oracle(Fs::kernel_index())
     .check();
 }
 
