@@ -605,6 +605,20 @@ pub fn clear_umask() {
     rustix::process::umask(rustix::fs::Mode::empty());
 }
 
+/// A stable identity of the filesystem `fd` is on: statfs's `f_fsid` (ext4, btrfs and xfs
+/// derive it from the filesystem's UUID or device), else its device number.
+pub fn fs_id(fd: BorrowedFd<'_>) -> Result<u64> {
+    let s = fstatfs(fd)?;
+    // SAFETY: fsid_t is `#[repr(C)] struct { __val: [c_int; 2] }`, 8 bytes with no padding and
+    // no invalid bit patterns; the crate keeps the field private, so it is read as its bytes.
+    let val: [i32; 2] = unsafe { std::mem::transmute(s.f_fsid) };
+    let id = ((val[0] as u32 as u64) << 32) | val[1] as u32 as u64;
+    if id != 0 {
+        return Ok(id);
+    }
+    Ok(fstat(fd)?.st_dev)
+}
+
 /// The soft RLIMIT_NOFILE.
 pub fn nofile_limit() -> u64 {
     rustix::process::getrlimit(rustix::process::Resource::Nofile)

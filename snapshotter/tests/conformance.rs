@@ -127,18 +127,9 @@ fn tree(root: &Path) -> BTreeMap<PathBuf, Entry> {
     out
 }
 
+/// The same entries, contents, modes, owners, and which paths share an inode.
 fn assert_same_tree(got: &Path, want: &Path, what: &str) {
-    assert_same_tree_links(got, want, what, true)
-}
-
-/// `links`: also compare which paths share an inode.
-fn assert_same_tree_links(got: &Path, want: &Path, what: &str, links: bool) {
-    let (mut g, mut w) = (tree(got), tree(want));
-    if !links {
-        for e in g.values_mut().chain(w.values_mut()) {
-            e.links.clear();
-        }
-    }
+    let (g, w) = (tree(got), tree(want));
     if g != w {
         let mut diff = String::new();
         for (k, v) in &w {
@@ -161,9 +152,6 @@ struct Ctx {
     server: Server,
     c: Client,
     n: std::cell::Cell<u32>,
-    mode: Mode,
-    /// Why hard-link identity is not compared in this run, if it is not.
-    no_link_identity: std::cell::Cell<Option<&'static str>>,
 }
 
 impl Ctx {
@@ -174,8 +162,6 @@ impl Ctx {
             server,
             c,
             n: std::cell::Cell::new(0),
-            mode,
-            no_link_identity: std::cell::Cell::new(None),
         }
     }
 
@@ -199,12 +185,7 @@ impl Ctx {
     /// containerd's checkSnapshots: each layer prepared on the previous, compared with a
     /// flat directory before and after applying; the final view compared too.
     fn check_layers(&self, layers: &[Vec<Op>]) {
-        let links = self.no_link_identity.get().is_none();
-        if let Some(why) = self.no_link_identity.get() {
-            eprintln!("note: hard-link identity not compared: {why}");
-        }
-        let same =
-            |got: &Path, want: &Path, what: &str| assert_same_tree_links(got, want, what, links);
+        let same = assert_same_tree;
         let flat = self.dir("flat");
         let mut parent = String::new();
         let mut names = Vec::new();
@@ -253,11 +234,6 @@ macro_rules! cases {
             )*
         }
     };
-}
-
-/// Is the FUSE program under test fuse-overlayfs (standing in for rustfuse)?
-fn fuse_program_is_fuse_overlayfs() -> bool {
-    std::env::var("RUSTFUSE_BIN").is_ok_and(|b| b.contains("fuse-overlayfs"))
 }
 
 fn run(mode: Mode, case: fn(&Ctx)) {
@@ -766,13 +742,6 @@ fn c15_move_file_from_lower_layer(x: &Ctx) {
 /// Beyond containerd's case 15: a hard link made in one layer is still one inode (two
 /// names) when that layer is a lower of the next, as kernel overlayfs shows it.
 fn e09_hard_links_across_layers(x: &Ctx) {
-    if x.mode == Mode::Fuse && !fuse_program_is_fuse_overlayfs() {
-        // Content, modes and owners are still compared.
-        x.no_link_identity.set(Some(
-            "rustfuse gives each name of a lower hard link its own inode number (FUSE node ids \
-             are inode numbers, and copy-up breaks the link per name); docs/compatibility.md",
-        ));
-    }
     x.check_layers(&[
         vec![file("/a", "shared", 0o644)],
         vec![Op::Link("/a", "/b")],
@@ -1297,10 +1266,12 @@ fn b01_buildkit_readonly_mounts_of_an_active_snapshot(x: &Ctx) {
     x.c.commit("b01 done", &key).unwrap();
     let v = x.c.view("b01 view", "b01 done").unwrap();
     let (vm, gv) = x.mount(&buildkit_readonly(&v), "view");
-    // Hard links now in a lower layer: the same defect as e09 in FUSE mode (issue 14).
-    let links = x.mode != Mode::Fuse || fuse_program_is_fuse_overlayfs();
-    let what = "read-only mount of a view of the committed result";
-    assert_same_tree_links(&vm, &flat, what, links);
+    // The hard links are in a lower layer now: still one file.
+    assert_same_tree(
+        &vm,
+        &flat,
+        "read-only mount of a view of the committed result",
+    );
     assert_erofs(&vm, "view");
     gv.unmount();
 }

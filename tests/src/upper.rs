@@ -336,7 +336,9 @@ pub fn diff(a: &Upper, an: &str, b: &Upper, bn: &str) -> Vec<String> {
 }
 
 /// Leftovers in `<workdir>/work` after unmount (a partial copy-up that was never renamed into
-/// place). Kernel overlayfs and fuse-overlayfs leave the directory itself, empty.
+/// place). Kernel overlayfs and fuse-overlayfs leave the directory itself, empty. The indexes
+/// of copied-up lower hard links (kernel overlayfs's `index/` with `index=on`, rustfuse's
+/// `rustfuse-index/`) are kept state, not leftovers: their entries are not listed.
 pub fn work_leftovers(work: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir(work) else {
@@ -345,7 +347,10 @@ pub fn work_leftovers(work: &Path) -> Vec<String> {
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-        if is_dir && (name == "work" || name == "index") {
+        if is_dir && (name == "rustfuse-index" || name == "index") {
+            continue;
+        }
+        if is_dir && name == "work" {
             if let Ok(inner) = std::fs::read_dir(e.path()) {
                 for i in inner.flatten() {
                     // kernel overlayfs keeps a spare whiteout (`#N`, char 0/0) to link from

@@ -137,10 +137,13 @@ impl Overlay {
             };
             return self.copy_up_unlinked(node, &work, data);
         }
-        let parent = self.node(st.parent)?;
-        let pu = self.copy_up_dir(&parent)?;
         let (_, src) = st.lowers.first().ok_or(Errno::IO)?;
         let stat = src.stat()?;
+        if stat.st_nlink > 1 && st.kind != Kind::Dir && !st.metacopy && self.index.is_some() {
+            return self.copy_up_linked(node, &st, &stat, &work, data);
+        }
+        let parent = self.node(st.parent)?;
+        let pu = self.copy_up_dir(&parent)?;
         let tmp = self.tmp_name();
         let w = work.as_fd();
         let mut data = data;
@@ -195,6 +198,138 @@ impl Overlay {
             }
         });
         Ok(upper)
+    }
+
+    /// The copy-up of a lower file with several hard links: its copy goes into the index
+    /// (see [`super::INDEX_DIR`]), built in `work/` and synced first, its mark saying the
+    /// names show the lower link count; then every name of it known here (the one changed
+    /// first) is linked into the upper layer. A crash before the entry is placed leaves the
+    /// lower file; after, the next lookup of each name links the copy in.
+    fn copy_up_linked(
+        &self,
+        node: &Arc<Node>,
+        st: &super::node::NodeState,
+        stat: &sys::Stat,
+        work: &OwnedFd,
+        data: Data,
+    ) -> Result<Loc> {
+        let key = self.index_key(stat);
+        let iloc = self.index_loc(&key)?;
+        match iloc.stat() {
+            // Made by an earlier mount whose link of this name did not happen (a crash).
+            Ok(_) => {}
+            Err(Errno::NOENT) => {
+                let w = work.as_fd();
+                let tmp = self.tmp_name();
+                // Metadata-only copies are for files with one name.
+                let data = if data == Data::Skip {
+                    Data::Skip
+                } else {
+                    Data::All
+                };
+                let built = self.build_copy(st, stat, w, &tmp, data).and_then(|()| {
+                    self.set_origin(w, &tmp, node.ino);
+                    let mark = super::nlink_mark(stat.st_nlink as i64 - 1, &key);
+                    self.set_first_permitted(&super::NLINK_XATTRS, &mark, |x, v| {
+                        sys::setxattr_at(w, &tmp, x, v)
+                    })
+                });
+                let placed = built.and_then(|()| {
+                    let ifd = self.index.as_ref().ok_or(Errno::ROFS)?.fd()?;
+                    match sys::rename_at(w, &tmp, ifd.as_fd(), &key, RenameFlags::NOREPLACE) {
+                        Ok(()) => Ok(true),
+                        // Another thread's copy of another name of it won.
+                        Err(Errno::EXIST) => Ok(false),
+                        Err(e) => Err(e),
+                    }
+                });
+                if placed.as_ref().is_ok_and(|p| !p) || placed.is_err() {
+                    let _ = remove_any(w, &tmp, st.kind);
+                }
+                placed?;
+            }
+            Err(e) => return Err(e),
+        }
+        let mut names = vec![(st.parent, st.name.clone())];
+        for a in node.aliases() {
+            if !names.contains(&a) {
+                names.push(a);
+            }
+        }
+        for (i, (parent, name)) in names.iter().enumerate() {
+            match self.link_name(node.ino, &key, *parent, name) {
+                Ok(_) => {}
+                Err(e) if i == 0 => return Err(e),
+                // Linked at its next lookup instead.
+                Err(e) => tracing::debug!(?name, error = %e, "name of a hard link not linked up"),
+            }
+        }
+        let ust = iloc.stat()?;
+        node.update(|s| {
+            s.upper = Some(iloc.clone());
+            s.backing = (ust.st_dev, ust.st_ino);
+            s.metacopy = false;
+            s.lowers.clear();
+            s.index_key = Some(key.clone());
+        });
+        Ok(iloc)
+    }
+
+    /// Link index entry `key` into the upper layer as `name` in directory `parent`, if that
+    /// name still shows the indexed lower file of node `ino` and is not linked yet (its upper
+    /// directory is made if need be); the entry's mark then counts one upper link more.
+    /// Whether a link was made.
+    pub(crate) fn link_name(
+        &self,
+        ino: u64,
+        key: &OsStr,
+        parent: u64,
+        name: &OsStr,
+    ) -> Result<bool> {
+        let pnode = self.node(parent)?;
+        let found = self.resolve(parent, &pnode.state(), name)?;
+        if !found.is_some_and(|f| f.link_up && f.ino == ino) {
+            return Ok(false);
+        }
+        let pu = self.copy_up_dir(&pnode)?;
+        let iloc = self.index_loc(key)?;
+        let ifd = self.index.as_ref().ok_or(Errno::ROFS)?.fd()?;
+        // A link is not a change of the directory for the user: keep its times.
+        let ptimes = sys::fstat(pu.as_fd()).ok();
+        match sys::link_at(ifd.as_fd(), key, pu.as_fd(), name) {
+            Ok(()) => {}
+            Err(Errno::EXIST) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        if let Some(p) = ptimes {
+            let _ = sys::futimens(pu.as_fd(), atime_of(&p), mtime_of(&p));
+        }
+        self.add_to_nlink_delta(&iloc, key, -1)?;
+        Ok(true)
+    }
+
+    /// Add `n` to the mark of index entry `key` at `iloc`.
+    pub(crate) fn add_to_nlink_delta(&self, iloc: &Loc, key: &OsStr, n: i64) -> Result<()> {
+        let d = self.nlink_delta(iloc).unwrap_or(0);
+        let mark = super::nlink_mark(d + n, key);
+        self.set_first_permitted(&super::NLINK_XATTRS, &mark, |x, v| iloc.setxattr(x, v, 0))
+    }
+
+    /// Set xattr `names[0]` to `value`, else (not permitted: rootless) `names[1]`.
+    fn set_first_permitted(
+        &self,
+        names: &[&str],
+        value: &[u8],
+        set: impl Fn(&OsStr, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let mut last = Errno::NOTSUP;
+        for x in names {
+            match set(OsStr::new(x), value) {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// A metacopy's data, copied into its upper file in place (it has the size already),

@@ -267,7 +267,12 @@ impl Overlay {
                 }
                 let kind = Kind::from_mode(ft.as_raw_mode());
                 let mut ino = self.map_dev_ino(dev, real_ino);
-                if !is_upper && kind != Kind::Dir && seen.is_none() && !hidden.contains(name) {
+                if !is_upper
+                    && kind != Kind::Dir
+                    && seen.is_none()
+                    && !hidden.contains(name)
+                    && self.per_name_inos()
+                {
                     // Lower hard links get a number per name: lookup's rule needs the count.
                     if let Ok(s) = sys::stat_at(fd.as_fd(), name) {
                         ino = self.lower_file_ino(&s, dir_ino, name);

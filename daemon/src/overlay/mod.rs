@@ -177,6 +177,19 @@ pub(crate) const METACOPY_XATTRS: [&str; 2] = ["trusted.overlay.metacopy", "user
 /// Where a renamed metacopy's data is (kernel overlayfs's `redirect`): a name in the same
 /// directory, or a path from the layer root starting with `/`.
 pub(crate) const REDIRECT_XATTRS: [&str; 2] = ["trusted.overlay.redirect", "user.overlay.redirect"];
+/// `<workdir>/rustfuse-index/`: one entry per copied-up lower hard link, named by the lower
+/// file's filesystem id and inode number (`FSID-INO`, hex), a hard link of its upper copy. A
+/// lookup of any other name of that lower file finds the copy here, and links it into the
+/// upper layer under that name, so every name stays one file, in this mount and the next
+/// (kernel overlayfs's `index=on`, in a directory of its own).
+pub(crate) const INDEX_DIR: &str = "rustfuse-index";
+/// On an index entry: `DELTA KEY`, the link count shown minus the upper inode's own (which
+/// counts the index entry and the names linked so far), and the entry's name. `trusted.`
+/// where permitted, else `user.`.
+pub(crate) const NLINK_XATTRS: [&str; 2] = [
+    "trusted.overlay.rustfuse.nlink",
+    "user.overlay.rustfuse.nlink",
+];
 pub(crate) const OPAQUE_FILE: &str = ".wh..wh..opq";
 pub(crate) const WH_PREFIX: &[u8] = b".wh.";
 
@@ -190,6 +203,11 @@ pub(crate) struct Found {
     pub ino: u64,
     /// The upper file is a metacopy; `lowers` holds the data file, if any layer has it.
     pub metacopy: bool,
+    /// A copied-up lower hard link: its index entry (see [`INDEX_DIR`]).
+    pub index_key: Option<OsString>,
+    /// This name is a lower name of an indexed file that is not linked in the upper layer
+    /// yet (`upper` is the index entry).
+    pub link_up: bool,
 }
 
 enum Handle {
@@ -281,6 +299,11 @@ pub struct Overlay {
     pub(crate) override_xattr: Option<&'static str>,
     /// No upper layer, or `ro`: every change answers EROFS and nothing is written.
     read_only: bool,
+    /// `<workdir>/rustfuse-index` (see [`INDEX_DIR`]); none without an upper layer, or in a
+    /// read-only mount that finds none.
+    pub(crate) index: Option<Arc<DirHandle>>,
+    /// (st_dev, filesystem id) of each lower layer, for index keys.
+    fs_ids: Vec<(u64, u64)>,
 }
 
 impl Overlay {
@@ -305,6 +328,7 @@ impl Overlay {
         }
         let mut upper = None;
         let mut work = None;
+        let mut index = None;
         let mut dev_whiteouts = false;
         // A read-only mount (`ro`, BuildKit's and containerd's read-only mounts of an active
         // snapshot) shows the upper layer too, and writes nothing anywhere: the workdir is
@@ -337,6 +361,13 @@ impl Overlay {
                     ),
                 ));
             }
+            index = open_index(wfd.as_fd(), !opts.read_only).map_err(|e| {
+                path_err(
+                    "workdir",
+                    w,
+                    format!("cannot prepare {INDEX_DIR}/: {}", errstr(e)),
+                )
+            })?;
             if !opts.read_only {
                 let wk = prepare_workdir(wfd.as_fd()).map_err(|e| {
                     path_err("workdir", w, format!("cannot prepare work/: {}", errstr(e)))
@@ -354,6 +385,12 @@ impl Overlay {
         // Directory fds are cached within half the descriptor limit; the rest is for open
         // files and the process itself.
         loc::set_dir_fd_budget((sys::nofile_limit().saturating_sub(512) / 2) as usize);
+        let mut fs_ids = Vec::new();
+        for l in &lowers {
+            if let (Ok(st), Ok(id)) = (sys::fstat(l.fd.as_fd()), sys::fs_id(l.fd.as_fd())) {
+                fs_ids.push((st.st_dev, id));
+            }
+        }
         let mut devs = Vec::new();
         for l in upper.iter().chain(lowers.iter()) {
             if let Ok(st) = sys::fstat(l.fd.as_fd()) {
@@ -396,7 +433,12 @@ impl Overlay {
             overflow_gid: read_overflow("/proc/sys/kernel/overflowgid"),
             override_xattr,
             read_only,
+            index,
+            fs_ids,
         };
+        if !ov.read_only {
+            ov.clean_index();
+        }
         ov.make_root()
             .map_err(|e| path_err("lowerdir", Path::new(""), format!("root: {}", errstr(e))))?;
         Ok(ov)
@@ -430,6 +472,7 @@ impl Overlay {
                 backing: (st.st_dev, st.st_ino),
                 metacopy: false,
                 unlinked: false,
+                index_key: None,
             },
         ));
         Ok(())
@@ -554,7 +597,7 @@ impl Overlay {
                     let k = Kind::from_mode(st.st_mode);
                     if k != Kind::Dir {
                         let loc = Loc::At(uh.clone(), name.to_os_string());
-                        let (ino, metacopy) = self.upper_file_ino(&loc, &st);
+                        let (ino, metacopy, index_key) = self.upper_file_ino(&loc, &st);
                         let metacopy = metacopy && k == Kind::File;
                         if metacopy {
                             lowers.extend(self.metacopy_data(&loc, parent, name, hint, None)?);
@@ -566,6 +609,8 @@ impl Overlay {
                             top: st,
                             ino,
                             metacopy,
+                            index_key,
+                            link_up: false,
                         }));
                     }
                     let fd = sys::open_path_at(u.as_fd(), name)?;
@@ -581,6 +626,8 @@ impl Overlay {
                             ino: self.map_ino(&st),
                             top: st,
                             metacopy: false,
+                            index_key: None,
+                            link_up: false,
                         }));
                     }
                 }
@@ -616,6 +663,11 @@ impl Overlay {
                             // counts only where metacopy is on, as with kernel overlayfs.
                             let metacopy =
                                 k == Kind::File && self.opts.metacopy && is_metacopy(&loc);
+                            if !metacopy && st.st_nlink > 1 {
+                                if let Some(f) = self.indexed(k, &st)? {
+                                    return Ok(Some(f));
+                                }
+                            }
                             let data = match metacopy {
                                 true => {
                                     self.metacopy_data(&loc, parent, name, hint, Some(layer))?
@@ -631,6 +683,8 @@ impl Overlay {
                                 ino: self.lower_file_ino(&st, parent_ino, name),
                                 top: st,
                                 metacopy,
+                                index_key: None,
+                                link_up: false,
                             }));
                         }
                         Some(Kind::Dir) | None if k == Kind::Dir => {
@@ -672,7 +726,89 @@ impl Overlay {
             top,
             ino,
             metacopy: false,
+            index_key: None,
+            link_up: false,
         }))
+    }
+
+    /// Whether each name of a lower hard link is an inode of its own: only where a copy-up
+    /// would break the link (a writable mount without an index).
+    pub(crate) fn per_name_inos(&self) -> bool {
+        self.index.is_none() && !self.read_only
+    }
+
+    /// The index key of lower file `st`: its filesystem's id and its inode number.
+    pub(crate) fn index_key(&self, st: &Stat) -> OsString {
+        let fs = self
+            .fs_ids
+            .iter()
+            .find(|(dev, _)| *dev == st.st_dev)
+            .map(|(_, id)| *id)
+            .unwrap_or(st.st_dev);
+        OsString::from(format!("{fs:016x}-{:x}", st.st_ino))
+    }
+
+    /// A lower hard link `st` whose copy is in the index: the copy, for this name too.
+    fn indexed(&self, kind: Kind, st: &Stat) -> Result<Option<Found>> {
+        let Some(index) = &self.index else {
+            return Ok(None);
+        };
+        let key = self.index_key(st);
+        let top = match sys::stat_at(index.fd()?.as_fd(), &key) {
+            Ok(t) if Kind::from_mode(t.st_mode) == kind => t,
+            Ok(_) | Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(Some(Found {
+            kind,
+            upper: Some(Loc::At(index.clone(), key.clone())),
+            lowers: Vec::new(),
+            top,
+            ino: self.map_ino(st),
+            metacopy: false,
+            index_key: Some(key),
+            link_up: true,
+        }))
+    }
+
+    /// The index entry of `key`, as a location.
+    pub(crate) fn index_loc(&self, key: &OsStr) -> Result<Loc> {
+        let index = self.index.as_ref().ok_or(Errno::ROFS)?;
+        Ok(Loc::At(index.clone(), key.to_os_string()))
+    }
+
+    /// The link count shown minus the upper inode's own, from an index entry's mark.
+    pub(crate) fn nlink_delta(&self, loc: &Loc) -> Option<i64> {
+        let v = NLINK_XATTRS
+            .iter()
+            .find_map(|x| loc.getxattr(OsStr::new(x)).ok())?;
+        parse_nlink(&v).map(|(d, _)| d)
+    }
+
+    /// Index entries no name reaches any more (a crash between the removal of a file's last
+    /// name and of its entry) are removed at mount.
+    fn clean_index(&self) {
+        let Some(index) = &self.index else { return };
+        let Ok(fd) = index.fd() else { return };
+        let mut names = Vec::new();
+        if let Ok(mut stream) = sys::open_dir_stream(fd.as_fd()) {
+            while let Some(Ok(ent)) = stream.read() {
+                let n = ent.file_name().to_bytes();
+                if n != b"." && n != b".." {
+                    names.push(OsStr::from_bytes(n).to_os_string());
+                }
+            }
+        }
+        for key in names {
+            let loc = Loc::At(index.clone(), key.clone());
+            let (Ok(st), Some(d)) = (loc.stat(), self.nlink_delta(&loc)) else {
+                continue;
+            };
+            if st.st_nlink as i64 + d <= 0 {
+                tracing::info!(entry = ?key, "index entry of a file with no name left: removed");
+                let _ = sys::unlink_at(fd.as_fd(), &key);
+            }
+        }
     }
 
     /// The data of metacopy `meta` (in layer `below`, none: the upper layer): where its
@@ -793,7 +929,7 @@ impl Overlay {
 
     /// An upper file keeps the inode number of the lower file it was copied up from; and
     /// whether it is a metacopy (read in any mount: the mark says where the data is).
-    fn upper_file_ino(&self, loc: &Loc, st: &Stat) -> (u64, bool) {
+    fn upper_file_ino(&self, loc: &Loc, st: &Stat) -> (u64, bool, Option<OsString>) {
         // One listxattr answers for most files (which have no xattrs at all).
         let names = loc.listxattr().unwrap_or_default();
         let metacopy = names
@@ -802,15 +938,27 @@ impl Overlay {
         let origin = find_origin_name(&names)
             .and_then(|n| loc.getxattr(n).ok())
             .and_then(|v| parse_origin(&v));
-        (origin.unwrap_or_else(|| self.map_ino(st)), metacopy)
+        // A copied-up lower hard link: one of its names.
+        let index_key = NLINK_XATTRS
+            .iter()
+            .filter(|x| names.iter().any(|n| n.as_bytes() == x.as_bytes()))
+            .find_map(|x| loc.getxattr(OsStr::new(x)).ok())
+            .and_then(|v| parse_nlink(&v))
+            .map(|(_, k)| k);
+        (
+            origin.unwrap_or_else(|| self.map_ino(st)),
+            metacopy,
+            index_key,
+        )
     }
 
-    /// The inode number of a lower non-directory. A file with several hard links below gets
-    /// a number of its own per name (derived from the parent's number and the name, so it is
-    /// the same after a remount): copy-up breaks lower hard links, as kernel overlayfs does
-    /// without its index, and each name must be its own inode for that.
+    /// The inode number of a lower non-directory: its own, one for all its names, as every
+    /// name is one node and its copy-up keeps them one file (the index). Only a writable
+    /// mount without an index (its directory could not be made) breaks a lower hard link per
+    /// name at copy-up, as kernel overlayfs without its index, and gives each name a number
+    /// of its own (derived from the parent's number and the name, the same after a remount).
     pub(crate) fn lower_file_ino(&self, st: &Stat, parent: u64, name: &OsStr) -> u64 {
-        if st.st_nlink <= 1 {
+        if st.st_nlink <= 1 || !self.per_name_inos() {
             return self.map_ino(st);
         }
         let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ parent;
@@ -849,6 +997,7 @@ impl Overlay {
             lowers: found.lowers,
             metacopy: found.metacopy,
             unlinked: false,
+            index_key: found.index_key,
         }
     }
 
@@ -862,9 +1011,13 @@ impl Overlay {
     ) -> (Arc<Node>, Stat) {
         let ino = found.ino;
         let top = found.top;
+        let several = found.kind != Kind::Dir && (top.st_nlink > 1 || found.index_key.is_some());
         let node =
             self.nodes
                 .get_or_insert(ino, Self::state_from_found(found, parent, name), count);
+        if several {
+            node.add_alias(parent, name);
+        }
         (node, top)
     }
 
@@ -923,6 +1076,13 @@ impl Overlay {
             self.opts.gid_map.to_shown(gid).unwrap_or(self.overflow_gid)
         };
         let mut nlink = stat.st_nlink as u32;
+        if st.index_key.is_some() && kind != Kind::Dir {
+            // The upper inode counts its index entry and the names linked so far; what
+            // the names show is in the entry's mark.
+            if let Some(d) = self.nlink_delta(st.top()) {
+                nlink = (stat.st_nlink as i64 + d).clamp(0, u32::MAX as i64) as u32;
+            }
+        }
         if kind == Kind::Dir
             && (self.opts.static_nlink
                 || st.is_merged_dir()
@@ -998,7 +1158,24 @@ impl Overlay {
         let found = self
             .resolve_hinted(parent, &ps, name, hint)?
             .ok_or(Errno::NOENT)?;
+        let link_up = found.link_up;
         let (node, stat) = self.intern(found, parent, name, true);
+        if link_up && !self.read_only {
+            // Another name of a copied-up lower hard link: it becomes a hard link of the
+            // copy in the upper layer too (the index says which copy).
+            if let Some(key) = node.state().index_key {
+                let linked = {
+                    let _g = node.copyup.lock();
+                    self.link_name(node.ino, &key, parent, name)
+                };
+                if let Err(e) = linked {
+                    tracing::debug!(?name, error = %e, "name of a hard link not linked up");
+                }
+                if let Ok(a) = self.node_attr(&node) {
+                    return Ok(a);
+                }
+            }
+        }
         let st = node.state();
         Ok(self.attr_of(&node, &st, &stat))
     }
@@ -1353,6 +1530,37 @@ fn prepare_workdir(wfd: BorrowedFd<'_>) -> Result<OwnedFd> {
     }
     write::remove_tree_contents(fd.as_fd())?;
     Ok(fd)
+}
+
+/// `<workdir>/rustfuse-index`, made if `create` (a read-only mount only opens one there is).
+fn open_index(wfd: BorrowedFd<'_>, create: bool) -> Result<Option<Arc<DirHandle>>> {
+    let name = OsStr::new(INDEX_DIR);
+    if create {
+        match sys::mkdir_at(wfd, name, 0o700) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match sys::open_dir_path_at(wfd, name) {
+        Ok(fd) => Ok(Some(DirHandle::root(Arc::new(fd)))),
+        Err(Errno::NOENT) if !create => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The mark of index entry `key`: `DELTA KEY`.
+pub(crate) fn nlink_mark(delta: i64, key: &OsStr) -> Vec<u8> {
+    format!("{delta} {}", key.to_string_lossy()).into_bytes()
+}
+
+/// An index entry's mark: `DELTA KEY`.
+pub(crate) fn parse_nlink(v: &[u8]) -> Option<(i64, OsString)> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (d, k) = s.split_once(' ')?;
+    if k.is_empty() || k.contains('/') {
+        return None;
+    }
+    Some((d.parse().ok()?, OsString::from(k)))
 }
 
 fn probe_dev_whiteout(work: BorrowedFd<'_>) -> bool {

@@ -1,7 +1,7 @@
 //! The inode table: sharded, with per-inode state behind its own lock. No global lock.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -37,6 +37,9 @@ pub struct NodeState {
     pub backing: (u64, u64),
     /// No name reaches this inode any more (it lives on only through open handles).
     pub unlinked: bool,
+    /// A lower hard link copied up: its entry in the workdir's index, which every name of it
+    /// is a hard link of in the upper layer (see [`super::INDEX_DIR`]).
+    pub index_key: Option<OsString>,
 }
 
 impl NodeState {
@@ -90,6 +93,9 @@ pub struct Node {
     state: Mutex<NodeState>,
     /// Held while this node is copied up, so that two writers copy it once.
     pub copyup: Mutex<()>,
+    /// The names (parent, name) a file with several hard links was found by: its copy-up
+    /// links each of them into the upper layer. Empty for files with one name.
+    aliases: Mutex<Vec<(u64, OsString)>>,
 }
 
 impl Node {
@@ -99,7 +105,26 @@ impl Node {
             nlookup: AtomicU64::new(0),
             state: Mutex::new(state),
             copyup: Mutex::new(()),
+            aliases: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The names this file with several hard links is known by.
+    pub fn aliases(&self) -> Vec<(u64, OsString)> {
+        self.aliases.lock().clone()
+    }
+
+    pub fn add_alias(&self, parent: u64, name: &OsStr) {
+        let mut a = self.aliases.lock();
+        if !a.iter().any(|(p, n)| *p == parent && n == name) {
+            a.push((parent, name.to_os_string()));
+        }
+    }
+
+    pub fn remove_alias(&self, parent: u64, name: &OsStr) {
+        self.aliases
+            .lock()
+            .retain(|(p, n)| !(*p == parent && n == name));
     }
 
     /// A copy of the state (fds are shared, not duplicated).

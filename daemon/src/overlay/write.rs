@@ -131,6 +131,15 @@ fn relocate(node: &super::node::Node, parent: u64, dir: &UpperDir, name: &OsStr)
     });
 }
 
+/// A file with several names moved from one of them to another.
+fn renamed_alias(node: &Node, from: (u64, &OsStr), to: (u64, &OsStr)) {
+    if node.aliases().is_empty() {
+        return;
+    }
+    node.remove_alias(from.0, from.1);
+    node.add_alias(to.0, to.1);
+}
+
 /// A chown that fails with EINVAL inside a user namespace means the id is not mapped there:
 /// say so once, with what to do (a missing /etc/subuid range is the usual cause).
 fn warn_unmapped(e: Errno, uid: Option<u32>, gid: Option<u32>) {
@@ -457,6 +466,8 @@ impl Overlay {
             ino: self.map_ino(&top),
             top,
             metacopy: false,
+            index_key: None,
+            link_up: false,
         };
         let (node, stat) = self.intern(found, parent, name, true);
         Ok(self.attr_of(&node, &node.state(), &stat))
@@ -481,11 +492,20 @@ impl Overlay {
             return Err(Errno::ISDIR);
         }
         let node = self.node_of(found, parent, name);
+        if self.lower_hard_link(&node)? {
+            // Copied up first, as kernel overlayfs with index=on does: the index keeps the
+            // link count the other names show.
+            self.copy_up(&node, false)?;
+        }
         let pu = self.copy_up_dir(&p)?;
         // No copy-up of this file (an open for writing racing the unlink) while its name
         // goes: one that waits sees it unlinked and copies it up to an anonymous file.
         let _no_copy_up = node.copyup.lock();
-        let has_upper = node.state().upper.is_some();
+        let has_upper = match node.state().index_key {
+            // A copied-up hard link: whether this name is one of its upper links.
+            Some(_) => matches!(upper_at(pu.as_fd(), name)?, UpperAt::Entry(_)),
+            None => node.state().upper.is_some(),
+        };
         let pinned = pin(&node)?;
         let ps = p.state();
         if has_upper {
@@ -498,6 +518,7 @@ impl Overlay {
             self.make_whiteout(pu.as_fd(), name)?;
         }
         pinned.done();
+        self.name_removed(&node, parent, name, has_upper)?;
         let st = node.state();
         let gone = st
             .upper
@@ -505,6 +526,48 @@ impl Overlay {
             .is_none_or(|u| u.stat().map(|s| s.st_nlink == 0).unwrap_or(true));
         if gone {
             node.update(|s| s.unlinked = true);
+        }
+        Ok(())
+    }
+
+    /// A lower file with several hard links, not copied up yet (a copy-up goes through the
+    /// index, see [`super::INDEX_DIR`]).
+    pub(crate) fn lower_hard_link(&self, node: &Arc<Node>) -> Result<bool> {
+        let st = node.state();
+        if self.index.is_none() || st.upper.is_some() || st.kind == Kind::Dir || st.metacopy {
+            return Ok(false);
+        }
+        match st.lowers.first() {
+            Some((_, l)) => Ok(l.stat()?.st_nlink > 1),
+            None => Ok(false),
+        }
+    }
+
+    /// Name `name` in `parent` of `node` is gone (unlinked, or renamed over; `linked`: it was
+    /// an upper link of the node's file). A copied-up lower hard link counts it in its index
+    /// entry's mark, and the entry goes with the last name.
+    fn name_removed(
+        &self,
+        node: &Arc<Node>,
+        parent: u64,
+        name: &OsStr,
+        linked: bool,
+    ) -> Result<()> {
+        node.remove_alias(parent, name);
+        let Some(key) = node.state().index_key else {
+            return Ok(());
+        };
+        let iloc = self.index_loc(&key)?;
+        if !linked {
+            self.add_to_nlink_delta(&iloc, &key, -1)?;
+        }
+        let shown = match (iloc.stat(), self.nlink_delta(&iloc)) {
+            (Ok(st), Some(d)) => st.st_nlink as i64 + d,
+            _ => return Ok(()),
+        };
+        if shown <= 0 {
+            let ifd = self.index.as_ref().ok_or(Errno::ROFS)?.fd()?;
+            sys::unlink_at(ifd.as_fd(), &key)?;
         }
         Ok(())
     }
@@ -659,6 +722,12 @@ impl Overlay {
         } else {
             // With metacopy=on a file's data stays below (a redirect says where).
             self.copy_up_moving(&src_node)?;
+            // A lower hard link renamed over is copied up first, as unlinked (index=on).
+            if let Some(d) = dst_node.as_ref().filter(|d| !Arc::ptr_eq(d, &src_node)) {
+                if self.lower_hard_link(d)? {
+                    self.copy_up(d, false)?;
+                }
+            }
         }
         // While the names change, a getattr, open or setattr of a moving file must reach
         // the file, not what its old name holds for a moment (a whiteout, or the other file
@@ -701,6 +770,10 @@ impl Overlay {
             if let Some(p) = xchg_pin {
                 p.done();
             }
+            if let Some(d) = dst_node.as_ref().filter(|d| !Arc::ptr_eq(d, &src_node)) {
+                renamed_alias(&src_node, (parent, name), (newparent, newname));
+                renamed_alias(d, (newparent, newname), (parent, name));
+            }
             if src_kind == Kind::Dir && dst_lower {
                 self.set_opaque(npu.as_fd(), newname)?;
             }
@@ -709,6 +782,7 @@ impl Overlay {
             }
             return Ok(());
         }
+        let dst_linked = matches!(upper_at(npu.as_fd(), newname)?, UpperAt::Entry(_));
         let after = match upper_at(npu.as_fd(), newname)? {
             UpperAt::Entry(Kind::Dir) => {
                 // An empty merged directory may still hold whiteouts: clear them first.
@@ -747,7 +821,9 @@ impl Overlay {
         }
         relocate(&src_node, newparent, &npu, newname);
         src_pin.done();
+        renamed_alias(&src_node, (parent, name), (newparent, newname));
         if let Some(d) = &dst_node {
+            self.name_removed(d, newparent, newname, dst_linked)?;
             let st = d.state();
             let gone = st
                 .upper
