@@ -256,12 +256,12 @@ impl Overlay {
                 names.push(a);
             }
         }
-        for (i, (parent, name)) in names.iter().enumerate() {
-            match self.link_name(node.ino, &key, *parent, name) {
-                Ok(_) => {}
-                Err(e) if i == 0 => return Err(e),
-                // Linked at its next lookup instead.
-                Err(e) => tracing::debug!(?name, error = %e, "name of a hard link not linked up"),
+        for (parent, name) in &names {
+            // A name that cannot be linked now (its directory forgotten by the kernel, a
+            // full disk) still reads the copy through the index, and is linked at its next
+            // lookup.
+            if let Err(e) = self.link_name(node.ino, &key, *parent, name) {
+                tracing::debug!(?name, error = %e, "name of a hard link not linked up");
             }
         }
         let ust = iloc.stat()?;
@@ -287,7 +287,7 @@ impl Overlay {
         name: &OsStr,
     ) -> Result<bool> {
         let pnode = self.node(parent)?;
-        let found = self.resolve(parent, &pnode.state(), name)?;
+        let found = self.resolve(&pnode.state(), name)?;
         if !found.is_some_and(|f| f.link_up && f.ino == ino) {
             return Ok(false);
         }

@@ -200,7 +200,7 @@ impl Overlay {
     /// The entries visible in a directory, in layer order (upper first), without `.`/`..`,
     /// with the inode numbers lookup gives them. Whiteouts, `.wh.` files and opaque markers
     /// are dropped; a name in a higher layer hides the same name below it.
-    pub(crate) fn merged_entries(&self, dir_ino: u64, st: &NodeState) -> Result<Vec<DirEntry>> {
+    pub(crate) fn merged_entries(&self, st: &NodeState) -> Result<Vec<DirEntry>> {
         let mut out: Vec<Merging> = Vec::new();
         let mut index: HashMap<OsString, usize> = HashMap::new();
         let mut hidden: HashSet<OsString> = HashSet::new();
@@ -266,18 +266,7 @@ impl Overlay {
                     real_ino = s.st_ino;
                 }
                 let kind = Kind::from_mode(ft.as_raw_mode());
-                let mut ino = self.map_dev_ino(dev, real_ino);
-                if !is_upper
-                    && kind != Kind::Dir
-                    && seen.is_none()
-                    && !hidden.contains(name)
-                    && self.per_name_inos()
-                {
-                    // Lower hard links get a number per name: lookup's rule needs the count.
-                    if let Ok(s) = sys::stat_at(fd.as_fd(), name) {
-                        ino = self.lower_file_ino(&s, dir_ino, name);
-                    }
-                }
+                let ino = self.map_dev_ino(dev, real_ino);
                 match seen {
                     Some(i) => {
                         let m = &mut out[i];
@@ -353,7 +342,7 @@ impl Overlay {
     /// The names visible in a directory.
     pub(crate) fn merged_names(&self, st: &NodeState) -> Result<Vec<OsString>> {
         Ok(self
-            .merged_entries(0, st)?
+            .merged_entries(st)?
             .into_iter()
             .map(|e| e.name)
             .collect())
@@ -411,7 +400,7 @@ impl Overlay {
             kind: Kind::Dir,
             hint: None,
         });
-        entries.extend(self.merged_entries(ino, &st)?);
+        entries.extend(self.merged_entries(&st)?);
         Ok(entries)
     }
 

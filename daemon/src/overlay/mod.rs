@@ -558,13 +558,8 @@ impl Overlay {
 
     /// Look `name` up across the layers under `parent` without touching the node table.
     /// Directories found get a handle per layer; files are located by (directory, name).
-    pub(crate) fn resolve(
-        &self,
-        parent_ino: u64,
-        parent: &NodeState,
-        name: &OsStr,
-    ) -> Result<Option<Found>> {
-        self.resolve_hinted(parent_ino, parent, name, None)
+    pub(crate) fn resolve(&self, parent: &NodeState, name: &OsStr) -> Result<Option<Found>> {
+        self.resolve_hinted(parent, name, None)
     }
 
     /// [`Overlay::resolve`]; with a `hint`, a lower layer that lists neither the name nor its
@@ -572,7 +567,6 @@ impl Overlay {
     /// always probed).
     pub(crate) fn resolve_hinted(
         &self,
-        parent_ino: u64,
         parent: &NodeState,
         name: &OsStr,
         hint: Option<&dir::LowerHint>,
@@ -680,7 +674,9 @@ impl Overlay {
                                 kind: k,
                                 upper: None,
                                 lowers,
-                                ino: self.lower_file_ino(&st, parent_ino, name),
+                                // Every name of a lower hard link is this one inode (see
+                                // `INDEX_DIR` for how its copy-up keeps it so).
+                                ino: self.map_ino(&st),
                                 top: st,
                                 metacopy,
                                 index_key: None,
@@ -729,12 +725,6 @@ impl Overlay {
             index_key: None,
             link_up: false,
         }))
-    }
-
-    /// Whether each name of a lower hard link is an inode of its own: only where a copy-up
-    /// would break the link (a writable mount without an index).
-    pub(crate) fn per_name_inos(&self) -> bool {
-        self.index.is_none() && !self.read_only
     }
 
     /// The index key of lower file `st`: its filesystem's id and its inode number.
@@ -952,23 +942,6 @@ impl Overlay {
         )
     }
 
-    /// The inode number of a lower non-directory: its own, one for all its names, as every
-    /// name is one node and its copy-up keeps them one file (the index). Only a writable
-    /// mount without an index (its directory could not be made) breaks a lower hard link per
-    /// name at copy-up, as kernel overlayfs without its index, and gives each name a number
-    /// of its own (derived from the parent's number and the name, the same after a remount).
-    pub(crate) fn lower_file_ino(&self, st: &Stat, parent: u64, name: &OsStr) -> u64 {
-        if st.st_nlink <= 1 || !self.per_name_inos() {
-            return self.map_ino(st);
-        }
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ parent;
-        for b in name.as_bytes().iter().chain(&st.st_ino.to_le_bytes()) {
-            h ^= *b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        h | (1 << 62)
-    }
-
     /// Is the name visible in some lower layer under `parent` (so removing or renaming the
     /// upper entry must leave a whiteout)?
     pub(crate) fn lower_positive(&self, parent: &NodeState, name: &OsStr) -> Result<bool> {
@@ -1155,9 +1128,7 @@ impl Overlay {
         if ps.kind != Kind::Dir {
             return Err(Errno::NOTDIR);
         }
-        let found = self
-            .resolve_hinted(parent, &ps, name, hint)?
-            .ok_or(Errno::NOENT)?;
+        let found = self.resolve_hinted(&ps, name, hint)?.ok_or(Errno::NOENT)?;
         let link_up = found.link_up;
         let (node, stat) = self.intern(found, parent, name, true);
         if link_up && !self.read_only {

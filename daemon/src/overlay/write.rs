@@ -487,7 +487,7 @@ impl Overlay {
         self.writable()?;
         let p = self.node(parent)?;
         let ps = p.state();
-        let found = self.resolve(parent, &ps, name)?.ok_or(Errno::NOENT)?;
+        let found = self.resolve(&ps, name)?.ok_or(Errno::NOENT)?;
         if found.kind == Kind::Dir {
             return Err(Errno::ISDIR);
         }
@@ -613,7 +613,7 @@ impl Overlay {
         self.writable()?;
         let p = self.node(parent)?;
         let ps = p.state();
-        let found = self.resolve(parent, &ps, name)?.ok_or(Errno::NOENT)?;
+        let found = self.resolve(&ps, name)?.ok_or(Errno::NOENT)?;
         if found.kind != Kind::Dir {
             return Err(Errno::NOTDIR);
         }
@@ -672,8 +672,8 @@ impl Overlay {
         if nps.kind != Kind::Dir {
             return Err(Errno::NOTDIR);
         }
-        let src = self.resolve(parent, &ps, name)?.ok_or(Errno::NOENT)?;
-        let dst = self.resolve(newparent, &nps, newname)?;
+        let src = self.resolve(&ps, name)?.ok_or(Errno::NOENT)?;
+        let dst = self.resolve(&nps, newname)?;
         if exchange && dst.is_none() {
             return Err(Errno::NOENT);
         }
