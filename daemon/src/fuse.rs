@@ -293,10 +293,13 @@ impl OverlayFs {
     }
 
     fn entry(&self, r: Result<Attr, Errno>, reply: ReplyEntry) {
-        match r {
-            Ok(a) => reply.entry(&self.ttl, &self.fattr(&a), Generation(0)),
-            Err(e) => reply.error(fuse_errno(e)),
-        }
+        answer(r, reply, |reply, a| {
+            reply.entry(&self.ttl, &self.fattr(&a), Generation(0))
+        });
+    }
+
+    fn attr(&self, r: Result<Attr, Errno>, reply: ReplyAttr) {
+        answer(r, reply, |reply, a| reply.attr(&self.ttl, &self.fattr(&a)));
     }
 }
 
@@ -338,24 +341,67 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     })
 }
 
-fn reply_empty(r: Result<(), Errno>, reply: ReplyEmpty) {
+/// Every kind of reply answers an error the same way.
+trait ReplyError {
+    fn fail(self, e: FErrno);
+}
+
+macro_rules! reply_error {
+    ($($t:ty),* $(,)?) => {
+        $(impl ReplyError for $t {
+            fn fail(self, e: FErrno) {
+                self.error(e)
+            }
+        })*
+    };
+}
+
+reply_error!(
+    ReplyAttr,
+    ReplyCreate,
+    ReplyData,
+    ReplyDirectory,
+    ReplyDirectoryPlus,
+    ReplyEmpty,
+    ReplyEntry,
+    ReplyLseek,
+    ReplyOpen,
+    ReplyStatfs,
+    ReplyWrite,
+    ReplyXattr,
+);
+
+/// The one way to answer a request: `ok` with the overlay's value, or its error through the
+/// one errno map (and in the request's span).
+fn answer<T, R: ReplyError>(r: Result<T, Errno>, reply: R, ok: impl FnOnce(R, T)) {
     match r {
-        Ok(()) => reply.ok(),
-        Err(e) => reply.error(fuse_errno(e)),
+        Ok(v) => ok(reply, v),
+        Err(e) => {
+            trace!(error = %e, "error");
+            reply.fail(fuse_errno(e))
+        }
     }
 }
 
+fn reply_empty(r: Result<(), Errno>, reply: ReplyEmpty) {
+    answer(r, reply, |reply, ()| reply.ok());
+}
+
 fn reply_xattr(r: Result<Vec<u8>, Errno>, size: u32, reply: ReplyXattr) {
-    match r {
-        Ok(v) if size == 0 => reply.size(v.len() as u32),
-        Ok(v) if v.len() > size as usize => reply.error(FErrno::ERANGE),
-        Ok(v) => reply.data(&v),
-        Err(e) => reply.error(fuse_errno(e)),
-    }
+    answer(r, reply, |reply, v| {
+        if size == 0 {
+            reply.size(v.len() as u32)
+        } else if v.len() > size as usize {
+            reply.error(FErrno::ERANGE)
+        } else {
+            reply.data(&v)
+        }
+    });
 }
 
 impl Filesystem for OverlayFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _s = debug_span!("init").entered();
         let mut want = WANTED;
         if !self.ov.options().noacl {
             // The kernel enforces and caches ACLs itself (no getxattr round trip per access).
@@ -419,15 +465,13 @@ impl Filesystem for OverlayFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let _s = debug_span!("forget", ino = ino.0, nlookup).entered();
         self.ov.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let _s = debug_span!("getattr", ino = ino.0).entered();
-        match self.ov.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(a) => reply.attr(&self.ttl, &self.fattr(&a)),
-            Err(e) => reply.error(fuse_errno(e)),
-        }
+        self.attr(self.ov.getattr(ino.0, fh.map(|f| f.0)), reply);
     }
 
     fn setattr(
@@ -457,17 +501,14 @@ impl Filesystem for OverlayFs {
             atime: set_time(atime),
             mtime: set_time(mtime),
         };
-        match self.ov.setattr(ino.0, fh.map(|f| f.0), set) {
-            Ok(a) => reply.attr(&self.ttl, &self.fattr(&a)),
-            Err(e) => reply.error(fuse_errno(e)),
-        }
+        self.attr(self.ov.setattr(ino.0, fh.map(|f| f.0), set), reply);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.ov.readlink(ino.0) {
-            Ok(t) => reply.data(t.as_bytes()),
-            Err(e) => reply.error(fuse_errno(e)),
-        }
+        let _s = debug_span!("readlink", ino = ino.0).entered();
+        answer(self.ov.readlink(ino.0), reply, |reply, t| {
+            reply.data(t.as_bytes())
+        });
     }
 
     fn mknod(
@@ -577,11 +618,13 @@ impl Filesystem for OverlayFs {
         if self.writeback {
             flags &= !libc::O_APPEND;
         }
-        match self.ov.open(ino.0, flags) {
-            Ok(fh) if self.pt.on() => self.pt.open(&self.ov, ino.0, fh, reply),
-            Ok(fh) => reply.send(fh, None),
-            Err(e) => reply.error(fuse_errno(e)),
-        }
+        answer(self.ov.open(ino.0, flags), reply, |reply, fh| {
+            if self.pt.on() {
+                self.pt.open(&self.ov, ino.0, fh, reply)
+            } else {
+                reply.send(fh, None)
+            }
+        });
     }
 
     fn read(
@@ -595,10 +638,10 @@ impl Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.ov.read(fh.0, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(fuse_errno(e)),
-        }
+        let _s = debug_span!("read", fh = fh.0, offset, size).entered();
+        answer(self.ov.read(fh.0, offset, size), reply, |reply, d| {
+            reply.data(&d)
+        });
     }
 
     fn write(
@@ -613,10 +656,10 @@ impl Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.ov.write(fh.0, offset, data) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(fuse_errno(e)),
-        }
+        let _s = debug_span!("write", fh = fh.0, offset, size = data.len()).entered();
+        answer(self.ov.write(fh.0, offset, data), reply, |reply, n| {
+            reply.written(n)
+        });
     }
 
     fn flush(
@@ -631,6 +674,7 @@ impl Filesystem for OverlayFs {
         // locks are the kernel's (no FUSE_POSIX_LOCKS). ENOSYS makes the kernel stop sending
         // FLUSH (one round trip less per close); it still writes back dirty pages itself first
         // with `writeback=1`.
+        let _s = debug_span!("flush").entered();
         reply.error(FErrno::ENOSYS);
     }
 
@@ -644,6 +688,7 @@ impl Filesystem for OverlayFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _s = debug_span!("release", fh = fh.0).entered();
         if self.pt.on() {
             self.pt.release(fh.0);
         }
@@ -659,6 +704,7 @@ impl Filesystem for OverlayFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _s = debug_span!("fsync", fh = fh.0, datasync).entered();
         reply_empty(self.ov.fsync(fh.0, datasync), reply);
     }
 
@@ -668,17 +714,14 @@ impl Filesystem for OverlayFs {
             // The kernel stops asking; this open and every later one go on with handle 0.
             return reply.error(FErrno::ENOSYS);
         }
-        match self.ov.opendir(ino.0) {
+        answer(self.ov.opendir(ino.0), reply, |reply, fh| {
             // FOPEN_CACHE_DIR came with protocol 7.28.
-            Ok(fh) if self.limit.is_some() => {
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
-            }
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(e) => reply.error(fuse_errno(e)),
-        }
+            let flags = match self.limit {
+                Some(_) => FopenFlags::FOPEN_KEEP_CACHE,
+                None => FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            };
+            reply.opened(FileHandle(fh), flags)
+        });
     }
 
     fn readdir(
@@ -689,13 +732,11 @@ impl Filesystem for OverlayFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _s = debug_span!("readdir", ino = ino.0, offset).entered();
         let r = self.ov.readdir(fh.0, ino.0, offset, |e, off| {
             reply.add(INodeNo(e.ino), off, ftype(e.kind), &e.name)
         });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(fuse_errno(e)),
-        }
+        answer(r, reply, |reply, ()| reply.ok());
     }
 
     fn readdirplus(
@@ -742,10 +783,7 @@ impl Filesystem for OverlayFs {
                     reply.add(INodeNo(e.ino), off, &e.name, &zero, &fa, Generation(0))
                 }
             });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(fuse_errno(e)),
-        }
+        answer(r, reply, |reply, ()| reply.ok());
     }
 
     fn releasedir(
@@ -756,6 +794,7 @@ impl Filesystem for OverlayFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _s = debug_span!("releasedir", fh = fh.0).entered();
         self.ov.release(fh.0);
         reply.ok();
     }
@@ -768,16 +807,17 @@ impl Filesystem for OverlayFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _s = debug_span!("fsyncdir", ino = ino.0, datasync).entered();
         reply_empty(self.ov.fsyncdir(ino.0, datasync), reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.ov.statfs() {
-            Ok(s) => reply.statfs(
+        let _s = debug_span!("statfs").entered();
+        answer(self.ov.statfs(), reply, |reply, s| {
+            reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
-            ),
-            Err(e) => reply.error(fuse_errno(e)),
-        }
+            )
+        });
     }
 
     fn setxattr(
@@ -799,19 +839,23 @@ impl Filesystem for OverlayFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _s = debug_span!("getxattr", ino = ino.0, ?name).entered();
         reply_xattr(self.ov.getxattr(ino.0, name), size, reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _s = debug_span!("listxattr", ino = ino.0).entered();
         reply_xattr(self.ov.listxattr(ino.0), size, reply);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = debug_span!("removexattr", ino = ino.0, ?name).entered();
         reply_empty(self.ov.removexattr(ino.0, name), reply);
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // Permissions are checked by the kernel (default_permissions).
+        let _s = debug_span!("access").entered();
         reply.ok();
     }
 
@@ -830,24 +874,21 @@ impl Filesystem for OverlayFs {
         if self.writeback {
             flags &= !libc::O_APPEND;
         }
-        match self
+        let r = self
             .ov
-            .create(caller(req), parent.0, name, mode & !umask, flags)
-        {
-            Ok((a, fh)) => {
-                let created = Created {
-                    reply,
-                    ttl: &self.ttl,
-                    attr: self.fattr(&a),
-                };
-                if self.pt.on() {
-                    self.pt.open(&self.ov, a.ino, fh, created)
-                } else {
-                    created.send(fh, None)
-                }
+            .create(caller(req), parent.0, name, mode & !umask, flags);
+        answer(r, reply, |reply, (a, fh)| {
+            let created = Created {
+                reply,
+                ttl: &self.ttl,
+                attr: self.fattr(&a),
+            };
+            if self.pt.on() {
+                self.pt.open(&self.ov, a.ino, fh, created)
+            } else {
+                created.send(fh, None)
             }
-            Err(e) => reply.error(fuse_errno(e)),
-        }
+        });
     }
 
     fn fallocate(
@@ -860,6 +901,7 @@ impl Filesystem for OverlayFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _s = debug_span!("fallocate", fh = fh.0, offset, length, mode).entered();
         reply_empty(self.ov.fallocate(fh.0, offset, length, mode), reply);
     }
 
@@ -872,10 +914,10 @@ impl Filesystem for OverlayFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        match self.ov.lseek(fh.0, offset, whence) {
-            Ok(o) => reply.offset(o),
-            Err(e) => reply.error(fuse_errno(e)),
-        }
+        let _s = debug_span!("lseek", fh = fh.0, offset, whence).entered();
+        answer(self.ov.lseek(fh.0, offset, whence), reply, |reply, o| {
+            reply.offset(o)
+        });
     }
 
     fn copy_file_range(
@@ -891,13 +933,11 @@ impl Filesystem for OverlayFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        match self
+        let _s = debug_span!("copy_file_range", fh_in = fh_in.0, fh_out = fh_out.0, len).entered();
+        let r = self
             .ov
-            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
-        {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(fuse_errno(e)),
-        }
+            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len);
+        answer(r, reply, |reply, n| reply.written(n));
     }
 }
 

@@ -73,13 +73,7 @@ impl Release {
     }
 }
 
-fn which(prog: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(prog))
-        .find(|p| p.is_file())
-}
+use rustfuse_snapshotter::mode::which;
 
 fn unavailable(mode: Mode, release: &Release) -> Option<String> {
     if !rustix::process::geteuid().is_root() {

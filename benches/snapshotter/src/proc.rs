@@ -8,14 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-/// Where `prog` is: PATH, then the sbin/bin directories.
-pub fn which(prog: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(prog))
-        .find(|p| p.is_file())
-}
+pub use rustfuse_snapshotter::mode::which;
 
 /// A long-running child: SIGTERM, then SIGKILL after 20 s, on [`Proc::stop`] or drop.
 pub struct Proc {
