@@ -316,9 +316,11 @@ fn mount_direct(
 fn init_tracing(debug: bool) {
     let filter = std::env::var("RUSTFUSE_LOG")
         .unwrap_or_else(|_| if debug { "debug".into() } else { "warn".into() });
+    // Colour codes only for a terminal: a detached daemon's stderr is a log.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

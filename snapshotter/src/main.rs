@@ -88,9 +88,11 @@ fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
 fn init_tracing(level: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .with_context(|| format!("bad --log-level {level:?}"))?;
+    // Colour codes only for a terminal: logs go to files and journals too.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     Ok(())
 }

@@ -96,15 +96,17 @@ cleanup() {
   kill $SP 2>/dev/null || true; wait $SP 2>/dev/null || true
 }
 trap cleanup EXIT
+snap() { ctr --address "$D/containerd.sock" -n rootless snapshots --snapshotter rustfuse "$@"; }
+# Ready when a call through containerd reaches the snapshotter: a socket file exists from
+# bind(2) on, before its listen(2) (a dial in between is refused).
 i=0
-until [ -S "$D/containerd.sock" ] && [ -S "$D/snap.sock" ]; do
+until [ -S "$D/containerd.sock" ] && [ -S "$D/snap.sock" ] && snap ls >/dev/null 2>&1; do
   i=$((i+1))
   if [ $i -gt 300 ]; then
-    echo "no sockets after 30 s"; cat "$D/snapshotter.log" "$D/containerd.log"; exit 1
+    echo "not serving after 30 s"; cat "$D/snapshotter.log" "$D/containerd.log"; exit 1
   fi
   sleep 0.1
 done
-snap() { ctr --address "$D/containerd.sock" -n rootless snapshots --snapshotter rustfuse "$@"; }
 # What `ctr snapshots mounts` prints, mounted as containerd does: type fuse3.NAME runs
 # `mount.fuse3 SRC DST -o OPTS -t NAME` (mount(8) would hand mount.fuse3 `-t fuse3.NAME`).
 domount() {
