@@ -100,6 +100,13 @@ impl DirHandle {
         names.iter().rev().collect()
     }
 
+    /// While the guard lives, the handle is not reopened by name (a caller of
+    /// [`DirHandle::fd`] waits): for a change of its name that is not atomic with
+    /// [`DirHandle::moved`], such as an exchange of two directories.
+    pub fn hold_name(&self) -> parking_lot::MutexGuard<'_, Option<Arc<OwnedFd>>> {
+        self.fd.lock()
+    }
+
     /// The directory was renamed (its fd, if held, still points at it).
     pub fn moved(&self, parent: &Arc<DirHandle>, name: &OsStr) {
         let mut o = self.origin.lock();

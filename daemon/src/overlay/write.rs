@@ -755,6 +755,17 @@ impl Overlay {
         // From the moment the names change, the nodes follow them, whatever fails after
         // (`after`: a step that failed once the entries had moved, reported at the end).
         if exchange {
+            // Directory handles reopen themselves by (parent, name): between the exchange and
+            // their update each name means the other directory, so no reopen meanwhile.
+            let mut handles: Vec<Arc<DirHandle>> = Vec::new();
+            for n in [Some(&src_node), dst_node.as_ref()].into_iter().flatten() {
+                if let Some(h) = n.state().upper.and_then(|u| u.dir_handle().cloned()) {
+                    if !handles.iter().any(|x| Arc::ptr_eq(x, &h)) {
+                        handles.push(h);
+                    }
+                }
+            }
+            let _no_reopen: Vec<_> = handles.iter().map(|h| h.hold_name()).collect();
             sys::rename_at(
                 pu.as_fd(),
                 name,
