@@ -2,8 +2,10 @@
 //!
 //! - [`api`]: wire types (our own protos, compiled with protox + tonic-prost-build).
 //! - [`store`]: the redb metadata store (keys live only there; disk uses numeric ids).
+//! - [`info`]: the snapshotter's own [`info::Kind`] and [`info::Info`].
 //! - [`snapshotter`]: the semantics of the ten RPCs, synchronous, no gRPC types beyond Mount.
-//! - [`service`]: the tonic service: a span per call, blocking work off the runtime.
+//! - [`service`]: the tonic service: a span per call, blocking work off the runtime, the
+//!   conversions between wire and own types.
 //! - [`filter`], [`labels`]: pure parsers and rules.
 //! - [`mounts`], [`mode`], [`usage`]: mount specs, mode detection (doctor), disk usage.
 #![forbid(unsafe_code)]
@@ -12,6 +14,7 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod filter;
+pub mod info;
 pub mod labels;
 pub mod mode;
 pub mod mounts;

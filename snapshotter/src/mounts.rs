@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::api::Mount;
+use crate::info::Kind;
 use crate::labels;
-use crate::store::{Kind, Record};
+use crate::store::Record;
 
 /// How N-layer snapshots are mounted; chosen once at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,9 +48,9 @@ fn bind(source: PathBuf, ro: bool) -> Vec<Mount> {
     }]
 }
 
-/// The mounts for `rec` (Active or View) with snapshot directories under `snapshots`.
-pub fn mounts(mode: &MountMode, snapshots: &Path, rec: &Record) -> Vec<Mount> {
-    let kind = rec.kind();
+/// The mounts for `rec` of `kind` (Active or View) with snapshot directories under
+/// `snapshots`.
+pub fn mounts(mode: &MountMode, snapshots: &Path, kind: Kind, rec: &Record) -> Vec<Mount> {
     if rec.parent_ids.is_empty() {
         return bind(fs_dir(snapshots, rec.id), kind == Kind::View);
     }
@@ -110,10 +111,9 @@ pub fn mounts(mode: &MountMode, snapshots: &Path, rec: &Record) -> Vec<Mount> {
 mod tests {
     use super::*;
 
-    fn rec(id: u64, kind: Kind, parents: &[u64]) -> Record {
+    fn rec(id: u64, parents: &[u64]) -> Record {
         Record {
             id,
-            kind: kind as i32,
             parent_ids: parents.to_vec(),
             ..Default::default()
         }
@@ -130,17 +130,17 @@ mod tests {
 
     #[test]
     fn no_parent_is_a_bind() {
-        let m = mounts(&KERNEL, &root(), &rec(1, Kind::Active, &[]));
+        let m = mounts(&KERNEL, &root(), Kind::Active, &rec(1, &[]));
         assert_eq!(m[0].r#type, "bind");
         assert_eq!(m[0].source, "/r/snapshots/1/fs");
         assert_eq!(m[0].options, ["rw", "rbind"]);
-        let m = mounts(&KERNEL, &root(), &rec(1, Kind::View, &[]));
+        let m = mounts(&KERNEL, &root(), Kind::View, &rec(1, &[]));
         assert_eq!(m[0].options, ["ro", "rbind"]);
     }
 
     #[test]
     fn view_of_one_parent_binds_the_parent() {
-        let m = mounts(&KERNEL, &root(), &rec(5, Kind::View, &[3]));
+        let m = mounts(&KERNEL, &root(), Kind::View, &rec(5, &[3]));
         assert_eq!(m[0].r#type, "bind");
         assert_eq!(m[0].source, "/r/snapshots/3/fs");
         assert_eq!(m[0].options, ["ro", "rbind"]);
@@ -148,7 +148,7 @@ mod tests {
 
     #[test]
     fn active_with_parents_is_an_overlay() {
-        let m = mounts(&KERNEL, &root(), &rec(5, Kind::Active, &[3, 2]));
+        let m = mounts(&KERNEL, &root(), Kind::Active, &rec(5, &[3, 2]));
         assert_eq!(m[0].r#type, "overlay");
         assert_eq!(m[0].source, "overlay");
         assert_eq!(
@@ -168,7 +168,7 @@ mod tests {
             index_off: false,
             userxattr: true,
         };
-        let m = mounts(&mode, &root(), &rec(5, Kind::View, &[3, 2]));
+        let m = mounts(&mode, &root(), Kind::View, &rec(5, &[3, 2]));
         assert_eq!(
             m[0].options,
             ["userxattr", "lowerdir=/r/snapshots/3/fs:/r/snapshots/2/fs"]
@@ -180,10 +180,10 @@ mod tests {
         let mode = MountMode::Fuse {
             program: "rustfuse".into(),
         };
-        let mut r = rec(5, Kind::Active, &[3]);
+        let mut r = rec(5, &[3]);
         r.labels
             .insert(labels::UID_MAPPING.into(), "0:1000:1,1:100000:65536".into());
-        let m = mounts(&mode, Path::new("/a:b/snapshots"), &r);
+        let m = mounts(&mode, Path::new("/a:b/snapshots"), Kind::Active, &r);
         assert_eq!(m[0].r#type, "fuse3.rustfuse");
         assert_eq!(m[0].source, "overlay");
         assert_eq!(

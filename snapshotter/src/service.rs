@@ -1,8 +1,10 @@
 //! The tonic service: decode, run the snapshotter off the async runtime, encode. One
 //! tracing span per call with the method and key; errors go through [`Error`]'s one status map.
+//! The wire Info and Kind are converted to and from the snapshotter's own here, and only here.
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -10,6 +12,7 @@ use tracing::Instrument;
 use crate::api::snapshots as pb;
 use crate::api::snapshots::snapshots_server::{Snapshots, SnapshotsServer};
 use crate::error::Error;
+use crate::info::{Info, Kind};
 use crate::snapshotter::Snapshotter;
 
 /// List answers in batches of at most this many snapshots...
@@ -17,6 +20,59 @@ const LIST_BATCH: usize = 100;
 /// ...and about this many encoded bytes, well under the 4 MiB a gRPC client takes by
 /// default (keys and labels can be long: 100 snapshots with 64 KiB keys would not fit).
 const LIST_BATCH_BYTES: usize = 1 << 20;
+
+impl From<Kind> for pb::Kind {
+    fn from(kind: Kind) -> pb::Kind {
+        match kind {
+            Kind::View => pb::Kind::View,
+            Kind::Active => pb::Kind::Active,
+            Kind::Committed => pb::Kind::Committed,
+        }
+    }
+}
+
+/// The kind a request carries, read as containerd reads it (`KindFromProto`, `toKind` before
+/// 2.0): ACTIVE and VIEW are themselves, anything else (COMMITTED, UNKNOWN, a number that is
+/// no kind) is Committed. Only Update carries one, and ignores it: containerd's own Update
+/// sends the zero kind, which its proxy turns into COMMITTED whatever the snapshot is, and its
+/// snapshots service accepts any kind there. So no kind is an error on the way in.
+fn kind_from_pb(kind: i32) -> Kind {
+    match pb::Kind::try_from(kind) {
+        Ok(pb::Kind::Active) => Kind::Active,
+        Ok(pb::Kind::View) => Kind::View,
+        Ok(pb::Kind::Committed | pb::Kind::Unknown) | Err(_) => Kind::Committed,
+    }
+}
+
+impl From<Info> for pb::Info {
+    fn from(info: Info) -> pb::Info {
+        pb::Info {
+            name: info.name,
+            parent: info.parent,
+            kind: pb::Kind::from(info.kind) as i32,
+            created_at: info.created.map(prost_types::Timestamp::from),
+            updated_at: info.updated.map(prost_types::Timestamp::from),
+            labels: info.labels,
+        }
+    }
+}
+
+/// The Info of an Update request. Update reads its name and labels only; a time out of
+/// `SystemTime`'s range reads as none.
+impl From<pb::Info> for Info {
+    fn from(info: pb::Info) -> Info {
+        let time =
+            |ts: Option<prost_types::Timestamp>| ts.and_then(|t| SystemTime::try_from(t).ok());
+        Info {
+            kind: kind_from_pb(info.kind),
+            created: time(info.created_at),
+            updated: time(info.updated_at),
+            name: info.name,
+            parent: info.parent,
+            labels: info.labels,
+        }
+    }
+}
 
 /// Split `infos` into List responses by [`LIST_BATCH`] and [`LIST_BATCH_BYTES`]; a single
 /// snapshot larger than the byte bound goes alone.
@@ -203,7 +259,9 @@ impl Snapshots for Service {
         let info = self
             .call("Stat", &key, ns, Run::Inline, move |s| s.stat(&r.key))
             .await?;
-        Ok(Response::new(pb::StatSnapshotResponse { info: Some(info) }))
+        Ok(Response::new(pb::StatSnapshotResponse {
+            info: Some(info.into()),
+        }))
     }
 
     async fn update(
@@ -216,6 +274,7 @@ impl Snapshots for Service {
             return Err(Error::InvalidArgument("update: info is required".into()).into());
         };
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        let info = Info::from(info);
         let key = info.name.clone();
         let info = self
             .call("Update", &key, ns, Run::Blocking, move |s| {
@@ -223,7 +282,7 @@ impl Snapshots for Service {
             })
             .await?;
         Ok(Response::new(pb::UpdateSnapshotResponse {
-            info: Some(info),
+            info: Some(info.into()),
         }))
     }
 
@@ -238,6 +297,7 @@ impl Snapshots for Service {
         let infos = self
             .call("List", "", ns, Run::Blocking, move |s| s.list(&r.filters))
             .await?;
+        let infos = infos.into_iter().map(pb::Info::from).collect();
         let batches: Vec<Result<pb::ListSnapshotsResponse, Status>> =
             batch(infos).into_iter().map(Ok).collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
@@ -278,6 +338,37 @@ mod tests {
             name,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn kinds_convert_both_ways() {
+        for kind in [Kind::View, Kind::Active, Kind::Committed] {
+            assert_eq!(kind_from_pb(pb::Kind::from(kind) as i32), kind);
+        }
+        // As containerd reads a request's kind: what is not ACTIVE or VIEW is Committed.
+        assert_eq!(kind_from_pb(pb::Kind::Unknown as i32), Kind::Committed);
+        assert_eq!(kind_from_pb(42), Kind::Committed);
+        assert_eq!(kind_from_pb(-1), Kind::Committed);
+    }
+
+    #[test]
+    fn info_converts_both_ways() {
+        let ts = prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 123_456_789,
+        };
+        let wire = pb::Info {
+            name: "ns/1/a b".into(),
+            parent: "p".into(),
+            kind: pb::Kind::View as i32,
+            created_at: Some(ts),
+            updated_at: None,
+            labels: [("k".to_string(), "v".to_string())].into(),
+        };
+        let own = Info::from(wire.clone());
+        assert_eq!(own.kind, Kind::View);
+        assert_eq!(own.updated, None);
+        assert_eq!(pb::Info::from(own), wire);
     }
 
     #[test]

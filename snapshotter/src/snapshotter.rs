@@ -15,14 +15,16 @@ use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::api::Mount;
-use crate::api::snapshots as pb;
 use crate::error::{Error, Result};
 use crate::filter::{self, Adaptor};
+use crate::info::{Info, Kind};
 use crate::labels;
 use crate::mounts::{self, MountMode};
-use crate::store::{Kind, NewSnapshot, Record, Store};
+use crate::store::{NewSnapshot, Store};
 use crate::usage::{Usage, disk_usage};
 
+/// The snapshotter over one root directory; every method is synchronous and safe to call
+/// from many threads at once.
 pub struct Snapshotter {
     root: PathBuf,
     snapshots: PathBuf,
@@ -51,42 +53,23 @@ fn normalize(mut labels: HashMap<String, String>) -> HashMap<String, String> {
 }
 
 /// The containerd filter fields of a snapshot.
-struct InfoAdaptor<'a> {
-    name: &'a str,
-    rec: &'a Record,
-}
+struct InfoAdaptor<'a>(&'a Info);
 
 impl Adaptor for InfoAdaptor<'_> {
     fn field(&self, path: &[String]) -> Option<String> {
+        let info = self.0;
         match path.first()?.as_str() {
-            "kind" => Some(self.rec.kind().as_str().to_string()),
-            "name" => Some(self.name.to_string()),
-            "parent" => Some(self.rec.parent.clone()),
+            "kind" => Some(info.kind.as_str().to_string()),
+            "name" => Some(info.name.clone()),
+            "parent" => Some(info.parent.clone()),
             "labels" => {
-                if self.rec.labels.is_empty() {
+                if info.labels.is_empty() {
                     return None;
                 }
-                self.rec.labels.get(&path[1..].join(".")).cloned()
+                info.labels.get(&path[1..].join(".")).cloned()
             }
             _ => None,
         }
-    }
-}
-
-/// The wire Info of snapshot `name`.
-pub fn info(name: &str, rec: &Record) -> pb::Info {
-    let kind = match rec.kind() {
-        Kind::View => pb::Kind::View,
-        Kind::Active => pb::Kind::Active,
-        Kind::Committed => pb::Kind::Committed,
-    };
-    pb::Info {
-        name: name.to_string(),
-        parent: rec.parent.clone(),
-        kind: kind as i32,
-        created_at: rec.created,
-        updated_at: rec.updated,
-        labels: rec.labels.clone(),
     }
 }
 
@@ -109,14 +92,17 @@ impl Snapshotter {
         })
     }
 
+    /// The root directory it was opened on.
     pub fn root(&self) -> &Path {
         &self.root
     }
 
+    /// How it mounts snapshots with parents (chosen at start, never changes).
     pub fn mode(&self) -> &MountMode {
         &self.mode
     }
 
+    /// Its metadata store, to read (tests); writes go through the methods here.
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -125,6 +111,8 @@ impl Snapshotter {
         mounts::snapshot_dir(&self.snapshots, id).join("fs")
     }
 
+    /// Create Active snapshot `key` on Committed `parent` (empty: none) and return its
+    /// read-write mounts; nothing is left behind on failure.
     pub fn prepare(
         &self,
         key: &str,
@@ -134,6 +122,8 @@ impl Snapshotter {
         self.create(Kind::Active, key, parent, labels)
     }
 
+    /// Create View snapshot `key` on Committed `parent` (empty: none) and return its
+    /// read-only mounts; nothing is left behind on failure.
     pub fn view(
         &self,
         key: &str,
@@ -199,7 +189,7 @@ impl Snapshotter {
             )
         });
         match result {
-            Ok(rec) => Ok(mounts::mounts(&self.mode, &self.snapshots, &rec)),
+            Ok(rec) => Ok(mounts::mounts(&self.mode, &self.snapshots, kind, &rec)),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&tmp);
                 Err(e)
@@ -207,16 +197,20 @@ impl Snapshotter {
         }
     }
 
+    /// The mounts of Active or View snapshot `key`, the same as Prepare or View gave.
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
         let rec = self.store.must_get(key)?;
-        if rec.kind() == Kind::Committed {
+        let kind = rec.kind(key)?;
+        if kind == Kind::Committed {
             return Err(Error::FailedPrecondition(format!(
                 "snapshot {key:?} is committed: it has no mounts"
             )));
         }
-        Ok(mounts::mounts(&self.mode, &self.snapshots, &rec))
+        Ok(mounts::mounts(&self.mode, &self.snapshots, kind, &rec))
     }
 
+    /// Turn Active `key` into Committed `name` (same parent and directory, `labels`
+    /// replacing its labels, its disk usage recorded); `key` is gone afterwards.
     pub fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {
         if name.is_empty() {
             return Err(Error::InvalidArgument(format!(
@@ -225,10 +219,11 @@ impl Snapshotter {
         }
         labels::validate(name, &labels)?;
         let rec = self.store.must_get(key)?;
-        if rec.kind() != Kind::Active {
+        let kind = rec.kind(key)?;
+        if kind != Kind::Active {
             return Err(Error::FailedPrecondition(format!(
                 "snapshot {key:?} is {}, only an active snapshot can be committed",
-                rec.kind().as_str()
+                kind.as_str()
             )));
         }
         if self.store.get(name)?.is_some() {
@@ -247,6 +242,8 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// Remove `key` unless it has children; the key is free at once, its directory goes now
+    /// or at the next Cleanup.
     pub fn remove(&self, key: &str) -> Result<()> {
         let rec = self.store.remove(key)?;
         let dir = mounts::snapshot_dir(&self.snapshots, rec.id);
@@ -259,13 +256,16 @@ impl Snapshotter {
         Ok(())
     }
 
-    pub fn stat(&self, key: &str) -> Result<pb::Info> {
-        Ok(info(key, &self.store.must_get(key)?))
+    /// The Info of snapshot `key`, of any kind.
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        self.store.must_get(key)?.into_info(key)
     }
 
     /// Update the labels of `new.name` following the field paths (see module docs of the
     /// API notes): none → replace all; `labels` → replace all; `labels.K` → set or delete K.
-    pub fn update(&self, new: &pb::Info, paths: &[String]) -> Result<pb::Info> {
+    /// Only `new.name` and `new.labels` are read: the other fields are immutable, and
+    /// containerd sends them unset (its kind then reads Committed, whatever the snapshot is).
+    pub fn update(&self, new: &Info, paths: &[String]) -> Result<Info> {
         let key = new.name.as_str();
         for p in paths {
             if p != "labels" && !p.starts_with("labels.") {
@@ -275,7 +275,8 @@ impl Snapshotter {
             }
         }
         let rec = self.store.update_labels(key, |old| {
-            let mut labels = old.clone();
+            // A record the store cannot read is refused before anything is written.
+            let mut labels = old.clone().into_info(key)?.labels;
             if paths.is_empty() {
                 labels = new.labels.clone();
             }
@@ -293,24 +294,28 @@ impl Snapshotter {
             labels::validate(key, &labels)?;
             Ok(labels)
         })?;
-        Ok(info(key, &rec))
+        rec.into_info(key)
     }
 
-    /// Snapshots matching any of `filters` (containerd filter syntax).
-    pub fn list(&self, filters: &[String]) -> Result<Vec<pb::Info>> {
+    /// The Info of every snapshot matching any of `filters` (containerd filter syntax; none:
+    /// all), in key order. A record the store cannot read fails the whole list, naming it.
+    pub fn list(&self, filters: &[String]) -> Result<Vec<Info>> {
         let f = filter::parse_all(filters).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        Ok(self
-            .store
-            .list()?
-            .into_iter()
-            .filter(|(name, rec)| f.matches(&InfoAdaptor { name, rec }))
-            .map(|(name, rec)| info(&name, &rec))
-            .collect())
+        let mut out = Vec::new();
+        for (name, rec) in self.store.list()? {
+            let info = rec.into_info(&name)?;
+            if f.matches(&InfoAdaptor(&info)) {
+                out.push(info);
+            }
+        }
+        Ok(out)
     }
 
+    /// Disk usage of `key`: measured now for an Active snapshot, as recorded at commit for a
+    /// Committed one (zero for a View).
     pub fn usage(&self, key: &str) -> Result<Usage> {
         let rec = self.store.must_get(key)?;
-        if rec.kind() == Kind::Active {
+        if rec.kind(key)? == Kind::Active {
             disk_usage(&self.fs_dir(rec.id))
         } else {
             Ok(Usage {
@@ -431,6 +436,57 @@ mod tests {
             s.stat("a").unwrap().labels,
             labels(&[("l4", "v4"), ("l1", "updated")])
         );
+    }
+
+    /// A stored record whose kind is no kind (store corruption) fails every call that needs
+    /// the kind with an error naming its key, which the one status map answers as Unknown;
+    /// nothing reads it as Active. Remove, which needs no kind, still clears it.
+    #[test]
+    fn unknown_kind_is_an_error_naming_the_key() {
+        let (_d, s) = snap();
+        s.prepare("good", "", labels(&[("l", "v")])).unwrap();
+        let key = "ns/1/extract-7 sha256:abc";
+        let rec = crate::store::Record {
+            id: 99,
+            kind: 42,
+            labels: labels(&[("l", "v")]),
+            ..Default::default()
+        };
+        crate::store::put_raw(s.store(), key, &rec).unwrap();
+        let names_key = |what: &str, e: Error| {
+            assert!(matches!(e, Error::Corrupt(_)), "{what}: {e:?}");
+            let status = tonic::Status::from(e);
+            assert_eq!(status.code(), tonic::Code::Unknown, "{what}");
+            assert!(status.message().contains(key), "{what}: {status:?}");
+            assert!(
+                status.message().contains("unknown snapshot kind 42"),
+                "{what}: {status:?}"
+            );
+        };
+        names_key("stat", s.stat(key).unwrap_err());
+        names_key("list", s.list(&[]).unwrap_err());
+        names_key(
+            "list kind==active",
+            s.list(&["kind==active".into()]).unwrap_err(),
+        );
+        names_key("mounts", s.mounts(key).unwrap_err());
+        names_key("usage", s.usage(key).unwrap_err());
+        names_key("commit", s.commit("n", key, HashMap::new()).unwrap_err());
+        names_key(
+            "prepare on it",
+            s.prepare("child", key, HashMap::new()).unwrap_err(),
+        );
+        let mut new = s.stat("good").unwrap();
+        new.name = key.into();
+        new.labels = labels(&[("l", "changed")]);
+        names_key("update", s.update(&new, &[]).unwrap_err());
+        assert_eq!(
+            s.store().must_get(key).unwrap(),
+            rec,
+            "update wrote nothing"
+        );
+        s.remove(key).unwrap();
+        assert_eq!(s.list(&[]).unwrap().len(), 1);
     }
 
     #[test]

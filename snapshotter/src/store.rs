@@ -16,6 +16,7 @@ use redb::{
 };
 
 use crate::error::{Error, Result};
+use crate::info::{Info, Kind};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
@@ -26,33 +27,6 @@ const CHILDREN: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::n
 pub const SCHEMA_VERSION: u64 = 1;
 const KEY_SCHEMA_VERSION: &str = "schema_version";
 const KEY_NEXT_ID: &str = "next_id";
-
-/// Snapshot kinds, numbered as on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    View = 1,
-    Active = 2,
-    Committed = 3,
-}
-
-impl Kind {
-    pub fn from_i32(v: i32) -> Option<Kind> {
-        match v {
-            1 => Some(Kind::View),
-            2 => Some(Kind::Active),
-            3 => Some(Kind::Committed),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::View => "view",
-            Kind::Active => "active",
-            Kind::Committed => "committed",
-        }
-    }
-}
 
 /// What the store keeps per snapshot (schema version 1).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -85,8 +59,33 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn kind(&self) -> Kind {
-        Kind::from_i32(self.kind).unwrap_or(Kind::Active)
+    /// The kind of this record, stored under `key`; a number that is no kind is store
+    /// corruption (`Error::Corrupt` naming `key`), never guessed.
+    pub fn kind(&self, key: &str) -> Result<Kind> {
+        Kind::from_i32(self.kind).ok_or_else(|| {
+            Error::Corrupt(format!(
+                "record of {key:?}: unknown snapshot kind {}",
+                self.kind
+            ))
+        })
+    }
+
+    /// The [`Info`] of this record, stored under `name`; an unknown kind or a time out of
+    /// range is store corruption naming `name`.
+    pub fn into_info(self, name: &str) -> Result<Info> {
+        let time = |what: &str, ts: Option<prost_types::Timestamp>| {
+            ts.map(SystemTime::try_from)
+                .transpose()
+                .map_err(|e| Error::Corrupt(format!("record of {name:?}: {what} time: {e}")))
+        };
+        Ok(Info {
+            kind: self.kind(name)?,
+            created: time("created", self.created)?,
+            updated: time("updated", self.updated)?,
+            name: name.to_string(),
+            parent: self.parent,
+            labels: self.labels,
+        })
     }
 }
 
@@ -213,7 +212,7 @@ impl Store {
             }
             if let Some(target) = new.labels.get(crate::labels::TARGET_SNAPSHOT_REF) {
                 let exists = match snaps.get(target.as_str())? {
-                    Some(v) => decode(target, v.value())?.kind() == Kind::Committed,
+                    Some(v) => decode(target, v.value())?.kind(target)? == Kind::Committed,
                     None => false,
                 };
                 if exists {
@@ -232,11 +231,12 @@ impl Store {
                     )));
                 };
                 let p = decode(new.parent, v.value())?;
-                if p.kind() != Kind::Committed {
+                let kind = p.kind(new.parent)?;
+                if kind != Kind::Committed {
                     return Err(Error::InvalidArgument(format!(
                         "parent {:?} of {key:?} is {}, not committed",
                         new.parent,
-                        p.kind().as_str()
+                        kind.as_str()
                     )));
                 }
                 let mut ids = vec![p.id];
@@ -284,10 +284,11 @@ impl Store {
             };
             let mut rec = decode(key, v.value())?;
             drop(v);
-            if rec.kind() != Kind::Active {
+            let kind = rec.kind(key)?;
+            if kind != Kind::Active {
                 return Err(Error::FailedPrecondition(format!(
                     "snapshot {key:?} is {}, only an active snapshot can be committed",
-                    rec.kind().as_str()
+                    kind.as_str()
                 )));
             }
             if rec.id != expect_id {
@@ -356,11 +357,12 @@ impl Store {
         Ok(rec)
     }
 
-    /// Replace the labels of `key` with `f(old labels)` and bump `updated`.
+    /// Replace the labels of `key` with `f(old record)` and bump `updated`; nothing is
+    /// written when `f` fails.
     pub fn update_labels(
         &self,
         key: &str,
-        f: impl FnOnce(&HashMap<String, String>) -> Result<HashMap<String, String>>,
+        f: impl FnOnce(&Record) -> Result<HashMap<String, String>>,
     ) -> Result<Record> {
         let tx = self.db.begin_write()?;
         let rec = {
@@ -370,7 +372,7 @@ impl Store {
             };
             let mut rec = decode(key, v.value())?;
             drop(v);
-            rec.labels = f(&rec.labels)?;
+            rec.labels = f(&rec)?;
             rec.updated = Some(now());
             snaps.insert(key, encode(&rec).as_slice())?;
             rec
@@ -378,6 +380,16 @@ impl Store {
         tx.commit()?;
         Ok(rec)
     }
+}
+
+/// Write `rec` under `key` as it is, with no checks: how a test plants a corrupt record.
+#[cfg(test)]
+pub(crate) fn put_raw(store: &Store, key: &str, rec: &Record) -> Result<()> {
+    let tx = store.db.begin_write()?;
+    tx.open_table(SNAPSHOTS)?
+        .insert(key, encode(rec).as_slice())?;
+    tx.commit()?;
+    Ok(())
 }
 
 fn next_id(tx: &WriteTransaction) -> Result<u64> {
@@ -430,7 +442,7 @@ mod tests {
         assert_eq!(a.id, 1);
         let c = s.commit("c", "a", HashMap::new(), (10, 1), a.id).unwrap();
         assert_eq!(c.id, 1);
-        assert_eq!(c.kind(), Kind::Committed);
+        assert_eq!(c.kind("c").unwrap(), Kind::Committed);
         assert!(s.get("a").unwrap().is_none());
         let b = s.create(new("b", "c", Kind::Active), |_| Ok(())).unwrap();
         assert_eq!(b.parent_ids, vec![1]);
@@ -577,6 +589,48 @@ mod tests {
                 .id,
             5
         );
+    }
+
+    /// A stored kind that is no kind is corruption named by its key wherever the kind is
+    /// needed, never read as Active.
+    #[test]
+    fn unknown_kind_is_corruption_naming_the_key() {
+        let (_d, s) = store();
+        let key = "ns/1/sha256:odd kind";
+        let r = Record {
+            id: 9,
+            kind: 7,
+            ..Default::default()
+        };
+        put_raw(&s, key, &r).unwrap();
+        let corrupt = |e: Error| match e {
+            Error::Corrupt(msg) => {
+                assert!(msg.contains(&format!("{key:?}")), "{msg}");
+                assert!(msg.contains("unknown snapshot kind 7"), "{msg}");
+            }
+            e => panic!("expected Corrupt, got {e:?}"),
+        };
+        let rec = s.must_get(key).unwrap();
+        corrupt(rec.kind(key).unwrap_err());
+        corrupt(rec.into_info(key).unwrap_err());
+        corrupt(
+            s.create(new("child", key, Kind::Active), |_| Ok(()))
+                .unwrap_err(),
+        );
+        let mut n = new("extract", "", Kind::Active);
+        n.labels
+            .insert(crate::labels::TARGET_SNAPSHOT_REF.into(), key.into());
+        corrupt(s.create(n, |_| Ok(())).unwrap_err());
+        corrupt(s.commit("c", key, HashMap::new(), (0, 0), 9).unwrap_err());
+        assert!(s.get("child").unwrap().is_none());
+        assert!(s.get("extract").unwrap().is_none());
+        assert!(s.get("c").unwrap().is_none());
+        // The unset kind (0, UNKNOWN on the wire) is no kind either.
+        let r0 = Record {
+            kind: 0,
+            ..Default::default()
+        };
+        assert!(matches!(r0.kind("z"), Err(Error::Corrupt(m)) if m.contains("\"z\"")));
     }
 
     #[test]

@@ -280,6 +280,7 @@ cases!(
     e07_list_batches,
     e08_socket_and_layout,
     e09_hard_links_across_layers,
+    e10_update_reads_no_kind,
     b01_buildkit_readonly_mounts_of_an_active_snapshot,
     b02_buildkit_walking_differ_mounts,
 );
@@ -1227,6 +1228,29 @@ fn assert_erofs(mp: &Path, what: &str) {
         Some(30),
         "{what}: EROFS expected, got {err}"
     );
+}
+
+/// Update reads only the name and labels of the Info it carries. containerd's own Update
+/// sends the zero kind, which its proxy turns into COMMITTED whatever the snapshot is; other
+/// clients leave it UNKNOWN; neither is an error, and the kind stays what it is.
+fn e10_update_reads_no_kind(x: &Ctx) {
+    let c = &x.c;
+    c.prepare("a", "").unwrap();
+    let st = c.stat("a").unwrap();
+    for kind in [pb::Kind::Committed as i32, pb::Kind::Unknown as i32, 42] {
+        let v = kind.to_string();
+        let info = pb::Info {
+            name: "a".into(),
+            kind,
+            labels: labels(&[("k", &v)]),
+            ..Default::default()
+        };
+        let out = c.update(&info, &["labels.k"]).unwrap();
+        assert_eq!(out.kind, pb::Kind::Active as i32, "kind {kind}");
+        assert_eq!(out.labels["k"], v);
+        assert_eq!(out.created_at, st.created_at);
+        assert_eq!(c.stat("a").unwrap(), out);
+    }
 }
 
 /// A RUN's read-write mount stays live while BuildKit mounts the same active snapshot
