@@ -45,7 +45,13 @@ fuzz_target!(|data: &[u8]| {
         Ok(r) => {
             let again = decode("k", &encode(&r)).expect("a decoded record re-encodes");
             assert_eq!(again, r, "decode(encode(decode(bytes))) differs");
-            let _ = r.kind();
+            // A kind the store does not know is corruption naming the key, never a default.
+            if let Err(e) = r.kind("k") {
+                assert!(
+                    matches!(&e, Error::Corrupt(msg) if msg.contains("\"k\"")),
+                    "an unknown kind gives {e:?}, not Corrupt naming the key"
+                );
+            }
         }
         Err(Error::Corrupt(msg)) => assert!(msg.contains("\"k\""), "the error names the key"),
         Err(e) => panic!("decode failed with {e:?}, not Corrupt"),
