@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# tests/kernel.sh [VERSION]: the kernel-facing tests on an old kernel, booted for real.
+#
+# rustfuse exists for hosts where an unprivileged user cannot mount kernel overlayfs (Linux
+# 4.18-5.10). This boots Debian's Linux VERSION (default 5.10: bullseye's
+# linux-image-5.10.0-NN-amd64, FUSE protocol 7.32, no overlayfs in a user namespace) under
+# qemu with the host's userspace shared into the guest (virtme-ng), and runs the test
+# executables built here on the host inside it (tests/kernel/guest.sh says which and why).
+#
+# - The kernel package is pinned (KERNEL_PIN below), with a fallback to the newest of that
+#   series in the suite. It is fetched with `apt-get download` under a private source list,
+#   Dir::State::Lists and Dir::Cache in target/kernel/apt/ (the host's apt state is not
+#   touched), unpacked with dpkg-deb -x and cached in target/kernel/PKG_VERSION/: a second run
+#   downloads nothing.
+# - qemu-system-x86 (and kmod, busybox-static, which virtme-ng uses) come from Debian, virtme-ng
+#   from PyPI in a venv at target/kernel/venv.
+# - KVM is probed with one short boot; where it fails or hangs (a 5.10 guest hangs under KVM on
+#   some hosts) the guest runs under TCG (`vng --disable-kvm`).
+# - Deadlines everywhere: the boot (KERNEL_BOOT_SECS), the whole guest run (KERNEL_RUN_SECS),
+#   and each test executable inside (guest.sh). A guest that cannot boot fails the run; nothing
+#   here ever skips.
+#
+# Output: target/kernel/run-VERSION/ (console.log: the guest's console; STEP.log per step;
+# results: one `STEP NAME EXIT SECONDS` line per step). Exit 0 only if every step passed.
+# Environment: KERNEL_STEPS="differential options ..." runs only those steps (guest.sh's names);
+# KERNEL_BOOT_SECS, KERNEL_RUN_SECS, KERNEL_MEMORY (default 4G), KERNEL_CPUS (default 2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export DEBIAN_FRONTEND=noninteractive
+VERSION="${1:-5.10}"
+BOOT_SECS="${KERNEL_BOOT_SECS:-300}"
+RUN_SECS="${KERNEL_RUN_SECS:-2100}"
+start_all=$(date +%s)
+
+say() { echo "== kernel.sh $VERSION: $*"; }
+die() {
+  echo "== kernel.sh $VERSION: FAILED: $*" >&2
+  exit 1
+}
+
+# VERSION -> Debian suite, package name pattern, pinned package and version.
+case "$VERSION" in
+  5.10)
+    SUITE=bullseye
+    PATTERN='^linux-image-5\.10\.0-[0-9]+-amd64$'
+    KERNEL_PIN="linux-image-5.10.0-32-amd64=5.10.223-1"
+    ;;
+  *) die "unknown kernel VERSION '$VERSION' (known: 5.10)" ;;
+esac
+
+KDIR="$ROOT/target/kernel"
+mkdir -p "$KDIR"
+
+# ---------------------------------------------------------------- host tools
+host_pkgs=(qemu-system-x86 kmod busybox-static e2fsprogs util-linux)
+missing=()
+for p in "${host_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  say "installing ${missing[*]}"
+  timeout 600 apt-get update -qq
+  timeout 900 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+VENV="$KDIR/venv"
+VNG_VERSION=1.42
+if ! "$VENV/bin/vng" --version 2>/dev/null | grep -q "$VNG_VERSION"; then
+  say "installing virtme-ng $VNG_VERSION in $VENV"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  timeout 600 "$VENV/bin/pip" install -q "virtme-ng==$VNG_VERSION"
+fi
+export PATH="$VENV/bin:$PATH" # vng runs virtme-run from PATH
+
+# ---------------------------------------------------------------- the kernel
+# A kernel is cached as target/kernel/PKG_VERSION/ (the unpacked .deb) with a .complete marker.
+cached() { [ -f "$KDIR/$1_$2/.complete" ] && echo "$KDIR/$1_$2"; }
+
+APT="$KDIR/apt"
+apt_private() {
+  # Only this tree: its own source list, lists and cache; no host sources, no host lists
+  # (with a deadline: it is the network).
+  timeout 900 apt-get -q -o Dir::Etc::SourceList="$APT/sources.list" -o Dir::Etc::SourceParts="$APT/parts" \
+    -o Dir::State::Lists="$APT/lists" -o Dir::Cache="$APT/cache" \
+    -o Dir::Etc::Preferences="$APT/preferences" -o Dir::Etc::PreferencesParts="$APT/parts" \
+    -o APT::Sandbox::User=root "$@"
+}
+apt_cache_private() {
+  timeout 120 apt-cache -o Dir::Etc::SourceList="$APT/sources.list" -o Dir::Etc::SourceParts="$APT/parts" \
+    -o Dir::State::Lists="$APT/lists" -o Dir::Cache="$APT/cache" "$@"
+}
+
+pin_pkg="${KERNEL_PIN%%=*}"
+pin_ver="${KERNEL_PIN#*=}"
+KROOT=$(cached "$pin_pkg" "$pin_ver" || true)
+if [ -z "$KROOT" ]; then
+  mkdir -p "$APT/lists/partial" "$APT/cache/archives/partial" "$APT/parts" "$APT/debs"
+  : >"$APT/preferences"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $SUITE main" \
+    >"$APT/sources.list"
+  say "apt-get update of the $SUITE suite (private lists in $APT)"
+  apt_private update -qq || die "apt-get update of $SUITE failed"
+  pkg=$pin_pkg ver=$pin_ver
+  if ! apt_cache_private show "$pin_pkg=$pin_ver" >/dev/null 2>&1; then
+    pkg=$(apt_cache_private pkgnames linux-image-5 | grep -E "$PATTERN" | sort -V | tail -1)
+    [ -n "$pkg" ] || die "no package matching $PATTERN in $SUITE"
+    ver=$(apt_cache_private show "$pkg" | sed -n 's/^Version: //p' | sort -V | tail -1)
+    say "pinned $KERNEL_PIN is not in $SUITE any more; using the newest: $pkg=$ver"
+  fi
+  KROOT=$(cached "$pkg" "$ver" || true)
+  if [ -z "$KROOT" ]; then
+    say "downloading $pkg=$ver"
+    rm -f "$APT/debs/"*.deb
+    (cd "$APT/debs" && apt_private download "$pkg=$ver") || die "apt-get download $pkg=$ver failed"
+    KROOT="$KDIR/${pkg}_$ver"
+    rm -rf "$KROOT"
+    mkdir -p "$KROOT"
+    dpkg-deb -x "$APT/debs/"*.deb "$KROOT"
+    rm -f "$APT/debs/"*.deb
+    kver=$(basename "$(ls -d "$KROOT"/lib/modules/*)")
+    depmod -a -b "$KROOT" "$kver"
+    touch "$KROOT/.complete"
+  fi
+fi
+KIMG=$(ls "$KROOT"/boot/vmlinuz-*)
+KVER=${KIMG##*/vmlinuz-}
+say "kernel $KVER from $KROOT"
+
+# ---------------------------------------------------------------- the test executables
+# Built on the host (the guest shares the host's filesystem read-only); guest.sh runs them
+# directly. The paths come from cargo's JSON messages.
+say "building the binaries and test executables (cargo test --no-run)"
+cargo build --workspace --locked -q
+json=$(mktemp)
+cargo test --locked --no-run --message-format=json \
+  -p rustfuse-tests --test differential --test rootless --test options --test lifecycle \
+  --test rootless_snapshotter --test rootless_build \
+  -p rustfuse-snapshotter --test conformance --test containerd_e2e >"$json"
+BINS="$KDIR/bins.env"
+python3 - "$json" >"$BINS" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(f"TEST_BIN_{m['target']['name']}={m['executable']}")
+EOF
+rm -f "$json"
+for t in differential rootless options lifecycle rootless_snapshotter rootless_build conformance containerd_e2e; do
+  grep -q "^TEST_BIN_$t=" "$BINS" || die "cargo test --no-run gave no executable for $t"
+done
+# Private copies of everything the guest runs, taken under cargo's lock of target/debug: the
+# target directory is shared with other builds, and a binary rebuilt under a running guest
+# (seen: rustfuse-snapshotter replaced in the middle of the conformance run) crashes there.
+# guest.sh bind-mounts the copies of rustfuse and rustfuse-snapshotter over target/debug/
+# (some tests find them there by a path fixed at compile time).
+PRIV="$KDIR/bin"
+rm -rf "$PRIV"
+mkdir -p "$PRIV"
+flock -w 900 "$ROOT/target/debug/.cargo-lock" sh -c '
+  set -e
+  P=$1 B=$2 D=$3
+  cp "$D/rustfuse" "$D/rustfuse-snapshotter" "$P/"
+  while IFS="=" read -r k v; do cp "$v" "$P/${k#TEST_BIN_}"; echo "$k=$P/${k#TEST_BIN_}"; done <"$B" >"$B.new"
+  mv "$B.new" "$B"
+' sh "$PRIV" "$BINS" "$ROOT/target/debug"
+echo "TARGET_DEBUG=$ROOT/target/debug" >>"$BINS"
+echo "PRIVATE_BIN=$PRIV" >>"$BINS"
+
+# ---------------------------------------------------------------- boot
+OUT="$KDIR/run-$VERSION"
+rm -rf "$OUT"
+mkdir -p "$OUT"
+vng_args=(--run "$KIMG" --cpus "${KERNEL_CPUS:-2}" --memory "${KERNEL_MEMORY:-4G}" --verbose
+  --overlay-rwdir=/etc --rwdir="$OUT")
+
+# KVM where it boots: one short probe (here a 5.10 guest under KVM either aborts at once or
+# hangs), else TCG.
+accel=(--disable-kvm)
+if [ -w /dev/kvm ] && [ "${KERNEL_KVM:-probe}" != off ]; then
+  rm -f "$OUT/kvm-ok"
+  timeout -k 5 45 vng "${vng_args[@]}" --exec "touch $OUT/kvm-ok" </dev/null >"$OUT/kvm-probe.log" 2>&1 || true
+  if [ -f "$OUT/kvm-ok" ]; then
+    accel=()
+    say "KVM boots this kernel: using it"
+  else
+    say "KVM probe did not boot ($(grep -a -m1 -iE 'error|assert' "$OUT/kvm-probe.log" || echo 'no output within 45 s')): using TCG"
+  fi
+fi
+
+say "booting under qemu (${accel[*]:-KVM}); console in $OUT/console.log"
+boot_start=$(date +%s)
+timeout -k 10 "$RUN_SECS" vng "${vng_args[@]}" "${accel[@]}" \
+  --exec "bash $ROOT/tests/kernel/guest.sh $OUT $BINS '${KERNEL_STEPS:-}'" \
+  </dev/null >"$OUT/console.log" 2>&1 &
+VNG=$!
+cleanup() { kill "$VNG" 2>/dev/null || true; }
+trap cleanup EXIT
+until [ -f "$OUT/booted" ]; do
+  if ! kill -0 "$VNG" 2>/dev/null; then
+    tail -40 "$OUT/console.log" >&2
+    die "the guest exited before it booted (console above)"
+  fi
+  if (($(date +%s) - boot_start > BOOT_SECS)); then
+    tail -40 "$OUT/console.log" >&2
+    die "the guest did not boot within $BOOT_SECS s (console above)"
+  fi
+  sleep 1
+done
+say "booted in $(($(date +%s) - boot_start)) s: $(cat "$OUT/booted")"
+rc=0
+wait "$VNG" || rc=$?
+trap - EXIT
+
+# ---------------------------------------------------------------- results
+echo "== kernel.sh $VERSION: results (target/kernel/run-$VERSION/results)"
+[ -f "$OUT/results" ] && sed 's/^/   /' "$OUT/results"
+failed=$(awk '$1 == "STEP" && $3 != 0 { print $2 }' "$OUT/results" 2>/dev/null || true)
+for s in $failed; do
+  echo "== step $s failed; the end of $OUT/$s.log:"
+  tail -60 "$OUT/$s.log" | sed 's/^/   /'
+done
+total=$(($(date +%s) - start_all))
+if ! grep -q '^DONE' "$OUT/results" 2>/dev/null; then
+  tail -40 "$OUT/console.log" >&2
+  die "the guest run did not finish (vng exit $rc, within $RUN_SECS s?): console above"
+fi
+if [ -n "$failed" ]; then
+  die "steps failed on Linux $KVER: $(echo $failed) ($total s)"
+fi
+passed=$(grep -c '^STEP' "$OUT/results")
+say "all $passed steps passed on Linux $KVER in $total s"
