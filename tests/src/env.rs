@@ -179,6 +179,15 @@ pub fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|s| s.parse().ok())
 }
 
+/// How many times longer every deadline of [`with_deadline`], [`run_command`] and
+/// [`poll_until`] is: `$RUSTFUSE_TEST_TIME_SCALE` (a whole number, default 1). tests/kernel.sh
+/// sets it in a guest under software emulation (TCG), several times slower than the host.
+pub fn time_scale() -> u32 {
+    env_number::<u32>("RUSTFUSE_TEST_TIME_SCALE")
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
 /// Per-mount watchdog deadline: after this long a FUSE connection is aborted and the test
 /// fails. `$RUSTFUSE_TEST_WATCHDOG_SECS` overrides it.
 pub fn watchdog_deadline() -> Duration {
@@ -187,14 +196,16 @@ pub fn watchdog_deadline() -> Duration {
         .unwrap_or(Duration::from_secs(90))
 }
 
-/// Runs `f` on another thread and waits at most `deadline` for it. On timeout it panics with
-/// `what`; the thread is left behind (a blocked filesystem call cannot be cancelled, but the mount
-/// guard's watchdog or drop aborts the FUSE connection, which unblocks it).
+/// Runs `f` on another thread and waits at most `deadline` (times [`time_scale`]) for it. On
+/// timeout it panics with `what`; the thread is left behind (a blocked filesystem call cannot be
+/// cancelled, but the mount guard's watchdog or drop aborts the FUSE connection, which unblocks
+/// it).
 pub fn with_deadline<T: Send + 'static>(
     deadline: Duration,
     what: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> T {
+    let deadline = deadline * time_scale();
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name(format!("deadline: {what}"))
@@ -245,9 +256,10 @@ impl CmdOutput {
 }
 
 /// Runs a command with stdout/stderr sent to files (not pipes: a daemon that forgets to close
-/// inherited pipes must not make us wait forever) and a deadline: after `deadline` the child is
-/// killed and an error returned.
+/// inherited pipes must not make us wait forever) and a deadline: after `deadline` (times
+/// [`time_scale`]) the child is killed and an error returned.
 pub fn run_command(cmd: &mut Command, deadline: Duration) -> Result<CmdOutput, String> {
+    let deadline = deadline * time_scale();
     let out = tempfile::tempfile().map_err(|e| format!("tempfile: {e}"))?;
     let err = tempfile::tempfile().map_err(|e| format!("tempfile: {e}"))?;
     let start = Instant::now();
@@ -288,8 +300,10 @@ fn read_all(mut f: File) -> String {
     String::from_utf8_lossy(&s).into_owned()
 }
 
-/// Polls `cond` every few milliseconds until it is true or `deadline` passes.
+/// Polls `cond` every few milliseconds until it is true or `deadline` (times [`time_scale`])
+/// passes.
 pub fn poll_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = deadline * time_scale();
     let start = Instant::now();
     loop {
         if cond() {
