@@ -4,6 +4,7 @@
 //! reports medians and ratios to kernel overlayfs as a table, a JSON file and an SVG chart.
 
 mod build;
+mod buildkit;
 mod layerset;
 mod mount;
 mod report;
@@ -32,8 +33,16 @@ options:
                          1 GiB sequential file); default 1
   --reps N               repetitions of every workload on every filesystem; default 3
   --workloads A,B,...    only these workloads (see --list); default all
-  --fs A,B,...           only these filesystems: kernel,fo1,fo2,rustfuse; default all
+  --fs A,B,...           only these filesystems: kernel,fo1,fo2,rustfuse (and
+                         rustfuse-b, snap-fuse, snap-auto); default all that apply
   --rustfuse PATH        rustfuse binary; default target/release/rustfuse
+  --rustfuse-b PATH      a second rustfuse binary (another build), in its own column
+                         'rustfuse B' with the ratio rustfuse / rustfuse B beside it
+  --snapshotter PATH     rustfuse-snapshotter for the buildkit-build workload's
+                         snap-fuse and snap-auto columns; default rustfuse-snapshotter
+                         beside --rustfuse
+  --buildkit VERSION     BuildKit of tests/install-buildkit.sh's cache for buildkit-build;
+                         default the newest the tests run
   --fuse-overlayfs PATH  fuse-overlayfs 1.x; default /usr/bin/fuse-overlayfs
   --fuse-overlayfs2 PATH fuse-overlayfs 2.0; default /opt/fuse-overlayfs2/bin/fuse-overlayfs
   --workdir DIR          layers, uppers and mountpoints (on disk, not tmpfs);
@@ -56,6 +65,9 @@ struct Args {
     workloads: Option<Vec<String>>,
     fs: Option<Vec<String>>,
     rustfuse: PathBuf,
+    rustfuse_b: Option<PathBuf>,
+    snapshotter: Option<PathBuf>,
+    buildkit: String,
     fo1: PathBuf,
     fo2: PathBuf,
     workdir: PathBuf,
@@ -73,6 +85,9 @@ fn parse_args(argv: &[String]) -> Result<Args> {
         workloads: None,
         fs: None,
         rustfuse: PathBuf::from("target/release/rustfuse"),
+        rustfuse_b: None,
+        snapshotter: None,
+        buildkit: rustfuse_tests::buildkit::VERSIONS[0].to_string(),
         fo1: PathBuf::from("/usr/bin/fuse-overlayfs"),
         fo2: PathBuf::from("/opt/fuse-overlayfs2/bin/fuse-overlayfs"),
         workdir: PathBuf::from("/var/tmp/rustfuse-compare"),
@@ -104,6 +119,9 @@ fn parse_args(argv: &[String]) -> Result<Args> {
             "--workloads" => a.workloads = Some(csv(val()?)),
             "--fs" => a.fs = Some(csv(val()?)),
             "--rustfuse" => a.rustfuse = val()?.into(),
+            "--rustfuse-b" => a.rustfuse_b = Some(val()?.into()),
+            "--snapshotter" => a.snapshotter = Some(val()?.into()),
+            "--buildkit" => a.buildkit = val()?,
             "--fuse-overlayfs" => a.fo1 = val()?.into(),
             "--fuse-overlayfs2" => a.fo2 = val()?.into(),
             "--workdir" => a.workdir = val()?.into(),
@@ -145,7 +163,20 @@ fn version_of(bin: &Path, flag: &str) -> String {
         .unwrap_or_default()
 }
 
-fn filesystems(a: &Args) -> Vec<Fs> {
+/// rustfuse-snapshotter: `--snapshotter`, else beside the rustfuse binary.
+fn snapshotter_path(a: &Args) -> PathBuf {
+    let p = a.snapshotter.clone().unwrap_or_else(|| {
+        a.rustfuse
+            .parent()
+            .unwrap_or(Path::new(""))
+            .join("rustfuse-snapshotter")
+    });
+    std::path::absolute(&p).unwrap_or(p)
+}
+
+/// The columns: the four filesystems, rustfuse B when given, and the snapshotter's two
+/// columns when buildkit-build runs (or `--fs` names them).
+fn filesystems(a: &Args, selected: &[&Workload]) -> Vec<Fs> {
     let fuse = |id, label, bin: &Path, flag: &str| {
         let bin = std::path::absolute(bin).unwrap_or_else(|_| bin.to_path_buf());
         let missing = (!bin.is_file()).then(|| format!("not installed ({})", bin.display()));
@@ -178,7 +209,31 @@ fn filesystems(a: &Args) -> Vec<Fs> {
         fuse("fo2", "fuse-overlayfs 2.0", &a.fo2, "--version"),
         fuse("rustfuse", "rustfuse", &a.rustfuse, "-V"),
     ];
+    let mut extra = Vec::new();
+    if let Some(b) = &a.rustfuse_b {
+        extra.push(fuse("rustfuse-b", "rustfuse B", b, "-V"));
+    }
+    let named = |id: &str| a.fs.as_ref().is_some_and(|l| l.iter().any(|x| x == id));
+    if selected.iter().any(|w| w.name == "buildkit-build")
+        || named("snap-fuse")
+        || named("snap-auto")
+    {
+        let sn = snapshotter_path(a);
+        extra.push(fuse(
+            "snap-fuse",
+            "rustfuse-snapshotter fuse",
+            &sn,
+            "--version",
+        ));
+        extra.push(fuse(
+            "snap-auto",
+            "rustfuse-snapshotter auto",
+            &sn,
+            "--version",
+        ));
+    }
     all.into_iter()
+        .chain(extra)
         .filter(|f| a.fs.as_ref().is_none_or(|l| l.iter().any(|x| x == f.id)))
         .collect()
 }
@@ -227,6 +282,8 @@ fn make_ctx(a: &Args, userns: bool) -> Result<Ctx> {
     }
     Ok(Ctx {
         exe: std::env::current_exe()?,
+        rustfuse: std::path::absolute(&a.rustfuse)?,
+        buildkit: a.buildkit.clone(),
         layers,
         sizes,
         run_root: workdir.join("run"),
@@ -262,7 +319,20 @@ fn real_main(argv: &[String]) -> Result<()> {
             v
         }
     };
-    let fss = filesystems(&a);
+    if selected.iter().any(|w| w.name == "buildkit-build") {
+        // rustfuse_tests' BuildKit workspace copies the binaries named by these (the workload
+        // then puts each column's own program in place).
+        let vars = [
+            ("RUSTFUSE_BIN", std::path::absolute(&a.rustfuse)?),
+            ("RUSTFUSE_SNAPSHOTTER_BIN", snapshotter_path(&a)),
+        ];
+        for (k, v) in vars {
+            // SAFETY: no other thread exists yet (the signal handlers only set a flag), so
+            // nothing reads or writes the environment at the same time.
+            unsafe { std::env::set_var(k, v) };
+        }
+    }
+    let fss = filesystems(&a, &selected);
     for f in &fss {
         match &f.missing {
             Some(m) => eprintln!("{}: {m}; its column stays empty", f.label),
@@ -306,7 +376,11 @@ fn real_main(argv: &[String]) -> Result<()> {
             )?;
         }
     }
-    let runnable: Vec<&Fs> = fss.iter().filter(|f| f.missing.is_none()).collect();
+    let runnable = |w: &Workload| -> Vec<&Fs> {
+        fss.iter()
+            .filter(|f| f.missing.is_none() && workloads::applies(f, w))
+            .collect()
+    };
     let mut results = report::Results::new(
         &fss,
         &selected,
@@ -319,10 +393,11 @@ fn real_main(argv: &[String]) -> Result<()> {
             (true, true) => "rootless, metacopy=on (rustfuse only: not with userxattr)",
         },
     );
-    let total = selected.len() * a.reps * runnable.len();
+    let total: usize = selected.iter().map(|w| a.reps * runnable(w).len()).sum();
     let mut done = 0;
     let started = Instant::now();
     for (wi, w) in selected.iter().enumerate() {
+        let runnable = runnable(w);
         for rep in 0..a.reps {
             for k in 0..runnable.len() {
                 let f = runnable[(k + rep) % runnable.len()];
@@ -335,8 +410,9 @@ fn real_main(argv: &[String]) -> Result<()> {
                     a.reps,
                     f.label
                 );
-                // A rootless buildah build is rootless in both modes (see `build`).
-                let r = if a.rootless && w.name != "buildah-bud" {
+                // The buildah and BuildKit builds are rootless in both modes (see `build`,
+                // `buildkit`).
+                let r = if a.rootless && !workloads::always_rootless(w) {
                     rootless::run_in_userns(&ctx, f, w.name, &cycle_args)
                 } else {
                     ctx.run(f, w)

@@ -138,7 +138,7 @@ impl Mount {
                 c
             }
             Kind::Fuse => {
-                if metacopy && fs.id == "rustfuse" {
+                if metacopy && fs.id.starts_with("rustfuse") {
                     opts.push_str(",metacopy=on");
                 }
                 let mut c = Command::new(&fs.bin);

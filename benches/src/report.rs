@@ -137,10 +137,47 @@ impl<'a> Results<'a> {
         Some(self.median(wi, fs)? / self.median(wi, "kernel")?)
     }
 
+    /// rustfuse's median over rustfuse B's (`--rustfuse-b`), where both ran.
+    fn ratio_to_b(&self, wi: usize) -> Option<f64> {
+        Some(self.median(wi, "rustfuse")? / self.median(wi, "rustfuse-b")?)
+    }
+
+    /// [`Target::EveryVariant`]: every rustfuse column faster than both fuse-overlayfs, the
+    /// snapshotter in FUSE mode within `max` times kernel overlayfs.
+    fn verdict_variants(&self, wi: usize, max: f64) -> Option<(bool, String)> {
+        let mut why = Vec::new();
+        let mut any = false;
+        for v in ["rustfuse", "snap-fuse", "snap-auto"] {
+            let Some(r) = self.median(wi, v) else {
+                if self.errors[wi].contains_key(v) {
+                    why.push(format!("{v} failed"));
+                }
+                continue;
+            };
+            any = true;
+            for fo in ["fo1", "fo2"] {
+                if let Some(m) = self.median(wi, fo)
+                    && r >= m
+                {
+                    why.push(format!("{v} not faster than {fo}"));
+                }
+            }
+        }
+        if let Some(x) = self.ratio(wi, "snap-fuse")
+            && x > max
+        {
+            why.push(format!("snap-fuse {x:.2}x kernel > {max}x"));
+        }
+        any.then(|| (why.is_empty(), why.join("; ")))
+    }
+
     /// Whether rustfuse meets the issue's target on this workload, and why not.
     fn verdict(&self, wi: usize) -> Option<(bool, String)> {
-        let r = self.median(wi, "rustfuse")?;
         let w = self.workloads[wi];
+        if let Target::EveryVariant(max) = w.target {
+            return self.verdict_variants(wi, max);
+        }
+        let r = self.median(wi, "rustfuse")?;
         let mut why = Vec::new();
         for fo in ["fo1", "fo2"] {
             if let Some(m) = self.median(wi, fo)
@@ -178,7 +215,7 @@ impl<'a> Results<'a> {
                     why.push(format!("{:.0}% of fuse-overlayfs", 100.0 * r / fo));
                 }
             }
-            Target::BeatFuseOverlayfs => {}
+            Target::BeatFuseOverlayfs | Target::EveryVariant(_) => {}
         }
         Some((why.is_empty(), why.join("; ")))
     }
@@ -189,6 +226,9 @@ impl<'a> Results<'a> {
             Target::Seconds(s) => format!("<{}", fmt_value(w.unit, s)),
             Target::FuseOverlayfsRss(f) => format!("≤{f}× f-o RSS"),
             Target::BeatFuseOverlayfs => "beat f-o".into(),
+            Target::EveryVariant(x) => {
+                format!("every rustfuse column beats f-o; snap-fuse ≤{x}x kernel")
+            }
         }
     }
 
@@ -220,14 +260,27 @@ impl<'a> Results<'a> {
         s
     }
 
-    /// A Markdown table of medians with ratios to kernel overlayfs.
+    fn has_b(&self) -> bool {
+        self.fss
+            .iter()
+            .any(|f| f.id == "rustfuse-b" && f.missing.is_none())
+    }
+
+    /// A Markdown table of medians with ratios to kernel overlayfs (and of rustfuse to
+    /// rustfuse B, when there is a B).
     pub fn table(&self) -> String {
         let mut s = String::from("| workload |");
         for f in self.fss {
             let _ = write!(s, " {} |", f.label);
         }
+        if self.has_b() {
+            s.push_str(" rustfuse / B |");
+        }
         s.push_str(" target (rustfuse) | met |\n|---|");
         for _ in self.fss {
+            s.push_str("---|");
+        }
+        if self.has_b() {
             s.push_str("---|");
         }
         s.push_str("---|---|\n");
@@ -235,6 +288,14 @@ impl<'a> Results<'a> {
             let _ = write!(s, "| {} |", w.name);
             for f in self.fss {
                 let _ = write!(s, " {} |", self.cell(wi, f));
+            }
+            if self.has_b() {
+                match self.ratio_to_b(wi) {
+                    Some(r) => {
+                        let _ = write!(s, " {r:.3} |");
+                    }
+                    None => s.push_str(" n/a |"),
+                }
             }
             let verdict = match self.verdict(wi) {
                 Some((true, _)) => "yes".to_string(),
@@ -298,6 +359,7 @@ impl<'a> Results<'a> {
                 });
                 let medians = per(&|x| json_num(self.median(wi, x.id)));
                 let ratios = per(&|x| json_num(self.ratio(wi, x.id)));
+                let to_b = json_num(self.ratio_to_b(wi));
                 let errors = self.errors[wi]
                     .iter()
                     .map(|(k, v)| format!("{}: {}", json_str(k), json_str(v)))
@@ -310,7 +372,8 @@ impl<'a> Results<'a> {
                 format!(
                     "\n    {{\"name\": {}, \"group\": {}, \"unit\": {}, \"about\": {}, \"target\": {}, \
                      \"samples\": {{{samples}}}, \"median\": {{{medians}}}, \
-                     \"ratio_to_kernel\": {{{ratios}}}, \"errors\": {{{errors}}}, \
+                     \"ratio_to_kernel\": {{{ratios}}}, \"ratio_rustfuse_to_b\": {to_b}, \
+                     \"errors\": {{{errors}}}, \
                      \"rustfuse_target_met\": {met}, \"rustfuse_misses\": {why}}}",
                     json_str(w.name),
                     json_str(w.group.name()),
@@ -331,13 +394,17 @@ impl<'a> Results<'a> {
     /// Horizontal bars of the ratio to kernel overlayfs on a log2 axis (0.25x to 64x).
     /// Workloads without a kernel median (RSS) are drawn relative to fuse-overlayfs 1.x.
     pub fn svg(&self) -> String {
-        const COLORS: [&str; 4] = ["#4c72b0", "#dd8452", "#c44e52", "#55a868"];
+        const COLORS: [&str; 7] = [
+            "#4c72b0", "#dd8452", "#c44e52", "#55a868", "#8172b3", "#937860", "#da8bc3",
+        ];
         let (left, width, bar, gap) = (170.0, 640.0, 9.0, 10.0);
         let (lo, hi) = (-2.0f64, 6.0f64);
         let x = |r: f64| left + (r.log2().clamp(lo, hi) - lo) / (hi - lo) * width;
         let n = self.fss.len() as f64;
         let block = n * bar + gap;
-        let top = 50.0;
+        // The legend takes a row per four columns.
+        let legend_rows = self.fss.len().div_ceil(4).max(1);
+        let top = 38.0 + 12.0 * legend_rows as f64;
         let height = top + block * self.workloads.len() as f64 + 40.0;
         let mut s = String::new();
         let _ = writeln!(
@@ -353,13 +420,15 @@ impl<'a> Results<'a> {
             self.mode, self.sizes.scale, self.reps
         );
         for (i, f) in self.fss.iter().enumerate() {
-            let lx = left + i as f64 * 150.0;
+            let lx = left + (i % 4) as f64 * 160.0;
+            let ly = 24.0 + (i / 4) as f64 * 12.0;
             let _ = writeln!(
                 s,
-                "<rect x=\"{lx}\" y=\"24\" width=\"10\" height=\"10\" fill=\"{}\"/>\
-                 <text x=\"{}\" y=\"33\">{}</text>",
-                COLORS[i % 4],
+                "<rect x=\"{lx}\" y=\"{ly}\" width=\"10\" height=\"10\" fill=\"{}\"/>\
+                 <text x=\"{}\" y=\"{}\">{}</text>",
+                COLORS[i % COLORS.len()],
                 lx + 14.0,
+                ly + 9.0,
                 xml(f.label)
             );
         }
@@ -412,7 +481,7 @@ impl<'a> Results<'a> {
                      <text x=\"{:.1}\" y=\"{}\" font-size=\"8\">{r:.2}x</text>",
                     (x(r) - left).max(1.0),
                     bar - 1.0,
-                    COLORS[i % 4],
+                    COLORS[i % COLORS.len()],
                     xml(f.label),
                     fmt_value(w.unit, v),
                     x(r) + 3.0,

@@ -42,13 +42,10 @@ pub fn cycle_main(ctx: &Ctx, args: &[String]) -> Result<()> {
     let [id, kind, bin, wname] = args else {
         bail!("__cycle needs FS_ID KIND BIN WORKLOAD");
     };
-    let id: &'static str = match id.as_str() {
-        "kernel" => "kernel",
-        "fo1" => "fo1",
-        "fo2" => "fo2",
-        "rustfuse" => "rustfuse",
-        other => bail!("unknown filesystem {other}"),
-    };
+    let id: &'static str = ["kernel", "fo1", "fo2", "rustfuse", "rustfuse-b"]
+        .into_iter()
+        .find(|k| k == id)
+        .with_context(|| format!("unknown filesystem {id}"))?;
     let fs = Fs {
         id,
         label: id,

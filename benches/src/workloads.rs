@@ -56,6 +56,10 @@ pub enum Target {
     FuseOverlayfsRss(f64),
     /// Only "faster than both fuse-overlayfs".
     BeatFuseOverlayfs,
+    /// buildkit-build: every rustfuse column (rustfuse as BuildKit's fuse-overlayfs, the
+    /// snapshotter in FUSE and in auto mode) faster than both fuse-overlayfs, and the
+    /// snapshotter in FUSE mode at most this many times BuildKit's kernel overlayfs.
+    EveryVariant(f64),
 }
 
 pub struct Workload {
@@ -207,6 +211,13 @@ pub const WORKLOADS: &[Workload] = &[
         "rootless buildah bud (3000 files made, lower files changed, 2000-file COPY); kernel: native overlay",
     ),
     w(
+        "buildkit-build",
+        Mixed,
+        EveryVariant(2.5),
+        "rootless BuildKit, multi-stage build exported as OCI; kernel: its overlayfs snapshotter, \
+         fo1/fo2/rustfuse: its fuse-overlayfs snapshotter, snap-*: rustfuse-snapshotter",
+    ),
+    w(
         "mount-1",
         Mount,
         BeatFuseOverlayfs,
@@ -228,9 +239,27 @@ pub const WORKLOADS: &[Workload] = &[
     },
 ];
 
+/// Columns that are rustfuse-snapshotter, not a mount program: they apply to
+/// buildkit-build only.
+const SNAPSHOTTER_COLUMNS: [&str; 2] = ["snap-fuse", "snap-auto"];
+
+/// Whether `w` runs on the column `fs_`.
+pub fn applies(fs_: &Fs, w: &Workload) -> bool {
+    w.name == "buildkit-build" || !SNAPSHOTTER_COLUMNS.contains(&fs_.id)
+}
+
+/// The builds run as a non-root build user in every mode of the tool.
+pub fn always_rootless(w: &Workload) -> bool {
+    matches!(w.name, "buildah-bud" | "buildkit-build")
+}
+
 /// What every run needs.
 pub struct Ctx {
     pub exe: PathBuf,
+    /// The rustfuse binary (`--rustfuse`): the snapshotter columns of buildkit-build mount it.
+    pub rustfuse: PathBuf,
+    /// The BuildKit version of buildkit-build.
+    pub buildkit: String,
     pub layers: Layers,
     pub sizes: Sizes,
     pub run_root: PathBuf,
@@ -312,6 +341,9 @@ impl Ctx {
     pub fn run(&self, fs_: &Fs, w: &Workload) -> Result<Option<f64>> {
         if w.name == "buildah-bud" {
             return crate::build::run(self, fs_).map(Some);
+        }
+        if w.name == "buildkit-build" {
+            return crate::buildkit::run(self, fs_).map(Some);
         }
         let d = self.fresh_dirs(fs_)?;
         let mount_layers = match w.name {
