@@ -22,7 +22,8 @@
 #
 # Output: target/kernel/run-VERSION/ (console.log: the guest's console; STEP.log per step;
 # results: one `STEP NAME EXIT SECONDS` line per step). Exit 0 only if every step passed.
-# Environment: KERNEL_STEPS="differential options ..." runs only those steps (guest.sh's names);
+# Environment: KERNEL_STEPS="differential options ..." runs only those steps (guest.sh's names;
+# `all` adds the ones not run by default);
 # KERNEL_BOOT_SECS, KERNEL_RUN_SECS, KERNEL_MEMORY (default 4G), KERNEL_CPUS (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -188,7 +189,7 @@ if [ -w /dev/kvm ] && [ "${KERNEL_KVM:-probe}" != off ]; then
     accel=()
     say "KVM boots this kernel: using it"
   else
-    say "KVM probe did not boot ($(grep -a -m1 -iE 'error|assert' "$OUT/kvm-probe.log" || echo 'no output within 45 s')): using TCG"
+    say "KVM probe did not boot ($(grep -a -m1 -iE 'error|assert' "$OUT/kvm-probe.log" | tr -d '\000' || echo 'no output within 45 s')): using TCG"
   fi
 fi
 

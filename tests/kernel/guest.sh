@@ -4,7 +4,7 @@
 # test executables built on the host. Usage: guest.sh OUT BINS_ENV [STEPS]
 #   OUT       host directory shared read-write: `booted`, `results`, one STEP.log per step
 #   BINS_ENV  TEST_BIN_<name>=<path> lines (the executables cargo built on the host)
-#   STEPS     space-separated step names to run (empty: all)
+#   STEPS     space-separated step names to run (empty: the default ones; `all`: every one)
 #
 # Which tests, and why: only what meets the kernel (TCG runs about 10x slower than the host,
 # and the stage must stay under ~25 minutes), every one with CI=true so nothing can skip:
@@ -21,20 +21,30 @@
 #   conformance    the snapshotter's conformance suite in FUSE mode as a rootless user under
 #                  RootlessKit, and --mode auto there (FUSE on 5.10)
 #   containerd     containerd 1.6 `ctr run` with the snapshotter in FUSE mode (mount.fuse3)
-#   buildah        a rootless `buildah bud` with rustfuse as mount_program, compared with the
-#                  same build through fuse-overlayfs
+#   buildah        (only when asked: KERNEL_STEPS=buildah or all) a rootless `buildah bud`
+#                  with rustfuse as mount_program, compared with the same build through
+#                  fuse-overlayfs. Not by default: it builds three times and did not
+#                  finish within 14 minutes under TCG here, past the stage's budget; and
+#                  its third build uses kernel overlayfs in the user's namespace, which 5.10
+#                  refuses, so tests/tests/rootless_build.rs must first learn to leave that
+#                  build out where a trial mount fails
 # Not run here: the scale, load, crash-loop, fuzz and BuildKit stages (they test the daemon's
 # own logic, which does not change with the kernel, and would not fit in TCG time).
 set -uo pipefail
 OUT="$1"
 BINS="$2"
-STEPS="${3:-}"
+DEFAULT_STEPS="differential options rootless lifecycle fusermount3 doctor conformance containerd"
+case "${3:-}" in
+  "") STEPS=$DEFAULT_STEPS ;;
+  all) STEPS="$DEFAULT_STEPS buildah" ;;
+  *) STEPS=$3 ;;
+esac
 # shellcheck disable=SC1090
 . "$BINS"
 exec >"$OUT/guest.log" 2>&1
 export CI=true
 
-want() { [ -z "$STEPS" ] || [[ " $STEPS " == *" $1 "* ]]; }
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- preparation
 for m in fuse overlay loop ext4; do modprobe "$m" || echo "modprobe $m failed"; done
@@ -63,7 +73,8 @@ export RUSTFUSE_BIN="$RUSTFUSE" RUSTFUSE_SNAPSHOTTER_BIN="$SNAPSHOTTER"
 export RUSTFUSE_CONFORMANCE_BIN="$TEST_BIN_conformance"
 export PATH="$PRIVATE_BIN:$PATH"
 fuse_api=$(dmesg | sed -n 's/.*fuse: init (API version \(.*\))/\1/p' | head -1)
-echo "Linux $(uname -r), FUSE API $fuse_api" >"$OUT/booted"
+echo "Linux $(uname -r), FUSE API $fuse_api" >"$OUT/booted.new"
+mv "$OUT/booted.new" "$OUT/booted" # kernel.sh waits for it: whole, not half written
 cat "$OUT/booted"
 
 : >"$OUT/results"
@@ -155,6 +166,7 @@ doctor_step() {
   local d out
   d=$(mktemp -d)
   chmod 0777 "$d"
+  export PATH="$(dirname "$SNAPSHOTTER"):$PATH"
   out=$("$SNAPSHOTTER" doctor --root "$d/root-as-root")
   echo "$out"
   echo "$out" | grep -q '^mode: *overlay' || { echo "doctor as root does not pick overlay"; exit 1; }
