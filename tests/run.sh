@@ -54,4 +54,6 @@ RUSTFUSE_COMPAT_4_18=1 cargo test -p rustfuse-tests --locked --test differential
 RUSTFUSE_COMPAT_4_18=1 cargo test -p rustfuse-snapshotter --locked --test conformance fuse::
 echo "== fuzz: a short run of every cargo-fuzz target"
 FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash tests/fuzz.sh
+echo "== Linux 5.10 booted under qemu: the kernel-facing tests there (tests/kernel.sh)"
+CI=true bash tests/kernel.sh 5.10
 echo "== done"
