@@ -230,7 +230,7 @@ impl Overlay {
                 let built = self.build_copy(st, stat, w, &tmp, data).and_then(|()| {
                     self.set_origin(w, &tmp, node.ino);
                     let mark = super::nlink_mark(stat.st_nlink as i64 - 1, &key);
-                    self.set_first_permitted(&super::NLINK_XATTRS, &mark, |x, v| {
+                    set_first_permitted(&super::NLINK_XATTRS, &mark, |x, v| {
                         sys::setxattr_at(w, &tmp, x, v)
                     })
                 });
@@ -312,24 +312,7 @@ impl Overlay {
     pub(crate) fn add_to_nlink_delta(&self, iloc: &Loc, key: &OsStr, n: i64) -> Result<()> {
         let d = self.nlink_delta(iloc).unwrap_or(0);
         let mark = super::nlink_mark(d + n, key);
-        self.set_first_permitted(&super::NLINK_XATTRS, &mark, |x, v| iloc.setxattr(x, v, 0))
-    }
-
-    /// Set xattr `names[0]` to `value`, else (not permitted: rootless) `names[1]`.
-    fn set_first_permitted(
-        &self,
-        names: &[&str],
-        value: &[u8],
-        set: impl Fn(&OsStr, &[u8]) -> Result<()>,
-    ) -> Result<()> {
-        let mut last = Errno::NOTSUP;
-        for x in names {
-            match set(OsStr::new(x), value) {
-                Ok(()) => return Ok(()),
-                Err(e) => last = e,
-            }
-        }
-        Err(last)
+        set_first_permitted(&super::NLINK_XATTRS, &mark, |x, v| iloc.setxattr(x, v, 0))
     }
 
     /// A metacopy's data, copied into its upper file in place (it has the size already),
@@ -480,9 +463,11 @@ impl Overlay {
     /// works on symlinks too), else in `user.`.
     fn set_origin(&self, dir: BorrowedFd<'_>, name: &OsStr, ino: u64) {
         let v = ino.to_string();
-        if sys::setxattr_at(dir, name, OsStr::new(ORIGIN_XATTR_TRUSTED), v.as_bytes()).is_err() {
-            let _ = sys::setxattr_at(dir, name, OsStr::new(ORIGIN_XATTR), v.as_bytes());
-        }
+        let _ = set_first_permitted(
+            &[ORIGIN_XATTR_TRUSTED, ORIGIN_XATTR],
+            v.as_bytes(),
+            |x, v| sys::setxattr_at(dir, name, x, v),
+        );
     }
 
     /// Copy every xattr but the overlay's own markers; tolerate what the upper can't hold.
@@ -521,6 +506,23 @@ impl Overlay {
         }
         Ok(())
     }
+}
+
+/// Set xattr `names[0]` to `value`, else (not permitted: rootless) the next one; the last
+/// error if none can be set.
+fn set_first_permitted(
+    names: &[&str],
+    value: &[u8],
+    set: impl Fn(&OsStr, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let mut last = Errno::NOTSUP;
+    for x in names {
+        match set(OsStr::new(x), value) {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// File capabilities, which a write clears.

@@ -793,8 +793,9 @@ impl Overlay {
             }
             return Ok(());
         }
-        let dst_linked = matches!(upper_at(npu.as_fd(), newname)?, UpperAt::Entry(_));
-        let after = match upper_at(npu.as_fd(), newname)? {
+        let at_dst = upper_at(npu.as_fd(), newname)?;
+        let dst_linked = matches!(at_dst, UpperAt::Entry(_));
+        let after = match at_dst {
             UpperAt::Entry(Kind::Dir) => {
                 // An empty merged directory may still hold whiteouts: clear them first.
                 let d = sys::open_path_at(npu.as_fd(), newname)?;
