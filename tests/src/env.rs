@@ -47,6 +47,25 @@ pub fn fault_injection_bin() -> PathBuf {
     }
 }
 
+/// `sh -c SCRIPT sh ARGS...` as uid/gid 65534 (no groups) in a new user and mount namespace
+/// (`setpriv ... unshare -Urm`), where that user is root: how the rootless tests mount. Add the
+/// script's arguments with `.arg()`.
+pub fn rootless_sh(script: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "unshare",
+        "-Urm",
+        "sh",
+        "-c",
+        script,
+        "sh",
+    ]);
+    c
+}
+
 /// Where `prog` is: PATH, then the sbin/bin directories.
 pub fn which(prog: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use rustfuse_tests::env::{self, run_command, scratch, skip};
+use rustfuse_tests::env::{self, rootless_sh, run_command, scratch, skip};
 use rustfuse_tests::layers::{Layer, Materialized, Tree};
 use rustfuse_tests::ops::build::*;
 use rustfuse_tests::ops::{self, Op};
@@ -512,18 +512,7 @@ exit $rc
     );
     let out = base.join("out");
     let r = run_command(
-        Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "unshare",
-                "-Urm",
-                "sh",
-                "-c",
-                &script,
-                "sh",
-            ])
+        rootless_sh(&script)
             .arg(&bin)
             .arg(m.stack.options())
             .arg(&m.mnt)

@@ -7,7 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use rustfuse_tests::env::{
-    bin_under_test, dev_fuse_for_everyone, require_bin_under_test, run_command, scratch, skip,
+    bin_under_test, dev_fuse_for_everyone, require_bin_under_test, rootless_sh, run_command,
+    scratch, skip,
 };
 
 const NOBODY: u32 = 65534;
@@ -98,20 +99,7 @@ stat -c '%u:%g' "$D/mnt/new"
 umount "$D/mnt"
 "#;
     let out = run_command(
-        Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "unshare",
-                "-Urm",
-                "sh",
-                "-c",
-                script,
-                "sh",
-            ])
-            .arg(&bin_copy)
-            .arg(base),
+        rootless_sh(script).arg(&bin_copy).arg(base),
         Duration::from_secs(60),
     )
     .unwrap_or_else(|e| panic!("{e}"));
