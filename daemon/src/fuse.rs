@@ -40,7 +40,10 @@ pub const WANTED: InitFlags = InitFlags::FUSE_ASYNC_READ
     .union(InitFlags::FUSE_READDIRPLUS_AUTO)
     .union(InitFlags::FUSE_CACHE_SYMLINKS)
     .union(InitFlags::FUSE_ATOMIC_O_TRUNC)
-    .union(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
+    .union(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+    // The daemon drops set-id bits itself, so the kernel marks files without them or file
+    // capabilities S_NOSEC and stops asking for `security.capability` before every write.
+    .union(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
 
 /// What FUSE protocol 7.27 (Linux 4.18) offers: the compatibility mode asks for no more.
 pub const PROTO_7_27: InitFlags = InitFlags::FUSE_ASYNC_READ
@@ -231,6 +234,8 @@ pub struct OverlayFs {
     /// then opens directories itself (cached listings, KEEP_CACHE) with no OPENDIR or
     /// RELEASEDIR round trip; READDIR comes with handle 0.
     no_opendir: AtomicBool,
+    /// HANDLE_KILLPRIV_V2 taken: set-id bits on write, truncate and chown are ours to drop.
+    killpriv: AtomicBool,
     ttl: Duration,
     /// Capabilities to leave out even when offered (the 4.18 compatibility mode).
     limit: Option<InitFlags>,
@@ -249,6 +254,7 @@ impl OverlayFs {
             ov,
             pt: Passthrough::new(),
             no_opendir: AtomicBool::new(false),
+            killpriv: AtomicBool::new(false),
             ttl,
             limit: None,
             writeback,
@@ -296,6 +302,18 @@ impl OverlayFs {
         answer(r, reply, |reply, a| {
             reply.entry(&self.ttl, &self.fattr(&a), Generation(0))
         });
+    }
+
+    /// Drops the set-id bits the kernel's rule says a write or truncate by `req` drops.
+    fn drop_setid(&self, ino: u64, req: &Request) -> Result<(), Errno> {
+        if let Some(mode) = self.ov.mode_without_setid(ino, caller(req))? {
+            let set = SetAttr {
+                mode: Some(mode),
+                ..SetAttr::default()
+            };
+            self.ov.setattr(ino, None, set)?;
+        }
+        Ok(())
     }
 
     fn attr(&self, r: Result<Attr, Errno>, reply: ReplyAttr) {
@@ -425,9 +443,18 @@ impl Filesystem for OverlayFs {
         if take.contains(InitFlags::FUSE_PASSTHROUGH) && config.set_max_stack_depth(1).is_err() {
             take.remove(InitFlags::FUSE_PASSTHROUGH);
         }
+        if take.contains(InitFlags::FUSE_PASSTHROUGH) {
+            // Passthrough writes never reach the daemon, so it could not drop set-id bits
+            // for them: the kernel keeps that job.
+            take.remove(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        }
         let _ = config.add_capabilities(take);
         self.no_opendir.store(
             take.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT),
+            Ordering::Relaxed,
+        );
+        self.killpriv.store(
+            take.contains(InitFlags::FUSE_HANDLE_KILLPRIV_V2),
             Ordering::Relaxed,
         );
         self.pt.negotiated.store(
@@ -476,7 +503,7 @@ impl Filesystem for OverlayFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -493,7 +520,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyAttr,
     ) {
         let _s = debug_span!("setattr", ino = ino.0).entered();
-        let set = SetAttr {
+        let mut set = SetAttr {
             mode,
             uid,
             gid,
@@ -501,6 +528,19 @@ impl Filesystem for OverlayFs {
             atime: set_time(atime),
             mtime: set_time(mtime),
         };
+        // With HANDLE_KILLPRIV_V2 the kernel leaves set-id bits to us on a truncate by a
+        // caller without CAP_FSETID (FATTR_KILL_SUIDGID, which fuser does not pass on: a
+        // non-root caller stands for it) and on every chown of a non-directory.
+        let chown = uid.is_some() || gid.is_some();
+        if mode.is_none()
+            && self.killpriv.load(Ordering::Relaxed)
+            && (chown || (size.is_some() && req.uid() != 0))
+        {
+            match self.ov.mode_without_setid(ino.0, caller(req)) {
+                Ok(m) => set.mode = m,
+                Err(e) => return reply.error(fuse_errno(e)),
+            }
+        }
         self.attr(self.ov.setattr(ino.0, fh.map(|f| f.0), set), reply);
     }
 
@@ -608,9 +648,17 @@ impl Filesystem for OverlayFs {
         self.entry(self.ov.link(ino.0, newparent.0, newname), reply);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _s = debug_span!("open", ino = ino.0).entered();
         let mut flags = flags.0;
+        // The truncate of an O_TRUNC open is ours (ATOMIC_O_TRUNC), and the kernel's check
+        // of set-id bits does not reach it: a caller without CAP_FSETID (non-root) loses
+        // them as with truncate(2).
+        if flags & libc::O_TRUNC != 0 && req.uid() != 0 {
+            if let Err(e) = self.drop_setid(ino.0, req) {
+                return reply.error(fuse_errno(e));
+            }
+        }
         if self.writeback && flags & libc::O_ACCMODE == libc::O_WRONLY {
             // The page cache may read around a write.
             flags = (flags & !libc::O_ACCMODE) | libc::O_RDWR;
@@ -646,17 +694,25 @@ impl Filesystem for OverlayFs {
 
     fn write(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let _s = debug_span!("write", fh = fh.0, offset, size = data.len()).entered();
+        // Set only with HANDLE_KILLPRIV_V2, for a writer without CAP_FSETID in the initial
+        // user namespace: root of a rootless mount's namespace keeps the bits, as on kernel
+        // overlayfs there.
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) && req.uid() != 0 {
+            if let Err(e) = self.drop_setid(ino.0, req) {
+                return reply.error(fuse_errno(e));
+            }
+        }
         answer(self.ov.write(fh.0, offset, data), reply, |reply, n| {
             reply.written(n)
         });

@@ -1007,6 +1007,28 @@ impl Overlay {
         self.getattr(ino, fh)
     }
 
+    /// The mode a regular file (any file but a directory, for a change of owner) is left
+    /// with once the kernel's rule for a write, truncate or chown by `caller` has dropped
+    /// its set-id bits, or `None` when nothing is to drop. The rule (Linux 6.x,
+    /// `should_remove_suid`/`setattr_should_drop_sgid`): set-user-id always goes;
+    /// set-group-id goes when group-executable, or when the caller is neither root nor of
+    /// the file's group (its primary group only: FUSE does not send the others). Only the
+    /// callers the kernel would strip for may ask (the FUSE adapter decides: a write or
+    /// truncate by a caller without CAP_FSETID, any chown).
+    pub fn mode_without_setid(&self, ino: u64, caller: Caller) -> Result<Option<u32>> {
+        let a = self.getattr(ino, None)?;
+        if a.kind == Kind::Dir {
+            return Ok(None);
+        }
+        let mode = u32::from(a.perm);
+        let mut drop = mode & libc::S_ISUID;
+        let foreign = caller.uid != 0 && caller.gid != a.gid;
+        if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || foreign) {
+            drop |= libc::S_ISGID;
+        }
+        Ok((drop != 0).then_some(mode & !drop & 0o7777))
+    }
+
     fn disk_uid(&self, shown: u32) -> Result<u32> {
         self.opts.uid_map.to_disk(shown).ok_or(Errno::INVAL)
     }
