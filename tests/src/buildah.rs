@@ -172,6 +172,52 @@ buildah info | grep -A2 GraphOptions
 buildah rmi -a -f >/dev/null
 "#;
 
+/// Why containers/storage's native overlay driver cannot work for the build user here, if it
+/// cannot: a trial mount of kernel overlayfs (`userxattr`, as containers/storage mounts it
+/// rootless) as that user inside `unshare -Urm`, in `d/native-trial` (`d` owned by the user:
+/// see [`chown_r`]). Linux before 5.11 refuses overlayfs in a user namespace; the kernel
+/// version is never looked at. The mount goes away with the namespace.
+pub fn native_overlay_refused(d: &Path) -> Result<Option<String>, String> {
+    let t = d.join("native-trial");
+    let out = run_command(
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={USER}"),
+                &format!("--regid={USER}"),
+                "--init-groups",
+                "unshare",
+                "-Urm",
+                "sh",
+                "-c",
+                r#"set -eu
+T="$1"
+mkdir -p "$T/l" "$T/u" "$T/w" "$T/m"
+echo x > "$T/l/f"
+mount -t overlay overlay -o "lowerdir=$T/l,upperdir=$T/u,workdir=$T/w,userxattr" "$T/m" || exit 3
+test "$(cat "$T/m/f")" = x
+echo y > "$T/m/g"
+test -f "$T/u/g""#,
+                "sh",
+            ])
+            .arg(&t)
+            .current_dir(d),
+        Duration::from_secs(30),
+    )?;
+    match out.status.code() {
+        Some(0) => Ok(None),
+        // The mount itself refused: the driver cannot be used here.
+        Some(3) => Ok(Some(format!(
+            "kernel overlayfs cannot be mounted in {USER}'s user namespace (trial mount: {})",
+            out.stderr.trim()
+        ))),
+        // Anything else is a broken trial, not an answer.
+        _ => Err(format!(
+            "trial mount of kernel overlayfs as {USER} failed {}",
+            out.report()
+        )),
+    }
+}
+
 /// What one build printed, and how long `buildah bud` took.
 pub struct Build {
     pub ms: u64,

@@ -9,6 +9,12 @@
 //! divergence of fuse-overlayfs on the `rm -rf && mkdir` step (a known 1.10 bug) is reported,
 //! not required to match.
 //!
+//! The native build needs kernel overlayfs in the user's namespace, which Linux refuses before
+//! 5.11: a trial mount as the build user decides (never the kernel version), and where it is
+//! refused the native build is left out, the test says so (`NOTE: no build with the native
+//! overlay driver: ...`) and compares the rustfuse image with the fuse-overlayfs one only
+//! (tests/kernel.sh runs it so on Linux 5.10).
+//!
 //! Hard links as users make them ([`LINK_STEPS`], after the steps of [`buildah::DOCKERFILE`]):
 //! one RUN makes link groups (`ln /gen/a /gen/b`, groups of 2 and 3 names across two
 //! directories); a later RUN checks that each group is one file (`[ X -ef Y ]`, link counts);
@@ -587,22 +593,37 @@ fn buildah_bud_with_rustfuse_matches_fuse_overlayfs() {
     let mp_rf = shim(d, "rustfuse", &rustfuse);
     buildah::chown_r(d, uid).unwrap();
 
+    // The native overlay driver needs kernel overlayfs in the user's namespace (Linux 5.11+):
+    // where a trial mount shows it refused, the reference is fuse-overlayfs's build alone.
+    let native_refused = buildah::native_overlay_refused(d).unwrap_or_else(|e| panic!("{e}"));
+    if let Some(why) = &native_refused {
+        eprintln!(
+            "NOTE: no build with the native overlay driver: {why}; the rustfuse image is compared with the fuse-overlayfs one only"
+        );
+    }
+
     let b_fo = build_with(d, "fuse-overlayfs", Some(&mp_fo), false);
     let b_rf = build_with(d, "rustfuse", Some(&mp_rf), true);
-    let b_na = build_with(d, "native", None, false);
+    let b_na = native_refused
+        .is_none()
+        .then(|| build_with(d, "native", None, false));
     eprintln!(
-        "BUILD TIMES (buildah bud, rootless, --layers): rustfuse ({}) {} ms, fuse-overlayfs {} ms, native overlay {} ms",
+        "BUILD TIMES (buildah bud, rootless, --layers): rustfuse ({}) {} ms, fuse-overlayfs {} ms, native overlay {}",
         bin_under_test().display(),
         b_rf.ms,
         b_fo.ms,
-        b_na.ms
+        match &b_na {
+            Some(b) => format!("{} ms", b.ms),
+            None => "not built".to_string(),
+        }
     );
     let (root_rf, root_fo) = (&b_rf.rootfs, &b_fo.rootfs);
 
     // Hard links: what each build's RUN steps saw, what containers/storage committed for the
     // chmod step, and the link groups of the final images.
-    let refs = [("fuse-overlayfs", &b_fo), ("native overlay", &b_na)];
-    for (name, b) in refs {
+    let mut refs = vec![("fuse-overlayfs", &b_fo)];
+    refs.extend(b_na.as_ref().map(|b| ("native overlay", b)));
+    for &(name, b) in &refs {
         if !b.link_fails.is_empty() {
             eprintln!(
                 "FINDING: link checks failed in the RUN steps of the {name} build:\n  {}",
@@ -611,11 +632,7 @@ fn buildah_bud_with_rustfuse_matches_fuse_overlayfs() {
         }
     }
     let layer_rf = layer_gen_entries(&b_rf.layout, CHMOD_STEP);
-    for (name, b) in [
-        ("rustfuse", &b_rf),
-        ("fuse-overlayfs", &b_fo),
-        ("native overlay", &b_na),
-    ] {
+    for &(name, b) in [("rustfuse", &b_rf)].iter().chain(&refs) {
         let layer = if name == "rustfuse" {
             layer_rf.clone()
         } else {
@@ -683,7 +700,7 @@ fn buildah_bud_with_rustfuse_matches_fuse_overlayfs() {
             "rustfuse image: {want:?} must be one file; its link groups: {groups_rf:?}"
         );
     }
-    for (name, b) in refs {
+    for &(name, b) in &refs {
         let native = name == "native overlay";
         let (mine, theirs) = (
             unchanged_groups(root_rf, native),
