@@ -888,7 +888,7 @@ impl Filesystem for OverlayFs {
     ) {
         let _s = debug_span!("setxattr", ino = ino.0, ?name).entered();
         if cfg!(feature = "fault-injection") && name == crate::sys::faults::PLAN_XATTR {
-            reply_empty(crate::sys::faults::plan(value), reply);
+            reply_empty(self.ov.faults().plan(value), reply);
             return;
         }
         reply_empty(self.ov.setxattr(ino.0, name, value, flags), reply);

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use rustfuse::fuse::OverlayFs;
 use rustfuse::options::{self, OverlayOptions};
-use rustfuse::overlay::Overlay;
+use rustfuse::overlay::{self as overlay, Overlay};
 use rustfuse::sys;
 
 const USAGE: &str = "usage: rustfuse [-f] [-d] [-V] [-h] -o lowerdir=A[:B...][,upperdir=U,workdir=W][,OPTS] [SOURCE...] MOUNTPOINT";
@@ -313,6 +313,19 @@ fn mount_direct(
     }
 }
 
+/// The overlay's configuration: the options and what the environment asks for, read here
+/// once (no module below `main` reads the environment).
+fn config(opts: OverlayOptions) -> overlay::Config {
+    let mut config = overlay::Config::new(opts);
+    // Behave as Linux 4.18: the syscalls' limits (sys::Compat) and the FUSE protocol 7.27.
+    if std::env::var_os("RUSTFUSE_COMPAT_4_18").is_some_and(|v| v != "0") {
+        config.compat = sys::Compat::kernel_4_18();
+    }
+    // fuse-overlayfs's switch: whiteouts as `.wh.` files, never 0/0 devices.
+    config.no_dev_whiteouts = std::env::var_os("FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT").is_some();
+    config
+}
+
 fn init_tracing(debug: bool) {
     let filter = std::env::var("RUSTFUSE_LOG")
         .unwrap_or_else(|_| if debug { "debug".into() } else { "warn".into() });
@@ -426,17 +439,15 @@ fn run(
     };
     let source = cli.source.clone().unwrap_or_else(|| prog.to_string());
     let plan = mount_plan(&opts, &source, prog);
-    // Set before the layers are opened: the whiteout probe must see it.
-    sys::compat::set_kernel_4_18(
-        std::env::var_os("RUSTFUSE_COMPAT_4_18").is_some_and(|v| v != "0"),
-    );
+    let config = config(opts);
+    let kernel_4_18 = config.compat.is_kernel_4_18();
     sys::clear_umask();
-    let ov = match Overlay::new(opts) {
+    let ov = match Overlay::with_config(config) {
         Ok(o) => o,
         Err(e) => return Err(fail(e.to_string(), &notify)),
     };
     let mut fs = OverlayFs::new(ov);
-    if std::env::var_os("RUSTFUSE_COMPAT_4_18").is_some_and(|v| v != "0") {
+    if kernel_4_18 {
         fs.limit_capabilities(rustfuse::fuse::PROTO_7_27);
     }
     let acl = plan.acl;

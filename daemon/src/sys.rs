@@ -1,8 +1,11 @@
 //! The one seam for kernel calls.
 //!
-//! Every system call the overlay makes goes through a function here, so that a test can inject
-//! a fault at a chosen step ([`faults`]) and so that `unsafe` lives in one module. Most calls
-//! are rustix's safe wrappers; the few raw ones carry a `// SAFETY:` note.
+//! Every system call the overlay makes goes through a method of [`Sys`], one value per
+//! overlay, so that a test can inject a fault at a chosen step of that overlay ([`faults`])
+//! and the 4.18 compatibility limits ([`Compat`]) apply where that mount asked for them; and so
+//! that `unsafe` lives in one module. Calls that hold no per-mount state (process set-up,
+//! mounting) are free functions. Most calls are rustix's safe wrappers; the few raw ones carry
+//! a `// SAFETY:` note. Nothing here is process-wide state.
 //!
 //! Paths are always relative to a directory fd and never follow a symlink in the last
 //! component: a layer's symlink is data, not a way out of the layer.
@@ -16,34 +19,57 @@ pub use rustix::io::Errno;
 
 pub type Result<T> = std::result::Result<T, Errno>;
 
+/// The kernel-call seam of one overlay: every call that can fail goes through a method here,
+/// so that this instance's planned fault ([`faults::Faults`]) and its compatibility settings
+/// ([`Compat`]) apply to its calls and to no other instance's. Built once per mount from the
+/// configuration; holds no process-wide state.
+#[derive(Debug, Default)]
+pub struct Sys {
+    compat: Compat,
+    faults: faults::Faults,
+}
+
+impl Sys {
+    /// The seam of a mount that behaves as `compat` says.
+    pub fn new(compat: Compat) -> Sys {
+        Sys {
+            compat,
+            faults: faults::Faults::default(),
+        }
+    }
+
+    /// The compatibility settings this seam applies.
+    pub fn compat(&self) -> Compat {
+        self.compat
+    }
+
+    /// This instance's fault plan (effective in tests and `fault-injection` builds).
+    pub fn faults(&self) -> &faults::Faults {
+        &self.faults
+    }
+}
+
 /// Fault injection for tests: make the Nth call of an operation fail with an errno.
 pub mod faults {
     use super::{Errno, Result};
     use parking_lot::Mutex;
 
+    #[derive(Debug)]
     struct Plan {
         op: &'static str,
         countdown: u64,
         errno: Errno,
     }
 
-    static PLAN: Mutex<Option<Plan>> = Mutex::new(None);
-
-    /// Arrange for the `nth` (1-based) call of `op` to fail with `errno`.
-    pub fn inject(op: &'static str, nth: u64, errno: Errno) {
-        *PLAN.lock() = Some(Plan {
-            op,
-            countdown: nth,
-            errno,
-        });
+    /// The planned fault of one [`super::Sys`]: only calls through that instance count down
+    /// to it, so a test's fault is never taken by another test's overlay.
+    #[derive(Debug, Default)]
+    pub struct Faults {
+        plan: Mutex<Option<Plan>>,
     }
 
-    /// Remove any planned fault.
-    pub fn clear() {
-        *PLAN.lock() = None;
-    }
-
-    /// The kernel calls a fault can be planned for (the names [`check`] is called with).
+    /// The kernel calls a fault can be planned for (the names [`Faults::check`] is called
+    /// with).
     pub const OPS: &[&str] = &[
         "chmod",
         "chown",
@@ -78,78 +104,107 @@ pub mod faults {
     /// name is.
     pub const PLAN_XATTR: &str = "rustfuse.fault";
 
-    /// Plan a fault from a `OP:NTH:ERRNO` value, or drop the plan with `off` (EINVAL for
-    /// anything else).
-    pub fn plan(value: &[u8]) -> Result<()> {
-        let text = std::str::from_utf8(value).map_err(|_| Errno::INVAL)?;
-        if text.trim() == "off" {
-            clear();
-            return Ok(());
+    impl Faults {
+        /// Arrange for the `nth` (1-based) call of `op` to fail with `errno`.
+        pub fn inject(&self, op: &'static str, nth: u64, errno: Errno) {
+            *self.plan.lock() = Some(Plan {
+                op,
+                countdown: nth,
+                errno,
+            });
         }
-        let mut parts = text.trim().split(':');
-        let (Some(op), Some(nth), Some(errno), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(Errno::INVAL);
-        };
-        let op = OPS.iter().find(|o| **o == op).ok_or(Errno::INVAL)?;
-        let nth: u64 = nth.parse().map_err(|_| Errno::INVAL)?;
-        let errno: i32 = errno.parse().map_err(|_| Errno::INVAL)?;
-        if nth == 0 || errno <= 0 {
-            return Err(Errno::INVAL);
-        }
-        inject(op, nth, Errno::from_raw_os_error(errno));
-        Ok(())
-    }
 
-    #[inline]
-    pub(crate) fn check(op: &'static str) -> Result<()> {
-        if cfg!(any(test, feature = "fault-injection")) {
-            let mut plan = PLAN.lock();
-            if let Some(p) = plan.as_mut() {
-                if p.op == op {
-                    p.countdown -= 1;
-                    if p.countdown == 0 {
-                        let e = p.errno;
-                        *plan = None;
-                        return Err(e);
+        /// Remove any planned fault.
+        pub fn clear(&self) {
+            *self.plan.lock() = None;
+        }
+
+        /// Plan a fault from a `OP:NTH:ERRNO` value, or drop the plan with `off` (EINVAL for
+        /// anything else).
+        pub fn plan(&self, value: &[u8]) -> Result<()> {
+            let text = std::str::from_utf8(value).map_err(|_| Errno::INVAL)?;
+            if text.trim() == "off" {
+                self.clear();
+                return Ok(());
+            }
+            let mut parts = text.trim().split(':');
+            let (Some(op), Some(nth), Some(errno), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(Errno::INVAL);
+            };
+            let op = OPS.iter().find(|o| **o == op).ok_or(Errno::INVAL)?;
+            let nth: u64 = nth.parse().map_err(|_| Errno::INVAL)?;
+            let errno: i32 = errno.parse().map_err(|_| Errno::INVAL)?;
+            if nth == 0 || errno <= 0 {
+                return Err(Errno::INVAL);
+            }
+            self.inject(op, nth, Errno::from_raw_os_error(errno));
+            Ok(())
+        }
+
+        /// The planned errno if this call of `op` is the one planned to fail. Compiled to
+        /// nothing outside tests and `fault-injection` builds.
+        #[inline]
+        pub(crate) fn check(&self, op: &'static str) -> Result<()> {
+            if cfg!(any(test, feature = "fault-injection")) {
+                let mut plan = self.plan.lock();
+                if let Some(p) = plan.as_mut() {
+                    if p.op == op {
+                        p.countdown -= 1;
+                        if p.countdown == 0 {
+                            let e = p.errno;
+                            *plan = None;
+                            return Err(e);
+                        }
                     }
                 }
             }
+            Ok(())
         }
-        Ok(())
     }
 }
 
 /// Behave as Linux 4.18 would (the oldest kernel rustfuse supports), so the test suite can
-/// prove nothing quietly needs a newer one. Set from `RUSTFUSE_COMPAT_4_18`.
-pub mod compat {
-    use std::sync::atomic::{AtomicBool, Ordering};
+/// prove nothing quietly needs a newer one (`RUSTFUSE_COMPAT_4_18`, read by `main`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Compat {
+    kernel_4_18: bool,
+    in_userns: bool,
+}
 
-    static KERNEL_4_18: AtomicBool = AtomicBool::new(false);
-    static IN_USERNS: AtomicBool = AtomicBool::new(false);
-
-    pub fn set_kernel_4_18(on: bool) {
-        KERNEL_4_18.store(on, Ordering::Relaxed);
-        IN_USERNS.store(in_user_namespace(), Ordering::Relaxed);
+impl Compat {
+    /// The host kernel as it is.
+    pub fn native() -> Compat {
+        Compat::default()
     }
 
-    pub fn kernel_4_18() -> bool {
-        KERNEL_4_18.load(Ordering::Relaxed)
+    /// Linux 4.18's limits; whether whiteouts are refused is decided here, once, from the
+    /// user namespace this process is in.
+    pub fn kernel_4_18() -> Compat {
+        Compat {
+            kernel_4_18: true,
+            in_userns: in_user_namespace(),
+        }
+    }
+
+    /// Does this seam behave as Linux 4.18?
+    pub fn is_kernel_4_18(self) -> bool {
+        self.kernel_4_18
     }
 
     /// Before 5.8, whiteouts (0/0 devices, RENAME_WHITEOUT) needed CAP_MKNOD in the initial
     /// user namespace.
-    pub(crate) fn whiteouts_refused() -> bool {
-        kernel_4_18() && IN_USERNS.load(Ordering::Relaxed)
+    pub(crate) fn whiteouts_refused(self) -> bool {
+        self.kernel_4_18 && self.in_userns
     }
+}
 
-    /// Are we in a user namespace other than the initial one?
-    pub fn in_user_namespace() -> bool {
-        std::fs::read_to_string("/proc/self/uid_map")
-            .map(|m| m.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"])
-            .unwrap_or(false)
-    }
+/// Are we in a user namespace other than the initial one?
+pub fn in_user_namespace() -> bool {
+    std::fs::read_to_string("/proc/self/uid_map")
+        .map(|m| m.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"])
+        .unwrap_or(false)
 }
 
 /// May this process register backing files for FUSE passthrough? The kernel wants
@@ -157,7 +212,7 @@ pub mod compat {
 /// user namespace (rootless) is refused.
 pub fn may_open_backing() -> bool {
     const CAP_SYS_ADMIN: u32 = 21;
-    if compat::in_user_namespace() {
+    if in_user_namespace() {
         return false;
     }
     std::fs::read_to_string("/proc/self/status")
@@ -188,213 +243,225 @@ fn proc_at_path(dir: BorrowedFd<'_>, name: &OsStr) -> Result<CString> {
 
 // ---------------------------------------------------------------- opening and stat
 
-/// Open a directory by absolute path as an `O_PATH` handle (layer roots, the workdir).
-pub fn open_dir_path(path: &std::path::Path) -> Result<OwnedFd> {
-    faults::check("open")?;
-    rustix::fs::open(
-        path,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-}
+impl Sys {
+    /// Open a directory by absolute path as an `O_PATH` handle (layer roots, the workdir).
+    pub fn open_dir_path(&self, path: &std::path::Path) -> Result<OwnedFd> {
+        self.faults.check("open")?;
+        rustix::fs::open(
+            path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+    }
 
-/// `O_PATH|O_NOFOLLOW` handle of `name` in `dir`.
-pub fn open_path_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd> {
-    faults::check("open")?;
-    rustix::fs::openat(
-        dir,
-        name,
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-}
+    /// `O_PATH|O_NOFOLLOW` handle of `name` in `dir`.
+    pub fn open_path_at(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd> {
+        self.faults.check("open")?;
+        rustix::fs::openat(
+            dir,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+    }
 
-/// `O_PATH|O_DIRECTORY|O_NOFOLLOW` handle of the directory `name` in `dir` (ENOTDIR when
-/// the name holds something else).
-pub fn open_dir_path_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd> {
-    faults::check("open")?;
-    rustix::fs::openat(
-        dir,
-        name,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-}
+    /// `O_PATH|O_DIRECTORY|O_NOFOLLOW` handle of the directory `name` in `dir` (ENOTDIR when
+    /// the name holds something else).
+    pub fn open_dir_path_at(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd> {
+        self.faults.check("open")?;
+        rustix::fs::openat(
+            dir,
+            name,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+    }
 
-/// Open `name` in `dir` for I/O (never following a final symlink).
-pub fn open_at(dir: BorrowedFd<'_>, name: &OsStr, flags: OFlags, mode: u32) -> Result<OwnedFd> {
-    faults::check("open")?;
-    rustix::fs::openat(
-        dir,
-        name,
-        flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(mode),
-    )
-}
+    /// Open `name` in `dir` for I/O (never following a final symlink).
+    pub fn open_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        flags: OFlags,
+        mode: u32,
+    ) -> Result<OwnedFd> {
+        self.faults.check("open")?;
+        rustix::fs::openat(
+            dir,
+            name,
+            flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode),
+        )
+    }
 
-/// Reopen the file an `O_PATH` fd points at with real access flags.
-pub fn reopen(fd: BorrowedFd<'_>, flags: OFlags) -> Result<OwnedFd> {
-    faults::check("open")?;
-    let flags = flags & !(OFlags::CREATE | OFlags::EXCL | OFlags::NOCTTY | OFlags::NOFOLLOW);
-    rustix::fs::open(
-        proc_fd_path(fd).as_c_str(),
-        flags | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-}
+    /// Reopen the file an `O_PATH` fd points at with real access flags.
+    pub fn reopen(&self, fd: BorrowedFd<'_>, flags: OFlags) -> Result<OwnedFd> {
+        self.faults.check("open")?;
+        let flags = flags & !(OFlags::CREATE | OFlags::EXCL | OFlags::NOCTTY | OFlags::NOFOLLOW);
+        rustix::fs::open(
+            proc_fd_path(fd).as_c_str(),
+            flags | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+    }
 
-/// A readable directory stream of the directory an fd points at.
-pub fn open_dir_stream(dir: BorrowedFd<'_>) -> Result<rustix::fs::Dir> {
-    faults::check("open")?;
-    let fd = rustix::fs::openat(
-        dir,
-        ".",
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    rustix::fs::Dir::new(fd)
-}
+    /// A readable directory stream of the directory an fd points at.
+    pub fn open_dir_stream(&self, dir: BorrowedFd<'_>) -> Result<rustix::fs::Dir> {
+        self.faults.check("open")?;
+        let fd = rustix::fs::openat(
+            dir,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        rustix::fs::Dir::new(fd)
+    }
 
-pub fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Stat> {
-    faults::check("stat")?;
-    rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
-}
+    pub fn stat_at(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<Stat> {
+        self.faults.check("stat")?;
+        rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+    }
 
-/// `stat` of what an fd (possibly `O_PATH`) points at.
-pub fn fstat(fd: BorrowedFd<'_>) -> Result<Stat> {
-    faults::check("stat")?;
-    rustix::fs::statat(fd, "", rustix::fs::AtFlags::EMPTY_PATH)
+    /// `stat` of what an fd (possibly `O_PATH`) points at.
+    pub fn fstat(&self, fd: BorrowedFd<'_>) -> Result<Stat> {
+        self.faults.check("stat")?;
+        rustix::fs::statat(fd, "", rustix::fs::AtFlags::EMPTY_PATH)
+    }
 }
 
 pub fn fstatfs(fd: BorrowedFd<'_>) -> Result<StatFs> {
     rustix::fs::fstatfs(fd)
 }
 
-pub fn readlink_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OsString> {
-    faults::check("readlink")?;
-    let s = rustix::fs::readlinkat(dir, name, Vec::new())?;
-    Ok(OsString::from_vec(s.into_bytes()))
-}
-
-/// The target of the symlink an `O_PATH|O_NOFOLLOW` fd points at.
-pub fn readlink_fd(fd: BorrowedFd<'_>) -> Result<OsString> {
-    faults::check("readlink")?;
-    let s = rustix::fs::readlinkat(fd, "", Vec::new())?;
-    Ok(OsString::from_vec(s.into_bytes()))
-}
-
-// ---------------------------------------------------------------- creating and removing
-
-pub fn mkdir_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
-    faults::check("mkdir")?;
-    rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(mode))
-}
-
-pub fn mknod_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> Result<()> {
-    faults::check("mknod")?;
-    if compat::whiteouts_refused() && mode & libc::S_IFMT == libc::S_IFCHR {
-        return Err(Errno::PERM);
+impl Sys {
+    pub fn readlink_at(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<OsString> {
+        self.faults.check("readlink")?;
+        let s = rustix::fs::readlinkat(dir, name, Vec::new())?;
+        Ok(OsString::from_vec(s.into_bytes()))
     }
-    let ft = FileType::from_raw_mode(mode);
-    rustix::fs::mknodat(dir, name, ft, Mode::from_raw_mode(mode & 0o7777), rdev)
-}
 
-pub fn symlink_at(target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-    faults::check("symlink")?;
-    rustix::fs::symlinkat(target, dir, name)
-}
-
-/// Hard-link the file an `O_PATH` fd points at to `name` in `dir`.
-pub fn link_fd(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-    faults::check("link")?;
-    rustix::fs::linkat(
-        rustix::fs::CWD,
-        proc_fd_path(fd).as_c_str(),
-        dir,
-        name,
-        rustix::fs::AtFlags::SYMLINK_FOLLOW,
-    )
-}
-
-pub fn unlink_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-    faults::check("unlink")?;
-    rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty())
-}
-
-pub fn rmdir_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-    faults::check("rmdir")?;
-    rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::REMOVEDIR)
-}
-
-pub fn rename_at(
-    old_dir: BorrowedFd<'_>,
-    old: &OsStr,
-    new_dir: BorrowedFd<'_>,
-    new: &OsStr,
-    flags: RenameFlags,
-) -> Result<()> {
-    faults::check("rename")?;
-    if compat::whiteouts_refused() && flags.contains(RenameFlags::WHITEOUT) {
-        return Err(Errno::PERM);
+    /// The target of the symlink an `O_PATH|O_NOFOLLOW` fd points at.
+    pub fn readlink_fd(&self, fd: BorrowedFd<'_>) -> Result<OsString> {
+        self.faults.check("readlink")?;
+        let s = rustix::fs::readlinkat(fd, "", Vec::new())?;
+        Ok(OsString::from_vec(s.into_bytes()))
     }
-    if flags.is_empty() {
-        rustix::fs::renameat(old_dir, old, new_dir, new)
-    } else {
-        rustix::fs::renameat_with(old_dir, old, new_dir, new, flags)
+
+    // ---------------------------------------------------------------- creating and removing
+
+    pub fn mkdir_at(&self, dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
+        self.faults.check("mkdir")?;
+        rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(mode))
     }
-}
 
-// ---------------------------------------------------------------- attributes
+    pub fn mknod_at(&self, dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> Result<()> {
+        self.faults.check("mknod")?;
+        if self.compat.whiteouts_refused() && mode & libc::S_IFMT == libc::S_IFCHR {
+            return Err(Errno::PERM);
+        }
+        let ft = FileType::from_raw_mode(mode);
+        rustix::fs::mknodat(dir, name, ft, Mode::from_raw_mode(mode & 0o7777), rdev)
+    }
 
-/// chown without following a symlink; works on `O_PATH` fds.
-pub fn fchown(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
-    faults::check("chown")?;
-    rustix::fs::chownat(
-        fd,
-        "",
-        uid.map(rustix::fs::Uid::from_raw),
-        gid.map(rustix::fs::Gid::from_raw),
-        rustix::fs::AtFlags::EMPTY_PATH | rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )
-}
+    pub fn symlink_at(&self, target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+        self.faults.check("symlink")?;
+        rustix::fs::symlinkat(target, dir, name)
+    }
 
-/// chmod of what an fd points at (not for symlinks, which have no mode of their own).
-pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> Result<()> {
-    faults::check("chmod")?;
-    rustix::fs::chmod(proc_fd_path(fd).as_c_str(), Mode::from_raw_mode(mode))
-}
+    /// Hard-link the file an `O_PATH` fd points at to `name` in `dir`.
+    pub fn link_fd(&self, fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+        self.faults.check("link")?;
+        rustix::fs::linkat(
+            rustix::fs::CWD,
+            proc_fd_path(fd).as_c_str(),
+            dir,
+            name,
+            rustix::fs::AtFlags::SYMLINK_FOLLOW,
+        )
+    }
 
-/// Set times of `name` in `dir` without following a symlink.
-pub fn utimens_at(
-    dir: BorrowedFd<'_>,
-    name: &OsStr,
-    atime: Timespec,
-    mtime: Timespec,
-) -> Result<()> {
-    faults::check("utimens")?;
-    rustix::fs::utimensat(
-        dir,
-        name,
-        &rustix::fs::Timestamps {
-            last_access: atime,
-            last_modification: mtime,
-        },
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )
-}
+    pub fn unlink_at(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+        self.faults.check("unlink")?;
+        rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty())
+    }
 
-/// Set times of what an fd points at (not for symlinks).
-pub fn futimens(fd: BorrowedFd<'_>, atime: Timespec, mtime: Timespec) -> Result<()> {
-    faults::check("utimens")?;
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        proc_fd_path(fd).as_c_str(),
-        &rustix::fs::Timestamps {
-            last_access: atime,
-            last_modification: mtime,
-        },
-        rustix::fs::AtFlags::empty(),
-    )
+    pub fn rmdir_at(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+        self.faults.check("rmdir")?;
+        rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::REMOVEDIR)
+    }
+
+    pub fn rename_at(
+        &self,
+        old_dir: BorrowedFd<'_>,
+        old: &OsStr,
+        new_dir: BorrowedFd<'_>,
+        new: &OsStr,
+        flags: RenameFlags,
+    ) -> Result<()> {
+        self.faults.check("rename")?;
+        if self.compat.whiteouts_refused() && flags.contains(RenameFlags::WHITEOUT) {
+            return Err(Errno::PERM);
+        }
+        if flags.is_empty() {
+            rustix::fs::renameat(old_dir, old, new_dir, new)
+        } else {
+            rustix::fs::renameat_with(old_dir, old, new_dir, new, flags)
+        }
+    }
+
+    // ---------------------------------------------------------------- attributes
+
+    /// chown without following a symlink; works on `O_PATH` fds.
+    pub fn fchown(&self, fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
+        self.faults.check("chown")?;
+        rustix::fs::chownat(
+            fd,
+            "",
+            uid.map(rustix::fs::Uid::from_raw),
+            gid.map(rustix::fs::Gid::from_raw),
+            rustix::fs::AtFlags::EMPTY_PATH | rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+    }
+
+    /// chmod of what an fd points at (not for symlinks, which have no mode of their own).
+    pub fn fchmod(&self, fd: BorrowedFd<'_>, mode: u32) -> Result<()> {
+        self.faults.check("chmod")?;
+        rustix::fs::chmod(proc_fd_path(fd).as_c_str(), Mode::from_raw_mode(mode))
+    }
+
+    /// Set times of `name` in `dir` without following a symlink.
+    pub fn utimens_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        atime: Timespec,
+        mtime: Timespec,
+    ) -> Result<()> {
+        self.faults.check("utimens")?;
+        rustix::fs::utimensat(
+            dir,
+            name,
+            &rustix::fs::Timestamps {
+                last_access: atime,
+                last_modification: mtime,
+            },
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+    }
+
+    /// Set times of what an fd points at (not for symlinks).
+    pub fn futimens(&self, fd: BorrowedFd<'_>, atime: Timespec, mtime: Timespec) -> Result<()> {
+        self.faults.check("utimens")?;
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            proc_fd_path(fd).as_c_str(),
+            &rustix::fs::Timestamps {
+                last_access: atime,
+                last_modification: mtime,
+            },
+            rustix::fs::AtFlags::empty(),
+        )
+    }
 }
 
 pub const UTIME_NOW: i64 = libc::UTIME_NOW;
@@ -454,81 +521,95 @@ fn xattr_list_path(path: &CStr, follow: bool) -> Result<Vec<OsString>> {
         .collect())
 }
 
-pub fn fgetxattr(fd: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<u8>> {
-    faults::check("getxattr")?;
-    xattr_get_path(&proc_fd_path(fd), true, name)
-}
-
-pub fn flistxattr(fd: BorrowedFd<'_>) -> Result<Vec<OsString>> {
-    faults::check("listxattr")?;
-    xattr_list_path(&proc_fd_path(fd), true)
-}
-
-pub fn fsetxattr(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
-    faults::check("setxattr")?;
-    let name = c(name)?;
-    rustix::fs::setxattr(
-        proc_fd_path(fd).as_c_str(),
-        name.as_c_str(),
-        value,
-        rustix::fs::XattrFlags::from_bits_retain(flags as u32),
-    )
-}
-
-pub fn fremovexattr(fd: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-    faults::check("removexattr")?;
-    let name = c(name)?;
-    rustix::fs::removexattr(proc_fd_path(fd).as_c_str(), name.as_c_str())
-}
-
-pub fn getxattr_at(dir: BorrowedFd<'_>, name: &OsStr, attr: &OsStr) -> Result<Vec<u8>> {
-    faults::check("getxattr")?;
-    xattr_get_path(&proc_at_path(dir, name)?, false, attr)
-}
-
-pub fn listxattr_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<OsString>> {
-    faults::check("listxattr")?;
-    xattr_list_path(&proc_at_path(dir, name)?, false)
-}
-
-pub fn setxattr_at(dir: BorrowedFd<'_>, name: &OsStr, attr: &OsStr, value: &[u8]) -> Result<()> {
-    setxattr_at_flags(dir, name, attr, value, 0)
-}
-
-// ---------------------------------------------------------------- data
-
-pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> Result<usize> {
-    faults::check("read")?;
-    rustix::io::pread(fd, buf, off)
-}
-
-pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<usize> {
-    faults::check("write")?;
-    rustix::io::pwrite(fd, buf, off)
-}
-
-pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> Result<()> {
-    faults::check("truncate")?;
-    rustix::fs::ftruncate(fd, size)
-}
-
-pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> Result<()> {
-    faults::check("fsync")?;
-    if datasync {
-        rustix::fs::fdatasync(fd)
-    } else {
-        rustix::fs::fsync(fd)
+impl Sys {
+    pub fn fgetxattr(&self, fd: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<u8>> {
+        self.faults.check("getxattr")?;
+        xattr_get_path(&proc_fd_path(fd), true, name)
     }
-}
 
-pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, off: u64, len: u64) -> Result<()> {
-    faults::check("fallocate")?;
-    rustix::fs::fallocate(
-        fd,
-        rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
-        off,
-        len,
-    )
+    pub fn flistxattr(&self, fd: BorrowedFd<'_>) -> Result<Vec<OsString>> {
+        self.faults.check("listxattr")?;
+        xattr_list_path(&proc_fd_path(fd), true)
+    }
+
+    pub fn fsetxattr(
+        &self,
+        fd: BorrowedFd<'_>,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+    ) -> Result<()> {
+        self.faults.check("setxattr")?;
+        let name = c(name)?;
+        rustix::fs::setxattr(
+            proc_fd_path(fd).as_c_str(),
+            name.as_c_str(),
+            value,
+            rustix::fs::XattrFlags::from_bits_retain(flags as u32),
+        )
+    }
+
+    pub fn fremovexattr(&self, fd: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+        self.faults.check("removexattr")?;
+        let name = c(name)?;
+        rustix::fs::removexattr(proc_fd_path(fd).as_c_str(), name.as_c_str())
+    }
+
+    pub fn getxattr_at(&self, dir: BorrowedFd<'_>, name: &OsStr, attr: &OsStr) -> Result<Vec<u8>> {
+        self.faults.check("getxattr")?;
+        xattr_get_path(&proc_at_path(dir, name)?, false, attr)
+    }
+
+    pub fn listxattr_at(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<OsString>> {
+        self.faults.check("listxattr")?;
+        xattr_list_path(&proc_at_path(dir, name)?, false)
+    }
+
+    pub fn setxattr_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        attr: &OsStr,
+        value: &[u8],
+    ) -> Result<()> {
+        self.setxattr_at_flags(dir, name, attr, value, 0)
+    }
+
+    // ---------------------------------------------------------------- data
+
+    pub fn pread(&self, fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> Result<usize> {
+        self.faults.check("read")?;
+        rustix::io::pread(fd, buf, off)
+    }
+
+    pub fn pwrite(&self, fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<usize> {
+        self.faults.check("write")?;
+        rustix::io::pwrite(fd, buf, off)
+    }
+
+    pub fn ftruncate(&self, fd: BorrowedFd<'_>, size: u64) -> Result<()> {
+        self.faults.check("truncate")?;
+        rustix::fs::ftruncate(fd, size)
+    }
+
+    pub fn fsync(&self, fd: BorrowedFd<'_>, datasync: bool) -> Result<()> {
+        self.faults.check("fsync")?;
+        if datasync {
+            rustix::fs::fdatasync(fd)
+        } else {
+            rustix::fs::fsync(fd)
+        }
+    }
+
+    pub fn fallocate(&self, fd: BorrowedFd<'_>, mode: i32, off: u64, len: u64) -> Result<()> {
+        self.faults.check("fallocate")?;
+        rustix::fs::fallocate(
+            fd,
+            rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
+            off,
+            len,
+        )
+    }
 }
 
 pub fn lseek(fd: BorrowedFd<'_>, off: i64, whence: i32) -> Result<u64> {
@@ -543,27 +624,30 @@ pub fn lseek(fd: BorrowedFd<'_>, off: i64, whence: i32) -> Result<u64> {
     rustix::fs::seek(fd, pos)
 }
 
-pub fn copy_file_range(
-    fd_in: BorrowedFd<'_>,
-    off_in: &mut u64,
-    fd_out: BorrowedFd<'_>,
-    off_out: &mut u64,
-    len: usize,
-) -> Result<usize> {
-    faults::check("copy_file_range")?;
-    if compat::kernel_4_18() {
-        // Before 5.3 copy_file_range worked only within one filesystem.
-        let (a, b) = (fstat(fd_in)?, fstat(fd_out)?);
-        if a.st_dev != b.st_dev {
-            return Err(Errno::XDEV);
+impl Sys {
+    pub fn copy_file_range(
+        &self,
+        fd_in: BorrowedFd<'_>,
+        off_in: &mut u64,
+        fd_out: BorrowedFd<'_>,
+        off_out: &mut u64,
+        len: usize,
+    ) -> Result<usize> {
+        self.faults.check("copy_file_range")?;
+        if self.compat.kernel_4_18 {
+            // Before 5.3 copy_file_range worked only within one filesystem.
+            let (a, b) = (self.fstat(fd_in)?, self.fstat(fd_out)?);
+            if a.st_dev != b.st_dev {
+                return Err(Errno::XDEV);
+            }
         }
+        rustix::fs::copy_file_range(fd_in, Some(off_in), fd_out, Some(off_out), len)
     }
-    rustix::fs::copy_file_range(fd_in, Some(off_in), fd_out, Some(off_out), len)
-}
 
-pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> Result<()> {
-    faults::check("ficlone")?;
-    rustix::fs::ioctl_ficlone(dst, src)
+    pub fn ficlone(&self, dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> Result<()> {
+        self.faults.check("ficlone")?;
+        rustix::fs::ioctl_ficlone(dst, src)
+    }
 }
 
 // ---------------------------------------------------------------- process
@@ -605,18 +689,20 @@ pub fn clear_umask() {
     rustix::process::umask(rustix::fs::Mode::empty());
 }
 
-/// A stable identity of the filesystem `fd` is on: statfs's `f_fsid` (ext4, btrfs and xfs
-/// derive it from the filesystem's UUID or device), else its device number.
-pub fn fs_id(fd: BorrowedFd<'_>) -> Result<u64> {
-    let s = fstatfs(fd)?;
-    // SAFETY: fsid_t is `#[repr(C)] struct { __val: [c_int; 2] }`, 8 bytes with no padding and
-    // no invalid bit patterns; the crate keeps the field private, so it is read as its bytes.
-    let val: [i32; 2] = unsafe { std::mem::transmute(s.f_fsid) };
-    let id = ((val[0] as u32 as u64) << 32) | val[1] as u32 as u64;
-    if id != 0 {
-        return Ok(id);
+impl Sys {
+    /// A stable identity of the filesystem `fd` is on: statfs's `f_fsid` (ext4, btrfs and xfs
+    /// derive it from the filesystem's UUID or device), else its device number.
+    pub fn fs_id(&self, fd: BorrowedFd<'_>) -> Result<u64> {
+        let s = fstatfs(fd)?;
+        // SAFETY: fsid_t is `#[repr(C)] struct { __val: [c_int; 2] }`, 8 bytes with no padding and
+        // no invalid bit patterns; the crate keeps the field private, so it is read as its bytes.
+        let val: [i32; 2] = unsafe { std::mem::transmute(s.f_fsid) };
+        let id = ((val[0] as u32 as u64) << 32) | val[1] as u32 as u64;
+        if id != 0 {
+            return Ok(id);
+        }
+        Ok(self.fstat(fd)?.st_dev)
     }
-    Ok(fstat(fd)?.st_dev)
 }
 
 /// The soft RLIMIT_NOFILE.
@@ -745,66 +831,71 @@ pub fn getgid() -> u32 {
 
 // ---------------------------------------------------------------- by (directory, name)
 
-pub fn removexattr_at(dir: BorrowedFd<'_>, name: &OsStr, attr: &OsStr) -> Result<()> {
-    faults::check("removexattr")?;
-    let attr = c(attr)?;
-    rustix::fs::lremovexattr(proc_at_path(dir, name)?.as_c_str(), attr.as_c_str())
-}
+impl Sys {
+    pub fn removexattr_at(&self, dir: BorrowedFd<'_>, name: &OsStr, attr: &OsStr) -> Result<()> {
+        self.faults.check("removexattr")?;
+        let attr = c(attr)?;
+        rustix::fs::lremovexattr(proc_at_path(dir, name)?.as_c_str(), attr.as_c_str())
+    }
 
-pub fn setxattr_at_flags(
-    dir: BorrowedFd<'_>,
-    name: &OsStr,
-    attr: &OsStr,
-    value: &[u8],
-    flags: i32,
-) -> Result<()> {
-    faults::check("setxattr")?;
-    let attr = c(attr)?;
-    rustix::fs::lsetxattr(
-        proc_at_path(dir, name)?.as_c_str(),
-        attr.as_c_str(),
-        value,
-        rustix::fs::XattrFlags::from_bits_retain(flags as u32),
-    )
-}
+    pub fn setxattr_at_flags(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        attr: &OsStr,
+        value: &[u8],
+        flags: i32,
+    ) -> Result<()> {
+        self.faults.check("setxattr")?;
+        let attr = c(attr)?;
+        rustix::fs::lsetxattr(
+            proc_at_path(dir, name)?.as_c_str(),
+            attr.as_c_str(),
+            value,
+            rustix::fs::XattrFlags::from_bits_retain(flags as u32),
+        )
+    }
 
-/// chown of `name` in `dir`, not following a symlink.
-pub fn chown_at(
-    dir: BorrowedFd<'_>,
-    name: &OsStr,
-    uid: Option<u32>,
-    gid: Option<u32>,
-) -> Result<()> {
-    faults::check("chown")?;
-    rustix::fs::chownat(
-        dir,
-        name,
-        uid.map(rustix::fs::Uid::from_raw),
-        gid.map(rustix::fs::Gid::from_raw),
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )
-}
+    /// chown of `name` in `dir`, not following a symlink.
+    pub fn chown_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> Result<()> {
+        self.faults.check("chown")?;
+        rustix::fs::chownat(
+            dir,
+            name,
+            uid.map(rustix::fs::Uid::from_raw),
+            gid.map(rustix::fs::Gid::from_raw),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+    }
 
-/// chmod of `name` in `dir` (callers never pass a symlink).
-pub fn chmod_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
-    faults::check("chmod")?;
-    rustix::fs::chmodat(
-        dir,
-        name,
-        Mode::from_raw_mode(mode),
-        rustix::fs::AtFlags::empty(),
-    )
-}
+    /// chmod of `name` in `dir` (callers never pass a symlink).
+    pub fn chmod_at(&self, dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
+        self.faults.check("chmod")?;
+        rustix::fs::chmodat(
+            dir,
+            name,
+            Mode::from_raw_mode(mode),
+            rustix::fs::AtFlags::empty(),
+        )
+    }
 
-/// Hard-link `name` in `dir` to `new` in `new_dir` (a symlink itself, not its target).
-pub fn link_at(
-    dir: BorrowedFd<'_>,
-    name: &OsStr,
-    new_dir: BorrowedFd<'_>,
-    new: &OsStr,
-) -> Result<()> {
-    faults::check("link")?;
-    rustix::fs::linkat(dir, name, new_dir, new, rustix::fs::AtFlags::empty())
+    /// Hard-link `name` in `dir` to `new` in `new_dir` (a symlink itself, not its target).
+    pub fn link_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        new_dir: BorrowedFd<'_>,
+        new: &OsStr,
+    ) -> Result<()> {
+        self.faults.check("link")?;
+        rustix::fs::linkat(dir, name, new_dir, new, rustix::fs::AtFlags::empty())
+    }
 }
 
 /// Hands the memory the allocator holds free back to the kernel (glibc's `malloc_trim`). After

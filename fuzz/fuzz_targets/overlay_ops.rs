@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use libfuzzer_sys::arbitrary::{Result as AResult, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use rustfuse::overlay::{Attr, Caller, Kind, Overlay, ROOT_INO};
+use rustfuse::overlay::{Attr, Caller, Config, Kind, Overlay, ROOT_INO};
 
 const NAMES: [&str; 3] = ["a", "b", "c"];
 const MAX_DEPTH: usize = 3;
@@ -487,6 +487,9 @@ fn gen_op(u: &mut Unstructured<'_>) -> AResult<Op> {
 
 struct Scratch {
     root: PathBuf,
+    /// Mount with `.wh.` file whiteouts only (fuse-overlayfs's
+    /// `FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT`, passed in the configuration).
+    file_whiteouts: bool,
 }
 
 impl Scratch {
@@ -503,7 +506,9 @@ impl Scratch {
             self.p("work").display()
         )])
         .expect("options");
-        Overlay::new(o).expect("overlay")
+        let mut config = Config::new(o);
+        config.no_dev_whiteouts = self.file_whiteouts;
+        Overlay::with_config(config).expect("overlay")
     }
 }
 
@@ -792,8 +797,10 @@ fn run(data: &[u8]) -> AResult<()> {
         ops.push(gen_op(&mut u)?);
     }
 
+    // Whiteouts the overlay writes: 0/0 devices where mknod works, or `.wh.` files.
     let s = Scratch {
         root: scratch_base().join(format!("rustfuse-fuzz-{}", std::process::id())),
+        file_whiteouts,
     };
     let _ = fs::remove_dir_all(&s.root);
     for d in ["l1", "l2", "upper", "work"] {
@@ -801,15 +808,6 @@ fn run(data: &[u8]) -> AResult<()> {
     }
     write_layer(&s.p("l1"), &l1);
     write_layer(&s.p("l2"), &l2);
-    // Whiteouts the overlay writes: 0/0 devices where mknod works, or `.wh.` files.
-    // SAFETY: this target runs single-threaded; nothing else reads the environment meanwhile.
-    unsafe {
-        if file_whiteouts {
-            std::env::set_var("FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT", "1");
-        } else {
-            std::env::remove_var("FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT");
-        }
-    }
     let mut next_id = 0;
     let root_tree = merge(&[&l1, &l2], &mut next_id);
     let mut model = Model {

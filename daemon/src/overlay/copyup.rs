@@ -13,7 +13,7 @@ use super::{
     Errno, Kind, METACOPY_XATTRS, ORIGIN_XATTR, ORIGIN_XATTR_TRUSTED, Overlay, REDIRECT_XATTRS,
     Result, is_internal_xattr,
 };
-use crate::sys::{self, OFlags, RenameFlags, Timespec};
+use crate::sys::{self, OFlags, RenameFlags, Sys, Timespec};
 
 /// A directory's upper part, ready for use: its handle and an fd.
 pub(crate) struct UpperDir {
@@ -75,7 +75,7 @@ impl Overlay {
         }
         let existing = REDIRECT_XATTRS
             .iter()
-            .find_map(|x| u.getxattr(OsStr::new(x)).ok());
+            .find_map(|x| u.getxattr(&self.sys, OsStr::new(x)).ok());
         if existing.as_ref().is_some_and(|r| r.starts_with(b"/")) {
             // An absolute redirect holds wherever the file goes.
             return Ok(u);
@@ -90,10 +90,10 @@ impl Overlay {
             _ => PathBuf::new(),
         };
         let same = |found: Option<(u16, Loc)>| -> bool {
-            let (Some((_, f)), Ok(d)) = (found, data.stat()) else {
+            let (Some((_, f)), Ok(d)) = (found, data.stat(&self.sys)) else {
                 return false;
             };
-            f.stat()
+            f.stat(&self.sys)
                 .is_ok_and(|f| (f.st_dev, f.st_ino) == (d.st_dev, d.st_ino))
         };
         let bytes = path.as_os_str().as_bytes();
@@ -102,7 +102,7 @@ impl Overlay {
             && same(self.walk_redirect(bytes, None).unwrap_or(None))
             && REDIRECT_XATTRS
                 .iter()
-                .any(|x| u.setxattr(OsStr::new(x), &value, 0).is_ok());
+                .any(|x| u.setxattr(&self.sys, OsStr::new(x), &value, 0).is_ok());
         drop(_guard);
         if marked {
             Ok(u)
@@ -138,7 +138,7 @@ impl Overlay {
             return self.copy_up_unlinked(node, &work, data);
         }
         let (_, src) = st.lowers.first().ok_or(Errno::IO)?;
-        let stat = src.stat()?;
+        let stat = src.stat(&self.sys)?;
         if stat.st_nlink > 1 && st.kind != Kind::Dir && !st.metacopy && self.index.is_some() {
             return self.copy_up_linked(node, &st, &stat, &work, data);
         }
@@ -156,17 +156,18 @@ impl Overlay {
             if data == Data::Meta && !self.mark_metacopy(w, &tmp) {
                 // Neither mark can be written here: a full copy instead.
                 data = Data::All;
-                let out = sys::open_at(w, &tmp, OFlags::WRONLY, 0)?;
+                let out = self.sys.open_at(w, &tmp, OFlags::WRONLY, 0)?;
                 self.fill(st.data()?, stat.st_size, out.as_fd())?;
-                sys::futimens(out.as_fd(), atime_of(&stat), mtime_of(&stat))?;
+                self.sys
+                    .futimens(out.as_fd(), atime_of(&stat), mtime_of(&stat))?;
                 if self.opts.fsync {
-                    sys::fsync(out.as_fd(), false)?;
+                    self.sys.fsync(out.as_fd(), false)?;
                 }
             }
             Ok(())
         });
         if let Err(e) = built {
-            let _ = remove_any(w, &tmp, st.kind);
+            let _ = remove_any(&self.sys, w, &tmp, st.kind);
             return Err(e);
         }
         if st.kind != Kind::Dir {
@@ -174,21 +175,24 @@ impl Overlay {
             self.set_origin(w, &tmp, node.ino);
         }
         // A copy-up is not a change of the parent directory: keep its times.
-        let ptimes = sys::fstat(pu.as_fd()).ok();
-        if let Err(e) = sys::rename_at(w, &tmp, pu.as_fd(), &st.name, RenameFlags::NOREPLACE) {
-            let _ = remove_any(w, &tmp, st.kind);
+        let ptimes = self.sys.fstat(pu.as_fd()).ok();
+        if let Err(e) = self
+            .sys
+            .rename_at(w, &tmp, pu.as_fd(), &st.name, RenameFlags::NOREPLACE)
+        {
+            let _ = remove_any(&self.sys, w, &tmp, st.kind);
             return Err(e);
         }
         if let Some(p) = ptimes {
-            let _ = sys::futimens(pu.as_fd(), atime_of(&p), mtime_of(&p));
+            let _ = self.sys.futimens(pu.as_fd(), atime_of(&p), mtime_of(&p));
         }
         let upper = if st.kind == Kind::Dir {
-            let fd = sys::open_path_at(pu.as_fd(), &st.name)?;
+            let fd = self.sys.open_path_at(pu.as_fd(), &st.name)?;
             Loc::Dir(DirHandle::child(&pu.h, &st.name, fd))
         } else {
             Loc::At(pu.h.clone(), st.name.clone())
         };
-        let ust = upper.stat()?;
+        let ust = upper.stat(&self.sys)?;
         node.update(|s| {
             s.upper = Some(upper.clone());
             s.backing = (ust.st_dev, ust.st_ino);
@@ -215,7 +219,7 @@ impl Overlay {
     ) -> Result<Loc> {
         let key = self.index_key(stat);
         let iloc = self.index_loc(&key)?;
-        match iloc.stat() {
+        match iloc.stat(&self.sys) {
             // Made by an earlier mount whose link of this name did not happen (a crash).
             Ok(_) => {}
             Err(Errno::NOENT) => {
@@ -231,12 +235,15 @@ impl Overlay {
                     self.set_origin(w, &tmp, node.ino);
                     let mark = super::nlink_mark(stat.st_nlink as i64 - 1, &key);
                     set_first_permitted(&super::NLINK_XATTRS, &mark, |x, v| {
-                        sys::setxattr_at(w, &tmp, x, v)
+                        self.sys.setxattr_at(w, &tmp, x, v)
                     })
                 });
                 let placed = built.and_then(|()| {
                     let ifd = self.index.as_ref().ok_or(Errno::ROFS)?.fd()?;
-                    match sys::rename_at(w, &tmp, ifd.as_fd(), &key, RenameFlags::NOREPLACE) {
+                    match self
+                        .sys
+                        .rename_at(w, &tmp, ifd.as_fd(), &key, RenameFlags::NOREPLACE)
+                    {
                         Ok(()) => Ok(true),
                         // Another thread's copy of another name of it won.
                         Err(Errno::EXIST) => Ok(false),
@@ -244,7 +251,7 @@ impl Overlay {
                     }
                 });
                 if placed.as_ref().is_ok_and(|p| !p) || placed.is_err() {
-                    let _ = remove_any(w, &tmp, st.kind);
+                    let _ = remove_any(&self.sys, w, &tmp, st.kind);
                 }
                 placed?;
             }
@@ -264,7 +271,7 @@ impl Overlay {
                 tracing::debug!(?name, error = %e, "name of a hard link not linked up");
             }
         }
-        let ust = iloc.stat()?;
+        let ust = iloc.stat(&self.sys)?;
         node.update(|s| {
             s.upper = Some(iloc.clone());
             s.backing = (ust.st_dev, ust.st_ino);
@@ -295,14 +302,14 @@ impl Overlay {
         let iloc = self.index_loc(key)?;
         let ifd = self.index.as_ref().ok_or(Errno::ROFS)?.fd()?;
         // A link is not a change of the directory for the user: keep its times.
-        let ptimes = sys::fstat(pu.as_fd()).ok();
-        match sys::link_at(ifd.as_fd(), key, pu.as_fd(), name) {
+        let ptimes = self.sys.fstat(pu.as_fd()).ok();
+        match self.sys.link_at(ifd.as_fd(), key, pu.as_fd(), name) {
             Ok(()) => {}
             Err(Errno::EXIST) => return Ok(false),
             Err(e) => return Err(e),
         }
         if let Some(p) = ptimes {
-            let _ = sys::futimens(pu.as_fd(), atime_of(&p), mtime_of(&p));
+            let _ = self.sys.futimens(pu.as_fd(), atime_of(&p), mtime_of(&p));
         }
         self.add_to_nlink_delta(&iloc, key, -1)?;
         Ok(true)
@@ -312,7 +319,9 @@ impl Overlay {
     pub(crate) fn add_to_nlink_delta(&self, iloc: &Loc, key: &OsStr, n: i64) -> Result<()> {
         let d = self.nlink_delta(iloc).unwrap_or(0);
         let mark = super::nlink_mark(d + n, key);
-        set_first_permitted(&super::NLINK_XATTRS, &mark, |x, v| iloc.setxattr(x, v, 0))
+        set_first_permitted(&super::NLINK_XATTRS, &mark, |x, v| {
+            iloc.setxattr(&self.sys, x, v, 0)
+        })
     }
 
     /// A metacopy's data, copied into its upper file in place (it has the size already),
@@ -325,31 +334,32 @@ impl Overlay {
         upper: Loc,
         skip_data: bool,
     ) -> Result<Loc> {
-        let out = upper.open(OFlags::WRONLY)?;
-        let before = sys::fstat(out.as_fd())?;
+        let out = upper.open(&self.sys, OFlags::WRONLY)?;
+        let before = self.sys.fstat(out.as_fd())?;
         // Writing strips set-id bits and file capabilities: put them back after the copy.
-        let caps = upper.getxattr(OsStr::new(CAPS)).ok();
+        let caps = upper.getxattr(&self.sys, OsStr::new(CAPS)).ok();
         if skip_data {
-            sys::ftruncate(out.as_fd(), 0)?;
+            self.sys.ftruncate(out.as_fd(), 0)?;
         } else {
             self.fill(st.data()?, before.st_size, out.as_fd())?;
         }
         if before.st_mode & 0o6000 != 0 {
-            sys::fchmod(out.as_fd(), before.st_mode & 0o7777)?;
+            self.sys.fchmod(out.as_fd(), before.st_mode & 0o7777)?;
         }
         if let Some(v) = caps {
-            sys::fsetxattr(out.as_fd(), OsStr::new(CAPS), &v, 0)?;
+            self.sys.fsetxattr(out.as_fd(), OsStr::new(CAPS), &v, 0)?;
         }
         // Copying the data is not a change of the file: keep its times.
-        sys::futimens(out.as_fd(), atime_of(&before), mtime_of(&before))?;
+        self.sys
+            .futimens(out.as_fd(), atime_of(&before), mtime_of(&before))?;
         if self.opts.fsync {
-            sys::fsync(out.as_fd(), false)?;
+            self.sys.fsync(out.as_fd(), false)?;
         }
         // Only the marks there are; one that cannot go must not be taken for gone.
-        let names = upper.listxattr()?;
+        let names = upper.listxattr(&self.sys)?;
         for m in METACOPY_XATTRS.iter().chain(&REDIRECT_XATTRS) {
             if names.iter().any(|n| n.as_bytes() == m.as_bytes()) {
-                upper.removexattr(OsStr::new(m))?;
+                upper.removexattr(&self.sys, OsStr::new(m))?;
             }
         }
         node.update(|s| {
@@ -364,7 +374,7 @@ impl Overlay {
     fn mark_metacopy(&self, dir: BorrowedFd<'_>, name: &OsStr) -> bool {
         METACOPY_XATTRS
             .iter()
-            .any(|m| sys::setxattr_at(dir, name, OsStr::new(m), b"").is_ok())
+            .any(|m| self.sys.setxattr_at(dir, name, OsStr::new(m), b"").is_ok())
     }
 
     /// Copy the first `len` bytes of `src` into `out`, by FICLONE where the lower layer's
@@ -373,10 +383,10 @@ impl Overlay {
         if len <= 0 {
             return Ok(());
         }
-        let input = src.open(OFlags::RDONLY)?;
-        let dev = sys::fstat(input.as_fd())?.st_dev;
+        let input = src.open(&self.sys, OFlags::RDONLY)?;
+        let dev = self.sys.fstat(input.as_fd())?.st_dev;
         let clone = !self.no_clone_from.read().contains(&dev);
-        if copy_data(input.as_fd(), out, len as u64, clone)? == Reflink::Refused {
+        if copy_data(&self.sys, input.as_fd(), out, len as u64, clone)? == Reflink::Refused {
             self.no_clone_from.write().insert(dev);
         }
         Ok(())
@@ -388,17 +398,17 @@ impl Overlay {
     fn copy_up_unlinked(&self, node: &Arc<Node>, work: &OwnedFd, data: Data) -> Result<Loc> {
         let st = node.state();
         let (_, src) = st.lowers.first().ok_or(Errno::IO)?;
-        let stat = src.stat()?;
+        let stat = src.stat(&self.sys)?;
         let tmp = self.tmp_name();
         let w = work.as_fd();
         let built = self
             .build_copy(&st, &stat, w, &tmp, data)
-            .and_then(|()| sys::open_path_at(w, &tmp));
-        let removed = remove_any(w, &tmp, st.kind);
+            .and_then(|()| self.sys.open_path_at(w, &tmp));
+        let removed = remove_any(&self.sys, w, &tmp, st.kind);
         let fd = built?;
         removed?;
         let upper = Loc::Fd(Arc::new(fd));
-        let ust = upper.stat()?;
+        let ust = upper.stat(&self.sys)?;
         node.update(|s| {
             s.upper = Some(upper.clone());
             s.backing = (ust.st_dev, ust.st_ino);
@@ -422,13 +432,13 @@ impl Overlay {
         let (_, src) = st.lowers.first().ok_or(Errno::IO)?;
         let mode = stat.st_mode & 0o7777;
         match kind {
-            Kind::Dir => sys::mkdir_at(work, tmp, 0o700)?,
+            Kind::Dir => self.sys.mkdir_at(work, tmp, 0o700)?,
             Kind::Symlink => {
-                let target = src.readlink()?;
-                sys::symlink_at(&target, work, tmp)?;
+                let target = src.readlink(&self.sys)?;
+                self.sys.symlink_at(&target, work, tmp)?;
             }
             Kind::File => {
-                let out = sys::open_at(
+                let out = self.sys.open_at(
                     work,
                     tmp,
                     OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
@@ -439,23 +449,28 @@ impl Overlay {
                     Data::Skip => {}
                     // The size with no data (a sparse file); nothing to sync, as with
                     // kernel overlayfs: no data was written.
-                    Data::Meta => sys::ftruncate(out.as_fd(), stat.st_size.max(0) as u64)?,
+                    Data::Meta => self
+                        .sys
+                        .ftruncate(out.as_fd(), stat.st_size.max(0) as u64)?,
                 }
                 if self.opts.fsync && data != Data::Meta {
-                    sys::fsync(out.as_fd(), false)?;
+                    self.sys.fsync(out.as_fd(), false)?;
                 }
             }
             Kind::Fifo | Kind::Socket | Kind::Char | Kind::Block => {
-                sys::mknod_at(work, tmp, kind.mode_bits() | 0o600, stat.st_rdev)?;
+                self.sys
+                    .mknod_at(work, tmp, kind.mode_bits() | 0o600, stat.st_rdev)?;
             }
         }
-        let fd = sys::open_path_at(work, tmp)?;
-        sys::fchown(fd.as_fd(), Some(stat.st_uid), Some(stat.st_gid))?;
+        let fd = self.sys.open_path_at(work, tmp)?;
+        self.sys
+            .fchown(fd.as_fd(), Some(stat.st_uid), Some(stat.st_gid))?;
         if kind != Kind::Symlink {
-            sys::fchmod(fd.as_fd(), mode)?;
+            self.sys.fchmod(fd.as_fd(), mode)?;
         }
         self.copy_xattrs(src, fd.as_fd(), kind)?;
-        sys::utimens_at(work, tmp, atime_of(stat), mtime_of(stat))?;
+        self.sys
+            .utimens_at(work, tmp, atime_of(stat), mtime_of(stat))?;
         Ok(())
     }
 
@@ -466,7 +481,7 @@ impl Overlay {
         let _ = set_first_permitted(
             &[ORIGIN_XATTR_TRUSTED, ORIGIN_XATTR],
             v.as_bytes(),
-            |x, v| sys::setxattr_at(dir, name, x, v),
+            |x, v| self.sys.setxattr_at(dir, name, x, v),
         );
     }
 
@@ -475,7 +490,7 @@ impl Overlay {
         if self.opts.noxattrs {
             return Ok(());
         }
-        let names = match src.listxattr() {
+        let names = match src.listxattr(&self.sys) {
             Ok(n) => n,
             Err(Errno::NOTSUP) | Err(Errno::PERM) => return Ok(()),
             Err(e) => return Err(e),
@@ -488,12 +503,12 @@ impl Overlay {
             {
                 continue;
             }
-            let v = match src.getxattr(&n) {
+            let v = match src.getxattr(&self.sys, &n) {
                 Ok(v) => v,
                 Err(Errno::OVERFLOW) | Err(Errno::NODATA) => continue,
                 Err(e) => return Err(e),
             };
-            match sys::fsetxattr(dst, &n, &v, 0) {
+            match self.sys.fsetxattr(dst, &n, &v, 0) {
                 Ok(()) => {}
                 Err(Errno::INVAL) | Err(Errno::NOTSUP) | Err(Errno::PERM)
                     if kind == Kind::Symlink || !b.starts_with(b"user.") =>
@@ -552,6 +567,7 @@ pub(crate) enum Reflink {
 /// Copy `len` bytes: FICLONE (when `clone`), else copy_file_range, else read/write. Holes
 /// stay holes where the source reports them.
 pub(crate) fn copy_data(
+    sys: &Sys,
     input: BorrowedFd<'_>,
     out: BorrowedFd<'_>,
     len: u64,
@@ -559,7 +575,7 @@ pub(crate) fn copy_data(
 ) -> Result<Reflink> {
     let mut outcome = Reflink::Copied;
     if clone {
-        match sys::ficlone(out, input) {
+        match sys.ficlone(out, input) {
             Ok(()) => return Ok(Reflink::Done),
             Err(Errno::XDEV | Errno::OPNOTSUPP | Errno::INVAL | Errno::NOTTY | Errno::NOSYS) => {
                 outcome = Reflink::Refused
@@ -588,7 +604,7 @@ pub(crate) fn copy_data(
         while off_in < end {
             let chunk = (end - off_in).min(1 << 30) as usize;
             if use_cfr {
-                match sys::copy_file_range(input, &mut off_in, out, &mut off_out, chunk) {
+                match sys.copy_file_range(input, &mut off_in, out, &mut off_out, chunk) {
                     Ok(0) => break,
                     Ok(_) => continue,
                     Err(Errno::XDEV)
@@ -601,20 +617,20 @@ pub(crate) fn copy_data(
                 }
             }
             let mut buf = vec![0u8; chunk.min(1 << 20)];
-            let n = sys::pread(input, &mut buf, off_in)?;
+            let n = sys.pread(input, &mut buf, off_in)?;
             if n == 0 {
                 break;
             }
             let mut w = 0;
             while w < n {
-                w += sys::pwrite(out, &buf[w..n], off_out + w as u64)?;
+                w += sys.pwrite(out, &buf[w..n], off_out + w as u64)?;
             }
             off_in += n as u64;
             off_out += n as u64;
         }
     }
     // A trailing hole: set the size.
-    sys::ftruncate(out, len)?;
+    sys.ftruncate(out, len)?;
     Ok(outcome)
 }
 
@@ -632,13 +648,13 @@ pub(crate) fn mtime_of(st: &sys::Stat) -> Timespec {
     }
 }
 
-pub(crate) fn remove_any(dir: BorrowedFd<'_>, name: &OsStr, kind: Kind) -> Result<()> {
+pub(crate) fn remove_any(sys: &Sys, dir: BorrowedFd<'_>, name: &OsStr, kind: Kind) -> Result<()> {
     if kind == Kind::Dir {
-        if let Ok(fd) = sys::open_path_at(dir, name) {
-            super::write::remove_tree_contents(fd.as_fd())?;
+        if let Ok(fd) = sys.open_path_at(dir, name) {
+            super::write::remove_tree_contents(sys, fd.as_fd())?;
         }
-        sys::rmdir_at(dir, name)
+        sys.rmdir_at(dir, name)
     } else {
-        sys::unlink_at(dir, name)
+        sys.unlink_at(dir, name)
     }
 }

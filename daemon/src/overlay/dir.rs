@@ -221,9 +221,9 @@ impl Overlay {
                 }
                 None => 0,
             };
-            let dev = sys::fstat(fd.as_fd())?.st_dev;
+            let dev = self.sys.fstat(fd.as_fd())?.st_dev;
             let mut this_hidden = Vec::new();
-            let mut dir = sys::open_dir_stream(fd.as_fd())?;
+            let mut dir = self.sys.open_dir_stream(fd.as_fd())?;
             while let Some(ent) = dir.read() {
                 let ent = ent?;
                 let raw = ent.file_name().to_bytes();
@@ -252,7 +252,7 @@ impl Overlay {
                 let mut ft = ent.file_type();
                 let mut real_ino = ent.ino();
                 if ft == sys::FileType::CharacterDevice || ft == sys::FileType::Unknown {
-                    let Ok(s) = sys::stat_at(fd.as_fd(), name) else {
+                    let Ok(s) = self.sys.stat_at(fd.as_fd(), name) else {
                         continue;
                     };
                     if is_whiteout(&s) {
@@ -299,7 +299,7 @@ impl Overlay {
                         if kind == Kind::Dir {
                             if is_upper {
                                 // An opaque upper directory has no lower part.
-                                if let Ok(child) = sys::open_path_at(fd.as_fd(), name) {
+                                if let Ok(child) = self.sys.open_path_at(fd.as_fd(), name) {
                                     m.closed = self.is_opaque(child.as_fd());
                                 }
                             } else {
@@ -308,10 +308,12 @@ impl Overlay {
                             }
                         } else if is_upper {
                             // A copied-up file keeps its lower inode number.
-                            let origin = sys::listxattr_at(fd.as_fd(), name)
+                            let origin = self
+                                .sys
+                                .listxattr_at(fd.as_fd(), name)
                                 .ok()
                                 .and_then(|names| super::find_origin_name(&names))
-                                .and_then(|x| sys::getxattr_at(fd.as_fd(), name, x).ok())
+                                .and_then(|x| self.sys.getxattr_at(fd.as_fd(), name, x).ok())
                                 .and_then(|v| super::parse_origin(&v));
                             if let Some(n) = origin {
                                 m.top_ino = n;

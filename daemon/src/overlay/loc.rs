@@ -2,7 +2,8 @@
 //! that holds an `O_PATH` fd only while cached, and otherwise reopens itself from its
 //! parent's handle and its name. The number of cached directory fds is bounded (a clock
 //! sweep drops the least recently used), so a mount of any size needs a bounded number of
-//! descriptors. Layer roots are never dropped.
+//! descriptors. Layer roots are never dropped. The cache and its budget belong to one
+//! overlay ([`DirFdCache`]): every handle of a mount points at its mount's cache.
 
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
@@ -13,7 +14,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::Mutex;
 
 use super::Result;
-use crate::sys::{self, Errno, OFlags, Stat, Timespec};
+use crate::sys::{Errno, OFlags, Stat, Sys, Timespec};
 
 /// A directory in one layer.
 pub struct DirHandle {
@@ -23,36 +24,87 @@ pub struct DirHandle {
     fd: Mutex<Option<Arc<OwnedFd>>>,
     /// Clock bit: used since the last sweep.
     used: AtomicBool,
+    /// The cache of the overlay this handle belongs to.
+    cache: Arc<DirFdCache>,
 }
 
-struct Cache {
+/// The directory fds one overlay holds open, within a budget; reopens go through the
+/// overlay's kernel-call seam.
+pub struct DirFdCache {
+    sys: Arc<Sys>,
     queue: Mutex<VecDeque<Weak<DirHandle>>>,
     cached: AtomicUsize,
     budget: AtomicUsize,
 }
 
-static CACHE: Cache = Cache {
-    queue: Mutex::new(VecDeque::new()),
-    cached: AtomicUsize::new(0),
-    budget: AtomicUsize::new(4096),
-};
+impl DirFdCache {
+    /// An empty cache of at most `budget` fds (at least 16), reopening through `sys`.
+    pub fn new(sys: Arc<Sys>, budget: usize) -> Arc<DirFdCache> {
+        Arc::new(DirFdCache {
+            sys,
+            queue: Mutex::new(VecDeque::new()),
+            cached: AtomicUsize::new(0),
+            budget: AtomicUsize::new(budget.max(16)),
+        })
+    }
 
-/// How many directory fds may stay open (set from RLIMIT_NOFILE at mount).
-pub fn set_dir_fd_budget(n: usize) {
-    CACHE.budget.store(n.max(16), Ordering::Relaxed);
-}
+    /// How many directory fds may stay open (at least 16).
+    pub fn set_budget(&self, n: usize) {
+        self.budget.store(n.max(16), Ordering::Relaxed);
+    }
 
-/// Directory fds held open right now (for tests and diagnostics).
-pub fn cached_dir_fds() -> usize {
-    CACHE.cached.load(Ordering::Relaxed)
+    /// Directory fds held open right now (for tests and diagnostics).
+    pub fn cached(&self) -> usize {
+        self.cached.load(Ordering::Relaxed)
+    }
+
+    fn insert(&self, h: &Arc<DirHandle>) {
+        let n = self.cached.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut q = self.queue.lock();
+        q.push_back(Arc::downgrade(h));
+        // Handles dropped while under budget leave a dead entry behind: prune them once they
+        // outnumber the live ones, or the queue grows with every directory ever looked up.
+        if q.len() > 2 * n + 64 {
+            q.retain(|w| w.strong_count() > 0);
+        }
+        let budget = self.budget.load(Ordering::Relaxed);
+        if n <= budget {
+            return;
+        }
+        // Clock sweep: drop fds of handles not used since the last pass, down to 3/4 of the
+        // budget. In-flight operations hold their own clone of an fd, so nothing breaks.
+        let target = budget * 3 / 4;
+        let mut steps = q.len() * 2;
+        while self.cached.load(Ordering::Relaxed) > target && steps > 0 {
+            steps -= 1;
+            let Some(w) = q.pop_front() else { break };
+            let Some(h) = w.upgrade() else { continue };
+            if h.used.swap(false, Ordering::Relaxed) {
+                q.push_back(w);
+                continue;
+            }
+            // Never wait here: a thread reopening this handle holds its lock while it reopens
+            // the parent, which may sweep too (waiting would deadlock on the queue lock).
+            match h.fd.try_lock() {
+                Some(mut slot) => {
+                    if slot.take().is_some() {
+                        self.cached.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+                None => q.push_back(w),
+            }
+        }
+    }
 }
 
 impl DirHandle {
-    pub fn root(fd: Arc<OwnedFd>) -> Arc<DirHandle> {
+    /// A layer root of the overlay `cache` belongs to; its fd is never dropped.
+    pub fn root(cache: &Arc<DirFdCache>, fd: Arc<OwnedFd>) -> Arc<DirHandle> {
         Arc::new(DirHandle {
             origin: Mutex::new(None),
             fd: Mutex::new(Some(fd)),
             used: AtomicBool::new(true),
+            cache: cache.clone(),
         })
     }
 
@@ -62,8 +114,9 @@ impl DirHandle {
             origin: Mutex::new(Some((parent.clone(), name.to_os_string()))),
             fd: Mutex::new(Some(Arc::new(fd))),
             used: AtomicBool::new(true),
+            cache: parent.cache.clone(),
         });
-        cache_insert(&h);
+        h.cache.insert(&h);
         h
     }
 
@@ -78,14 +131,14 @@ impl DirHandle {
         let pfd = parent.fd()?;
         // While a rename moves the directory, its old name may hold a whiteout for a moment:
         // never hand out an fd of something that is not a directory.
-        let fd = match sys::open_dir_path_at(pfd.as_fd(), &name) {
+        let fd = match self.cache.sys.open_dir_path_at(pfd.as_fd(), &name) {
             Ok(fd) => Arc::new(fd),
             Err(Errno::NOTDIR) => return Err(Errno::NOENT),
             Err(e) => return Err(e),
         };
         *slot = Some(fd.clone());
         drop(slot);
-        cache_insert(self);
+        self.cache.insert(self);
         Ok(fd)
     }
 
@@ -119,45 +172,7 @@ impl DirHandle {
 impl Drop for DirHandle {
     fn drop(&mut self) {
         if self.origin.get_mut().is_some() && self.fd.get_mut().is_some() {
-            CACHE.cached.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
-
-fn cache_insert(h: &Arc<DirHandle>) {
-    let n = CACHE.cached.fetch_add(1, Ordering::Relaxed) + 1;
-    let mut q = CACHE.queue.lock();
-    q.push_back(Arc::downgrade(h));
-    // Handles dropped while under budget leave a dead entry behind: prune them once they
-    // outnumber the live ones, or the queue grows with every directory ever looked up.
-    if q.len() > 2 * n + 64 {
-        q.retain(|w| w.strong_count() > 0);
-    }
-    let budget = CACHE.budget.load(Ordering::Relaxed);
-    if n <= budget {
-        return;
-    }
-    // Clock sweep: drop fds of handles not used since the last pass, down to 3/4 of the
-    // budget. In-flight operations hold their own clone of an fd, so nothing breaks.
-    let target = budget * 3 / 4;
-    let mut steps = q.len() * 2;
-    while CACHE.cached.load(Ordering::Relaxed) > target && steps > 0 {
-        steps -= 1;
-        let Some(w) = q.pop_front() else { break };
-        let Some(h) = w.upgrade() else { continue };
-        if h.used.swap(false, Ordering::Relaxed) {
-            q.push_back(w);
-            continue;
-        }
-        // Never wait here: a thread reopening this handle holds its lock while it reopens the
-        // parent, which may sweep too (waiting would deadlock on the queue lock).
-        match h.fd.try_lock() {
-            Some(mut slot) => {
-                if slot.take().is_some() {
-                    CACHE.cached.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-            None => q.push_back(w),
+            self.cache.cached.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -191,20 +206,20 @@ impl Loc {
         }
     }
 
-    pub fn stat(&self) -> Result<Stat> {
+    pub fn stat(&self, sys: &Sys) -> Result<Stat> {
         match self {
-            Loc::Fd(fd) => sys::fstat(fd.as_fd()),
-            Loc::Dir(h) => sys::fstat(h.fd()?.as_fd()),
-            Loc::At(d, n) => sys::stat_at(d.fd()?.as_fd(), n),
+            Loc::Fd(fd) => sys.fstat(fd.as_fd()),
+            Loc::Dir(h) => sys.fstat(h.fd()?.as_fd()),
+            Loc::At(d, n) => sys.stat_at(d.fd()?.as_fd(), n),
         }
     }
 
     /// Open for I/O (never following a final symlink).
-    pub fn open(&self, flags: OFlags) -> Result<OwnedFd> {
+    pub fn open(&self, sys: &Sys, flags: OFlags) -> Result<OwnedFd> {
         match self {
-            Loc::Fd(fd) => sys::reopen(fd.as_fd(), flags),
-            Loc::Dir(h) => sys::reopen(h.fd()?.as_fd(), flags),
-            Loc::At(d, n) => sys::open_at(
+            Loc::Fd(fd) => sys.reopen(fd.as_fd(), flags),
+            Loc::Dir(h) => sys.reopen(h.fd()?.as_fd(), flags),
+            Loc::At(d, n) => sys.open_at(
                 d.fd()?.as_fd(),
                 n,
                 flags & !(OFlags::CREATE | OFlags::EXCL | OFlags::NOCTTY),
@@ -214,85 +229,85 @@ impl Loc {
     }
 
     /// An `O_PATH` fd, for a file about to lose the name it is reached by.
-    pub fn pin(&self) -> Result<Loc> {
+    pub fn pin(&self, sys: &Sys) -> Result<Loc> {
         match self {
             Loc::Fd(_) | Loc::Dir(_) => Ok(self.clone()),
-            Loc::At(d, n) => Ok(Loc::Fd(Arc::new(sys::open_path_at(d.fd()?.as_fd(), n)?))),
+            Loc::At(d, n) => Ok(Loc::Fd(Arc::new(sys.open_path_at(d.fd()?.as_fd(), n)?))),
         }
     }
 
-    pub fn readlink(&self) -> Result<OsString> {
+    pub fn readlink(&self, sys: &Sys) -> Result<OsString> {
         match self {
-            Loc::Fd(fd) => sys::readlink_fd(fd.as_fd()),
-            Loc::Dir(h) => sys::readlink_fd(h.fd()?.as_fd()),
-            Loc::At(d, n) => sys::readlink_at(d.fd()?.as_fd(), n),
+            Loc::Fd(fd) => sys.readlink_fd(fd.as_fd()),
+            Loc::Dir(h) => sys.readlink_fd(h.fd()?.as_fd()),
+            Loc::At(d, n) => sys.readlink_at(d.fd()?.as_fd(), n),
         }
     }
 
-    pub fn getxattr(&self, attr: &OsStr) -> Result<Vec<u8>> {
+    pub fn getxattr(&self, sys: &Sys, attr: &OsStr) -> Result<Vec<u8>> {
         match self {
-            Loc::Fd(fd) => sys::fgetxattr(fd.as_fd(), attr),
-            Loc::Dir(h) => sys::fgetxattr(h.fd()?.as_fd(), attr),
-            Loc::At(d, n) => sys::getxattr_at(d.fd()?.as_fd(), n, attr),
+            Loc::Fd(fd) => sys.fgetxattr(fd.as_fd(), attr),
+            Loc::Dir(h) => sys.fgetxattr(h.fd()?.as_fd(), attr),
+            Loc::At(d, n) => sys.getxattr_at(d.fd()?.as_fd(), n, attr),
         }
     }
 
-    pub fn listxattr(&self) -> Result<Vec<OsString>> {
+    pub fn listxattr(&self, sys: &Sys) -> Result<Vec<OsString>> {
         match self {
-            Loc::Fd(fd) => sys::flistxattr(fd.as_fd()),
-            Loc::Dir(h) => sys::flistxattr(h.fd()?.as_fd()),
-            Loc::At(d, n) => sys::listxattr_at(d.fd()?.as_fd(), n),
+            Loc::Fd(fd) => sys.flistxattr(fd.as_fd()),
+            Loc::Dir(h) => sys.flistxattr(h.fd()?.as_fd()),
+            Loc::At(d, n) => sys.listxattr_at(d.fd()?.as_fd(), n),
         }
     }
 
-    pub fn setxattr(&self, attr: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+    pub fn setxattr(&self, sys: &Sys, attr: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         match self {
-            Loc::Fd(fd) => sys::fsetxattr(fd.as_fd(), attr, value, flags),
-            Loc::Dir(h) => sys::fsetxattr(h.fd()?.as_fd(), attr, value, flags),
-            Loc::At(d, n) => sys::setxattr_at_flags(d.fd()?.as_fd(), n, attr, value, flags),
+            Loc::Fd(fd) => sys.fsetxattr(fd.as_fd(), attr, value, flags),
+            Loc::Dir(h) => sys.fsetxattr(h.fd()?.as_fd(), attr, value, flags),
+            Loc::At(d, n) => sys.setxattr_at_flags(d.fd()?.as_fd(), n, attr, value, flags),
         }
     }
 
-    pub fn removexattr(&self, attr: &OsStr) -> Result<()> {
+    pub fn removexattr(&self, sys: &Sys, attr: &OsStr) -> Result<()> {
         match self {
-            Loc::Fd(fd) => sys::fremovexattr(fd.as_fd(), attr),
-            Loc::Dir(h) => sys::fremovexattr(h.fd()?.as_fd(), attr),
-            Loc::At(d, n) => sys::removexattr_at(d.fd()?.as_fd(), n, attr),
+            Loc::Fd(fd) => sys.fremovexattr(fd.as_fd(), attr),
+            Loc::Dir(h) => sys.fremovexattr(h.fd()?.as_fd(), attr),
+            Loc::At(d, n) => sys.removexattr_at(d.fd()?.as_fd(), n, attr),
         }
     }
 
-    pub fn chown(&self, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
+    pub fn chown(&self, sys: &Sys, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
         match self {
-            Loc::Fd(fd) => sys::fchown(fd.as_fd(), uid, gid),
-            Loc::Dir(h) => sys::fchown(h.fd()?.as_fd(), uid, gid),
-            Loc::At(d, n) => sys::chown_at(d.fd()?.as_fd(), n, uid, gid),
+            Loc::Fd(fd) => sys.fchown(fd.as_fd(), uid, gid),
+            Loc::Dir(h) => sys.fchown(h.fd()?.as_fd(), uid, gid),
+            Loc::At(d, n) => sys.chown_at(d.fd()?.as_fd(), n, uid, gid),
         }
     }
 
     /// Not for symlinks.
-    pub fn chmod(&self, mode: u32) -> Result<()> {
+    pub fn chmod(&self, sys: &Sys, mode: u32) -> Result<()> {
         match self {
-            Loc::Fd(fd) => sys::fchmod(fd.as_fd(), mode),
-            Loc::Dir(h) => sys::fchmod(h.fd()?.as_fd(), mode),
-            Loc::At(d, n) => sys::chmod_at(d.fd()?.as_fd(), n, mode),
+            Loc::Fd(fd) => sys.fchmod(fd.as_fd(), mode),
+            Loc::Dir(h) => sys.fchmod(h.fd()?.as_fd(), mode),
+            Loc::At(d, n) => sys.chmod_at(d.fd()?.as_fd(), n, mode),
         }
     }
 
     /// Set times; a symlink's own times where it is reached by name.
-    pub fn utimens(&self, atime: Timespec, mtime: Timespec) -> Result<()> {
+    pub fn utimens(&self, sys: &Sys, atime: Timespec, mtime: Timespec) -> Result<()> {
         match self {
-            Loc::Fd(fd) => sys::futimens(fd.as_fd(), atime, mtime),
-            Loc::Dir(h) => sys::futimens(h.fd()?.as_fd(), atime, mtime),
-            Loc::At(d, n) => sys::utimens_at(d.fd()?.as_fd(), n, atime, mtime),
+            Loc::Fd(fd) => sys.futimens(fd.as_fd(), atime, mtime),
+            Loc::Dir(h) => sys.futimens(h.fd()?.as_fd(), atime, mtime),
+            Loc::At(d, n) => sys.utimens_at(d.fd()?.as_fd(), n, atime, mtime),
         }
     }
 
     /// Hard-link this file to `name` in `dir`.
-    pub fn link_to(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    pub fn link_to(&self, sys: &Sys, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
         match self {
-            Loc::Fd(fd) => sys::link_fd(fd.as_fd(), dir, name),
-            Loc::Dir(h) => sys::link_fd(h.fd()?.as_fd(), dir, name),
-            Loc::At(d, n) => sys::link_at(d.fd()?.as_fd(), n, dir, name),
+            Loc::Fd(fd) => sys.link_fd(fd.as_fd(), dir, name),
+            Loc::Dir(h) => sys.link_fd(h.fd()?.as_fd(), dir, name),
+            Loc::At(d, n) => sys.link_at(d.fd()?.as_fd(), n, dir, name),
         }
     }
 }
@@ -306,12 +321,16 @@ mod tests {
     /// handles created and dropped under budget each left a dead entry in the sweep queue.
     #[test]
     fn sweep_queue_does_not_grow_with_dropped_handles() {
-        let root = DirHandle::root(Arc::new(sys::open_dir_path(Path::new("/")).unwrap()));
+        let sys = Arc::new(Sys::default());
+        let cache = DirFdCache::new(sys.clone(), 4096);
+        let root = DirHandle::root(&cache, Arc::new(sys.open_dir_path(Path::new("/")).unwrap()));
         for _ in 0..10_000 {
-            let fd = sys::open_path_at(root.fd().unwrap().as_fd(), OsStr::new("tmp")).unwrap();
+            let fd = sys
+                .open_path_at(root.fd().unwrap().as_fd(), OsStr::new("tmp"))
+                .unwrap();
             drop(DirHandle::child(&root, OsStr::new("tmp"), fd));
         }
-        let len = CACHE.queue.lock().len();
+        let len = cache.queue.lock().len();
         assert!(
             len < 5_000,
             "{len} entries queued for 10000 dropped handles"

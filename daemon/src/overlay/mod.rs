@@ -19,11 +19,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 
 use crate::options::{OverlayOptions, XattrPermissions};
-use crate::sys::{self, Errno, OFlags, Stat};
+use crate::sys::{self, Compat, Errno, OFlags, Stat, Sys};
 
 pub use dir::DirEntry;
-pub use loc::cached_dir_fds;
-use loc::{DirHandle, Loc};
+use loc::{DirFdCache, DirHandle, Loc};
 pub use node::ROOT_INO;
 use node::{Node, NodeState, NodeTable};
 
@@ -127,6 +126,30 @@ pub(crate) struct Layer {
     pub fd: Arc<OwnedFd>,
     /// Where the layer is, for messages.
     pub path: PathBuf,
+}
+
+/// How one overlay is set up: its mount options and what the environment asked for. `main`
+/// builds it, reading the environment there and only there; a test builds its own.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The `-o` options.
+    pub options: OverlayOptions,
+    /// Limits of the kernel to behave as (Linux 4.18 with `RUSTFUSE_COMPAT_4_18`).
+    pub compat: Compat,
+    /// Never make whiteouts as 0/0 character devices, always as `.wh.` files
+    /// (`FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT`, as fuse-overlayfs reads it).
+    pub no_dev_whiteouts: bool,
+}
+
+impl Config {
+    /// The options with the host kernel as it is and device whiteouts where they work.
+    pub fn new(options: OverlayOptions) -> Config {
+        Config {
+            options,
+            compat: Compat::native(),
+            no_dev_whiteouts: false,
+        }
+    }
 }
 
 /// Errors setting up a mount, before anything is mounted.
@@ -247,17 +270,19 @@ impl FileHandle {
         }
     }
 
-    /// The descriptor I/O goes to.
-    fn fd(&self) -> BorrowedFd<'_> {
+    /// The descriptor I/O goes to (`sys`: the overlay's seam, for the copy's reopen).
+    fn fd(&self, sys: &Sys) -> BorrowedFd<'_> {
         if let Some(b) = &self.below {
             if b.up.get().is_none() {
                 // A metacopy's upper file holds no data until the data is copied up.
                 if let Some(loc) = b.node.update(|s| s.upper.clone().filter(|_| !s.metacopy)) {
                     // Only the copy itself: a rename between reading the location and
                     // opening it would leave another file there.
-                    if let Ok(fd) = loc.open(b.flags) {
+                    if let Ok(fd) = loc.open(sys, b.flags) {
                         let backing = b.node.update(|s| s.backing);
-                        if sys::fstat(fd.as_fd()).is_ok_and(|st| (st.st_dev, st.st_ino) == backing)
+                        if sys
+                            .fstat(fd.as_fd())
+                            .is_ok_and(|st| (st.st_dev, st.st_ino) == backing)
                         {
                             let _ = b.up.set(fd);
                         }
@@ -277,6 +302,10 @@ const HANDLE_SHARDS: usize = 32;
 /// The overlay filesystem.
 pub struct Overlay {
     pub(crate) opts: OverlayOptions,
+    /// This overlay's kernel-call seam: its compatibility limits and its planned fault.
+    pub(crate) sys: Arc<Sys>,
+    /// This overlay's cached directory fds and their budget.
+    dir_fds: Arc<DirFdCache>,
     pub(crate) lowers: Vec<Layer>,
     pub(crate) upper: Option<Layer>,
     /// `<workdir>/work`: where copy-ups and replacements are built before they appear.
@@ -307,11 +336,30 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    /// Open the layers and prepare the workdir. Every problem names the option and path.
+    /// Open the layers and prepare the workdir, with the default [`Config`] for `opts`.
+    /// Every problem names the option and path.
     pub fn new(opts: OverlayOptions) -> std::result::Result<Overlay, SetupError> {
+        Overlay::with_config(Config::new(opts))
+    }
+
+    /// Open the layers and prepare the workdir as `config` says. Every problem names the
+    /// option and path.
+    pub fn with_config(config: Config) -> std::result::Result<Overlay, SetupError> {
+        let Config {
+            options: opts,
+            compat,
+            no_dev_whiteouts,
+        } = config;
+        let sys = Arc::new(Sys::new(compat));
+        // Directory fds are cached within half the descriptor limit; the rest is for open
+        // files and the process itself.
+        let dir_fds = DirFdCache::new(
+            sys.clone(),
+            (sys::nofile_limit().saturating_sub(512) / 2) as usize,
+        );
         let mut lowers = Vec::new();
         for p in &opts.lowerdirs {
-            let fd = sys::open_dir_path(p).map_err(|e| {
+            let fd = sys.open_dir_path(p).map_err(|e| {
                 path_err(
                     "lowerdir",
                     p,
@@ -335,22 +383,26 @@ impl Overlay {
         // only checked, never prepared or probed (a read-write mount of the same layers may
         // be live and using it).
         if let (Some(u), Some(w)) = (&opts.upperdir, &opts.workdir) {
-            let ufd = sys::open_dir_path(u).map_err(|e| {
+            let ufd = sys.open_dir_path(u).map_err(|e| {
                 path_err(
                     "upperdir",
                     u,
                     format!("cannot open directory: {}", errstr(e)),
                 )
             })?;
-            let wfd = sys::open_dir_path(w).map_err(|e| {
+            let wfd = sys.open_dir_path(w).map_err(|e| {
                 path_err(
                     "workdir",
                     w,
                     format!("cannot open directory: {}", errstr(e)),
                 )
             })?;
-            let ust = sys::fstat(ufd.as_fd()).map_err(|e| path_err("upperdir", u, errstr(e)))?;
-            let wst = sys::fstat(wfd.as_fd()).map_err(|e| path_err("workdir", w, errstr(e)))?;
+            let ust = sys
+                .fstat(ufd.as_fd())
+                .map_err(|e| path_err("upperdir", u, errstr(e)))?;
+            let wst = sys
+                .fstat(wfd.as_fd())
+                .map_err(|e| path_err("workdir", w, errstr(e)))?;
             if ust.st_dev != wst.st_dev {
                 return Err(path_err(
                     "workdir",
@@ -361,7 +413,7 @@ impl Overlay {
                     ),
                 ));
             }
-            index = open_index(wfd.as_fd(), !opts.read_only).map_err(|e| {
+            index = open_index(&sys, &dir_fds, wfd.as_fd(), !opts.read_only).map_err(|e| {
                 path_err(
                     "workdir",
                     w,
@@ -369,11 +421,10 @@ impl Overlay {
                 )
             })?;
             if !opts.read_only {
-                let wk = prepare_workdir(wfd.as_fd()).map_err(|e| {
+                let wk = prepare_workdir(&sys, wfd.as_fd()).map_err(|e| {
                     path_err("workdir", w, format!("cannot prepare work/: {}", errstr(e)))
                 })?;
-                dev_whiteouts = std::env::var_os("FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT").is_none()
-                    && probe_dev_whiteout(wk.as_fd());
+                dev_whiteouts = !no_dev_whiteouts && probe_dev_whiteout(&sys, wk.as_fd());
                 work = Some(Arc::new(wk));
             }
             upper = Some(Layer {
@@ -382,18 +433,15 @@ impl Overlay {
             });
         }
         let read_only = work.is_none();
-        // Directory fds are cached within half the descriptor limit; the rest is for open
-        // files and the process itself.
-        loc::set_dir_fd_budget((sys::nofile_limit().saturating_sub(512) / 2) as usize);
         let mut fs_ids = Vec::new();
         for l in &lowers {
-            if let (Ok(st), Ok(id)) = (sys::fstat(l.fd.as_fd()), sys::fs_id(l.fd.as_fd())) {
+            if let (Ok(st), Ok(id)) = (sys.fstat(l.fd.as_fd()), sys.fs_id(l.fd.as_fd())) {
                 fs_ids.push((st.st_dev, id));
             }
         }
         let mut devs = Vec::new();
         for l in upper.iter().chain(lowers.iter()) {
-            if let Ok(st) = sys::fstat(l.fd.as_fd()) {
+            if let Ok(st) = sys.fstat(l.fd.as_fd()) {
                 if !devs.contains(&st.st_dev) {
                     devs.push(st.st_dev);
                 }
@@ -404,7 +452,7 @@ impl Overlay {
             XattrPermissions::Security => Some("security.fuseoverlayfs.override_stat"),
             XattrPermissions::User => {
                 let legacy = upper.as_ref().is_some_and(|u| {
-                    sys::fgetxattr(u.fd.as_fd(), OsStr::new("user.fuseoverlayfs.override_stat"))
+                    sys.fgetxattr(u.fd.as_fd(), OsStr::new("user.fuseoverlayfs.override_stat"))
                         .is_ok()
                 });
                 Some(if legacy {
@@ -416,6 +464,8 @@ impl Overlay {
         };
         let ov = Overlay {
             opts,
+            sys,
+            dir_fds,
             lowers,
             upper,
             work,
@@ -447,14 +497,17 @@ impl Overlay {
     fn make_root(&self) -> Result<()> {
         let mut lowers = Vec::new();
         for (i, l) in self.lowers.iter().enumerate() {
-            lowers.push((i as u16, Loc::Dir(DirHandle::root(l.fd.clone()))));
+            lowers.push((
+                i as u16,
+                Loc::Dir(DirHandle::root(&self.dir_fds, l.fd.clone())),
+            ));
             if self.is_opaque(l.fd.as_fd()) {
                 break;
             }
         }
         let upper = self.upper.as_ref().map(|u| u.fd.clone());
         let top = upper.clone().unwrap_or_else(|| self.lowers[0].fd.clone());
-        let st = sys::fstat(top.as_fd())?;
+        let st = self.sys.fstat(top.as_fd())?;
         // An opaque upper root hides every lower layer.
         if let Some(u) = &upper {
             if self.is_opaque(u.as_fd()) {
@@ -467,7 +520,7 @@ impl Overlay {
                 kind: Kind::Dir,
                 parent: ROOT_INO,
                 name: OsString::new(),
-                upper: upper.map(|u| Loc::Dir(DirHandle::root(u))),
+                upper: upper.map(|u| Loc::Dir(DirHandle::root(&self.dir_fds, u))),
                 lowers,
                 backing: (st.st_dev, st.st_ino),
                 metacopy: false,
@@ -496,6 +549,22 @@ impl Overlay {
         &self.opts
     }
 
+    /// This overlay's fault plan: a fault planned here fails a kernel call of this overlay
+    /// only (effective in tests and `fault-injection` builds).
+    pub fn faults(&self) -> &sys::faults::Faults {
+        self.sys.faults()
+    }
+
+    /// Directory fds this overlay holds open right now (for tests and diagnostics).
+    pub fn cached_dir_fds(&self) -> usize {
+        self.dir_fds.cached()
+    }
+
+    /// Lets at most `n` (at least 16) directory fds of this overlay stay open.
+    pub fn set_dir_fd_budget(&self, n: usize) {
+        self.dir_fds.set_budget(n);
+    }
+
     /// How many inodes are held in memory.
     pub fn node_count(&self) -> usize {
         self.nodes.len()
@@ -513,10 +582,10 @@ impl Overlay {
     // ------------------------------------------------------------ layer probing
 
     pub(crate) fn is_opaque(&self, dir: BorrowedFd<'_>) -> bool {
-        if let Ok(names) = sys::flistxattr(dir) {
+        if let Ok(names) = self.sys.flistxattr(dir) {
             for n in &names {
                 if OPAQUE_XATTRS.iter().any(|o| n.as_bytes() == o.as_bytes()) {
-                    if let Ok(v) = sys::fgetxattr(dir, n) {
+                    if let Ok(v) = self.sys.fgetxattr(dir, n) {
                         if v == b"y" {
                             return true;
                         }
@@ -524,14 +593,14 @@ impl Overlay {
                 }
             }
         }
-        sys::stat_at(dir, OsStr::new(OPAQUE_FILE)).is_ok()
+        self.sys.stat_at(dir, OsStr::new(OPAQUE_FILE)).is_ok()
     }
 
     /// Does `.wh.NAME` exist in `dir`?
-    pub(crate) fn wh_file_exists(dir: BorrowedFd<'_>, name: &OsStr) -> bool {
+    pub(crate) fn wh_file_exists(sys: &Sys, dir: BorrowedFd<'_>, name: &OsStr) -> bool {
         let mut wh = WH_PREFIX.to_vec();
         wh.extend_from_slice(name.as_bytes());
-        sys::stat_at(dir, OsStr::from_bytes(&wh)).is_ok()
+        sys.stat_at(dir, OsStr::from_bytes(&wh)).is_ok()
     }
 
     pub(crate) fn map_ino(&self, st: &Stat) -> u64 {
@@ -583,7 +652,7 @@ impl Overlay {
         let mut lowers: Vec<(u16, Loc)> = Vec::new();
         let mut first_lower: Option<Stat> = None;
         if let Some((uh, u)) = parent.upper_dir()? {
-            match sys::stat_at(u.as_fd(), name) {
+            match self.sys.stat_at(u.as_fd(), name) {
                 Ok(st) => {
                     if is_whiteout(&st) {
                         return Ok(None);
@@ -607,7 +676,7 @@ impl Overlay {
                             link_up: false,
                         }));
                     }
-                    let fd = sys::open_path_at(u.as_fd(), name)?;
+                    let fd = self.sys.open_path_at(u.as_fd(), name)?;
                     let opaque = self.is_opaque(fd.as_fd());
                     upper = Some(Loc::Dir(DirHandle::child(&uh, name, fd)));
                     top = Some(st);
@@ -626,7 +695,7 @@ impl Overlay {
                     }
                 }
                 Err(Errno::NOENT) => {
-                    if Self::wh_file_exists(u.as_fd(), name) {
+                    if Self::wh_file_exists(&self.sys, u.as_fd(), name) {
                         return Ok(None);
                     }
                 }
@@ -644,7 +713,7 @@ impl Overlay {
                     continue;
                 }
             }
-            match sys::stat_at(dfd.as_fd(), name) {
+            match self.sys.stat_at(dfd.as_fd(), name) {
                 Ok(st) => {
                     if is_whiteout(&st) {
                         break;
@@ -655,8 +724,9 @@ impl Overlay {
                             let loc = Loc::At(lh.clone(), name.to_os_string());
                             // A metacopy in a lower layer (a committed upper stacked below)
                             // counts only where metacopy is on, as with kernel overlayfs.
-                            let metacopy =
-                                k == Kind::File && self.opts.metacopy && is_metacopy(&loc);
+                            let metacopy = k == Kind::File
+                                && self.opts.metacopy
+                                && is_metacopy(&self.sys, &loc);
                             if !metacopy && st.st_nlink > 1 {
                                 if let Some(f) = self.indexed(k, &st)? {
                                     return Ok(Some(f));
@@ -684,7 +754,7 @@ impl Overlay {
                             }));
                         }
                         Some(Kind::Dir) | None if k == Kind::Dir => {
-                            let fd = sys::open_path_at(dfd.as_fd(), name)?;
+                            let fd = self.sys.open_path_at(dfd.as_fd(), name)?;
                             let opaque = self.is_opaque(fd.as_fd());
                             lowers.push((layer, Loc::Dir(DirHandle::child(&lh, name, fd))));
                             if first_lower.is_none() {
@@ -702,7 +772,7 @@ impl Overlay {
                     }
                 }
                 Err(Errno::NOENT) => {
-                    if Self::wh_file_exists(dfd.as_fd(), name) {
+                    if Self::wh_file_exists(&self.sys, dfd.as_fd(), name) {
                         break;
                     }
                 }
@@ -744,7 +814,7 @@ impl Overlay {
             return Ok(None);
         };
         let key = self.index_key(st);
-        let top = match sys::stat_at(index.fd()?.as_fd(), &key) {
+        let top = match self.sys.stat_at(index.fd()?.as_fd(), &key) {
             Ok(t) if Kind::from_mode(t.st_mode) == kind => t,
             Ok(_) | Err(Errno::NOENT) => return Ok(None),
             Err(e) => return Err(e),
@@ -771,7 +841,7 @@ impl Overlay {
     pub(crate) fn nlink_delta(&self, loc: &Loc) -> Option<i64> {
         let v = NLINK_XATTRS
             .iter()
-            .find_map(|x| loc.getxattr(OsStr::new(x)).ok())?;
+            .find_map(|x| loc.getxattr(&self.sys, OsStr::new(x)).ok())?;
         parse_nlink(&v).map(|(d, _)| d)
     }
 
@@ -781,7 +851,7 @@ impl Overlay {
         let Some(index) = &self.index else { return };
         let Ok(fd) = index.fd() else { return };
         let mut names = Vec::new();
-        if let Ok(mut stream) = sys::open_dir_stream(fd.as_fd()) {
+        if let Ok(mut stream) = self.sys.open_dir_stream(fd.as_fd()) {
             while let Some(Ok(ent)) = stream.read() {
                 let n = ent.file_name().to_bytes();
                 if n != b"." && n != b".." {
@@ -791,12 +861,12 @@ impl Overlay {
         }
         for key in names {
             let loc = Loc::At(index.clone(), key.clone());
-            let (Ok(st), Some(d)) = (loc.stat(), self.nlink_delta(&loc)) else {
+            let (Ok(st), Some(d)) = (loc.stat(&self.sys), self.nlink_delta(&loc)) else {
                 continue;
             };
             if st.st_nlink as i64 + d <= 0 {
                 tracing::info!(entry = ?key, "index entry of a file with no name left: removed");
-                let _ = sys::unlink_at(fd.as_fd(), &key);
+                let _ = self.sys.unlink_at(fd.as_fd(), &key);
             }
         }
     }
@@ -813,7 +883,7 @@ impl Overlay {
     ) -> Result<Option<(u16, Loc)>> {
         let redirect = REDIRECT_XATTRS
             .iter()
-            .find_map(|x| meta.getxattr(OsStr::new(x)).ok());
+            .find_map(|x| meta.getxattr(&self.sys, OsStr::new(x)).ok());
         let Some(r) = redirect else {
             return self.lower_data(parent, name, hint, below);
         };
@@ -851,7 +921,7 @@ impl Overlay {
                     Ok(fd) => fd.as_fd(),
                     Err(_) => layer.fd.as_fd(),
                 };
-                walked = sys::open_path_at(dir, OsStr::from_bytes(part));
+                walked = self.sys.open_path_at(dir, OsStr::from_bytes(part));
                 if walked.is_err() {
                     break;
                 }
@@ -861,12 +931,12 @@ impl Overlay {
                 Err(Errno::NOENT) | Err(Errno::NOTDIR) => continue,
                 Err(e) => return Err(e),
             };
-            let st = sys::fstat(fd.as_fd())?;
+            let st = self.sys.fstat(fd.as_fd())?;
             if Kind::from_mode(st.st_mode) != Kind::File {
                 return Ok(None);
             }
             let loc = Loc::Fd(Arc::new(fd));
-            if !is_metacopy(&loc) {
+            if !is_metacopy(&self.sys, &loc) {
                 return Ok(Some((i, loc)));
             }
         }
@@ -896,18 +966,18 @@ impl Overlay {
                     continue;
                 }
             }
-            match sys::stat_at(dfd.as_fd(), name) {
+            match self.sys.stat_at(dfd.as_fd(), name) {
                 Ok(st) if Kind::from_mode(st.st_mode) == Kind::File => {
                     let loc = Loc::At(lh.clone(), name.to_os_string());
                     // Never a metacopy as the data (it holds none), whatever the mount says.
-                    if is_metacopy(&loc) {
+                    if is_metacopy(&self.sys, &loc) {
                         continue;
                     }
                     return Ok(Some((layer, loc)));
                 }
                 Ok(_) | Err(Errno::NOTDIR) => return Ok(None),
                 Err(Errno::NOENT) => {
-                    if Self::wh_file_exists(dfd.as_fd(), name) {
+                    if Self::wh_file_exists(&self.sys, dfd.as_fd(), name) {
                         return Ok(None);
                     }
                 }
@@ -921,18 +991,18 @@ impl Overlay {
     /// whether it is a metacopy (read in any mount: the mark says where the data is).
     fn upper_file_ino(&self, loc: &Loc, st: &Stat) -> (u64, bool, Option<OsString>) {
         // One listxattr answers for most files (which have no xattrs at all).
-        let names = loc.listxattr().unwrap_or_default();
+        let names = loc.listxattr(&self.sys).unwrap_or_default();
         let metacopy = names
             .iter()
             .any(|n| METACOPY_XATTRS.iter().any(|m| n.as_bytes() == m.as_bytes()));
         let origin = find_origin_name(&names)
-            .and_then(|n| loc.getxattr(n).ok())
+            .and_then(|n| loc.getxattr(&self.sys, n).ok())
             .and_then(|v| parse_origin(&v));
         // A copied-up lower hard link: one of its names.
         let index_key = NLINK_XATTRS
             .iter()
             .filter(|x| names.iter().any(|n| n.as_bytes() == x.as_bytes()))
-            .find_map(|x| loc.getxattr(OsStr::new(x)).ok())
+            .find_map(|x| loc.getxattr(&self.sys, OsStr::new(x)).ok())
             .and_then(|v| parse_nlink(&v))
             .map(|(_, k)| k);
         (
@@ -946,10 +1016,10 @@ impl Overlay {
     /// upper entry must leave a whiteout)?
     pub(crate) fn lower_positive(&self, parent: &NodeState, name: &OsStr) -> Result<bool> {
         for (_, _, dfd) in parent.lower_dirs()? {
-            match sys::stat_at(dfd.as_fd(), name) {
+            match self.sys.stat_at(dfd.as_fd(), name) {
                 Ok(st) => return Ok(!is_whiteout(&st)),
                 Err(Errno::NOENT) => {
-                    if Self::wh_file_exists(dfd.as_fd(), name) {
+                    if Self::wh_file_exists(&self.sys, dfd.as_fd(), name) {
                         return Ok(false);
                     }
                 }
@@ -1012,7 +1082,7 @@ impl Overlay {
         let mut kind = Kind::from_mode(stat.st_mode);
         if let Some(x) = self.override_xattr {
             let top = st.top();
-            let mut v = top.getxattr(OsStr::new(x));
+            let mut v = top.getxattr(&self.sys, OsStr::new(x));
             if v.is_err() && self.opts.xattr_permissions == XattrPermissions::User {
                 // Layers written by fuse-overlayfs 1.x carry the older name.
                 let other = if x == OVERRIDE_USER {
@@ -1020,7 +1090,7 @@ impl Overlay {
                 } else {
                     OVERRIDE_USER
                 };
-                v = top.getxattr(OsStr::new(other));
+                v = top.getxattr(&self.sys, OsStr::new(other));
             }
             if let Ok(v) = v {
                 if let Some(o) = parse_override(&v) {
@@ -1066,7 +1136,7 @@ impl Overlay {
         let mut blocks = stat.st_blocks as u64;
         if st.metacopy {
             // The upper file holds no data: report what the data takes, as kernel overlayfs.
-            if let Ok(d) = st.data().and_then(|l| l.stat()) {
+            if let Ok(d) = st.data().and_then(|l| l.stat(&self.sys)) {
                 blocks = d.st_blocks as u64;
             }
         }
@@ -1095,7 +1165,7 @@ impl Overlay {
         for _ in 0..100 {
             let st = node.state();
             let top = st.top();
-            match top.stat() {
+            match top.stat(&self.sys) {
                 Ok(stat) if Kind::from_mode(stat.st_mode) == st.kind => {
                     return Ok(self.attr_of(node, &st, &stat));
                 }
@@ -1163,7 +1233,7 @@ impl Overlay {
                 let st = node.state();
                 // A read handle of a metacopy is the lower file: its metadata is above.
                 if let (Handle::File(f), false) = (&*h, st.metacopy) {
-                    let stat = sys::fstat(f.fd())?;
+                    let stat = self.sys.fstat(f.fd(&self.sys))?;
                     return Ok(self.attr_of(&node, &st, &stat));
                 }
             }
@@ -1177,7 +1247,7 @@ impl Overlay {
         if st.kind != Kind::Symlink {
             return Err(Errno::INVAL);
         }
-        st.top().readlink()
+        st.top().readlink(&self.sys)
     }
 
     pub fn statfs(&self) -> Result<FsStats> {
@@ -1237,9 +1307,10 @@ impl Overlay {
         }
         let open_once = |st: &NodeState| {
             if writes || trunc {
-                self.copy_up(&node, trunc)?.open(open_flags(flags))
+                self.copy_up(&node, trunc)?
+                    .open(&self.sys, open_flags(flags))
             } else {
-                st.data()?.open(open_flags(flags))
+                st.data()?.open(&self.sys, open_flags(flags))
             }
         };
         // `st` (or the copy-up's location) may name an entry that a racing unlink or rename is
@@ -1289,11 +1360,13 @@ impl Overlay {
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.file_fd(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
-        let fd = f.fd();
+        let fd = f.fd(&self.sys);
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
-            let n = sys::pread(fd.as_fd(), &mut buf[done..], off + done as u64)?;
+            let n = self
+                .sys
+                .pread(fd.as_fd(), &mut buf[done..], off + done as u64)?;
             if n == 0 {
                 break;
             }
@@ -1306,12 +1379,15 @@ impl Overlay {
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
         let h = self.file_fd(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
-        let fd = f.fd();
+        let fd = f.fd(&self.sys);
         // A write that stops part way (ENOSPC, EFBIG, EDQUOT) reports what it wrote, as
         // write(2) does; its error is the answer to the next write.
         let mut done = 0;
         while done < data.len() {
-            match sys::pwrite(fd.as_fd(), &data[done..], off + done as u64) {
+            match self
+                .sys
+                .pwrite(fd.as_fd(), &data[done..], off + done as u64)
+            {
                 Ok(0) if done == 0 => return Err(Errno::IO),
                 Ok(0) => break,
                 Ok(n) => done += n,
@@ -1328,8 +1404,8 @@ impl Overlay {
         }
         let h = self.file_fd(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
-        let fd = f.fd();
-        sys::fsync(fd.as_fd(), datasync)
+        let fd = f.fd(&self.sys);
+        self.sys.fsync(fd.as_fd(), datasync)
     }
 
     pub fn fsyncdir(&self, ino: u64, datasync: bool) -> Result<()> {
@@ -1338,8 +1414,8 @@ impl Overlay {
         }
         let node = self.node(ino)?;
         if let Some(u) = node.state().upper {
-            let fd = u.open(OFlags::RDONLY | OFlags::DIRECTORY)?;
-            sys::fsync(fd.as_fd(), datasync)?;
+            let fd = u.open(&self.sys, OFlags::RDONLY | OFlags::DIRECTORY)?;
+            self.sys.fsync(fd.as_fd(), datasync)?;
         }
         Ok(())
     }
@@ -1347,14 +1423,14 @@ impl Overlay {
     pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Result<()> {
         let h = self.file_fd(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
-        let fd = f.fd();
-        sys::fallocate(fd.as_fd(), mode, off, len)
+        let fd = f.fd(&self.sys);
+        self.sys.fallocate(fd.as_fd(), mode, off, len)
     }
 
     pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
         let h = self.file_fd(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
-        let fd = f.fd();
+        let fd = f.fd(&self.sys);
         sys::lseek(fd.as_fd(), off, whence).map(|o| o as i64)
     }
 
@@ -1371,9 +1447,10 @@ impl Overlay {
         let (Handle::File(fi), Handle::File(fo)) = (&*hi, &*ho) else {
             unreachable!()
         };
-        let (fi, fo) = (fi.fd(), fo.fd());
+        let (fi, fo) = (fi.fd(&self.sys), fo.fd(&self.sys));
         let len = len.min(u32::MAX as u64 & !0xfff) as usize;
-        sys::copy_file_range(fi.as_fd(), &mut off_in, fo.as_fd(), &mut off_out, len)
+        self.sys
+            .copy_file_range(fi.as_fd(), &mut off_in, fo.as_fd(), &mut off_out, len)
             .map(|n| n as u32)
     }
 
@@ -1389,7 +1466,7 @@ impl Overlay {
         let node = self.node(ino)?;
         let st = node.state();
         let stored = self.stored_xattr_name(name);
-        st.top().getxattr(&stored)
+        st.top().getxattr(&self.sys, &stored)
     }
 
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
@@ -1399,7 +1476,7 @@ impl Overlay {
         let node = self.node(ino)?;
         let st = node.state();
         let mut out = Vec::new();
-        for n in st.top().listxattr()? {
+        for n in st.top().listxattr(&self.sys)? {
             let b = n.as_bytes();
             let shown: Vec<u8> = if self.opts.xattr_permissions == XattrPermissions::User
                 && b.starts_with(b"user.containers.override_security.")
@@ -1451,10 +1528,10 @@ pub(crate) fn parse_origin(v: &[u8]) -> Option<u64> {
 }
 
 /// Does the file carry a metacopy mark?
-fn is_metacopy(loc: &Loc) -> bool {
+fn is_metacopy(sys: &Sys, loc: &Loc) -> bool {
     METACOPY_XATTRS
         .iter()
-        .any(|m| loc.getxattr(OsStr::new(m)).is_ok())
+        .any(|m| loc.getxattr(sys, OsStr::new(m)).is_ok())
 }
 
 pub(crate) fn is_whiteout(st: &Stat) -> bool {
@@ -1488,32 +1565,37 @@ fn read_overflow(path: &str) -> u32 {
 }
 
 /// `<workdir>/work`, emptied (leftovers of an interrupted copy-up are removed), mode 0700.
-fn prepare_workdir(wfd: BorrowedFd<'_>) -> Result<OwnedFd> {
+fn prepare_workdir(sys: &Sys, wfd: BorrowedFd<'_>) -> Result<OwnedFd> {
     let name = OsStr::new("work");
-    match sys::mkdir_at(wfd, name, 0o700) {
+    match sys.mkdir_at(wfd, name, 0o700) {
         Ok(()) | Err(Errno::EXIST) => {}
         Err(e) => return Err(e),
     }
-    let fd = sys::open_path_at(wfd, name)?;
-    let st = sys::fstat(fd.as_fd())?;
+    let fd = sys.open_path_at(wfd, name)?;
+    let st = sys.fstat(fd.as_fd())?;
     if Kind::from_mode(st.st_mode) != Kind::Dir {
         return Err(Errno::NOTDIR);
     }
-    write::remove_tree_contents(fd.as_fd())?;
+    write::remove_tree_contents(sys, fd.as_fd())?;
     Ok(fd)
 }
 
 /// `<workdir>/rustfuse-index`, made if `create` (a read-only mount only opens one there is).
-fn open_index(wfd: BorrowedFd<'_>, create: bool) -> Result<Option<Arc<DirHandle>>> {
+fn open_index(
+    sys: &Sys,
+    cache: &Arc<DirFdCache>,
+    wfd: BorrowedFd<'_>,
+    create: bool,
+) -> Result<Option<Arc<DirHandle>>> {
     let name = OsStr::new(INDEX_DIR);
     if create {
-        match sys::mkdir_at(wfd, name, 0o700) {
+        match sys.mkdir_at(wfd, name, 0o700) {
             Ok(()) | Err(Errno::EXIST) => {}
             Err(e) => return Err(e),
         }
     }
-    match sys::open_dir_path_at(wfd, name) {
-        Ok(fd) => Ok(Some(DirHandle::root(Arc::new(fd)))),
+    match sys.open_dir_path_at(wfd, name) {
+        Ok(fd) => Ok(Some(DirHandle::root(cache, Arc::new(fd)))),
         Err(Errno::NOENT) if !create => Ok(None),
         Err(e) => Err(e),
     }
@@ -1534,11 +1616,11 @@ pub(crate) fn parse_nlink(v: &[u8]) -> Option<(i64, OsString)> {
     Some((d.parse().ok()?, OsString::from(k)))
 }
 
-fn probe_dev_whiteout(work: BorrowedFd<'_>) -> bool {
+fn probe_dev_whiteout(sys: &Sys, work: BorrowedFd<'_>) -> bool {
     let name = OsStr::new(".rustfuse-whiteout-probe");
-    let _ = sys::unlink_at(work, name);
-    let ok = sys::mknod_at(work, name, libc::S_IFCHR, 0).is_ok();
-    let _ = sys::unlink_at(work, name);
+    let _ = sys.unlink_at(work, name);
+    let ok = sys.mknod_at(work, name, libc::S_IFCHR, 0).is_ok();
+    let _ = sys.unlink_at(work, name);
     ok
 }
 

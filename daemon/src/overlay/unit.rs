@@ -7,14 +7,8 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use parking_lot::Mutex;
-
 use super::*;
 use crate::options;
-use crate::sys::faults;
-
-/// Faults are process-wide: tests that plan them run one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 struct Layers {
     root: PathBuf,
@@ -91,7 +85,6 @@ fn listed(ov: &Overlay, ino: u64) -> Vec<String> {
 
 #[test]
 fn failed_copy_up_leaves_nothing_half_done() {
-    let _g = SERIAL.lock();
     // Each step of a copy-up, failing in turn (on a fresh layer set each time). FICLONE
     // failing is not an error: the data is copied another way.
     for (op, errno, must_fail) in [
@@ -111,9 +104,9 @@ fn failed_copy_up_leaves_nothing_half_done() {
         let f = ov.lookup(d.ino, OsStr::new("f")).unwrap();
         let fds = open_fds();
         // `mkdir` fails the parent's copy-up; the others the file's.
-        faults::inject(op, 1, errno);
+        ov.faults().inject(op, 1, errno);
         let r = ov.open(f.ino, libc::O_WRONLY);
-        faults::clear();
+        ov.faults().clear();
         match r {
             Err(e) => {
                 assert!(
@@ -165,13 +158,12 @@ fn failed_copy_up_leaves_nothing_half_done() {
 
 #[test]
 fn failed_create_and_unlink_keep_the_view() {
-    let _g = SERIAL.lock();
     let l = Layers::new("create-fault");
     fs::write(l.p("lower/a"), b"a").unwrap();
     let ov = l.overlay();
-    faults::inject("open", 1, Errno::NOSPC);
+    ov.faults().inject("open", 1, Errno::NOSPC);
     let r = ov.create(CALLER, ROOT_INO, OsStr::new("new"), 0o644, libc::O_RDWR);
-    faults::clear();
+    ov.faults().clear();
     assert_eq!(r.err(), Some(Errno::NOSPC));
     assert_eq!(
         ov.lookup(ROOT_INO, OsStr::new("new")).err(),
@@ -180,13 +172,13 @@ fn failed_create_and_unlink_keep_the_view() {
     // A whiteout that cannot be written: the lower file stays visible.
     let _a = ov.lookup(ROOT_INO, OsStr::new("a")).unwrap();
     // The whiteout is a 0/0 device where mknod works, else a `.wh.` file (an open).
-    faults::inject(
+    ov.faults().inject(
         if ov.dev_whiteouts { "mknod" } else { "open" },
         1,
         Errno::NOSPC,
     );
     let r = ov.unlink(ROOT_INO, OsStr::new("a"));
-    faults::clear();
+    ov.faults().clear();
     assert_eq!(
         r.err(),
         Some(Errno::NOSPC),
@@ -205,7 +197,6 @@ fn failed_create_and_unlink_keep_the_view() {
 
 #[test]
 fn lookup_probes_and_whiteouts() {
-    let _g = SERIAL.lock();
     let l = Layers::new("lookup");
     fs::create_dir_all(l.p("lower/d")).unwrap();
     fs::write(l.p("lower/d/x"), b"x").unwrap();
@@ -235,7 +226,6 @@ fn lookup_probes_and_whiteouts() {
 
 #[test]
 fn inode_tables_stay_bounded() {
-    let _g = SERIAL.lock();
     let l = Layers::new("forget");
     for i in 0..200 {
         fs::write(l.p(&format!("lower/f{i}")), b"").unwrap();
@@ -258,22 +248,21 @@ fn inode_tables_stay_bounded() {
 
 #[test]
 fn directory_fds_stay_within_budget() {
-    let _g = SERIAL.lock();
     let l = Layers::new("dir-budget");
     for i in 0..300 {
         fs::create_dir_all(l.p(&format!("lower/d{i}/sub"))).unwrap();
         fs::write(l.p(&format!("lower/d{i}/sub/f")), format!("{i}")).unwrap();
     }
     let ov = l.overlay();
-    super::loc::set_dir_fd_budget(32);
+    ov.set_dir_fd_budget(32);
     let mut subs = Vec::new();
     for i in 0..300 {
         let d = ov.lookup(ROOT_INO, OsStr::new(&format!("d{i}"))).unwrap();
         subs.push(ov.lookup(d.ino, OsStr::new("sub")).unwrap().ino);
         assert!(
-            super::loc::cached_dir_fds() <= 40,
+            ov.cached_dir_fds() <= 40,
             "{} directory fds cached over a budget of 32",
-            super::loc::cached_dir_fds()
+            ov.cached_dir_fds()
         );
     }
     // Every directory still works after its fd was dropped: reopened through its parent.
@@ -293,19 +282,17 @@ fn directory_fds_stay_within_budget() {
     ov.write(fh, 0, b"x").unwrap();
     ov.release(fh);
     assert!(l.p("upper/d0/sub/f").exists());
-    super::loc::set_dir_fd_budget(4096);
 }
 
 #[test]
 fn directory_fd_eviction_under_concurrent_reopens() {
-    let _g = SERIAL.lock();
     let l = Layers::new("dir-evict-mt");
     for i in 0..64 {
         fs::create_dir_all(l.p(&format!("lower/a{i}/b/c"))).unwrap();
         fs::write(l.p(&format!("lower/a{i}/b/c/f")), b"x").unwrap();
     }
     let ov = std::sync::Arc::new(l.overlay());
-    super::loc::set_dir_fd_budget(16);
+    ov.set_dir_fd_budget(16);
     // Resolve every level once, so later reopens walk parent chains that were evicted.
     let mut leaves = Vec::new();
     for i in 0..64 {
@@ -333,7 +320,6 @@ fn directory_fd_eviction_under_concurrent_reopens() {
     for t in threads {
         t.join().expect("no panic, no deadlock");
     }
-    super::loc::set_dir_fd_budget(4096);
 }
 
 /// READDIRPLUS lookups use what the listing saw of each name in the lower layers to skip the
@@ -427,7 +413,9 @@ fn hinted_lookups_of_a_listing_match_plain_lookups() {
 fn metacopy_mark(path: &Path) -> bool {
     METACOPY_XATTRS.iter().any(|m| {
         let dir = fs::File::open(path.parent().unwrap()).unwrap();
-        sys::getxattr_at(dir.as_fd(), path.file_name().unwrap(), OsStr::new(m)).is_ok()
+        Sys::default()
+            .getxattr_at(dir.as_fd(), path.file_name().unwrap(), OsStr::new(m))
+            .is_ok()
     })
 }
 
@@ -444,7 +432,6 @@ fn chmod_only(mode: u32) -> SetAttr {
 
 #[test]
 fn metacopy_keeps_the_data_below_until_a_write() {
-    let _g = SERIAL.lock();
     let l = Layers::new("metacopy");
     let data = vec![7u8; 1 << 20];
     fs::write(l.p("lower/f"), &data).unwrap();
@@ -494,13 +481,14 @@ fn metacopy_keeps_the_data_below_until_a_write() {
     ov.setattr(s.ino, None, chmod_only(0o4755)).unwrap();
     let caps = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
     let dir = fs::File::open(l.p("upper")).unwrap();
-    let has_caps = sys::setxattr_at(
-        dir.as_fd(),
-        OsStr::new("s"),
-        OsStr::new("security.capability"),
-        caps,
-    )
-    .is_ok();
+    let has_caps = Sys::default()
+        .setxattr_at(
+            dir.as_fd(),
+            OsStr::new("s"),
+            OsStr::new("security.capability"),
+            caps,
+        )
+        .is_ok();
     let w = ov.open(s.ino, libc::O_WRONLY).unwrap();
     ov.release(w);
     assert!(!metacopy_mark(&l.p("upper/s")));
@@ -509,7 +497,7 @@ fn metacopy_keeps_the_data_below_until_a_write() {
         0o4755
     );
     if has_caps {
-        let got = sys::getxattr_at(
+        let got = Sys::default().getxattr_at(
             dir.as_fd(),
             OsStr::new("s"),
             OsStr::new("security.capability"),
@@ -531,7 +519,6 @@ fn metacopy_keeps_the_data_below_until_a_write() {
 
 #[test]
 fn a_failed_data_copy_of_a_metacopy_keeps_it_reading_below() {
-    let _g = SERIAL.lock();
     for (op, errno) in [("copy_file_range", Errno::NOSPC), ("fsync", Errno::IO)] {
         let l = Layers::new(&format!("metacopy-fault-{op}"));
         let data = vec![9u8; 1 << 20];
@@ -539,9 +526,9 @@ fn a_failed_data_copy_of_a_metacopy_keeps_it_reading_below() {
         let ov = l.overlay_with(&["metacopy=on"]);
         let f = ov.lookup(ROOT_INO, OsStr::new("f")).unwrap();
         ov.setattr(f.ino, None, chmod_only(0o600)).unwrap();
-        faults::inject(op, 1, errno);
+        ov.faults().inject(op, 1, errno);
         let r = ov.open(f.ino, libc::O_RDWR);
-        faults::clear();
+        ov.faults().clear();
         assert_eq!(
             r.err(),
             Some(errno),

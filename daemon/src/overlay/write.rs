@@ -12,7 +12,7 @@ use super::{
     Attr, Caller, Errno, FileHandle, Found, Handle, Kind, OPAQUE_FILE, Overlay, Result, SetAttr,
     SetTime, WH_PREFIX, format_override, is_internal_xattr, is_whiteout,
 };
-use crate::sys::{self, OFlags, RenameFlags, Timespec};
+use crate::sys::{self, OFlags, RenameFlags, Sys, Timespec};
 
 /// What the upper layer holds at a name.
 enum UpperAt {
@@ -31,12 +31,12 @@ fn wh_name_os(name: &OsStr) -> OsString {
     OsString::from_vec(v)
 }
 
-fn upper_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<UpperAt> {
-    match sys::stat_at(dir, name) {
+fn upper_at(sys: &Sys, dir: BorrowedFd<'_>, name: &OsStr) -> Result<UpperAt> {
+    match sys.stat_at(dir, name) {
         Ok(st) if is_whiteout(&st) => Ok(UpperAt::DevWhiteout),
         Ok(st) => Ok(UpperAt::Entry(Kind::from_mode(st.st_mode))),
         Err(Errno::NOENT) => {
-            if Overlay::wh_file_exists(dir, name) {
+            if Overlay::wh_file_exists(sys, dir, name) {
                 Ok(UpperAt::FileWhiteout)
             } else {
                 Ok(UpperAt::Nothing)
@@ -64,26 +64,28 @@ fn check_new_name(name: &OsStr) -> Result<()> {
 /// long as the kernel keeps the inode.
 /// Fails (EMFILE, ...) before anything changed when the handle cannot be opened: without it
 /// the node would keep a name that is about to mean another file.
-fn pin(node: &Arc<Node>) -> Result<Pin> {
+fn pin(sys: &Arc<Sys>, node: &Arc<Node>) -> Result<Pin> {
     let prev = node.update(|s| -> Result<Option<Loc>> {
         if s.kind == Kind::Dir {
             return Ok(None);
         }
         match &s.upper {
             Some(u @ Loc::At(..)) => {
-                let p = u.pin()?;
+                let p = u.pin(sys)?;
                 Ok(s.upper.replace(p))
             }
             _ => Ok(None),
         }
     })?;
     Ok(Pin {
+        sys: sys.clone(),
         node: node.clone(),
         prev,
     })
 }
 
 struct Pin {
+    sys: Arc<Sys>,
     node: Arc<Node>,
     /// The named location to restore, while the removal has not happened.
     prev: Option<Loc>,
@@ -103,7 +105,7 @@ impl Drop for Pin {
             // Kept only when the old name is known to hold something else now (or nothing):
             // then only the fd still reaches the file. A step that cannot tell (EMFILE)
             // leaves the name, which is what a removal failing before the change leaves.
-            let moved = match (prev.stat(), sys::fstat(fd.as_fd())) {
+            let moved = match (prev.stat(&self.sys), self.sys.fstat(fd.as_fd())) {
                 (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino),
                 (Err(Errno::NOENT), _) => true,
                 _ => false,
@@ -145,7 +147,7 @@ fn renamed_alias(node: &Node, from: (u64, &OsStr), to: (u64, &OsStr)) {
 fn warn_unmapped(e: Errno, uid: Option<u32>, gid: Option<u32>) {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if e == Errno::INVAL
-        && sys::compat::in_user_namespace()
+        && sys::in_user_namespace()
         && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
     {
         tracing::warn!(
@@ -159,10 +161,10 @@ fn warn_unmapped(e: Errno, uid: Option<u32>, gid: Option<u32>) {
 }
 
 /// Remove everything inside a directory (not the directory itself).
-pub(crate) fn remove_tree_contents(dir: BorrowedFd<'_>) -> Result<()> {
+pub(crate) fn remove_tree_contents(sys: &Sys, dir: BorrowedFd<'_>) -> Result<()> {
     let mut names = Vec::new();
     {
-        let mut stream = sys::open_dir_stream(dir)?;
+        let mut stream = sys.open_dir_stream(dir)?;
         while let Some(ent) = stream.read() {
             let ent = ent?;
             let n = ent.file_name().to_bytes();
@@ -177,16 +179,16 @@ pub(crate) fn remove_tree_contents(dir: BorrowedFd<'_>) -> Result<()> {
     }
     for (n, is_dir) in names {
         if is_dir {
-            let sub = sys::open_path_at(dir, &n)?;
-            remove_tree_contents(sub.as_fd())?;
-            sys::rmdir_at(dir, &n)?;
+            let sub = sys.open_path_at(dir, &n)?;
+            remove_tree_contents(sys, sub.as_fd())?;
+            sys.rmdir_at(dir, &n)?;
         } else {
-            match sys::unlink_at(dir, &n) {
+            match sys.unlink_at(dir, &n) {
                 Ok(()) | Err(Errno::NOENT) => {}
                 Err(Errno::ISDIR) => {
-                    let sub = sys::open_path_at(dir, &n)?;
-                    remove_tree_contents(sub.as_fd())?;
-                    sys::rmdir_at(dir, &n)?;
+                    let sub = sys.open_path_at(dir, &n)?;
+                    remove_tree_contents(sys, sub.as_fd())?;
+                    sys.rmdir_at(dir, &n)?;
                 }
                 Err(e) => return Err(e),
             }
@@ -207,7 +209,7 @@ impl Overlay {
     /// Write a whiteout for `name` in `dir`.
     pub(crate) fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
         if self.dev_whiteouts {
-            sys::mknod_at(dir, name, libc::S_IFCHR, 0)
+            self.sys.mknod_at(dir, name, libc::S_IFCHR, 0)
         } else {
             self.new_wh_file(dir, name).map(drop)
         }
@@ -215,10 +217,15 @@ impl Overlay {
 
     /// Mark a directory opaque the way fuse-overlayfs does.
     pub(crate) fn set_opaque(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-        match sys::setxattr_at(dir, name, OsStr::new("trusted.overlay.opaque"), b"y") {
+        match self
+            .sys
+            .setxattr_at(dir, name, OsStr::new("trusted.overlay.opaque"), b"y")
+        {
             Ok(()) => Ok(()),
             Err(Errno::PERM) => {
-                let _ = sys::setxattr_at(dir, name, OsStr::new("user.fuseoverlayfs.opaque"), b"y");
+                let _ =
+                    self.sys
+                        .setxattr_at(dir, name, OsStr::new("user.fuseoverlayfs.opaque"), b"y");
                 self.opaque_file(dir, name)
             }
             Err(Errno::NOTSUP) => self.opaque_file(dir, name),
@@ -227,8 +234,8 @@ impl Overlay {
     }
 
     fn opaque_file(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-        let d = sys::open_path_at(dir, name)?;
-        match sys::open_at(
+        let d = self.sys.open_path_at(dir, name)?;
+        match self.sys.open_at(
             d.as_fd(),
             OsStr::new(OPAQUE_FILE),
             OFlags::WRONLY | OFlags::CREATE,
@@ -242,7 +249,7 @@ impl Overlay {
     /// The owner a new entry gets on disk, and its mode (setgid directories pass their group
     /// and, to directories, their setgid bit on).
     fn new_owner(&self, caller: Caller, parent: &NodeState, mode: u32) -> Result<(u32, u32, u32)> {
-        let pst = parent.top().stat()?;
+        let pst = parent.top().stat(&self.sys)?;
         let uid = self
             .opts
             .uid_map
@@ -266,9 +273,11 @@ impl Overlay {
     /// Give a freshly built entry its owner (or the override xattr that stands for it).
     fn set_new_owner(&self, fd: BorrowedFd<'_>, uid: u32, gid: u32, mode: u32) -> Result<()> {
         if let Some(x) = self.override_xattr_for(Kind::from_mode(mode)) {
-            return sys::fsetxattr(fd, OsStr::new(x), &format_override(uid, gid, mode), 0);
+            return self
+                .sys
+                .fsetxattr(fd, OsStr::new(x), &format_override(uid, gid, mode), 0);
         }
-        sys::fchown(fd, Some(uid), Some(gid))
+        self.sys.fchown(fd, Some(uid), Some(gid))
     }
 
     /// Put a new entry at `name` in the upper directory `pu`, built by `build(dir, name)`.
@@ -281,7 +290,7 @@ impl Overlay {
         is_dir: bool,
         build: &mut dyn FnMut(BorrowedFd<'_>, &OsStr) -> Result<()>,
     ) -> Result<()> {
-        match upper_at(pu, name)? {
+        match upper_at(&self.sys, pu, name)? {
             UpperAt::Nothing => build(pu, name),
             UpperAt::Entry(_) => Err(Errno::EXIST),
             UpperAt::FileWhiteout => {
@@ -289,7 +298,7 @@ impl Overlay {
                 if is_dir {
                     self.set_opaque(pu, name)?;
                 }
-                let _ = sys::unlink_at(pu, &wh_name_os(name));
+                let _ = self.sys.unlink_at(pu, &wh_name_os(name));
                 Ok(())
             }
             UpperAt::DevWhiteout => {
@@ -300,15 +309,17 @@ impl Overlay {
                     if is_dir {
                         self.set_opaque(work.as_fd(), &tmp)?;
                     }
-                    sys::rename_at(work.as_fd(), &tmp, pu, name, RenameFlags::EXCHANGE)
+                    self.sys
+                        .rename_at(work.as_fd(), &tmp, pu, name, RenameFlags::EXCHANGE)
                 })();
                 match res {
                     Ok(()) => {
-                        let _ = sys::unlink_at(work.as_fd(), &tmp);
+                        let _ = self.sys.unlink_at(work.as_fd(), &tmp);
                         Ok(())
                     }
                     Err(e) => {
                         let _ = super::copyup::remove_any(
+                            &self.sys,
                             work.as_fd(),
                             &tmp,
                             if is_dir { Kind::Dir } else { Kind::File },
@@ -365,10 +376,12 @@ impl Overlay {
         };
         let mut out: Option<OwnedFd> = None;
         self.place_new(pu.as_fd(), name, false, &mut |dir, nm| {
-            let fd = sys::open_at(dir, nm, acc | OFlags::CREATE | OFlags::EXCL, mode & 0o7777)?;
+            let fd =
+                self.sys
+                    .open_at(dir, nm, acc | OFlags::CREATE | OFlags::EXCL, mode & 0o7777)?;
             self.set_new_owner(fd.as_fd(), uid, gid, mode)?;
             if mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
-                sys::fchmod(fd.as_fd(), mode & 0o7777)?;
+                self.sys.fchmod(fd.as_fd(), mode & 0o7777)?;
             }
             out = Some(fd);
             Ok(())
@@ -382,11 +395,11 @@ impl Overlay {
         let (ps, pu) = self.prepare_new(parent, name)?;
         let (uid, gid, mode) = self.new_owner(caller, &ps, libc::S_IFDIR | (mode & 0o7777))?;
         self.place_new(pu.as_fd(), name, true, &mut |dir, nm| {
-            sys::mkdir_at(dir, nm, mode & 0o777)?;
-            let fd = sys::open_path_at(dir, nm)?;
+            self.sys.mkdir_at(dir, nm, mode & 0o777)?;
+            let fd = self.sys.open_path_at(dir, nm)?;
             self.set_new_owner(fd.as_fd(), uid, gid, mode)?;
             if mode & 0o7000 != 0 {
-                sys::fchmod(fd.as_fd(), mode & 0o7777)?;
+                self.sys.fchmod(fd.as_fd(), mode & 0o7777)?;
             }
             Ok(())
         })?;
@@ -404,8 +417,8 @@ impl Overlay {
         let (ps, pu) = self.prepare_new(parent, name)?;
         let (uid, gid, mode) = self.new_owner(caller, &ps, mode)?;
         self.place_new(pu.as_fd(), name, false, &mut |dir, nm| {
-            sys::mknod_at(dir, nm, mode, rdev as u64)?;
-            let fd = sys::open_path_at(dir, nm)?;
+            self.sys.mknod_at(dir, nm, mode, rdev as u64)?;
+            let fd = self.sys.open_path_at(dir, nm)?;
             self.set_new_owner(fd.as_fd(), uid, gid, mode)
         })?;
         self.intern_new(parent, &pu, name)
@@ -421,13 +434,13 @@ impl Overlay {
         let (ps, pu) = self.prepare_new(parent, name)?;
         let (uid, gid, _) = self.new_owner(caller, &ps, libc::S_IFLNK | 0o777)?;
         self.place_new(pu.as_fd(), name, false, &mut |dir, nm| {
-            sys::symlink_at(target, dir, nm)?;
-            let fd = sys::open_path_at(dir, nm)?;
+            self.sys.symlink_at(target, dir, nm)?;
+            let fd = self.sys.open_path_at(dir, nm)?;
             if self.override_xattr_for(Kind::Symlink).is_some() {
                 // Their owner is shown as stored.
                 return Ok(());
             }
-            sys::fchown(fd.as_fd(), Some(uid), Some(gid))
+            self.sys.fchown(fd.as_fd(), Some(uid), Some(gid))
         })?;
         self.intern_new(parent, &pu, name)
     }
@@ -440,7 +453,7 @@ impl Overlay {
         let (_, npu) = self.prepare_new(newparent, newname)?;
         let u = self.copy_up(&node, false)?;
         self.place_new(npu.as_fd(), newname, false, &mut |dir, nm| {
-            u.link_to(dir, nm)
+            u.link_to(&self.sys, dir, nm)
         })?;
         self.lookup(newparent, newname)
     }
@@ -448,13 +461,13 @@ impl Overlay {
     /// The node of an entry just made in the upper directory `pu` (one kernel reference).
     /// A new entry has no lower part, so there is nothing to probe below.
     fn intern_new(&self, parent: u64, pu: &UpperDir, name: &OsStr) -> Result<Attr> {
-        let top = sys::stat_at(pu.as_fd(), name)?;
+        let top = self.sys.stat_at(pu.as_fd(), name)?;
         let kind = Kind::from_mode(top.st_mode);
         let loc = if kind == Kind::Dir {
             Loc::Dir(DirHandle::child(
                 &pu.h,
                 name,
-                sys::open_path_at(pu.as_fd(), name)?,
+                self.sys.open_path_at(pu.as_fd(), name)?,
             ))
         } else {
             Loc::At(pu.h.clone(), name.to_os_string())
@@ -503,16 +516,16 @@ impl Overlay {
         let _no_copy_up = node.copyup.lock();
         let has_upper = match node.state().index_key {
             // A copied-up hard link: whether this name is one of its upper links.
-            Some(_) => matches!(upper_at(pu.as_fd(), name)?, UpperAt::Entry(_)),
+            Some(_) => matches!(upper_at(&self.sys, pu.as_fd(), name)?, UpperAt::Entry(_)),
             None => node.state().upper.is_some(),
         };
-        let pinned = pin(&node)?;
+        let pinned = pin(&self.sys, &node)?;
         let ps = p.state();
         if has_upper {
             if self.lower_positive(&ps, name)? {
                 self.replace_with_whiteout(pu.as_fd(), name, Kind::File)?;
             } else {
-                sys::unlink_at(pu.as_fd(), name)?;
+                self.sys.unlink_at(pu.as_fd(), name)?;
             }
         } else {
             self.make_whiteout(pu.as_fd(), name)?;
@@ -523,7 +536,7 @@ impl Overlay {
         let gone = st
             .upper
             .as_ref()
-            .is_none_or(|u| u.stat().map(|s| s.st_nlink == 0).unwrap_or(true));
+            .is_none_or(|u| u.stat(&self.sys).map(|s| s.st_nlink == 0).unwrap_or(true));
         if gone {
             node.update(|s| s.unlinked = true);
         }
@@ -538,7 +551,7 @@ impl Overlay {
             return Ok(false);
         }
         match st.lowers.first() {
-            Some((_, l)) => Ok(l.stat()?.st_nlink > 1),
+            Some((_, l)) => Ok(l.stat(&self.sys)?.st_nlink > 1),
             None => Ok(false),
         }
     }
@@ -561,13 +574,13 @@ impl Overlay {
         if !linked {
             self.add_to_nlink_delta(&iloc, &key, -1)?;
         }
-        let shown = match (iloc.stat(), self.nlink_delta(&iloc)) {
+        let shown = match (iloc.stat(&self.sys), self.nlink_delta(&iloc)) {
             (Ok(st), Some(d)) => st.st_nlink as i64 + d,
             _ => return Ok(()),
         };
         if shown <= 0 {
             let ifd = self.index.as_ref().ok_or(Errno::ROFS)?.fd()?;
-            sys::unlink_at(ifd.as_fd(), &key)?;
+            self.sys.unlink_at(ifd.as_fd(), &key)?;
         }
         Ok(())
     }
@@ -579,17 +592,20 @@ impl Overlay {
             let tmp = self.tmp_name();
             self.make_whiteout(work.as_fd(), &tmp)?;
             if kind == Kind::Dir {
-                if let Err(e) = sys::rename_at(work.as_fd(), &tmp, pu, name, RenameFlags::EXCHANGE)
+                if let Err(e) =
+                    self.sys
+                        .rename_at(work.as_fd(), &tmp, pu, name, RenameFlags::EXCHANGE)
                 {
-                    let _ = sys::unlink_at(work.as_fd(), &tmp);
+                    let _ = self.sys.unlink_at(work.as_fd(), &tmp);
                     return Err(e);
                 }
                 // `tmp` is now the old directory, holding nothing but whiteouts.
-                super::copyup::remove_any(work.as_fd(), &tmp, Kind::Dir)?;
+                super::copyup::remove_any(&self.sys, work.as_fd(), &tmp, Kind::Dir)?;
             } else if let Err(e) =
-                sys::rename_at(work.as_fd(), &tmp, pu, name, RenameFlags::empty())
+                self.sys
+                    .rename_at(work.as_fd(), &tmp, pu, name, RenameFlags::empty())
             {
-                let _ = sys::unlink_at(work.as_fd(), &tmp);
+                let _ = self.sys.unlink_at(work.as_fd(), &tmp);
                 return Err(e);
             }
             Ok(())
@@ -597,13 +613,14 @@ impl Overlay {
             let tmp = self.tmp_name();
             self.behind_wh_file(pu, name, || {
                 if kind == Kind::Dir {
-                    sys::rename_at(pu, name, work.as_fd(), &tmp, RenameFlags::empty())
+                    self.sys
+                        .rename_at(pu, name, work.as_fd(), &tmp, RenameFlags::empty())
                 } else {
-                    sys::unlink_at(pu, name)
+                    self.sys.unlink_at(pu, name)
                 }
             })?;
             if kind == Kind::Dir {
-                super::copyup::remove_any(work.as_fd(), &tmp, Kind::Dir)?;
+                super::copyup::remove_any(&self.sys, work.as_fd(), &tmp, Kind::Dir)?;
             }
             Ok(())
         }
@@ -631,13 +648,13 @@ impl Overlay {
             if lower {
                 self.replace_with_whiteout(pu.as_fd(), name, Kind::Dir)?;
             } else {
-                match sys::rmdir_at(pu.as_fd(), name) {
+                match self.sys.rmdir_at(pu.as_fd(), name) {
                     Ok(()) => {}
                     Err(Errno::NOTEMPTY) => {
                         // Only whiteouts and markers are left in it.
-                        let d = sys::open_path_at(pu.as_fd(), name)?;
-                        remove_tree_contents(d.as_fd())?;
-                        sys::rmdir_at(pu.as_fd(), name)?;
+                        let d = self.sys.open_path_at(pu.as_fd(), name)?;
+                        remove_tree_contents(&self.sys, d.as_fd())?;
+                        self.sys.rmdir_at(pu.as_fd(), name)?;
                     }
                     Err(e) => return Err(e),
                 }
@@ -732,11 +749,11 @@ impl Overlay {
         // While the names change, a getattr, open or setattr of a moving file must reach
         // the file, not what its old name holds for a moment (a whiteout, or the other file
         // of an exchange): the kernel marks an inode whose type changes bad (EIO from then on).
-        let src_pin = pin(&src_node)?;
+        let src_pin = pin(&self.sys, &src_node)?;
         let xchg_pin = dst_node
             .as_ref()
             .filter(|_| exchange)
-            .map(pin)
+            .map(|n| pin(&self.sys, n))
             .transpose()?;
         // A file renamed over is unlinked as a lower one is: no copy-up of it meanwhile, and
         // its pin taken under that lock holds whatever copy an earlier copy-up made.
@@ -745,7 +762,7 @@ impl Overlay {
             .filter(|d| !exchange && d.kind() != Kind::Dir && !Arc::ptr_eq(d, &src_node))
             .map(|d| d.copyup.lock());
         let dst_pin = match &dst_node {
-            Some(d) if !exchange => Some(pin(d)?),
+            Some(d) if !exchange => Some(pin(&self.sys, d)?),
             _ => None,
         };
         let ps = p.state();
@@ -766,7 +783,7 @@ impl Overlay {
                 }
             }
             let _no_reopen: Vec<_> = handles.iter().map(|h| h.hold_name()).collect();
-            sys::rename_at(
+            self.sys.rename_at(
                 pu.as_fd(),
                 name,
                 npu.as_fd(),
@@ -793,19 +810,19 @@ impl Overlay {
             }
             return Ok(());
         }
-        let at_dst = upper_at(npu.as_fd(), newname)?;
+        let at_dst = upper_at(&self.sys, npu.as_fd(), newname)?;
         let dst_linked = matches!(at_dst, UpperAt::Entry(_));
         let after = match at_dst {
             UpperAt::Entry(Kind::Dir) => {
                 // An empty merged directory may still hold whiteouts: clear them first.
-                let d = sys::open_path_at(npu.as_fd(), newname)?;
-                remove_tree_contents(d.as_fd())?;
+                let d = self.sys.open_path_at(npu.as_fd(), newname)?;
+                remove_tree_contents(&self.sys, d.as_fd())?;
                 self.rename_leaving(pu.as_fd(), name, npu.as_fd(), newname, src_lower)?
             }
             UpperAt::DevWhiteout if src_kind == Kind::Dir => {
                 // rename(2) won't put a directory over a device: exchange, then the whiteout
                 // sits at the old name, where it is kept if needed.
-                sys::rename_at(
+                self.sys.rename_at(
                     pu.as_fd(),
                     name,
                     npu.as_fd(),
@@ -815,13 +832,13 @@ impl Overlay {
                 if src_lower {
                     Ok(())
                 } else {
-                    sys::unlink_at(pu.as_fd(), name)
+                    self.sys.unlink_at(pu.as_fd(), name)
                 }
             }
             UpperAt::FileWhiteout => {
                 let after =
                     self.rename_leaving(pu.as_fd(), name, npu.as_fd(), newname, src_lower)?;
-                let _ = sys::unlink_at(npu.as_fd(), &wh_name_os(newname));
+                let _ = self.sys.unlink_at(npu.as_fd(), &wh_name_os(newname));
                 after
             }
             UpperAt::Nothing | UpperAt::Entry(_) | UpperAt::DevWhiteout => {
@@ -840,7 +857,7 @@ impl Overlay {
             let gone = st
                 .upper
                 .as_ref()
-                .is_none_or(|u| u.stat().map(|s| s.st_nlink == 0).unwrap_or(true));
+                .is_none_or(|u| u.stat(&self.sys).map(|s| s.st_nlink == 0).unwrap_or(true));
             if gone || st.kind == Kind::Dir {
                 d.update(|s| s.unlinked = true);
             }
@@ -863,10 +880,16 @@ impl Overlay {
         whiteout: bool,
     ) -> Result<Result<()>> {
         if !whiteout {
-            return sys::rename_at(old_dir, old, new_dir, new, RenameFlags::empty()).map(Ok);
+            return self
+                .sys
+                .rename_at(old_dir, old, new_dir, new, RenameFlags::empty())
+                .map(Ok);
         }
         if self.dev_whiteouts {
-            match sys::rename_at(old_dir, old, new_dir, new, RenameFlags::WHITEOUT) {
+            match self
+                .sys
+                .rename_at(old_dir, old, new_dir, new, RenameFlags::WHITEOUT)
+            {
                 Ok(()) => return Ok(Ok(())),
                 Err(Errno::INVAL) | Err(Errno::PERM) | Err(Errno::NOSYS) => {}
                 Err(e) => return Err(e),
@@ -876,18 +899,24 @@ impl Overlay {
             let work = self.work_fd()?;
             let tmp = self.tmp_name();
             self.make_whiteout(work.as_fd(), &tmp)?;
-            if let Err(e) = sys::rename_at(old_dir, old, new_dir, new, RenameFlags::empty()) {
-                let _ = sys::unlink_at(work.as_fd(), &tmp);
+            if let Err(e) = self
+                .sys
+                .rename_at(old_dir, old, new_dir, new, RenameFlags::empty())
+            {
+                let _ = self.sys.unlink_at(work.as_fd(), &tmp);
                 return Err(e);
             }
-            let placed = sys::rename_at(work.as_fd(), &tmp, old_dir, old, RenameFlags::NOREPLACE);
+            let placed =
+                self.sys
+                    .rename_at(work.as_fd(), &tmp, old_dir, old, RenameFlags::NOREPLACE);
             if placed.is_err() {
-                let _ = sys::unlink_at(work.as_fd(), &tmp);
+                let _ = self.sys.unlink_at(work.as_fd(), &tmp);
             }
             return Ok(placed);
         }
         self.behind_wh_file(old_dir, old, || {
-            sys::rename_at(old_dir, old, new_dir, new, RenameFlags::empty())
+            self.sys
+                .rename_at(old_dir, old, new_dir, new, RenameFlags::empty())
         })
         .map(Ok)
     }
@@ -895,7 +924,7 @@ impl Overlay {
     /// Make the `.wh.NAME` whiteout file for `name` in `dir` (the daemon writes no 0/0
     /// devices). True when made now, false when it was there already.
     fn new_wh_file(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<bool> {
-        match sys::open_at(
+        match self.sys.open_at(
             dir,
             &wh_name_os(name),
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
@@ -919,7 +948,7 @@ impl Overlay {
         let made = self.new_wh_file(dir, name)?;
         step().inspect_err(|_| {
             if made {
-                let _ = sys::unlink_at(dir, &wh_name_os(name));
+                let _ = self.sys.unlink_at(dir, &wh_name_os(name));
             }
         })
     }
@@ -935,9 +964,9 @@ impl Overlay {
         let st = node.state();
         if let Some(x) = self.override_xattr_for(st.kind) {
             if set.mode.is_some() || set.uid.is_some() || set.gid.is_some() {
-                let cur = u.stat()?;
+                let cur = u.stat(&self.sys)?;
                 let (mut uid, mut gid, mut mode) = (cur.st_uid, cur.st_gid, cur.st_mode);
-                if let Ok(v) = u.getxattr(OsStr::new(x)) {
+                if let Ok(v) = u.getxattr(&self.sys, OsStr::new(x)) {
                     if let Some(o) = super::parse_override(&v) {
                         (uid, gid, mode) = (o.uid, o.gid, o.mode);
                     }
@@ -951,7 +980,12 @@ impl Overlay {
                 if let Some(n) = set.gid {
                     gid = self.disk_gid(n)?;
                 }
-                u.setxattr(OsStr::new(x), &format_override(uid, gid, mode), 0)?;
+                u.setxattr(
+                    &self.sys,
+                    OsStr::new(x),
+                    &format_override(uid, gid, mode),
+                    0,
+                )?;
             }
         } else {
             if set.uid.is_some() || set.gid.is_some() {
@@ -961,13 +995,13 @@ impl Overlay {
                 if !squash {
                     let uid = set.uid.map(|n| self.disk_uid(n)).transpose()?;
                     let gid = set.gid.map(|n| self.disk_gid(n)).transpose()?;
-                    u.chown(uid, gid)
+                    u.chown(&self.sys, uid, gid)
                         .inspect_err(|e| warn_unmapped(*e, uid, gid))?;
                 }
             }
             if let Some(m) = set.mode {
                 if st.kind != Kind::Symlink {
-                    u.chmod(m & 0o7777)?;
+                    u.chmod(&self.sys, m & 0o7777)?;
                 }
             }
         }
@@ -976,14 +1010,14 @@ impl Overlay {
                 return Err(Errno::ISDIR);
             }
             let by_handle = fh.and_then(|fh| self.handle(fh)).and_then(|h| match &*h {
-                Handle::File(f) => Some(sys::ftruncate(f.fd(), size)),
+                Handle::File(f) => Some(self.sys.ftruncate(f.fd(&self.sys), size)),
                 Handle::Dir { .. } => None,
             });
             match by_handle {
                 Some(r) => r?,
                 None => {
-                    let fd = u.open(OFlags::WRONLY)?;
-                    sys::ftruncate(fd.as_fd(), size)?;
+                    let fd = u.open(&self.sys, OFlags::WRONLY)?;
+                    self.sys.ftruncate(fd.as_fd(), size)?;
                 }
             }
         }
@@ -1002,7 +1036,7 @@ impl Overlay {
                     tv_nsec: ns as _,
                 },
             };
-            u.utimens(ts(set.atime), ts(set.mtime))?;
+            u.utimens(&self.sys, ts(set.atime), ts(set.mtime))?;
         }
         self.getattr(ino, fh)
     }
@@ -1053,7 +1087,7 @@ impl Overlay {
         self.check_xattr_change(name)?;
         let node = self.node(ino)?;
         let u = self.copy_up_meta(&node)?;
-        u.setxattr(&self.stored_xattr_name(name), value, flags)
+        u.setxattr(&self.sys, &self.stored_xattr_name(name), value, flags)
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
@@ -1062,8 +1096,8 @@ impl Overlay {
         // Nothing to remove: no need to copy up.
         let st = node.state();
         let stored = self.stored_xattr_name(name);
-        st.top().getxattr(&stored)?;
+        st.top().getxattr(&self.sys, &stored)?;
         let u = self.copy_up_meta(&node)?;
-        u.removexattr(&stored)
+        u.removexattr(&self.sys, &stored)
     }
 }
