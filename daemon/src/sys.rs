@@ -68,7 +68,7 @@ pub mod faults {
         plan: Mutex<Option<Plan>>,
     }
 
-    /// The kernel calls a fault can be planned for (the names [`Faults::check`] is called
+    /// The kernel calls a fault can be planned for (the names `Faults::check` is called
     /// with).
     pub const OPS: &[&str] = &[
         "chmod",

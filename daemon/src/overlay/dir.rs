@@ -164,8 +164,11 @@ impl Stream {
 /// One entry of a merged directory.
 #[derive(Debug, Clone)]
 pub struct DirEntry {
+    /// The name shown in the directory.
     pub name: OsString,
+    /// The inode number shown for it (the one a lookup gives).
     pub ino: u64,
+    /// Its kind.
     pub kind: Kind,
     /// What the listing saw of this name in the lower layers (which never change), so that a
     /// READDIRPLUS lookup probes only the layers that have it.
@@ -355,7 +358,8 @@ impl Overlay {
         Ok(self.merged_names(st)?.is_empty())
     }
 
-    /// Open a directory. Its merged listing is taken at the first read.
+    /// Opens directory `ino` and returns its handle (released with `release`); the merged
+    /// listing is taken at the first read. No lookup reference changes.
     pub fn opendir(&self, ino: u64) -> Result<u64> {
         let node = self.node(ino)?;
         if node.kind() != Kind::Dir {
@@ -431,8 +435,9 @@ impl Overlay {
         })
     }
 
-    /// Entries of directory `ino` (open as `fh`, or 0 for none) from `offset` on; each entry's
-    /// offset is where the next READDIR starts.
+    /// Passes the entries of directory `ino` (open as `fh`, or 0 for none) from `offset` on to
+    /// `add` with the offset the next READDIR starts at, until `add` says the reply is full;
+    /// adds no lookup reference.
     pub fn readdir(
         &self,
         fh: u64,
@@ -449,8 +454,9 @@ impl Overlay {
         Ok(())
     }
 
-    /// Like `readdir`, with a lookup (one kernel reference) for each entry but `.` and `..`.
-    /// `add` returns true when the reply is full; that entry's reference is then given back.
+    /// [`Overlay::readdir`] with each entry's attributes: adds one lookup reference per entry
+    /// passed with attributes (all but `.` and `..`, see [`Overlay`]); the entry that `add`
+    /// finds no room for (it returns true) gets its reference given back.
     pub fn readdirplus(
         &self,
         fh: u64,

@@ -26,6 +26,7 @@ use loc::{DirFdCache, DirHandle, Loc};
 pub use node::ROOT_INO;
 use node::{Node, NodeState, NodeTable};
 
+/// What the overlay answers: a value, or the errno the caller gets.
 pub type Result<T> = std::result::Result<T, Errno>;
 
 /// File kinds, as the overlay reports them.
@@ -41,6 +42,7 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kind an `st_mode` says (anything unknown is a regular file).
     pub fn from_mode(mode: u32) -> Kind {
         match mode & libc::S_IFMT {
             libc::S_IFDIR => Kind::Dir,
@@ -53,6 +55,7 @@ impl Kind {
         }
     }
 
+    /// The `S_IFMT` bits of this kind.
     pub fn mode_bits(self) -> u32 {
         match self {
             Kind::File => libc::S_IFREG,
@@ -299,7 +302,21 @@ impl FileHandle {
 
 const HANDLE_SHARDS: usize = 32;
 
-/// The overlay filesystem.
+/// The overlay filesystem: one mount's layers, inode table and open handles.
+///
+/// # Lookup count
+///
+/// An inode number stays valid while the kernel holds lookup references to it, counted as
+/// FUSE counts them. These calls add one reference when they succeed, which the caller (the
+/// kernel) gives back with [`Overlay::forget`]: [`lookup`](Overlay::lookup),
+/// [`create`](Overlay::create), [`mkdir`](Overlay::mkdir), [`mknod`](Overlay::mknod),
+/// [`symlink`](Overlay::symlink), [`link`](Overlay::link), and
+/// [`readdirplus`](Overlay::readdirplus) for each entry it passes with attributes. No other
+/// call adds or drops one: `getattr`, `open`, `opendir`, `setattr` take an inode number the
+/// caller already holds, and `unlink`, `rmdir` and `rename` leave a removed inode in place
+/// until it is forgotten. The root ([`ROOT_INO`]) is never forgotten. Open handles (`open`,
+/// `create`, `opendir`) are counted apart: each is given back once with
+/// [`release`](Overlay::release).
 pub struct Overlay {
     pub(crate) opts: OverlayOptions,
     /// This overlay's kernel-call seam: its compatibility limits and its planned fault.
@@ -545,6 +562,7 @@ impl Overlay {
         self.read_only
     }
 
+    /// The options this overlay was set up with.
     pub fn options(&self) -> &OverlayOptions {
         &self.opts
     }
@@ -565,7 +583,7 @@ impl Overlay {
         self.dir_fds.set_budget(n);
     }
 
-    /// How many inodes are held in memory.
+    /// How many inodes are held in memory (the root and those the kernel has not forgotten).
     pub fn node_count(&self) -> usize {
         self.nodes.len()
     }
@@ -1180,7 +1198,8 @@ impl Overlay {
 
     // ------------------------------------------------------------ read path
 
-    /// Look a name up; counts one kernel reference on success.
+    /// The attributes of `name` in directory `parent`, across the layers; adds one lookup
+    /// reference on success (see [`Overlay`]).
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
         self.lookup_hinted(parent, name, None)
     }
@@ -1221,11 +1240,15 @@ impl Overlay {
         Ok(self.attr_of(&node, &st, &stat))
     }
 
+    /// Gives back `nlookup` lookup references of `ino` (the kernel's FORGET, see [`Overlay`]);
+    /// the node goes when none are left. Never fails; the root is never dropped.
     pub fn forget(&self, ino: u64, nlookup: u64) {
         self.nodes.forget(ino, nlookup);
         self.listings.forget(ino, |ino| self.node(ino).is_ok());
     }
 
+    /// The attributes of `ino` as shown through the mount (of open file `fh`, if given); adds
+    /// no lookup reference.
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
         let node = self.node(ino)?;
         if let Some(fh) = fh {
@@ -1241,6 +1264,7 @@ impl Overlay {
         self.node_attr(&node)
     }
 
+    /// The target of symlink `ino` (EINVAL for anything else).
     pub fn readlink(&self, ino: u64) -> Result<OsString> {
         let node = self.node(ino)?;
         let st = node.state();
@@ -1250,6 +1274,7 @@ impl Overlay {
         st.top().readlink(&self.sys)
     }
 
+    /// Statistics of the filesystem of the upper layer (or the top lower layer).
     pub fn statfs(&self) -> Result<FsStats> {
         let fd = self
             .upper
@@ -1292,7 +1317,8 @@ impl Overlay {
         }
     }
 
-    /// Open a file. Writing (or truncating) copies it up first.
+    /// Opens file `ino` with open(2) `flags` and returns a handle (given back with
+    /// `release`); writing or truncating copies it up first. No lookup reference changes.
     pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
         let node = self.node(ino)?;
         let acc = flags & libc::O_ACCMODE;
@@ -1343,6 +1369,8 @@ impl Overlay {
         Ok(self.add_handle(Handle::File(FileHandle { fd, below, upper })))
     }
 
+    /// Closes file or directory handle `fh` (from `open`, `create` or `opendir`); unknown
+    /// handles are ignored. Lookup references are not touched.
     pub fn release(&self, fh: u64) {
         self.handle_shard(fh).lock().remove(&fh);
     }
@@ -1357,6 +1385,7 @@ impl Overlay {
         }
     }
 
+    /// Up to `size` bytes of open file `fh` at `off` (fewer only at the end of the file).
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.file_fd(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
@@ -1376,6 +1405,8 @@ impl Overlay {
         Ok(buf)
     }
 
+    /// Writes `data` to open file `fh` at `off`; returns how much was written (short only
+    /// when a later part failed, as write(2)), the error only when nothing was.
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
         let h = self.file_fd(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
@@ -1398,6 +1429,7 @@ impl Overlay {
         Ok(done as u32)
     }
 
+    /// Flushes open file `fh` to disk (its data only with `datasync`); ENOSYS with `fsync=0`.
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         if !self.opts.fsync {
             return Err(Errno::NOSYS);
@@ -1408,6 +1440,7 @@ impl Overlay {
         self.sys.fsync(fd.as_fd(), datasync)
     }
 
+    /// Flushes the upper directory of `ino` to disk, if it has one; ENOSYS with `fsync=0`.
     pub fn fsyncdir(&self, ino: u64, datasync: bool) -> Result<()> {
         if !self.opts.fsync {
             return Err(Errno::NOSYS);
@@ -1420,6 +1453,7 @@ impl Overlay {
         Ok(())
     }
 
+    /// `fallocate(2)` on open file `fh` (mode bits passed through).
     pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Result<()> {
         let h = self.file_fd(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
@@ -1427,6 +1461,7 @@ impl Overlay {
         self.sys.fallocate(fd.as_fd(), mode, off, len)
     }
 
+    /// The offset `lseek(2)` gives on open file `fh` (SEEK_DATA and SEEK_HOLE included).
     pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
         let h = self.file_fd(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
@@ -1434,6 +1469,8 @@ impl Overlay {
         sys::lseek(fd.as_fd(), off, whence).map(|o| o as i64)
     }
 
+    /// Copies up to `len` bytes between two open files in the kernel; returns how many were
+    /// copied (at most 4 GiB less 4 KiB per call).
     pub fn copy_file_range(
         &self,
         fh_in: u64,
@@ -1456,6 +1493,7 @@ impl Overlay {
 
     // ------------------------------------------------------------ xattrs
 
+    /// The value of xattr `name` of `ino` as the mount shows it (internal ones are ENODATA).
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>> {
         if self.opts.noxattrs {
             return Err(Errno::NOTSUP);
@@ -1469,6 +1507,7 @@ impl Overlay {
         st.top().getxattr(&self.sys, &stored)
     }
 
+    /// The xattr names of `ino` the mount shows, each NUL-terminated (internal ones hidden).
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
         if self.opts.noxattrs {
             return Ok(Vec::new());

@@ -350,7 +350,8 @@ impl Overlay {
         Ok((p.state(), pu))
     }
 
-    /// Create and open a regular file.
+    /// Creates and opens regular file `name` in `parent` for `caller`; returns its attributes
+    /// (adding one lookup reference, see [`Overlay`]) and the open handle.
     pub fn create(
         &self,
         caller: Caller,
@@ -391,6 +392,8 @@ impl Overlay {
         Ok((attr, fh))
     }
 
+    /// Makes directory `name` in `parent` (opaque where it replaces a whiteout); adds one
+    /// lookup reference (see [`Overlay`]).
     pub fn mkdir(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32) -> Result<Attr> {
         let (ps, pu) = self.prepare_new(parent, name)?;
         let (uid, gid, mode) = self.new_owner(caller, &ps, libc::S_IFDIR | (mode & 0o7777))?;
@@ -406,6 +409,8 @@ impl Overlay {
         self.intern_new(parent, &pu, name)
     }
 
+    /// Makes a device, fifo, socket or regular file `name` in `parent`; adds one lookup
+    /// reference (see [`Overlay`]).
     pub fn mknod(
         &self,
         caller: Caller,
@@ -424,6 +429,8 @@ impl Overlay {
         self.intern_new(parent, &pu, name)
     }
 
+    /// Makes symlink `name` in `parent` pointing at `target`; adds one lookup reference
+    /// (see [`Overlay`]).
     pub fn symlink(
         &self,
         caller: Caller,
@@ -445,6 +452,8 @@ impl Overlay {
         self.intern_new(parent, &pu, name)
     }
 
+    /// Hard-links `ino` (copied up first) as `newname` in `newparent`; adds one lookup
+    /// reference (see [`Overlay`]).
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
         let node = self.node(ino)?;
         if node.kind() == Kind::Dir {
@@ -496,6 +505,8 @@ impl Overlay {
         self.intern(found, parent, name, false).0
     }
 
+    /// Removes non-directory `name` from `parent`, leaving a whiteout where a lower layer has
+    /// it; lookup references are not touched (the inode lives until forgotten).
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
         self.writable()?;
         let p = self.node(parent)?;
@@ -626,6 +637,8 @@ impl Overlay {
         }
     }
 
+    /// Removes empty directory `name` from `parent` (ENOTEMPTY while its merged listing has
+    /// entries), leaving a whiteout where a lower layer has it; no lookup reference changes.
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
         self.writable()?;
         let p = self.node(parent)?;
@@ -666,6 +679,8 @@ impl Overlay {
         Ok(())
     }
 
+    /// Renames `name` in `parent` to `newname` in `newparent` (`RENAME_NOREPLACE` and
+    /// `RENAME_EXCHANGE` honoured, other flags EINVAL); no lookup reference changes.
     pub fn rename(
         &self,
         parent: u64,
@@ -953,6 +968,8 @@ impl Overlay {
         })
     }
 
+    /// Applies the changes `set` asks for to `ino` (through open file `fh`, if given), copying
+    /// it up first; returns the new attributes and adds no lookup reference.
     pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> Result<Attr> {
         self.writable()?;
         let node = self.node(ino)?;
@@ -1083,6 +1100,7 @@ impl Overlay {
         Ok(())
     }
 
+    /// Sets xattr `name` of `ino` (copied up first); internal names are refused.
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         self.check_xattr_change(name)?;
         let node = self.node(ino)?;
@@ -1090,6 +1108,7 @@ impl Overlay {
         u.setxattr(&self.sys, &self.stored_xattr_name(name), value, flags)
     }
 
+    /// Removes xattr `name` of `ino` (copied up first); internal names are refused.
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
         self.check_xattr_change(name)?;
         let node = self.node(ino)?;
