@@ -51,7 +51,7 @@ pub fn run(ctx: &Ctx, fs_: &Fs) -> Result<f64> {
         .map_err(|e| anyhow!("rootless buildah cannot run: {e}"))?;
     let mp = match fs_.kind {
         Kind::Kernel => None,
-        Kind::Fuse => {
+        Kind::Fuse | Kind::Floor => {
             // A copy the build user can reach and run.
             let copy = buildah::program_copy(&p.dir, &format!("prog-{}", fs_.id), &fs_.bin)
                 .with_context(|| format!("copy {}", fs_.bin.display()))?;

@@ -5,6 +5,7 @@
 
 mod build;
 mod buildkit;
+mod floor;
 mod layerset;
 mod mount;
 mod report;
@@ -34,7 +35,10 @@ options:
   --reps N               repetitions of every workload on every filesystem; default 3
   --workloads A,B,...    only these workloads (see --list); default all
   --fs A,B,...           only these filesystems: kernel,fo1,fo2,rustfuse (and
-                         rustfuse-b, snap-fuse, snap-auto); default all that apply
+                         rustfuse-b, snap-fuse, snap-auto, floor); default all that
+                         apply. floor: libfuse's passthrough_ll example (built from
+                         libfuse3-dev) over a flattened copy of the merged tree, on the
+                         metadata and read workloads
   --rustfuse PATH        rustfuse binary; default target/release/rustfuse
   --rustfuse-b PATH      a second rustfuse binary (another build), in its own column
                          'rustfuse B' with the ratio rustfuse / rustfuse B beside it
@@ -210,6 +214,23 @@ fn filesystems(a: &Args, selected: &[&Workload]) -> Vec<Fs> {
         fuse("rustfuse", "rustfuse", &a.rustfuse, "-V"),
     ];
     let mut extra = Vec::new();
+    let reads = selected
+        .iter()
+        .any(|w| matches!(w.group, workloads::Group::Metadata | workloads::Group::Read));
+    if reads {
+        let (bin, missing) = match floor::build(&a.workdir) {
+            Ok(b) => (b, None),
+            Err(m) => (PathBuf::from("passthrough_ll"), Some(m)),
+        };
+        extra.push(Fs {
+            id: "floor",
+            label: "FUSE floor (passthrough_ll)",
+            kind: Kind::Floor,
+            bin,
+            version: "libfuse3 example".into(),
+            missing,
+        });
+    }
     if let Some(b) = &a.rustfuse_b {
         extra.push(fuse("rustfuse-b", "rustfuse B", b, "-V"));
     }
@@ -342,6 +363,15 @@ fn real_main(argv: &[String]) -> Result<()> {
     std::fs::create_dir_all(&a.workdir)?;
     let workdir = std::path::absolute(&a.workdir)?;
     let ctx = make_ctx(&a, false)?;
+    if fss.iter().any(|f| f.id == "floor" && f.missing.is_none()) {
+        let t0 = Instant::now();
+        let tree = floor::flatten(&ctx.layers)?;
+        eprintln!(
+            "FUSE floor tree {} ready in {:.1}s",
+            tree.display(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
     let sizes = ctx.sizes;
     let cycle_args: Vec<String> = vec![
         "--workdir".into(),

@@ -13,6 +13,8 @@ use crate::run;
 pub enum Kind {
     Kernel,
     Fuse,
+    /// libfuse's passthrough_ll over one flattened tree (`lowers[0]`; no upper).
+    Floor,
 }
 
 /// One filesystem under test.
@@ -135,6 +137,12 @@ impl Mount {
                 }
                 let mut c = Command::new("mount");
                 c.args(["-t", "overlay", "overlay", "-o", &opts]);
+                c
+            }
+            Kind::Floor => {
+                let mut c = Command::new(&fs.bin);
+                let tree = lowers.first().context("the floor needs its tree")?;
+                c.arg("-o").arg(format!("source={},xattr", tree.display()));
                 c
             }
             Kind::Fuse => {

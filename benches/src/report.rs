@@ -7,6 +7,10 @@ use crate::layerset::Sizes;
 use crate::mount::Fs;
 use crate::workloads::{Target, Unit, Workload};
 
+/// How far behind the FUSE floor (libfuse's passthrough_ll) rustfuse may be on a metadata or
+/// read workload (issue 17).
+const FLOOR_RATIO: f64 = 1.1;
+
 pub struct Results<'a> {
     fss: &'a [Fs],
     workloads: Vec<&'a Workload>,
@@ -216,6 +220,12 @@ impl<'a> Results<'a> {
                 }
             }
             Target::BeatFuseOverlayfs | Target::EveryVariant(_) => {}
+        }
+        // Issue 17: within 1.1x of the FUSE floor (or ahead) where it ran.
+        if let Some(fl) = self.median(wi, "floor")
+            && r > FLOOR_RATIO * fl
+        {
+            why.push(format!("{:.2}x FUSE floor > {FLOOR_RATIO}x", r / fl));
         }
         Some((why.is_empty(), why.join("; ")))
     }

@@ -42,17 +42,17 @@ pub fn cycle_main(ctx: &Ctx, args: &[String]) -> Result<()> {
     let [id, kind, bin, wname] = args else {
         bail!("__cycle needs FS_ID KIND BIN WORKLOAD");
     };
-    let id: &'static str = ["kernel", "fo1", "fo2", "rustfuse", "rustfuse-b"]
+    let id: &'static str = ["kernel", "fo1", "fo2", "rustfuse", "rustfuse-b", "floor"]
         .into_iter()
         .find(|k| k == id)
         .with_context(|| format!("unknown filesystem {id}"))?;
     let fs = Fs {
         id,
         label: id,
-        kind: if kind == "kernel" {
-            Kind::Kernel
-        } else {
-            Kind::Fuse
+        kind: match kind.as_str() {
+            "kernel" => Kind::Kernel,
+            "floor" => Kind::Floor,
+            _ => Kind::Fuse,
         },
         bin: bin.into(),
         version: String::new(),
@@ -129,10 +129,10 @@ pub fn run_in_userns(
         .arg("--")
         .args([
             fs.id,
-            if fs.kind == Kind::Kernel {
-                "kernel"
-            } else {
-                "fuse"
+            match fs.kind {
+                Kind::Kernel => "kernel",
+                Kind::Floor => "floor",
+                Kind::Fuse => "fuse",
             },
         ])
         .arg(&fs.bin)

@@ -245,6 +245,10 @@ const SNAPSHOTTER_COLUMNS: [&str; 2] = ["snap-fuse", "snap-auto"];
 
 /// Whether `w` runs on the column `fs_`.
 pub fn applies(fs_: &Fs, w: &Workload) -> bool {
+    if fs_.kind == Kind::Floor {
+        // One passed-through directory: nothing to write into or mount in layers.
+        return matches!(w.group, Metadata | Read);
+    }
     w.name == "buildkit-build" || !SNAPSHOTTER_COLUMNS.contains(&fs_.id)
 }
 
@@ -301,6 +305,13 @@ impl Ctx {
     }
 
     fn mount(&self, fs_: &Fs, lowers: &[PathBuf], d: &Dirs) -> Result<(Mount, Duration)> {
+        let floor;
+        let lowers = if fs_.kind == Kind::Floor {
+            floor = [crate::floor::tree(&self.layers)];
+            &floor[..]
+        } else {
+            lowers
+        };
         Mount::new(
             fs_,
             lowers,
