@@ -9,23 +9,12 @@ use std::sync::Arc;
 
 use super::loc::{DirHandle, Loc};
 use super::node::Node;
+use super::tree::{self, UpperDir};
 use super::{
     Errno, Kind, METACOPY_XATTRS, ORIGIN_XATTR, ORIGIN_XATTR_TRUSTED, Overlay, REDIRECT_XATTRS,
     Result, is_internal_xattr,
 };
 use crate::sys::{self, OFlags, RenameFlags, Sys, Timespec};
-
-/// A directory's upper part, ready for use: its handle and an fd.
-pub(crate) struct UpperDir {
-    pub h: Arc<DirHandle>,
-    pub fd: Arc<OwnedFd>,
-}
-
-impl AsFd for UpperDir {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-}
 
 impl Overlay {
     pub(crate) fn work_fd(&self) -> Result<Arc<OwnedFd>> {
@@ -167,7 +156,7 @@ impl Overlay {
             Ok(())
         });
         if let Err(e) = built {
-            let _ = remove_any(&self.sys, w, &tmp, st.kind);
+            let _ = tree::remove_any(&self.sys, w, &tmp, st.kind);
             return Err(e);
         }
         if st.kind != Kind::Dir {
@@ -180,7 +169,7 @@ impl Overlay {
             .sys
             .rename_at(w, &tmp, pu.as_fd(), &st.name, RenameFlags::NOREPLACE)
         {
-            let _ = remove_any(&self.sys, w, &tmp, st.kind);
+            let _ = tree::remove_any(&self.sys, w, &tmp, st.kind);
             return Err(e);
         }
         if let Some(p) = ptimes {
@@ -251,7 +240,7 @@ impl Overlay {
                     }
                 });
                 if placed.as_ref().is_ok_and(|p| !p) || placed.is_err() {
-                    let _ = remove_any(&self.sys, w, &tmp, st.kind);
+                    let _ = tree::remove_any(&self.sys, w, &tmp, st.kind);
                 }
                 placed?;
             }
@@ -404,7 +393,7 @@ impl Overlay {
         let built = self
             .build_copy(&st, &stat, w, &tmp, data)
             .and_then(|()| self.sys.open_path_at(w, &tmp));
-        let removed = remove_any(&self.sys, w, &tmp, st.kind);
+        let removed = tree::remove_any(&self.sys, w, &tmp, st.kind);
         let fd = built?;
         removed?;
         let upper = Loc::Fd(Arc::new(fd));
@@ -645,16 +634,5 @@ pub(crate) fn mtime_of(st: &sys::Stat) -> Timespec {
     Timespec {
         tv_sec: st.st_mtime,
         tv_nsec: st.st_mtime_nsec as _,
-    }
-}
-
-pub(crate) fn remove_any(sys: &Sys, dir: BorrowedFd<'_>, name: &OsStr, kind: Kind) -> Result<()> {
-    if kind == Kind::Dir {
-        if let Ok(fd) = sys.open_path_at(dir, name) {
-            super::write::remove_tree_contents(sys, fd.as_fd())?;
-        }
-        sys.rmdir_at(dir, name)
-    } else {
-        sys.unlink_at(dir, name)
     }
 }

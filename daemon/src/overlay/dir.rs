@@ -10,7 +10,8 @@ use parking_lot::Mutex;
 use std::os::unix::ffi::OsStrExt;
 
 use super::node::NodeState;
-use super::{Attr, Errno, Handle, Kind, Overlay, Result, WH_PREFIX, is_whiteout};
+use super::tree::WH_PREFIX;
+use super::{Attr, Errno, Handle, Kind, Overlay, Result, is_whiteout};
 use crate::sys;
 
 /// Listings of directories read with no open handle: once the kernel stops sending OPENDIR

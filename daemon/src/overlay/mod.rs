@@ -7,6 +7,7 @@ mod copyup;
 mod dir;
 mod loc;
 mod node;
+mod tree;
 mod write;
 
 use std::ffi::{OsStr, OsString};
@@ -25,6 +26,7 @@ pub use dir::DirEntry;
 use loc::{DirFdCache, DirHandle, Loc};
 pub use node::ROOT_INO;
 use node::{Node, NodeState, NodeTable};
+use tree::{OPAQUE_FILE, WH_PREFIX};
 
 /// What the overlay answers: a value, or the errno the caller gets.
 pub type Result<T> = std::result::Result<T, Errno>;
@@ -216,8 +218,6 @@ pub(crate) const NLINK_XATTRS: [&str; 2] = [
     "trusted.overlay.rustfuse.nlink",
     "user.overlay.rustfuse.nlink",
 ];
-pub(crate) const OPAQUE_FILE: &str = ".wh..wh..opq";
-pub(crate) const WH_PREFIX: &[u8] = b".wh.";
 
 /// What a lookup of one name across the layers found.
 pub(crate) struct Found {
@@ -593,8 +593,7 @@ impl Overlay {
     }
 
     pub(crate) fn tmp_name(&self) -> OsString {
-        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
-        OsString::from(format!("#{:x}-{n:x}", std::process::id()))
+        tree::tmp_name(self.next_tmp.fetch_add(1, Ordering::Relaxed))
     }
 
     // ------------------------------------------------------------ layer probing
@@ -612,13 +611,6 @@ impl Overlay {
             }
         }
         self.sys.stat_at(dir, OsStr::new(OPAQUE_FILE)).is_ok()
-    }
-
-    /// Does `.wh.NAME` exist in `dir`?
-    pub(crate) fn wh_file_exists(sys: &Sys, dir: BorrowedFd<'_>, name: &OsStr) -> bool {
-        let mut wh = WH_PREFIX.to_vec();
-        wh.extend_from_slice(name.as_bytes());
-        sys.stat_at(dir, OsStr::from_bytes(&wh)).is_ok()
     }
 
     pub(crate) fn map_ino(&self, st: &Stat) -> u64 {
@@ -713,7 +705,7 @@ impl Overlay {
                     }
                 }
                 Err(Errno::NOENT) => {
-                    if Self::wh_file_exists(&self.sys, u.as_fd(), name) {
+                    if tree::wh_file_exists(&self.sys, u.as_fd(), name) {
                         return Ok(None);
                     }
                 }
@@ -790,7 +782,7 @@ impl Overlay {
                     }
                 }
                 Err(Errno::NOENT) => {
-                    if Self::wh_file_exists(&self.sys, dfd.as_fd(), name) {
+                    if tree::wh_file_exists(&self.sys, dfd.as_fd(), name) {
                         break;
                     }
                 }
@@ -995,7 +987,7 @@ impl Overlay {
                 }
                 Ok(_) | Err(Errno::NOTDIR) => return Ok(None),
                 Err(Errno::NOENT) => {
-                    if Self::wh_file_exists(&self.sys, dfd.as_fd(), name) {
+                    if tree::wh_file_exists(&self.sys, dfd.as_fd(), name) {
                         return Ok(None);
                     }
                 }
@@ -1037,7 +1029,7 @@ impl Overlay {
             match self.sys.stat_at(dfd.as_fd(), name) {
                 Ok(st) => return Ok(!is_whiteout(&st)),
                 Err(Errno::NOENT) => {
-                    if Self::wh_file_exists(&self.sys, dfd.as_fd(), name) {
+                    if tree::wh_file_exists(&self.sys, dfd.as_fd(), name) {
                         return Ok(false);
                     }
                 }
@@ -1615,7 +1607,7 @@ fn prepare_workdir(sys: &Sys, wfd: BorrowedFd<'_>) -> Result<OwnedFd> {
     if Kind::from_mode(st.st_mode) != Kind::Dir {
         return Err(Errno::NOTDIR);
     }
-    write::remove_tree_contents(sys, fd.as_fd())?;
+    tree::remove_tree_contents(sys, fd.as_fd())?;
     Ok(fd)
 }
 

@@ -1,16 +1,16 @@
 //! The write path: creating, removing and renaming names, and changing attributes.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
-use super::copyup::UpperDir;
 use super::loc::{DirHandle, Loc};
 use super::node::{Node, NodeState};
+use super::tree::{self, UpperDir, WH_PREFIX};
 use super::{
-    Attr, Caller, Errno, FileHandle, Found, Handle, Kind, OPAQUE_FILE, Overlay, Result, SetAttr,
-    SetTime, WH_PREFIX, format_override, is_internal_xattr, is_whiteout,
+    Attr, Caller, Errno, FileHandle, Found, Handle, Kind, Overlay, Result, SetAttr, SetTime,
+    format_override, is_internal_xattr, is_whiteout,
 };
 use crate::sys::{self, OFlags, RenameFlags, Sys, Timespec};
 
@@ -24,19 +24,12 @@ enum UpperAt {
     Entry(Kind),
 }
 
-fn wh_name_os(name: &OsStr) -> OsString {
-    use std::os::unix::ffi::OsStringExt;
-    let mut v = WH_PREFIX.to_vec();
-    v.extend_from_slice(name.as_bytes());
-    OsString::from_vec(v)
-}
-
 fn upper_at(sys: &Sys, dir: BorrowedFd<'_>, name: &OsStr) -> Result<UpperAt> {
     match sys.stat_at(dir, name) {
         Ok(st) if is_whiteout(&st) => Ok(UpperAt::DevWhiteout),
         Ok(st) => Ok(UpperAt::Entry(Kind::from_mode(st.st_mode))),
         Err(Errno::NOENT) => {
-            if Overlay::wh_file_exists(sys, dir, name) {
+            if tree::wh_file_exists(sys, dir, name) {
                 Ok(UpperAt::FileWhiteout)
             } else {
                 Ok(UpperAt::Nothing)
@@ -160,89 +153,12 @@ fn warn_unmapped(e: Errno, uid: Option<u32>, gid: Option<u32>) {
     }
 }
 
-/// Remove everything inside a directory (not the directory itself).
-pub(crate) fn remove_tree_contents(sys: &Sys, dir: BorrowedFd<'_>) -> Result<()> {
-    let mut names = Vec::new();
-    {
-        let mut stream = sys.open_dir_stream(dir)?;
-        while let Some(ent) = stream.read() {
-            let ent = ent?;
-            let n = ent.file_name().to_bytes();
-            if n == b"." || n == b".." {
-                continue;
-            }
-            names.push((
-                OsStr::from_bytes(n).to_os_string(),
-                ent.file_type() == sys::FileType::Directory,
-            ));
-        }
-    }
-    for (n, is_dir) in names {
-        if is_dir {
-            let sub = sys.open_path_at(dir, &n)?;
-            remove_tree_contents(sys, sub.as_fd())?;
-            sys.rmdir_at(dir, &n)?;
-        } else {
-            match sys.unlink_at(dir, &n) {
-                Ok(()) | Err(Errno::NOENT) => {}
-                Err(Errno::ISDIR) => {
-                    let sub = sys.open_path_at(dir, &n)?;
-                    remove_tree_contents(sys, sub.as_fd())?;
-                    sys.rmdir_at(dir, &n)?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    Ok(())
-}
-
 impl Overlay {
     fn writable(&self) -> Result<()> {
         if self.read_only() {
             Err(Errno::ROFS)
         } else {
             Ok(())
-        }
-    }
-
-    /// Write a whiteout for `name` in `dir`.
-    pub(crate) fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-        if self.dev_whiteouts {
-            self.sys.mknod_at(dir, name, libc::S_IFCHR, 0)
-        } else {
-            self.new_wh_file(dir, name).map(drop)
-        }
-    }
-
-    /// Mark a directory opaque the way fuse-overlayfs does.
-    pub(crate) fn set_opaque(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-        match self
-            .sys
-            .setxattr_at(dir, name, OsStr::new("trusted.overlay.opaque"), b"y")
-        {
-            Ok(()) => Ok(()),
-            Err(Errno::PERM) => {
-                let _ =
-                    self.sys
-                        .setxattr_at(dir, name, OsStr::new("user.fuseoverlayfs.opaque"), b"y");
-                self.opaque_file(dir, name)
-            }
-            Err(Errno::NOTSUP) => self.opaque_file(dir, name),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn opaque_file(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-        let d = self.sys.open_path_at(dir, name)?;
-        match self.sys.open_at(
-            d.as_fd(),
-            OsStr::new(OPAQUE_FILE),
-            OFlags::WRONLY | OFlags::CREATE,
-            0o700,
-        ) {
-            Ok(_) => Ok(()),
-            Err(e) => Err(e),
         }
     }
 
@@ -296,9 +212,9 @@ impl Overlay {
             UpperAt::FileWhiteout => {
                 build(pu, name)?;
                 if is_dir {
-                    self.set_opaque(pu, name)?;
+                    tree::set_opaque(&self.sys, pu, name)?;
                 }
-                let _ = self.sys.unlink_at(pu, &wh_name_os(name));
+                let _ = self.sys.unlink_at(pu, &tree::wh_name(name));
                 Ok(())
             }
             UpperAt::DevWhiteout => {
@@ -307,7 +223,7 @@ impl Overlay {
                 build(work.as_fd(), &tmp)?;
                 let res = (|| {
                     if is_dir {
-                        self.set_opaque(work.as_fd(), &tmp)?;
+                        tree::set_opaque(&self.sys, work.as_fd(), &tmp)?;
                     }
                     self.sys
                         .rename_at(work.as_fd(), &tmp, pu, name, RenameFlags::EXCHANGE)
@@ -318,7 +234,7 @@ impl Overlay {
                         Ok(())
                     }
                     Err(e) => {
-                        let _ = super::copyup::remove_any(
+                        let _ = tree::remove_any(
                             &self.sys,
                             work.as_fd(),
                             &tmp,
@@ -539,7 +455,7 @@ impl Overlay {
                 self.sys.unlink_at(pu.as_fd(), name)?;
             }
         } else {
-            self.make_whiteout(pu.as_fd(), name)?;
+            tree::make_whiteout(&self.sys, self.dev_whiteouts, pu.as_fd(), name)?;
         }
         pinned.done();
         self.name_removed(&node, parent, name, has_upper)?;
@@ -601,7 +517,7 @@ impl Overlay {
         let work = self.work_fd()?;
         if self.dev_whiteouts {
             let tmp = self.tmp_name();
-            self.make_whiteout(work.as_fd(), &tmp)?;
+            tree::make_whiteout(&self.sys, self.dev_whiteouts, work.as_fd(), &tmp)?;
             if kind == Kind::Dir {
                 if let Err(e) =
                     self.sys
@@ -611,7 +527,7 @@ impl Overlay {
                     return Err(e);
                 }
                 // `tmp` is now the old directory, holding nothing but whiteouts.
-                super::copyup::remove_any(&self.sys, work.as_fd(), &tmp, Kind::Dir)?;
+                tree::remove_any(&self.sys, work.as_fd(), &tmp, Kind::Dir)?;
             } else if let Err(e) =
                 self.sys
                     .rename_at(work.as_fd(), &tmp, pu, name, RenameFlags::empty())
@@ -631,7 +547,7 @@ impl Overlay {
                 }
             })?;
             if kind == Kind::Dir {
-                super::copyup::remove_any(&self.sys, work.as_fd(), &tmp, Kind::Dir)?;
+                tree::remove_any(&self.sys, work.as_fd(), &tmp, Kind::Dir)?;
             }
             Ok(())
         }
@@ -666,14 +582,14 @@ impl Overlay {
                     Err(Errno::NOTEMPTY) => {
                         // Only whiteouts and markers are left in it.
                         let d = self.sys.open_path_at(pu.as_fd(), name)?;
-                        remove_tree_contents(&self.sys, d.as_fd())?;
+                        tree::remove_tree_contents(&self.sys, d.as_fd())?;
                         self.sys.rmdir_at(pu.as_fd(), name)?;
                     }
                     Err(e) => return Err(e),
                 }
             }
         } else {
-            self.make_whiteout(pu.as_fd(), name)?;
+            tree::make_whiteout(&self.sys, self.dev_whiteouts, pu.as_fd(), name)?;
         }
         node.update(|s| s.unlinked = true);
         Ok(())
@@ -818,10 +734,10 @@ impl Overlay {
                 renamed_alias(d, (newparent, newname), (parent, name));
             }
             if src_kind == Kind::Dir && dst_lower {
-                self.set_opaque(npu.as_fd(), newname)?;
+                tree::set_opaque(&self.sys, npu.as_fd(), newname)?;
             }
             if dst_kind == Some(Kind::Dir) && src_lower {
-                self.set_opaque(pu.as_fd(), name)?;
+                tree::set_opaque(&self.sys, pu.as_fd(), name)?;
             }
             return Ok(());
         }
@@ -831,7 +747,7 @@ impl Overlay {
             UpperAt::Entry(Kind::Dir) => {
                 // An empty merged directory may still hold whiteouts: clear them first.
                 let d = self.sys.open_path_at(npu.as_fd(), newname)?;
-                remove_tree_contents(&self.sys, d.as_fd())?;
+                tree::remove_tree_contents(&self.sys, d.as_fd())?;
                 self.rename_leaving(pu.as_fd(), name, npu.as_fd(), newname, src_lower)?
             }
             UpperAt::DevWhiteout if src_kind == Kind::Dir => {
@@ -853,7 +769,7 @@ impl Overlay {
             UpperAt::FileWhiteout => {
                 let after =
                     self.rename_leaving(pu.as_fd(), name, npu.as_fd(), newname, src_lower)?;
-                let _ = self.sys.unlink_at(npu.as_fd(), &wh_name_os(newname));
+                let _ = self.sys.unlink_at(npu.as_fd(), &tree::wh_name(newname));
                 after
             }
             UpperAt::Nothing | UpperAt::Entry(_) | UpperAt::DevWhiteout => {
@@ -879,7 +795,7 @@ impl Overlay {
         }
         after?;
         if src_kind == Kind::Dir && dst_lower {
-            self.set_opaque(npu.as_fd(), newname)?;
+            tree::set_opaque(&self.sys, npu.as_fd(), newname)?;
         }
         Ok(())
     }
@@ -913,7 +829,7 @@ impl Overlay {
             // failing to make it changes nothing, and put at the old name once that is free.
             let work = self.work_fd()?;
             let tmp = self.tmp_name();
-            self.make_whiteout(work.as_fd(), &tmp)?;
+            tree::make_whiteout(&self.sys, self.dev_whiteouts, work.as_fd(), &tmp)?;
             if let Err(e) = self
                 .sys
                 .rename_at(old_dir, old, new_dir, new, RenameFlags::empty())
@@ -936,21 +852,6 @@ impl Overlay {
         .map(Ok)
     }
 
-    /// Make the `.wh.NAME` whiteout file for `name` in `dir` (the daemon writes no 0/0
-    /// devices). True when made now, false when it was there already.
-    fn new_wh_file(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<bool> {
-        match self.sys.open_at(
-            dir,
-            &wh_name_os(name),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
-            0o700,
-        ) {
-            Ok(_) => Ok(true),
-            Err(Errno::EXIST) => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
     /// Run `step`, which removes `name` from `dir` or moves it away, behind its `.wh.` file
     /// made first: if the file cannot be made (ENOSPC) nothing has changed, while both exist
     /// the upper entry is what is seen, and if `step` fails a file made here is removed again.
@@ -960,10 +861,10 @@ impl Overlay {
         name: &OsStr,
         step: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
-        let made = self.new_wh_file(dir, name)?;
+        let made = tree::new_wh_file(&self.sys, dir, name)?;
         step().inspect_err(|_| {
             if made {
-                let _ = self.sys.unlink_at(dir, &wh_name_os(name));
+                let _ = self.sys.unlink_at(dir, &tree::wh_name(name));
             }
         })
     }
