@@ -17,7 +17,7 @@ use fuser::{
 };
 use tracing::{debug_span, trace};
 
-use crate::overlay::{Attr, Caller, Kind, Overlay, SetAttr, SetTime};
+use crate::overlay::{Attr, Caller, Fh, Kind, Overlay, SetAttr, SetTime};
 use crate::sys::Errno;
 
 /// The one errno map from overlay errors to FUSE replies. Every errno passes through as
@@ -105,13 +105,13 @@ struct Passthrough {
     usable: AtomicBool,
     inodes: Vec<parking_lot::Mutex<HashMap<u64, IoMode>>>,
     /// Open file handle -> (inode, passthrough?).
-    handles: Vec<parking_lot::Mutex<HashMap<u64, (u64, bool)>>>,
+    handles: Vec<parking_lot::Mutex<HashMap<Fh, (u64, bool)>>>,
 }
 
 /// An answer to OPEN or CREATE, cached or passthrough.
 trait OpenReply {
     fn open_backing(&self, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId>;
-    fn send(self, fh: u64, backing: Option<&BackingId>);
+    fn send(self, fh: Fh, backing: Option<&BackingId>);
 }
 
 impl OpenReply for ReplyOpen {
@@ -119,10 +119,10 @@ impl OpenReply for ReplyOpen {
         ReplyOpen::open_backing(self, fd)
     }
 
-    fn send(self, fh: u64, backing: Option<&BackingId>) {
+    fn send(self, fh: Fh, backing: Option<&BackingId>) {
         match backing {
-            Some(b) => self.opened_passthrough(FileHandle(fh), FopenFlags::empty(), b),
-            None => self.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Some(b) => self.opened_passthrough(FileHandle(fh.0), FopenFlags::empty(), b),
+            None => self.opened(FileHandle(fh.0), FopenFlags::FOPEN_KEEP_CACHE),
         }
     }
 }
@@ -139,8 +139,8 @@ impl OpenReply for Created<'_> {
         self.reply.open_backing(fd)
     }
 
-    fn send(self, fh: u64, backing: Option<&BackingId>) {
-        let (ttl, attr, g, fh) = (self.ttl, &self.attr, Generation(0), FileHandle(fh));
+    fn send(self, fh: Fh, backing: Option<&BackingId>) {
+        let (ttl, attr, g, fh) = (self.ttl, &self.attr, Generation(0), FileHandle(fh.0));
         match backing {
             Some(b) => self
                 .reply
@@ -168,7 +168,7 @@ impl Passthrough {
 
     /// Answer the open of file `fh` of inode `ino`, passthrough when it may be, while the
     /// inode's mode is locked (no other open or release of it interleaves).
-    fn open(&self, ov: &Overlay, ino: u64, fh: u64, reply: impl OpenReply) {
+    fn open(&self, ov: &Overlay, ino: u64, fh: Fh, reply: impl OpenReply) {
         let mut inodes = self.inodes[ino as usize % IO_SHARDS].lock();
         let m = inodes.entry(ino).or_default();
         if m.cached == 0 && m.backing.is_none() && self.usable.load(Ordering::Relaxed) {
@@ -199,14 +199,14 @@ impl Passthrough {
         } else {
             m.cached += 1;
         }
-        self.handles[fh as usize % IO_SHARDS]
+        self.handles[fh.0 as usize % IO_SHARDS]
             .lock()
             .insert(fh, (ino, pt));
         reply.send(fh, m.backing.as_ref());
     }
 
-    fn release(&self, fh: u64) {
-        let Some((ino, pt)) = self.handles[fh as usize % IO_SHARDS].lock().remove(&fh) else {
+    fn release(&self, fh: Fh) {
+        let Some((ino, pt)) = self.handles[fh.0 as usize % IO_SHARDS].lock().remove(&fh) else {
             return;
         };
         let mut inodes = self.inodes[ino as usize % IO_SHARDS].lock();
@@ -498,7 +498,7 @@ impl Filesystem for OverlayFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let _s = debug_span!("getattr", ino = ino.0).entered();
-        self.attr(self.ov.getattr(ino.0, fh.map(|f| f.0)), reply);
+        self.attr(self.ov.getattr(ino.0, fh.map(|f| Fh(f.0))), reply);
     }
 
     fn setattr(
@@ -541,7 +541,7 @@ impl Filesystem for OverlayFs {
                 Err(e) => return reply.error(fuse_errno(e)),
             }
         }
-        self.attr(self.ov.setattr(ino.0, fh.map(|f| f.0), set), reply);
+        self.attr(self.ov.setattr(ino.0, fh.map(|f| Fh(f.0)), set), reply);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -687,7 +687,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyData,
     ) {
         let _s = debug_span!("read", fh = fh.0, offset, size).entered();
-        answer(self.ov.read(fh.0, offset, size), reply, |reply, d| {
+        answer(self.ov.read(Fh(fh.0), offset, size), reply, |reply, d| {
             reply.data(&d)
         });
     }
@@ -713,7 +713,7 @@ impl Filesystem for OverlayFs {
                 return reply.error(fuse_errno(e));
             }
         }
-        answer(self.ov.write(fh.0, offset, data), reply, |reply, n| {
+        answer(self.ov.write(Fh(fh.0), offset, data), reply, |reply, n| {
             reply.written(n)
         });
     }
@@ -746,9 +746,9 @@ impl Filesystem for OverlayFs {
     ) {
         let _s = debug_span!("release", fh = fh.0).entered();
         if self.pt.on() {
-            self.pt.release(fh.0);
+            self.pt.release(Fh(fh.0));
         }
-        self.ov.release(fh.0);
+        self.ov.release(Fh(fh.0));
         reply.ok();
     }
 
@@ -761,7 +761,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyEmpty,
     ) {
         let _s = debug_span!("fsync", fh = fh.0, datasync).entered();
-        reply_empty(self.ov.fsync(fh.0, datasync), reply);
+        reply_empty(self.ov.fsync(Fh(fh.0), datasync), reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -776,7 +776,7 @@ impl Filesystem for OverlayFs {
                 Some(_) => FopenFlags::FOPEN_KEEP_CACHE,
                 None => FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
             };
-            reply.opened(FileHandle(fh), flags)
+            reply.opened(FileHandle(fh.0), flags)
         });
     }
 
@@ -789,7 +789,7 @@ impl Filesystem for OverlayFs {
         mut reply: ReplyDirectory,
     ) {
         let _s = debug_span!("readdir", ino = ino.0, offset).entered();
-        let r = self.ov.readdir(fh.0, ino.0, offset, |e, off| {
+        let r = self.ov.readdir(Fh(fh.0), ino.0, offset, |e, off| {
             reply.add(INodeNo(e.ino), off, ftype(e.kind), &e.name)
         });
         answer(r, reply, |reply, ()| reply.ok());
@@ -807,7 +807,7 @@ impl Filesystem for OverlayFs {
         let zero = Duration::ZERO;
         let r = self
             .ov
-            .readdirplus(fh.0, ino.0, offset, |e, off, attr| match attr {
+            .readdirplus(Fh(fh.0), ino.0, offset, |e, off, attr| match attr {
                 Some(a) => reply.add(
                     INodeNo(e.ino),
                     off,
@@ -851,7 +851,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyEmpty,
     ) {
         let _s = debug_span!("releasedir", fh = fh.0).entered();
-        self.ov.release(fh.0);
+        self.ov.release(Fh(fh.0));
         reply.ok();
     }
 
@@ -958,7 +958,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyEmpty,
     ) {
         let _s = debug_span!("fallocate", fh = fh.0, offset, length, mode).entered();
-        reply_empty(self.ov.fallocate(fh.0, offset, length, mode), reply);
+        reply_empty(self.ov.fallocate(Fh(fh.0), offset, length, mode), reply);
     }
 
     fn lseek(
@@ -971,9 +971,11 @@ impl Filesystem for OverlayFs {
         reply: ReplyLseek,
     ) {
         let _s = debug_span!("lseek", fh = fh.0, offset, whence).entered();
-        answer(self.ov.lseek(fh.0, offset, whence), reply, |reply, o| {
-            reply.offset(o)
-        });
+        answer(
+            self.ov.lseek(Fh(fh.0), offset, whence),
+            reply,
+            |reply, o| reply.offset(o),
+        );
     }
 
     fn copy_file_range(
@@ -992,7 +994,7 @@ impl Filesystem for OverlayFs {
         let _s = debug_span!("copy_file_range", fh_in = fh_in.0, fh_out = fh_out.0, len).entered();
         let r = self
             .ov
-            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len);
+            .copy_file_range(Fh(fh_in.0), offset_in, Fh(fh_out.0), offset_out, len);
         answer(r, reply, |reply, n| reply.written(n));
     }
 }

@@ -11,7 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 
 use super::node::NodeState;
 use super::tree::WH_PREFIX;
-use super::{Attr, Errno, Handle, Kind, Overlay, Result, is_whiteout};
+use super::{Attr, Errno, Fh, Handle, Kind, Overlay, Result, is_whiteout};
 use crate::sys;
 
 /// Listings of directories read with no open handle: once the kernel stops sending OPENDIR
@@ -148,7 +148,8 @@ impl Listings {
     }
 }
 
-/// Where a READDIR reads: an open handle's listing, or (`fh` 0, no OPENDIR) the directory's.
+/// Where a READDIR reads: an open handle's listing, or ([`Fh::NONE`], no OPENDIR) the
+/// directory's.
 struct Stream {
     entries: Arc<Vec<DirEntry>>,
     start: usize,
@@ -361,7 +362,7 @@ impl Overlay {
 
     /// Opens directory `ino` and returns its handle (released with `release`); the merged
     /// listing is taken at the first read. No lookup reference changes.
-    pub fn opendir(&self, ino: u64) -> Result<u64> {
+    pub fn opendir(&self, ino: u64) -> Result<Fh> {
         let node = self.node(ino)?;
         if node.kind() != Kind::Dir {
             return Err(Errno::NOTDIR);
@@ -373,7 +374,7 @@ impl Overlay {
     }
 
     /// The listing of an open directory, taken on first use and then kept by the handle.
-    fn dir_entries(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>> {
+    fn dir_entries(&self, fh: Fh) -> Result<Arc<Vec<DirEntry>>> {
         let h = self.handle(fh).ok_or(Errno::BADF)?;
         let Handle::Dir { ino, entries } = &*h else {
             return Err(Errno::NOTDIR);
@@ -411,10 +412,10 @@ impl Overlay {
         Ok(entries)
     }
 
-    /// The listing a READDIR of directory `ino` at `offset` reads: the handle's, or with `fh`
-    /// 0 (the kernel sends no OPENDIR) the directory's own.
-    fn stream(&self, fh: u64, ino: u64, offset: u64) -> Result<Stream> {
-        if fh != 0 {
+    /// The listing a READDIR of directory `ino` at `offset` reads: the handle's, or with
+    /// [`Fh::NONE`] (the kernel sends no OPENDIR) the directory's own.
+    fn stream(&self, fh: Fh, ino: u64, offset: u64) -> Result<Stream> {
+        if fh != Fh::NONE {
             return Ok(Stream {
                 entries: self.dir_entries(fh)?,
                 start: offset as usize,
@@ -436,12 +437,12 @@ impl Overlay {
         })
     }
 
-    /// Passes the entries of directory `ino` (open as `fh`, or 0 for none) from `offset` on to
-    /// `add` with the offset the next READDIR starts at, until `add` says the reply is full;
-    /// adds no lookup reference.
+    /// Passes the entries of directory `ino` (open as `fh`, or [`Fh::NONE`]) from `offset` on
+    /// to `add` with the offset the next READDIR starts at, until `add` says the reply is
+    /// full; adds no lookup reference.
     pub fn readdir(
         &self,
-        fh: u64,
+        fh: Fh,
         ino: u64,
         offset: u64,
         mut add: impl FnMut(&DirEntry, u64) -> bool,
@@ -460,7 +461,7 @@ impl Overlay {
     /// finds no room for (it returns true) gets its reference given back.
     pub fn readdirplus(
         &self,
-        fh: u64,
+        fh: Fh,
         dir_ino: u64,
         offset: u64,
         mut add: impl FnMut(&DirEntry, u64, Option<&Attr>) -> bool,

@@ -89,6 +89,18 @@ pub struct Attr {
     pub blksize: u32,
 }
 
+/// The number of an open file or directory handle: what `open`, `create` and `opendir` give
+/// and `release` takes back. A type of its own so that it cannot be passed where an inode
+/// number is meant (`readdir(fh, ino)` and `getattr(ino, fh)` take both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fh(pub u64);
+
+impl Fh {
+    /// No handle: what the kernel sends to READDIR a directory it never opened (with
+    /// FOPEN_CACHE_DIR or NO_OPENDIR); the directory's own listing is read.
+    pub const NONE: Fh = Fh(0);
+}
+
 /// Who asks: the caller's ids as shown through the mount.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
@@ -328,7 +340,7 @@ pub struct Overlay {
     /// `<workdir>/work`: where copy-ups and replacements are built before they appear.
     pub(crate) work: Option<Arc<OwnedFd>>,
     nodes: NodeTable,
-    handles: Vec<Mutex<std::collections::HashMap<u64, Arc<Handle>>>>,
+    handles: Vec<Mutex<std::collections::HashMap<Fh, Arc<Handle>>>>,
     /// Listings of directories read with no open handle (see [`dir::Listings`]).
     listings: dir::Listings,
     next_fh: AtomicU64,
@@ -1241,7 +1253,7 @@ impl Overlay {
 
     /// The attributes of `ino` as shown through the mount (of open file `fh`, if given); adds
     /// no lookup reference.
-    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
+    pub fn getattr(&self, ino: u64, fh: Option<Fh>) -> Result<Attr> {
         let node = self.node(ino)?;
         if let Some(fh) = fh {
             if let Some(h) = self.handle(fh) {
@@ -1288,21 +1300,21 @@ impl Overlay {
 
     // ------------------------------------------------------------ handles
 
-    fn handle_shard(&self, fh: u64) -> &Mutex<std::collections::HashMap<u64, Arc<Handle>>> {
-        &self.handles[(fh as usize) % HANDLE_SHARDS]
+    fn handle_shard(&self, fh: Fh) -> &Mutex<std::collections::HashMap<Fh, Arc<Handle>>> {
+        &self.handles[(fh.0 as usize) % HANDLE_SHARDS]
     }
 
-    fn add_handle(&self, h: Handle) -> u64 {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+    fn add_handle(&self, h: Handle) -> Fh {
+        let fh = Fh(self.next_fh.fetch_add(1, Ordering::Relaxed));
         self.handle_shard(fh).lock().insert(fh, Arc::new(h));
         fh
     }
 
-    fn handle(&self, fh: u64) -> Option<Arc<Handle>> {
+    fn handle(&self, fh: Fh) -> Option<Arc<Handle>> {
         self.handle_shard(fh).lock().get(&fh).cloned()
     }
 
-    fn file_fd(&self, fh: u64) -> Result<Arc<Handle>> {
+    fn file_fd(&self, fh: Fh) -> Result<Arc<Handle>> {
         match self.handle(fh) {
             Some(h) if matches!(&*h, Handle::File(_)) => Ok(h),
             _ => Err(Errno::BADF),
@@ -1311,7 +1323,7 @@ impl Overlay {
 
     /// Opens file `ino` with open(2) `flags` and returns a handle (given back with
     /// `release`); writing or truncating copies it up first. No lookup reference changes.
-    pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+    pub fn open(&self, ino: u64, flags: i32) -> Result<Fh> {
         let node = self.node(ino)?;
         let acc = flags & libc::O_ACCMODE;
         let writes = acc == libc::O_WRONLY || acc == libc::O_RDWR;
@@ -1363,13 +1375,13 @@ impl Overlay {
 
     /// Closes file or directory handle `fh` (from `open`, `create` or `opendir`); unknown
     /// handles are ignored. Lookup references are not touched.
-    pub fn release(&self, fh: u64) {
+    pub fn release(&self, fh: Fh) {
         self.handle_shard(fh).lock().remove(&fh);
     }
 
     /// Run `f` on the descriptor of open file `fh` if it is a regular file of the upper layer
     /// (what FUSE passthrough may hand to the kernel); `None` for anything else.
-    pub fn with_upper_fd<R>(&self, fh: u64, f: impl FnOnce(BorrowedFd<'_>) -> R) -> Option<R> {
+    pub fn with_upper_fd<R>(&self, fh: Fh, f: impl FnOnce(BorrowedFd<'_>) -> R) -> Option<R> {
         let h = self.handle(fh)?;
         match &*h {
             Handle::File(file) if file.upper && file.below.is_none() => Some(f(file.fd.as_fd())),
@@ -1378,7 +1390,7 @@ impl Overlay {
     }
 
     /// Up to `size` bytes of open file `fh` at `off` (fewer only at the end of the file).
-    pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+    pub fn read(&self, fh: Fh, off: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.file_fd(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
         let fd = f.fd(&self.sys);
@@ -1399,7 +1411,7 @@ impl Overlay {
 
     /// Writes `data` to open file `fh` at `off`; returns how much was written (short only
     /// when a later part failed, as write(2)), the error only when nothing was.
-    pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
+    pub fn write(&self, fh: Fh, off: u64, data: &[u8]) -> Result<u32> {
         let h = self.file_fd(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
         let fd = f.fd(&self.sys);
@@ -1422,7 +1434,7 @@ impl Overlay {
     }
 
     /// Flushes open file `fh` to disk (its data only with `datasync`); ENOSYS with `fsync=0`.
-    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+    pub fn fsync(&self, fh: Fh, datasync: bool) -> Result<()> {
         if !self.opts.fsync {
             return Err(Errno::NOSYS);
         }
@@ -1446,7 +1458,7 @@ impl Overlay {
     }
 
     /// `fallocate(2)` on open file `fh` (mode bits passed through).
-    pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Result<()> {
+    pub fn fallocate(&self, fh: Fh, off: u64, len: u64, mode: i32) -> Result<()> {
         let h = self.file_fd(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
         let fd = f.fd(&self.sys);
@@ -1454,7 +1466,7 @@ impl Overlay {
     }
 
     /// The offset `lseek(2)` gives on open file `fh` (SEEK_DATA and SEEK_HOLE included).
-    pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
+    pub fn lseek(&self, fh: Fh, off: i64, whence: i32) -> Result<i64> {
         let h = self.file_fd(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
         let fd = f.fd(&self.sys);
@@ -1465,9 +1477,9 @@ impl Overlay {
     /// copied (at most 4 GiB less 4 KiB per call).
     pub fn copy_file_range(
         &self,
-        fh_in: u64,
+        fh_in: Fh,
         mut off_in: u64,
-        fh_out: u64,
+        fh_out: Fh,
         mut off_out: u64,
         len: u64,
     ) -> Result<u32> {

@@ -9,7 +9,7 @@ use super::loc::{DirHandle, Loc};
 use super::node::{Node, NodeState};
 use super::tree::{self, UpperDir, WH_PREFIX};
 use super::{
-    Attr, Caller, Errno, FileHandle, Found, Handle, Kind, Overlay, Result, SetAttr, SetTime,
+    Attr, Caller, Errno, Fh, FileHandle, Found, Handle, Kind, Overlay, Result, SetAttr, SetTime,
     format_override, is_internal_xattr, is_whiteout,
 };
 use crate::sys::{self, OFlags, RenameFlags, Sys, Timespec};
@@ -275,7 +275,7 @@ impl Overlay {
         name: &OsStr,
         mode: u32,
         flags: i32,
-    ) -> Result<(Attr, u64)> {
+    ) -> Result<(Attr, Fh)> {
         let (ps, pu) = match self.prepare_new(parent, name) {
             Err(Errno::EXIST) if flags & libc::O_EXCL == 0 => {
                 let attr = self.lookup(parent, name)?;
@@ -871,7 +871,7 @@ impl Overlay {
 
     /// Applies the changes `set` asks for to `ino` (through open file `fh`, if given), copying
     /// it up first; returns the new attributes and adds no lookup reference.
-    pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> Result<Attr> {
+    pub fn setattr(&self, ino: u64, fh: Option<Fh>, set: SetAttr) -> Result<Attr> {
         self.writable()?;
         let node = self.node(ino)?;
         let u = match set.size {
