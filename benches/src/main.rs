@@ -9,6 +9,7 @@ mod floor;
 mod layerset;
 mod mount;
 mod report;
+mod requests;
 mod rootless;
 mod run;
 mod worker;
@@ -60,6 +61,9 @@ options:
                          only: it refuses metacopy with userxattr) and rustfuse with
                          -o metacopy=on; fuse-overlayfs has no such mode; files
                          results[-rootless]-metacopy.*
+  --count-requests       time nothing: run every workload once on each FUSE
+                         filesystem with its request log on and print the FUSE
+                         requests it got, by opcode (requests[-rootless].md)
   --list                 list the workloads and exit
 ";
 
@@ -79,6 +83,7 @@ struct Args {
     timeout: Duration,
     rootless: bool,
     metacopy: bool,
+    count: bool,
     list: bool,
 }
 
@@ -99,6 +104,7 @@ fn parse_args(argv: &[String]) -> Result<Args> {
         timeout: Duration::from_secs(600),
         rootless: false,
         metacopy: false,
+        count: false,
         list: false,
     };
     let mut it = argv.iter();
@@ -133,6 +139,7 @@ fn parse_args(argv: &[String]) -> Result<Args> {
             "--timeout" => a.timeout = Duration::from_secs(val()?.parse().context("--timeout")?),
             "--rootless" => a.rootless = true,
             "--metacopy" => a.metacopy = true,
+            "--count-requests" => a.count = true,
             "--list" => a.list = true,
             "-h" | "--help" => {
                 print!("{USAGE}");
@@ -311,7 +318,63 @@ fn make_ctx(a: &Args, userns: bool) -> Result<Ctx> {
         timeout: a.timeout,
         userns,
         metacopy: a.metacopy,
+        count: a.count,
     })
+}
+
+/// `--count-requests`: one run of each workload on each FUSE filesystem (not the builds,
+/// whose daemons the build tools start), the requests counted from the daemon's log.
+fn count_requests(
+    a: &Args,
+    ctx: &Ctx,
+    selected: &[&Workload],
+    fss: &[Fs],
+    cycle_args: &[String],
+    workdir: &Path,
+) -> Result<()> {
+    let mut tables = Vec::new();
+    for w in selected {
+        if workloads::always_rootless(w) || w.group == workloads::Group::Mount {
+            eprintln!("{}: not counted (a build, or a mount timing)", w.name);
+            continue;
+        }
+        let mut cols = Vec::new();
+        for f in fss.iter().filter(|f| {
+            f.missing.is_none()
+                && f.kind != Kind::Kernel
+                && workloads::applies(f, w)
+                && !workloads::SNAPSHOTTER_COLUMNS.contains(&f.id)
+        }) {
+            eprint!("\r\x1b[K{} on {}", w.name, f.label);
+            let r = if a.rootless {
+                rootless::run_in_userns(ctx, f, w.name, cycle_args)
+            } else {
+                ctx.run(f, w)
+            };
+            if let Err(e) = r {
+                run::check_interrupted()?;
+                eprintln!("\n{} on {}: {e:#}", w.name, f.label);
+                continue;
+            }
+            let log = ctx.run_root.join(f.id).join("mount.log");
+            let text =
+                std::fs::read_to_string(&log).with_context(|| format!("read {}", log.display()))?;
+            cols.push((f.label.to_string(), requests::parse(&text)));
+        }
+        tables.push((w.name.to_string(), cols));
+    }
+    eprintln!("\r\x1b[K");
+    let md = requests::table(&tables);
+    print!("{md}");
+    let out = a.out.clone().unwrap_or(workdir.to_path_buf());
+    std::fs::create_dir_all(&out)?;
+    let p = out.join(format!(
+        "requests{}.md",
+        if a.rootless { "-rootless" } else { "" }
+    ));
+    std::fs::write(&p, md).with_context(|| format!("write {}", p.display()))?;
+    eprintln!("wrote {}", p.display());
+    Ok(())
 }
 
 fn real_main(argv: &[String]) -> Result<()> {
@@ -383,6 +446,7 @@ fn real_main(argv: &[String]) -> Result<()> {
     ]
     .into_iter()
     .chain(a.metacopy.then(|| "--metacopy".to_string()))
+    .chain(a.count.then(|| "--count-requests".to_string()))
     .collect();
     if a.rootless {
         // The unprivileged user must reach the layers and the run dirs.
@@ -411,6 +475,9 @@ fn real_main(argv: &[String]) -> Result<()> {
             .filter(|f| f.missing.is_none() && workloads::applies(f, w))
             .collect()
     };
+    if a.count {
+        return count_requests(&a, &ctx, &selected, &fss, &cycle_args, &workdir);
+    }
     let mut results = report::Results::new(
         &fss,
         &selected,

@@ -39,6 +39,9 @@ pub struct How {
     /// Kernel overlayfs with `redirect_dir=on,metacopy=on` (not with `userxattr`), rustfuse
     /// with `-o metacopy=on`.
     pub metacopy: bool,
+    /// `--count-requests`: every FUSE daemon in the foreground, logging each request it
+    /// gets to the mount log (see `requests`).
+    pub count: bool,
 }
 
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -118,6 +121,7 @@ impl Mount {
         let How {
             userxattr,
             metacopy,
+            count,
         } = how;
         run::check_interrupted()?;
         clear_mountpoint(mnt);
@@ -143,6 +147,10 @@ impl Mount {
                 let mut c = Command::new(&fs.bin);
                 let tree = lowers.first().context("the floor needs its tree")?;
                 c.arg("-o").arg(format!("source={},xattr", tree.display()));
+                if count {
+                    // libfuse's debug output names every opcode (and implies -f).
+                    c.arg("-d");
+                }
                 c
             }
             Kind::Fuse => {
@@ -151,10 +159,32 @@ impl Mount {
                 }
                 let mut c = Command::new(&fs.bin);
                 c.arg("-o").arg(&opts);
+                if count {
+                    match fs.id {
+                        // libfuse: `-d` logs every opcode and stays in the foreground.
+                        "fo1" => {
+                            c.arg("-d");
+                        }
+                        // fuser logs every request at debug level (fuse-overlayfs 2.0 through
+                        // `log`, rustfuse through its tracing filter).
+                        _ => {
+                            c.arg("-f")
+                                .env("RUST_LOG", "fuser::request=debug")
+                                .env("RUSTFUSE_LOG", "fuser::request=debug");
+                        }
+                    }
+                }
                 c
             }
         };
-        let logf = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        // Appended to while counting (find-remount mounts twice), else one mount's log.
+        let logf = fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(count)
+            .truncate(!count)
+            .open(log)
+            .with_context(|| format!("create {}", log.display()))?;
         cmd.arg(mnt)
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)

@@ -241,7 +241,7 @@ pub const WORKLOADS: &[Workload] = &[
 
 /// Columns that are rustfuse-snapshotter, not a mount program: they apply to
 /// buildkit-build only.
-const SNAPSHOTTER_COLUMNS: [&str; 2] = ["snap-fuse", "snap-auto"];
+pub const SNAPSHOTTER_COLUMNS: [&str; 2] = ["snap-fuse", "snap-auto"];
 
 /// Whether `w` runs on the column `fs_`.
 pub fn applies(fs_: &Fs, w: &Workload) -> bool {
@@ -274,6 +274,8 @@ pub struct Ctx {
     /// `--metacopy`: kernel overlayfs with `redirect_dir=on,metacopy=on` (root mode only) and
     /// rustfuse with `-o metacopy=on`.
     pub metacopy: bool,
+    /// `--count-requests`: mount with request logging (see `requests`).
+    pub count: bool,
 }
 
 pub struct Dirs {
@@ -296,6 +298,7 @@ impl Ctx {
             fs::create_dir_all(&p)?;
         }
         fs::create_dir_all(&mnt)?;
+        let _ = fs::remove_file(base.join("mount.log"));
         Ok(Dirs {
             upper: base.join("upper"),
             work: base.join("work"),
@@ -322,6 +325,7 @@ impl Ctx {
             mount::How {
                 userxattr: self.userns,
                 metacopy: self.metacopy,
+                count: self.count,
             },
         )
     }
