@@ -514,6 +514,9 @@ fn real_main(argv: &[String]) -> Result<()> {
                 } else {
                     ctx.run(f, w)
                 };
+                if let Some(l) = workloads::take_latency() {
+                    results.add_latency(wi, f.id, l);
+                }
                 match r {
                     Ok(Some(v)) => results.add(wi, f.id, v),
                     Ok(None) => {}
@@ -531,6 +534,7 @@ fn real_main(argv: &[String]) -> Result<()> {
     let out = a.out.clone().unwrap_or(workdir.clone());
     std::fs::create_dir_all(&out)?;
     print!("{}", results.table());
+    print!("{}", results.latency_table());
     let stem = format!(
         "results{}{}",
         if a.rootless { "-rootless" } else { "" },

@@ -18,6 +18,8 @@ pub struct Results<'a> {
     reps: usize,
     mode: &'static str,
     samples: Vec<BTreeMap<&'static str, Vec<f64>>>,
+    /// Lone-request workloads: (p50, p90, p99) seconds of each run.
+    latency: Vec<BTreeMap<&'static str, Vec<[f64; 3]>>>,
     errors: Vec<BTreeMap<&'static str, String>>,
 }
 
@@ -38,6 +40,7 @@ fn median(v: &[f64]) -> Option<f64> {
 fn fmt_value(unit: Unit, v: f64) -> String {
     match unit {
         Unit::Bytes => format!("{:.1} MiB", v / (1024.0 * 1024.0)),
+        Unit::Seconds if v < 0.001 => format!("{:.1} µs", v * 1e6),
         Unit::Seconds if v < 0.01 => format!("{:.2} ms", v * 1e3),
         Unit::Seconds if v < 1.0 => format!("{:.0} ms", v * 1e3),
         Unit::Seconds => format!("{v:.2} s"),
@@ -121,12 +124,63 @@ impl<'a> Results<'a> {
             reps,
             mode,
             samples: vec![BTreeMap::new(); workloads.len()],
+            latency: vec![BTreeMap::new(); workloads.len()],
             errors: vec![BTreeMap::new(); workloads.len()],
         }
     }
 
     pub fn add(&mut self, wi: usize, fs: &'static str, v: f64) {
         self.samples[wi].entry(fs).or_default().push(v);
+    }
+
+    /// The latency percentiles (p50, p90, p99) of one lone-request run.
+    pub fn add_latency(&mut self, wi: usize, fs: &'static str, l: [f64; 3]) {
+        self.latency[wi].entry(fs).or_default().push(l);
+    }
+
+    /// Median over the repetitions of each percentile, in µs.
+    fn latency_us(&self, wi: usize, fs: &str) -> Option<[f64; 3]> {
+        let runs = self.latency[wi].get(fs)?;
+        let mut out = [0.0; 3];
+        for (i, o) in out.iter_mut().enumerate() {
+            let v: Vec<f64> = runs.iter().map(|r| r[i] * 1e6).collect();
+            *o = median(&v)?;
+        }
+        Some(out)
+    }
+
+    /// The lone-request workloads' latency distribution, when any ran.
+    pub fn latency_table(&self) -> String {
+        let rows: Vec<usize> = (0..self.workloads.len())
+            .filter(|&wi| !self.latency[wi].is_empty())
+            .collect();
+        if rows.is_empty() {
+            return String::new();
+        }
+        let mut s = String::from(
+            "\nLatency per call, µs (p50 / p90 / p99; each the median over the repetitions)\n\n| workload |",
+        );
+        for f in self.fss {
+            let _ = write!(s, " {} |", f.label);
+        }
+        s.push_str("\n|---|");
+        for _ in self.fss {
+            s.push_str("---|");
+        }
+        s.push('\n');
+        for wi in rows {
+            let _ = write!(s, "| {} |", self.workloads[wi].name);
+            for f in self.fss {
+                match self.latency_us(wi, f.id) {
+                    Some([a, b, c]) => {
+                        let _ = write!(s, " {a:.1} / {b:.1} / {c:.1} |");
+                    }
+                    None => s.push_str(" n/a |"),
+                }
+            }
+            s.push('\n');
+        }
+        s
     }
 
     pub fn fail(&mut self, wi: usize, fs: &'static str, e: String) {
@@ -370,6 +424,10 @@ impl<'a> Results<'a> {
                 let medians = per(&|x| json_num(self.median(wi, x.id)));
                 let ratios = per(&|x| json_num(self.ratio(wi, x.id)));
                 let to_b = json_num(self.ratio_to_b(wi));
+                let latency = per(&|x| match self.latency_us(wi, x.id) {
+                    Some([a, b, c]) => format!("[{a}, {b}, {c}]"),
+                    None => "null".into(),
+                });
                 let errors = self.errors[wi]
                     .iter()
                     .map(|(k, v)| format!("{}: {}", json_str(k), json_str(v)))
@@ -383,6 +441,7 @@ impl<'a> Results<'a> {
                     "\n    {{\"name\": {}, \"group\": {}, \"unit\": {}, \"about\": {}, \"target\": {}, \
                      \"samples\": {{{samples}}}, \"median\": {{{medians}}}, \
                      \"ratio_to_kernel\": {{{ratios}}}, \"ratio_rustfuse_to_b\": {to_b}, \
+                     \"latency_us_p50_p90_p99\": {{{latency}}}, \
                      \"errors\": {{{errors}}}, \
                      \"rustfuse_target_met\": {met}, \"rustfuse_misses\": {why}}}",
                     json_str(w.name),

@@ -64,6 +64,9 @@ pub fn cycle_main(ctx: &Ctx, args: &[String]) -> Result<()> {
         .with_context(|| format!("unknown workload {wname}"))?;
     let v = ctx.run(&fs, w)?;
     let mut out = std::io::stdout().lock();
+    if let Some([a, b, c]) = crate::workloads::take_latency() {
+        writeln!(out, "LAT {a} {b} {c}")?;
+    }
     match v {
         Some(v) => writeln!(out, "VALUE {v}")?,
         None => writeln!(out, "NONE")?,
@@ -177,6 +180,9 @@ pub fn run_in_userns(
             Ok(line) => {
                 if let Some(v) = line.strip_prefix("VALUE ") {
                     value = Some(v.parse::<f64>().context("child value")?);
+                }
+                if let Some(v) = line.strip_prefix("LAT ") {
+                    crate::workloads::set_latency(v)?;
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),

@@ -81,8 +81,64 @@ pub fn main(args: &[String]) -> Result<()> {
             }
             Ok(())
         }
+        // lone OP LIST N: N calls of one kind, one at a time, on the first listed files
+        "lone" => {
+            let op = arg(args, 1, "op")?;
+            let files = list(Path::new(arg(args, 2, "list")?), &[])?;
+            let n: usize = arg(args, 3, "calls")?.parse()?;
+            lone(op, &files, n)
+        }
         _ => bail!("unknown worker {name}"),
     }
+}
+
+/// Files a lone-request workload cycles over (looked up once before the timed calls).
+const LONE_FILES: usize = 256;
+
+/// One call that reaches the FUSE daemon every time: a GETXATTR (the kernel caches no
+/// xattrs), an OPEN and RELEASE of a lower file, or a GETATTR (`statx` with
+/// `AT_STATX_FORCE_SYNC` skips the attribute cache).
+fn lone_call(op: &str, p: &str, buf: &mut [u8]) -> Result<()> {
+    use rustix::fs::{AtFlags, CWD, StatxFlags};
+    match op {
+        "getxattr" => match rustix::fs::lgetxattr(p, "user.rustfuse-compare", buf) {
+            Ok(_) | Err(rustix::io::Errno::NODATA) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("getxattr {p}")),
+        },
+        "open" => {
+            drop(fs::File::open(p).with_context(|| format!("open {p}"))?);
+            Ok(())
+        }
+        "statx" => {
+            let flags = AtFlags::STATX_FORCE_SYNC | AtFlags::SYMLINK_NOFOLLOW;
+            rustix::fs::statx(CWD, p, flags, StatxFlags::BASIC_STATS)
+                .with_context(|| format!("statx {p}"))?;
+            Ok(())
+        }
+        _ => bail!("unknown lone op {op}"),
+    }
+}
+
+/// `n` calls one after the other; prints `LAT P50 P90 P99` (seconds per call) on stderr.
+fn lone(op: &str, files: &[String], n: usize) -> Result<()> {
+    let files = &files[..files.len().min(LONE_FILES)];
+    if files.is_empty() || n == 0 {
+        bail!("nothing to call");
+    }
+    let mut buf = vec![0u8; 256];
+    for p in files {
+        lone_call(op, p, &mut buf)?;
+    }
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = std::time::Instant::now();
+        lone_call(op, &files[i % files.len()], &mut buf)?;
+        lat.push(t.elapsed().as_secs_f64());
+    }
+    lat.sort_by(f64::total_cmp);
+    let q = |f: f64| lat[((lat.len() - 1) as f64 * f).round() as usize];
+    eprintln!("LAT {} {} {}", q(0.5), q(0.9), q(0.99));
+    Ok(())
 }
 
 fn randread(file: &Path, jobs: usize, ops: usize) -> Result<()> {

@@ -85,6 +85,24 @@ use Target::*;
 
 pub const WORKLOADS: &[Workload] = &[
     w(
+        "lone-getxattr",
+        Metadata,
+        BeatFuseOverlayfs,
+        "getxattr of lower files, one call at a time (median latency per call)",
+    ),
+    w(
+        "lone-open",
+        Metadata,
+        BeatFuseOverlayfs,
+        "open+close of lower files, one at a time (median latency per call)",
+    ),
+    w(
+        "lone-statx",
+        Metadata,
+        BeatFuseOverlayfs,
+        "statx with AT_STATX_FORCE_SYNC, one at a time (median latency per call)",
+    ),
+    w(
         "find-cold",
         Metadata,
         BeatFuseOverlayfs,
@@ -244,6 +262,32 @@ pub const WORKLOADS: &[Workload] = &[
 pub const SNAPSHOTTER_COLUMNS: [&str; 2] = ["snap-fuse", "snap-auto"];
 
 /// Whether `w` runs on the column `fs_`.
+/// The latency percentiles (p50, p90, p99, seconds) of the last lone-request run, for the
+/// report: set by [`Ctx::run`] (or, rootless, from the child's `LAT` line), taken after it.
+static LATENCY: std::sync::Mutex<Option<[f64; 3]>> = std::sync::Mutex::new(None);
+
+/// Records `P50 P90 P99` as printed by the `lone` worker.
+pub fn set_latency(line: &str) -> Result<()> {
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("latency line {line:?}"))?;
+    let [a, b, c] = v[..] else {
+        bail!("latency line {line:?}: want three numbers");
+    };
+    *LATENCY.lock().unwrap_or_else(|e| e.into_inner()) = Some([a, b, c]);
+    Ok(())
+}
+
+/// The percentiles of the run that just ended, if it was a lone-request one.
+pub fn take_latency() -> Option<[f64; 3]> {
+    LATENCY.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+/// Calls per lone-request run.
+const LONE_CALLS: &str = "4000";
+
 pub fn applies(fs_: &Fs, w: &Workload) -> bool {
     if fs_.kind == Kind::Floor {
         // One passed-through directory: nothing to write into or mount in layers.
@@ -393,6 +437,23 @@ impl Ctx {
                 self.sh(&mnt, "find . >/dev/null")?
             }
             "ls-lR" => self.sh(&mnt, "ls -lR . >/dev/null")?,
+            "lone-getxattr" | "lone-open" | "lone-statx" => {
+                let op = w.name.trim_start_matches("lone-");
+                let mut c = Command::new(&self.exe);
+                c.args(["__worker", "lone", op, &list, LONE_CALLS])
+                    .current_dir(&mnt);
+                let d = run::run_ok(&mut c, self.timeout)?;
+                let lat = d
+                    .stderr
+                    .lines()
+                    .find_map(|l| l.strip_prefix("LAT "))
+                    .context("the lone worker printed no latencies")?;
+                set_latency(lat)?;
+                lat.split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .context("no median latency")?
+            }
             "stat-all" => self.worker(&mnt, &["statlist", &list])?,
             "git-status" => {
                 let git = "git -c safe.directory='*' -C app/repo status --porcelain >/dev/null";
