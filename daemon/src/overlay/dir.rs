@@ -10,8 +10,9 @@ use parking_lot::Mutex;
 use std::os::unix::ffi::OsStrExt;
 
 use super::node::NodeState;
+use super::probe::{self, LowerHint, is_whiteout};
 use super::tree::WH_PREFIX;
-use super::{Attr, Errno, Fh, Handle, Kind, Overlay, Result, is_whiteout};
+use super::{Attr, Errno, Fh, Handle, Kind, Overlay, Result};
 use crate::sys;
 
 /// Listings of directories read with no open handle: once the kernel stops sending OPENDIR
@@ -177,15 +178,6 @@ pub struct DirEntry {
     pub(crate) hint: Option<LowerHint>,
 }
 
-/// Of lower layers 0..64 (bit = the layer's index): which list the name itself (any type,
-/// whiteouts included) and which list `.wh.NAME`. A layer in neither answers ENOENT to both
-/// probes of a lookup, so the lookup skips it.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct LowerHint {
-    pub present: u64,
-    pub wh: u64,
-}
-
 /// What the merge knows of one name while walking the layers top-down.
 struct Merging {
     name: OsString,
@@ -305,7 +297,7 @@ impl Overlay {
                             if is_upper {
                                 // An opaque upper directory has no lower part.
                                 if let Ok(child) = self.sys.open_path_at(fd.as_fd(), name) {
-                                    m.closed = self.is_opaque(child.as_fd());
+                                    m.closed = probe::is_opaque(&self.sys, child.as_fd());
                                 }
                             } else {
                                 m.first_lower_dir = Some(ino);
@@ -313,13 +305,15 @@ impl Overlay {
                             }
                         } else if is_upper {
                             // A copied-up file keeps its lower inode number.
-                            let origin = self
-                                .sys
-                                .listxattr_at(fd.as_fd(), name)
-                                .ok()
-                                .and_then(|names| super::find_origin_name(&names))
-                                .and_then(|x| self.sys.getxattr_at(fd.as_fd(), name, x).ok())
-                                .and_then(|v| super::parse_origin(&v));
+                            let origin =
+                                self.sys
+                                    .listxattr_at(fd.as_fd(), name)
+                                    .ok()
+                                    .and_then(|names| {
+                                        probe::origin(&names, |x| {
+                                            self.sys.getxattr_at(fd.as_fd(), name, x)
+                                        })
+                                    });
                             if let Some(n) = origin {
                                 m.top_ino = n;
                             }

@@ -7,6 +7,7 @@ mod copyup;
 mod dir;
 mod loc;
 mod node;
+mod probe;
 mod tree;
 mod write;
 
@@ -26,7 +27,8 @@ pub use dir::DirEntry;
 use loc::{DirFdCache, DirHandle, Loc};
 pub use node::ROOT_INO;
 use node::{Node, NodeState, NodeTable};
-use tree::{OPAQUE_FILE, WH_PREFIX};
+use probe::{LowerHint, Probe};
+use tree::WH_PREFIX;
 
 /// What the overlay answers: a value, or the errno the caller gets.
 pub type Result<T> = std::result::Result<T, Errno>;
@@ -530,7 +532,7 @@ impl Overlay {
                 i as u16,
                 Loc::Dir(DirHandle::root(&self.dir_fds, l.fd.clone())),
             ));
-            if self.is_opaque(l.fd.as_fd()) {
+            if probe::is_opaque(&self.sys, l.fd.as_fd()) {
                 break;
             }
         }
@@ -539,7 +541,7 @@ impl Overlay {
         let st = self.sys.fstat(top.as_fd())?;
         // An opaque upper root hides every lower layer.
         if let Some(u) = &upper {
-            if self.is_opaque(u.as_fd()) {
+            if probe::is_opaque(&self.sys, u.as_fd()) {
                 lowers.clear();
             }
         }
@@ -608,22 +610,7 @@ impl Overlay {
         tree::tmp_name(self.next_tmp.fetch_add(1, Ordering::Relaxed))
     }
 
-    // ------------------------------------------------------------ layer probing
-
-    pub(crate) fn is_opaque(&self, dir: BorrowedFd<'_>) -> bool {
-        if let Ok(names) = self.sys.flistxattr(dir) {
-            for n in &names {
-                if OPAQUE_XATTRS.iter().any(|o| n.as_bytes() == o.as_bytes()) {
-                    if let Ok(v) = self.sys.fgetxattr(dir, n) {
-                        if v == b"y" {
-                            return true;
-                        }
-                    }
-                }
-            }
-        }
-        self.sys.stat_at(dir, OsStr::new(OPAQUE_FILE)).is_ok()
-    }
+    // ------------------------------------------------ inode numbers, walks over the layers
 
     pub(crate) fn map_ino(&self, st: &Stat) -> u64 {
         self.map_dev_ino(st.st_dev, st.st_ino)
@@ -660,7 +647,7 @@ impl Overlay {
         &self,
         parent: &NodeState,
         name: &OsStr,
-        hint: Option<&dir::LowerHint>,
+        hint: Option<&LowerHint>,
     ) -> Result<Option<Found>> {
         if name.as_bytes().starts_with(WH_PREFIX) {
             return Ok(None);
@@ -674,11 +661,11 @@ impl Overlay {
         let mut lowers: Vec<(u16, Loc)> = Vec::new();
         let mut first_lower: Option<Stat> = None;
         if let Some((uh, u)) = parent.upper_dir()? {
-            match self.sys.stat_at(u.as_fd(), name) {
-                Ok(st) => {
-                    if is_whiteout(&st) {
-                        return Ok(None);
-                    }
+            match probe::probe(&self.sys, u.as_fd(), name)? {
+                Probe::Whiteout(_) => return Ok(None),
+                Probe::Absent => {}
+                Probe::NotDir => return Err(Errno::NOTDIR),
+                Probe::Entry(st) => {
                     let k = Kind::from_mode(st.st_mode);
                     if k != Kind::Dir {
                         let loc = Loc::At(uh.clone(), name.to_os_string());
@@ -699,7 +686,7 @@ impl Overlay {
                         }));
                     }
                     let fd = self.sys.open_path_at(u.as_fd(), name)?;
-                    let opaque = self.is_opaque(fd.as_fd());
+                    let opaque = probe::is_opaque(&self.sys, fd.as_fd());
                     upper = Some(Loc::Dir(DirHandle::child(&uh, name, fd)));
                     top = Some(st);
                     kind = Some(Kind::Dir);
@@ -716,30 +703,13 @@ impl Overlay {
                         }));
                     }
                 }
-                Err(Errno::NOENT) => {
-                    if tree::wh_file_exists(&self.sys, u.as_fd(), name) {
-                        return Ok(None);
-                    }
-                }
-                Err(e) => return Err(e),
             }
         }
         for (layer, lh, dfd) in parent.lower_dirs()? {
-            if let Some(h) = hint.filter(|_| layer < 64) {
-                let bit = 1u64 << layer;
-                if h.present & bit == 0 {
-                    // What the probes below would find: ENOENT, then `.wh.NAME` or nothing.
-                    if h.wh & bit != 0 {
-                        break;
-                    }
-                    continue;
-                }
-            }
-            match self.sys.stat_at(dfd.as_fd(), name) {
-                Ok(st) => {
-                    if is_whiteout(&st) {
-                        break;
-                    }
+            match probe::probe_lower(&self.sys, layer, dfd.as_fd(), name, hint)? {
+                Probe::Whiteout(_) | Probe::NotDir => break,
+                Probe::Absent => {}
+                Probe::Entry(st) => {
                     let k = Kind::from_mode(st.st_mode);
                     match kind {
                         None if k != Kind::Dir => {
@@ -777,7 +747,7 @@ impl Overlay {
                         }
                         Some(Kind::Dir) | None if k == Kind::Dir => {
                             let fd = self.sys.open_path_at(dfd.as_fd(), name)?;
-                            let opaque = self.is_opaque(fd.as_fd());
+                            let opaque = probe::is_opaque(&self.sys, fd.as_fd());
                             lowers.push((layer, Loc::Dir(DirHandle::child(&lh, name, fd))));
                             if first_lower.is_none() {
                                 first_lower = Some(st);
@@ -793,13 +763,6 @@ impl Overlay {
                         _ => break,
                     }
                 }
-                Err(Errno::NOENT) => {
-                    if tree::wh_file_exists(&self.sys, dfd.as_fd(), name) {
-                        break;
-                    }
-                }
-                Err(Errno::NOTDIR) => break,
-                Err(e) => return Err(e),
             }
         }
         let Some(kind) = kind else { return Ok(None) };
@@ -900,7 +863,7 @@ impl Overlay {
         meta: &Loc,
         parent: &NodeState,
         name: &OsStr,
-        hint: Option<&dir::LowerHint>,
+        hint: Option<&LowerHint>,
         below: Option<u16>,
     ) -> Result<Option<(u16, Loc)>> {
         let redirect = REDIRECT_XATTRS
@@ -972,24 +935,15 @@ impl Overlay {
         &self,
         parent: &NodeState,
         name: &OsStr,
-        hint: Option<&dir::LowerHint>,
+        hint: Option<&LowerHint>,
         below: Option<u16>,
     ) -> Result<Option<(u16, Loc)>> {
         for (layer, lh, dfd) in parent.lower_dirs()? {
             if below.is_some_and(|b| layer <= b) {
                 continue;
             }
-            if let Some(h) = hint.filter(|_| layer < 64) {
-                let bit = 1u64 << layer;
-                if h.present & bit == 0 {
-                    if h.wh & bit != 0 {
-                        return Ok(None);
-                    }
-                    continue;
-                }
-            }
-            match self.sys.stat_at(dfd.as_fd(), name) {
-                Ok(st) if Kind::from_mode(st.st_mode) == Kind::File => {
+            match probe::probe_lower(&self.sys, layer, dfd.as_fd(), name, hint)? {
+                Probe::Entry(st) if Kind::from_mode(st.st_mode) == Kind::File => {
                     let loc = Loc::At(lh.clone(), name.to_os_string());
                     // Never a metacopy as the data (it holds none), whatever the mount says.
                     if is_metacopy(&self.sys, &loc) {
@@ -997,13 +951,8 @@ impl Overlay {
                     }
                     return Ok(Some((layer, loc)));
                 }
-                Ok(_) | Err(Errno::NOTDIR) => return Ok(None),
-                Err(Errno::NOENT) => {
-                    if tree::wh_file_exists(&self.sys, dfd.as_fd(), name) {
-                        return Ok(None);
-                    }
-                }
-                Err(e) => return Err(e),
+                Probe::Entry(_) | Probe::Whiteout(_) | Probe::NotDir => return Ok(None),
+                Probe::Absent => {}
             }
         }
         Ok(None)
@@ -1017,9 +966,7 @@ impl Overlay {
         let metacopy = names
             .iter()
             .any(|n| METACOPY_XATTRS.iter().any(|m| n.as_bytes() == m.as_bytes()));
-        let origin = find_origin_name(&names)
-            .and_then(|n| loc.getxattr(&self.sys, n).ok())
-            .and_then(|v| parse_origin(&v));
+        let origin = probe::origin(&names, |n| loc.getxattr(&self.sys, n));
         // A copied-up lower hard link: one of its names.
         let index_key = NLINK_XATTRS
             .iter()
@@ -1038,15 +985,10 @@ impl Overlay {
     /// upper entry must leave a whiteout)?
     pub(crate) fn lower_positive(&self, parent: &NodeState, name: &OsStr) -> Result<bool> {
         for (_, _, dfd) in parent.lower_dirs()? {
-            match self.sys.stat_at(dfd.as_fd(), name) {
-                Ok(st) => return Ok(!is_whiteout(&st)),
-                Err(Errno::NOENT) => {
-                    if tree::wh_file_exists(&self.sys, dfd.as_fd(), name) {
-                        return Ok(false);
-                    }
-                }
-                Err(Errno::NOTDIR) => return Ok(false),
-                Err(e) => return Err(e),
+            match probe::probe(&self.sys, dfd.as_fd(), name)? {
+                Probe::Entry(_) => return Ok(true),
+                Probe::Whiteout(_) | Probe::NotDir => return Ok(false),
+                Probe::Absent => {}
             }
         }
         Ok(false)
@@ -1214,7 +1156,7 @@ impl Overlay {
         &self,
         parent: u64,
         name: &OsStr,
-        hint: Option<&dir::LowerHint>,
+        hint: Option<&LowerHint>,
     ) -> Result<Attr> {
         let p = self.node(parent)?;
         let ps = p.state();
@@ -1575,10 +1517,6 @@ fn is_metacopy(sys: &Sys, loc: &Loc) -> bool {
     METACOPY_XATTRS
         .iter()
         .any(|m| loc.getxattr(sys, OsStr::new(m)).is_ok())
-}
-
-pub(crate) fn is_whiteout(st: &Stat) -> bool {
-    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == 0
 }
 
 fn open_flags(flags: i32) -> OFlags {

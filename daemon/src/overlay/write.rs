@@ -7,37 +7,13 @@ use std::sync::Arc;
 
 use super::loc::{DirHandle, Loc};
 use super::node::{Node, NodeState};
+use super::probe::{self, Probe, Whiteout};
 use super::tree::{self, UpperDir, WH_PREFIX};
 use super::{
     Attr, Caller, Errno, Fh, FileHandle, Found, Handle, Kind, Overlay, Result, SetAttr, SetTime,
-    format_override, is_internal_xattr, is_whiteout,
+    format_override, is_internal_xattr,
 };
 use crate::sys::{self, OFlags, RenameFlags, Sys, Timespec};
-
-/// What the upper layer holds at a name.
-enum UpperAt {
-    Nothing,
-    /// A 0/0 character device.
-    DevWhiteout,
-    /// A `.wh.NAME` file.
-    FileWhiteout,
-    Entry(Kind),
-}
-
-fn upper_at(sys: &Sys, dir: BorrowedFd<'_>, name: &OsStr) -> Result<UpperAt> {
-    match sys.stat_at(dir, name) {
-        Ok(st) if is_whiteout(&st) => Ok(UpperAt::DevWhiteout),
-        Ok(st) => Ok(UpperAt::Entry(Kind::from_mode(st.st_mode))),
-        Err(Errno::NOENT) => {
-            if tree::wh_file_exists(sys, dir, name) {
-                Ok(UpperAt::FileWhiteout)
-            } else {
-                Ok(UpperAt::Nothing)
-            }
-        }
-        Err(e) => Err(e),
-    }
-}
 
 fn check_new_name(name: &OsStr) -> Result<()> {
     if name.as_bytes().starts_with(WH_PREFIX) {
@@ -206,10 +182,11 @@ impl Overlay {
         is_dir: bool,
         build: &mut dyn FnMut(BorrowedFd<'_>, &OsStr) -> Result<()>,
     ) -> Result<()> {
-        match upper_at(&self.sys, pu, name)? {
-            UpperAt::Nothing => build(pu, name),
-            UpperAt::Entry(_) => Err(Errno::EXIST),
-            UpperAt::FileWhiteout => {
+        match probe::probe(&self.sys, pu, name)? {
+            Probe::NotDir => Err(Errno::NOTDIR),
+            Probe::Absent => build(pu, name),
+            Probe::Entry(_) => Err(Errno::EXIST),
+            Probe::Whiteout(Whiteout::File) => {
                 build(pu, name)?;
                 if is_dir {
                     tree::set_opaque(&self.sys, pu, name)?;
@@ -217,7 +194,7 @@ impl Overlay {
                 let _ = self.sys.unlink_at(pu, &tree::wh_name(name));
                 Ok(())
             }
-            UpperAt::DevWhiteout => {
+            Probe::Whiteout(Whiteout::Dev) => {
                 let work = self.work_fd()?;
                 let tmp = self.tmp_name();
                 build(work.as_fd(), &tmp)?;
@@ -443,7 +420,10 @@ impl Overlay {
         let _no_copy_up = node.copyup.lock();
         let has_upper = match node.state().index_key {
             // A copied-up hard link: whether this name is one of its upper links.
-            Some(_) => matches!(upper_at(&self.sys, pu.as_fd(), name)?, UpperAt::Entry(_)),
+            Some(_) => match probe::probe(&self.sys, pu.as_fd(), name)? {
+                Probe::NotDir => return Err(Errno::NOTDIR),
+                p => matches!(p, Probe::Entry(_)),
+            },
             None => node.state().upper.is_some(),
         };
         let pinned = pin(&self.sys, &node)?;
@@ -460,14 +440,16 @@ impl Overlay {
         pinned.done();
         self.name_removed(&node, parent, name, has_upper)?;
         let st = node.state();
-        let gone = st
-            .upper
-            .as_ref()
-            .is_none_or(|u| u.stat(&self.sys).map(|s| s.st_nlink == 0).unwrap_or(true));
+        let gone = st.upper.as_ref().is_none_or(|u| self.upper_gone(u));
         if gone {
             node.update(|s| s.unlinked = true);
         }
         Ok(())
+    }
+
+    /// Has upper file `u` lost its last name (link count 0, or it cannot be read)?
+    fn upper_gone(&self, u: &Loc) -> bool {
+        u.stat(&self.sys).map(|s| s.st_nlink == 0).unwrap_or(true)
     }
 
     /// A lower file with several hard links, not copied up yet (a copy-up goes through the
@@ -741,16 +723,17 @@ impl Overlay {
             }
             return Ok(());
         }
-        let at_dst = upper_at(&self.sys, npu.as_fd(), newname)?;
-        let dst_linked = matches!(at_dst, UpperAt::Entry(_));
+        let at_dst = probe::probe(&self.sys, npu.as_fd(), newname)?;
+        let dst_linked = matches!(at_dst, Probe::Entry(_));
         let after = match at_dst {
-            UpperAt::Entry(Kind::Dir) => {
+            Probe::NotDir => return Err(Errno::NOTDIR),
+            Probe::Entry(st) if Kind::from_mode(st.st_mode) == Kind::Dir => {
                 // An empty merged directory may still hold whiteouts: clear them first.
                 let d = self.sys.open_path_at(npu.as_fd(), newname)?;
                 tree::remove_tree_contents(&self.sys, d.as_fd())?;
                 self.rename_leaving(pu.as_fd(), name, npu.as_fd(), newname, src_lower)?
             }
-            UpperAt::DevWhiteout if src_kind == Kind::Dir => {
+            Probe::Whiteout(Whiteout::Dev) if src_kind == Kind::Dir => {
                 // rename(2) won't put a directory over a device: exchange, then the whiteout
                 // sits at the old name, where it is kept if needed.
                 self.sys.rename_at(
@@ -766,13 +749,13 @@ impl Overlay {
                     self.sys.unlink_at(pu.as_fd(), name)
                 }
             }
-            UpperAt::FileWhiteout => {
+            Probe::Whiteout(Whiteout::File) => {
                 let after =
                     self.rename_leaving(pu.as_fd(), name, npu.as_fd(), newname, src_lower)?;
                 let _ = self.sys.unlink_at(npu.as_fd(), &tree::wh_name(newname));
                 after
             }
-            UpperAt::Nothing | UpperAt::Entry(_) | UpperAt::DevWhiteout => {
+            Probe::Absent | Probe::Entry(_) | Probe::Whiteout(Whiteout::Dev) => {
                 self.rename_leaving(pu.as_fd(), name, npu.as_fd(), newname, src_lower)?
             }
         };
@@ -785,10 +768,7 @@ impl Overlay {
         if let Some(d) = &dst_node {
             self.name_removed(d, newparent, newname, dst_linked)?;
             let st = d.state();
-            let gone = st
-                .upper
-                .as_ref()
-                .is_none_or(|u| u.stat(&self.sys).map(|s| s.st_nlink == 0).unwrap_or(true));
+            let gone = st.upper.as_ref().is_none_or(|u| self.upper_gone(u));
             if gone || st.kind == Kind::Dir {
                 d.update(|s| s.unlinked = true);
             }
