@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use rustfuse::overlay::{Overlay, ROOT_INO};
+use rustfuse::overlay::{Ino, Overlay, ROOT_INO};
 
 /// A layer set in a temporary directory on disk, removed on drop.
 pub struct TempLayers {
@@ -79,7 +79,7 @@ pub fn whiteout(dir: &Path, rel: &str) {
 }
 
 /// Look `path` (slash-separated, relative to the root) up component by component.
-pub fn lookup_path(ov: &Overlay, path: &str) -> u64 {
+pub fn lookup_path(ov: &Overlay, path: &str) -> Ino {
     let mut ino = ROOT_INO;
     for c in path.split('/').filter(|c| !c.is_empty()) {
         ino = ov

@@ -17,7 +17,7 @@ use fuser::{
 };
 use tracing::{debug_span, trace};
 
-use crate::overlay::{Attr, Caller, Fh, Kind, Overlay, SetAttr, SetTime};
+use crate::overlay::{Attr, Caller, Fh, Ino, Kind, Overlay, SetAttr, SetTime};
 use crate::sys::Errno;
 
 /// The one errno map from overlay errors to FUSE replies. Every errno passes through as
@@ -66,7 +66,7 @@ pub const PROTO_7_27: InitFlags = InitFlags::FUSE_ASYNC_READ
 
 /// Attributes sent with a negative entry (only the zero node id matters).
 const NEGATIVE: Attr = Attr {
-    ino: 0,
+    ino: Ino(0),
     size: 0,
     blocks: 0,
     atime: (0, 0),
@@ -103,9 +103,9 @@ struct Passthrough {
     negotiated: AtomicBool,
     /// New backing files may be registered (off once the kernel refused one for good).
     usable: AtomicBool,
-    inodes: Vec<parking_lot::Mutex<HashMap<u64, IoMode>>>,
+    inodes: Vec<parking_lot::Mutex<HashMap<Ino, IoMode>>>,
     /// Open file handle -> (inode, passthrough?).
-    handles: Vec<parking_lot::Mutex<HashMap<Fh, (u64, bool)>>>,
+    handles: Vec<parking_lot::Mutex<HashMap<Fh, (Ino, bool)>>>,
 }
 
 /// An answer to OPEN or CREATE, cached or passthrough.
@@ -168,8 +168,8 @@ impl Passthrough {
 
     /// Answer the open of file `fh` of inode `ino`, passthrough when it may be, while the
     /// inode's mode is locked (no other open or release of it interleaves).
-    fn open(&self, ov: &Overlay, ino: u64, fh: Fh, reply: impl OpenReply) {
-        let mut inodes = self.inodes[ino as usize % IO_SHARDS].lock();
+    fn open(&self, ov: &Overlay, ino: Ino, fh: Fh, reply: impl OpenReply) {
+        let mut inodes = self.inodes[ino.0 as usize % IO_SHARDS].lock();
         let m = inodes.entry(ino).or_default();
         if m.cached == 0 && m.backing.is_none() && self.usable.load(Ordering::Relaxed) {
             match ov.with_upper_fd(fh, |fd| reply.open_backing(fd)) {
@@ -185,7 +185,7 @@ impl Passthrough {
                     if fatal {
                         self.usable.store(false, Ordering::Relaxed);
                     }
-                    tracing::debug!(ino, error = %e, fatal, "passthrough refused; cached I/O");
+                    tracing::debug!(ino = ino.0, error = %e, fatal, "passthrough refused; cached I/O");
                 }
                 None => {}
             }
@@ -209,7 +209,7 @@ impl Passthrough {
         let Some((ino, pt)) = self.handles[fh.0 as usize % IO_SHARDS].lock().remove(&fh) else {
             return;
         };
-        let mut inodes = self.inodes[ino as usize % IO_SHARDS].lock();
+        let mut inodes = self.inodes[ino.0 as usize % IO_SHARDS].lock();
         let Some(m) = inodes.get_mut(&ino) else {
             return;
         };
@@ -280,7 +280,7 @@ impl OverlayFs {
             }
         }
         FileAttr {
-            ino: INodeNo(a.ino),
+            ino: INodeNo(a.ino.0),
             size: a.size,
             blocks: a.blocks,
             atime: t(a.atime),
@@ -305,7 +305,7 @@ impl OverlayFs {
     }
 
     /// Drops the set-id bits the kernel's rule says a write or truncate by `req` drops.
-    fn drop_setid(&self, ino: u64, req: &Request) -> Result<(), Errno> {
+    fn drop_setid(&self, ino: Ino, req: &Request) -> Result<(), Errno> {
         if let Some(mode) = self.ov.mode_without_setid(ino, caller(req))? {
             let set = SetAttr {
                 mode: Some(mode),
@@ -478,7 +478,7 @@ impl Filesystem for OverlayFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _s = debug_span!("lookup", parent = parent.0, ?name).entered();
-        match self.ov.lookup(parent.0, name) {
+        match self.ov.lookup(Ino(parent.0), name) {
             // A negative entry the kernel may cache: layers below are immutable and this
             // daemon is the only writer of the upper one.
             Err(Errno::NOENT) => {
@@ -493,12 +493,12 @@ impl Filesystem for OverlayFs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         let _s = debug_span!("forget", ino = ino.0, nlookup).entered();
-        self.ov.forget(ino.0, nlookup);
+        self.ov.forget(Ino(ino.0), nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let _s = debug_span!("getattr", ino = ino.0).entered();
-        self.attr(self.ov.getattr(ino.0, fh.map(|f| Fh(f.0))), reply);
+        self.attr(self.ov.getattr(Ino(ino.0), fh.map(|f| Fh(f.0))), reply);
     }
 
     fn setattr(
@@ -536,17 +536,17 @@ impl Filesystem for OverlayFs {
             && self.killpriv.load(Ordering::Relaxed)
             && (chown || (size.is_some() && req.uid() != 0))
         {
-            match self.ov.mode_without_setid(ino.0, caller(req)) {
+            match self.ov.mode_without_setid(Ino(ino.0), caller(req)) {
                 Ok(m) => set.mode = m,
                 Err(e) => return reply.error(fuse_errno(e)),
             }
         }
-        self.attr(self.ov.setattr(ino.0, fh.map(|f| Fh(f.0)), set), reply);
+        self.attr(self.ov.setattr(Ino(ino.0), fh.map(|f| Fh(f.0)), set), reply);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let _s = debug_span!("readlink", ino = ino.0).entered();
-        answer(self.ov.readlink(ino.0), reply, |reply, t| {
+        answer(self.ov.readlink(Ino(ino.0)), reply, |reply, t| {
             reply.data(t.as_bytes())
         });
     }
@@ -564,7 +564,7 @@ impl Filesystem for OverlayFs {
         let _s = debug_span!("mknod", parent = parent.0, ?name).entered();
         let mode = (mode & libc::S_IFMT) | (mode & !umask & 0o7777);
         self.entry(
-            self.ov.mknod(caller(req), parent.0, name, mode, rdev),
+            self.ov.mknod(caller(req), Ino(parent.0), name, mode, rdev),
             reply,
         );
     }
@@ -580,19 +580,20 @@ impl Filesystem for OverlayFs {
     ) {
         let _s = debug_span!("mkdir", parent = parent.0, ?name).entered();
         self.entry(
-            self.ov.mkdir(caller(req), parent.0, name, mode & !umask),
+            self.ov
+                .mkdir(caller(req), Ino(parent.0), name, mode & !umask),
             reply,
         );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _s = debug_span!("unlink", parent = parent.0, ?name).entered();
-        reply_empty(self.ov.unlink(parent.0, name), reply);
+        reply_empty(self.ov.unlink(Ino(parent.0), name), reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _s = debug_span!("rmdir", parent = parent.0, ?name).entered();
-        reply_empty(self.ov.rmdir(parent.0, name), reply);
+        reply_empty(self.ov.rmdir(Ino(parent.0), name), reply);
     }
 
     fn symlink(
@@ -606,7 +607,7 @@ impl Filesystem for OverlayFs {
         let _s = debug_span!("symlink", parent = parent.0, ?link_name).entered();
         self.entry(
             self.ov
-                .symlink(caller(req), parent.0, link_name, target.as_os_str()),
+                .symlink(caller(req), Ino(parent.0), link_name, target.as_os_str()),
             reply,
         );
     }
@@ -631,7 +632,7 @@ impl Filesystem for OverlayFs {
         .entered();
         reply_empty(
             self.ov
-                .rename(parent.0, name, newparent.0, newname, flags.bits()),
+                .rename(Ino(parent.0), name, Ino(newparent.0), newname, flags.bits()),
             reply,
         );
     }
@@ -645,7 +646,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyEntry,
     ) {
         let _s = debug_span!("link", ino = ino.0, newparent = newparent.0, ?newname).entered();
-        self.entry(self.ov.link(ino.0, newparent.0, newname), reply);
+        self.entry(self.ov.link(Ino(ino.0), Ino(newparent.0), newname), reply);
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -655,7 +656,7 @@ impl Filesystem for OverlayFs {
         // of set-id bits does not reach it: a caller without CAP_FSETID (non-root) loses
         // them as with truncate(2).
         if flags & libc::O_TRUNC != 0 && req.uid() != 0 {
-            if let Err(e) = self.drop_setid(ino.0, req) {
+            if let Err(e) = self.drop_setid(Ino(ino.0), req) {
                 return reply.error(fuse_errno(e));
             }
         }
@@ -666,9 +667,9 @@ impl Filesystem for OverlayFs {
         if self.writeback {
             flags &= !libc::O_APPEND;
         }
-        answer(self.ov.open(ino.0, flags), reply, |reply, fh| {
+        answer(self.ov.open(Ino(ino.0), flags), reply, |reply, fh| {
             if self.pt.on() {
-                self.pt.open(&self.ov, ino.0, fh, reply)
+                self.pt.open(&self.ov, Ino(ino.0), fh, reply)
             } else {
                 reply.send(fh, None)
             }
@@ -709,7 +710,7 @@ impl Filesystem for OverlayFs {
         // user namespace: root of a rootless mount's namespace keeps the bits, as on kernel
         // overlayfs there.
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) && req.uid() != 0 {
-            if let Err(e) = self.drop_setid(ino.0, req) {
+            if let Err(e) = self.drop_setid(Ino(ino.0), req) {
                 return reply.error(fuse_errno(e));
             }
         }
@@ -770,7 +771,7 @@ impl Filesystem for OverlayFs {
             // The kernel stops asking; this open and every later one go on with handle 0.
             return reply.error(FErrno::ENOSYS);
         }
-        answer(self.ov.opendir(ino.0), reply, |reply, fh| {
+        answer(self.ov.opendir(Ino(ino.0)), reply, |reply, fh| {
             // FOPEN_CACHE_DIR came with protocol 7.28.
             let flags = match self.limit {
                 Some(_) => FopenFlags::FOPEN_KEEP_CACHE,
@@ -789,8 +790,8 @@ impl Filesystem for OverlayFs {
         mut reply: ReplyDirectory,
     ) {
         let _s = debug_span!("readdir", ino = ino.0, offset).entered();
-        let r = self.ov.readdir(Fh(fh.0), ino.0, offset, |e, off| {
-            reply.add(INodeNo(e.ino), off, ftype(e.kind), &e.name)
+        let r = self.ov.readdir(Fh(fh.0), Ino(ino.0), offset, |e, off| {
+            reply.add(INodeNo(e.ino.0), off, ftype(e.kind), &e.name)
         });
         answer(r, reply, |reply, ()| reply.ok());
     }
@@ -807,9 +808,9 @@ impl Filesystem for OverlayFs {
         let zero = Duration::ZERO;
         let r = self
             .ov
-            .readdirplus(Fh(fh.0), ino.0, offset, |e, off, attr| match attr {
+            .readdirplus(Fh(fh.0), Ino(ino.0), offset, |e, off, attr| match attr {
                 Some(a) => reply.add(
-                    INodeNo(e.ino),
+                    INodeNo(e.ino.0),
                     off,
                     &e.name,
                     &self.ttl,
@@ -819,7 +820,7 @@ impl Filesystem for OverlayFs {
                 None => {
                     // `.` and `..`: no entry for the kernel to keep.
                     let fa = FileAttr {
-                        ino: INodeNo(e.ino),
+                        ino: INodeNo(e.ino.0),
                         size: 0,
                         blocks: 0,
                         atime: UNIX_EPOCH,
@@ -836,7 +837,7 @@ impl Filesystem for OverlayFs {
                         flags: 0,
                     };
                     // The kernel links no dentry for `.` and `..`; only d_ino is used.
-                    reply.add(INodeNo(e.ino), off, &e.name, &zero, &fa, Generation(0))
+                    reply.add(INodeNo(e.ino.0), off, &e.name, &zero, &fa, Generation(0))
                 }
             });
         answer(r, reply, |reply, ()| reply.ok());
@@ -864,7 +865,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyEmpty,
     ) {
         let _s = debug_span!("fsyncdir", ino = ino.0, datasync).entered();
-        reply_empty(self.ov.fsyncdir(ino.0, datasync), reply);
+        reply_empty(self.ov.fsyncdir(Ino(ino.0), datasync), reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -891,22 +892,22 @@ impl Filesystem for OverlayFs {
             reply_empty(self.ov.faults().plan(value), reply);
             return;
         }
-        reply_empty(self.ov.setxattr(ino.0, name, value, flags), reply);
+        reply_empty(self.ov.setxattr(Ino(ino.0), name, value, flags), reply);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _s = debug_span!("getxattr", ino = ino.0, ?name).entered();
-        reply_xattr(self.ov.getxattr(ino.0, name), size, reply);
+        reply_xattr(self.ov.getxattr(Ino(ino.0), name), size, reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let _s = debug_span!("listxattr", ino = ino.0).entered();
-        reply_xattr(self.ov.listxattr(ino.0), size, reply);
+        reply_xattr(self.ov.listxattr(Ino(ino.0)), size, reply);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _s = debug_span!("removexattr", ino = ino.0, ?name).entered();
-        reply_empty(self.ov.removexattr(ino.0, name), reply);
+        reply_empty(self.ov.removexattr(Ino(ino.0), name), reply);
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -932,7 +933,7 @@ impl Filesystem for OverlayFs {
         }
         let r = self
             .ov
-            .create(caller(req), parent.0, name, mode & !umask, flags);
+            .create(caller(req), Ino(parent.0), name, mode & !umask, flags);
         answer(r, reply, |reply, (a, fh)| {
             let created = Created {
                 reply,

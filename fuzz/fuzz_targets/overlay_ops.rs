@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use libfuzzer_sys::arbitrary::{Result as AResult, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use rustfuse::overlay::{Attr, Caller, Config, Kind, Overlay, ROOT_INO};
+use rustfuse::overlay::{Attr, Caller, Config, Ino, Kind, Overlay, ROOT_INO};
 
 const NAMES: [&str; 3] = ["a", "b", "c"];
 const MAX_DEPTH: usize = 3;
@@ -532,7 +532,7 @@ struct Driver {
 }
 
 impl Driver {
-    fn dir(&self, path: &[Name]) -> Result<u64, Errno> {
+    fn dir(&self, path: &[Name]) -> Result<Ino, Errno> {
         let mut ino = ROOT_INO;
         for c in path {
             let a = self.ov.lookup(ino, os(c)).map_err(raw)?;
@@ -545,7 +545,7 @@ impl Driver {
     }
 
     /// Parent inode and the entry, if any.
-    fn get(&self, path: &[Name]) -> Result<(u64, Option<Attr>), Errno> {
+    fn get(&self, path: &[Name]) -> Result<(Ino, Option<Attr>), Errno> {
         let (last, parent) = path.split_last().expect("not the root");
         let p = self.dir(parent)?;
         match self.ov.lookup(p, os(last)) {
@@ -555,14 +555,14 @@ impl Driver {
         }
     }
 
-    fn read_all(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+    fn read_all(&self, ino: Ino) -> Result<Vec<u8>, Errno> {
         let fh = self.ov.open(ino, libc::O_RDONLY).map_err(raw)?;
         let r = self.ov.read(fh, 0, 4096).map_err(raw);
         self.ov.release(fh);
         r
     }
 
-    fn list(&self, ino: u64) -> Result<Vec<(String, Kind, u64)>, Errno> {
+    fn list(&self, ino: Ino) -> Result<Vec<(String, Kind, Ino)>, Errno> {
         let fh = self.ov.opendir(ino).map_err(raw)?;
         let mut v = Vec::new();
         let r = self.ov.readdir(fh, ino, 0, |e, _| {
@@ -670,14 +670,14 @@ impl Driver {
             }
             Op::Lookup(p) => {
                 if p.is_empty() {
-                    return Ok(Out::Node(Kind::Dir, None, ROOT_INO));
+                    return Ok(Out::Node(Kind::Dir, None, ROOT_INO.0));
                 }
                 let a = self.get(p)?.1.ok_or(libc::ENOENT)?;
                 let data = match a.kind {
                     Kind::File => Some((a.size, self.read_all(a.ino)?)),
                     _ => None,
                 };
-                Ok(Out::Node(a.kind, data, a.ino))
+                Ok(Out::Node(a.kind, data, a.ino.0))
             }
             Op::Remount => unreachable!("done by the caller"),
         }
@@ -686,7 +686,7 @@ impl Driver {
     /// Walk the whole tree against the model; record inode numbers by model id.
     fn walk(
         &self,
-        ino: u64,
+        ino: Ino,
         want: &BTreeMap<Name, MNode>,
         at: &str,
         inos: &mut Inos,
@@ -714,8 +714,8 @@ impl Driver {
             })?;
             ensure(a.ino == d_ino, || {
                 format!(
-                    "{here}: readdir's d_ino {d_ino} is not lookup's st_ino {}",
-                    a.ino
+                    "{here}: readdir's d_ino {} is not lookup's st_ino {}",
+                    d_ino.0, a.ino.0
                 )
             })?;
             inos.see(m.id(), a.ino, &here)?;
@@ -741,14 +741,14 @@ impl Driver {
 /// Inode numbers seen per model object: an object keeps its number while it lives.
 #[derive(Default)]
 struct Inos {
-    by_id: HashMap<u64, u64>,
+    by_id: HashMap<u64, Ino>,
 }
 
 impl Inos {
-    fn see(&mut self, id: u64, ino: u64, at: &str) -> Result<(), String> {
+    fn see(&mut self, id: u64, ino: Ino, at: &str) -> Result<(), String> {
         let old = *self.by_id.entry(id).or_insert(ino);
         ensure(old == ino, || {
-            format!("{at}: inode number changed from {old} to {ino}")
+            format!("{at}: inode number changed from {} to {}", old.0, ino.0)
         })
     }
 }
@@ -761,11 +761,12 @@ fn ensure(ok: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
 fn full_check(drv: &Driver, model: &Model, inos: &mut Inos) -> Result<(), String> {
     let mut walk = Inos::default();
     drv.walk(ROOT_INO, &model.root, "", &mut walk)?;
-    let mut seen: HashMap<u64, u64> = HashMap::new();
+    let mut seen: HashMap<Ino, u64> = HashMap::new();
     for (id, ino) in &walk.by_id {
         if let Some(other) = seen.insert(*ino, *id) {
             return Err(format!(
-                "inode number {ino} shown for two objects (model ids {id} and {other})"
+                "inode number {} shown for two objects (model ids {id} and {other})",
+                ino.0
             ));
         }
         inos.see(*id, *ino, "walk")?;
@@ -840,7 +841,7 @@ fn run(data: &[u8]) -> AResult<()> {
         }
         if let (Ok(Out::Node(_, _, id)), Ok(Out::Node(_, _, ino))) = (&want, &got) {
             if *id != 0 {
-                check(&log, inos.see(*id, *ino, &format!("{op:?}")));
+                check(&log, inos.see(*id, Ino(*ino), &format!("{op:?}")));
             }
         }
     }

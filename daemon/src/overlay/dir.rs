@@ -12,7 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use super::node::NodeState;
 use super::probe::{self, LowerHint, is_whiteout};
 use super::tree::WH_PREFIX;
-use super::{Attr, Errno, Fh, Handle, Kind, Overlay, Result};
+use super::{Attr, Errno, Fh, Handle, Ino, Kind, Overlay, Result};
 use crate::sys;
 
 /// Listings of directories read with no open handle: once the kernel stops sending OPENDIR
@@ -170,7 +170,7 @@ pub struct DirEntry {
     /// The name shown in the directory.
     pub name: OsString,
     /// The inode number shown for it (the one a lookup gives).
-    pub ino: u64,
+    pub ino: Ino,
     /// Its kind.
     pub kind: Kind,
     /// What the listing saw of this name in the lower layers (which never change), so that a
@@ -328,11 +328,11 @@ impl Overlay {
         Ok(out
             .into_iter()
             .map(|m| DirEntry {
-                ino: if m.kind == Kind::Dir {
+                ino: Ino(if m.kind == Kind::Dir {
                     m.first_lower_dir.unwrap_or(m.top_ino)
                 } else {
                     m.top_ino
-                },
+                }),
                 hint: hintable.then_some(m.hint),
                 name: m.name,
                 kind: m.kind,
@@ -356,7 +356,8 @@ impl Overlay {
 
     /// Opens directory `ino` and returns its handle (released with `release`); the merged
     /// listing is taken at the first read. No lookup reference changes.
-    pub fn opendir(&self, ino: u64) -> Result<Fh> {
+    pub fn opendir(&self, ino: Ino) -> Result<Fh> {
+        let ino = ino.0;
         let node = self.node(ino)?;
         if node.kind() != Kind::Dir {
             return Err(Errno::NOTDIR);
@@ -388,17 +389,17 @@ impl Overlay {
         let mut entries = Vec::new();
         entries.push(DirEntry {
             name: ".".into(),
-            ino,
+            ino: Ino(ino),
             kind: Kind::Dir,
             hint: None,
         });
         entries.push(DirEntry {
             name: "..".into(),
-            ino: if ino == super::ROOT_INO {
+            ino: Ino(if ino == super::node::ROOT_INO {
                 ino
             } else {
                 st.parent
-            },
+            }),
             kind: Kind::Dir,
             hint: None,
         });
@@ -437,10 +438,11 @@ impl Overlay {
     pub fn readdir(
         &self,
         fh: Fh,
-        ino: u64,
+        ino: Ino,
         offset: u64,
         mut add: impl FnMut(&DirEntry, u64) -> bool,
     ) -> Result<()> {
+        let ino = ino.0;
         let s = self.stream(fh, ino, offset)?;
         for (i, e) in s.entries.iter().enumerate().skip(s.start) {
             if add(e, s.offset(i)) {
@@ -456,10 +458,11 @@ impl Overlay {
     pub fn readdirplus(
         &self,
         fh: Fh,
-        dir_ino: u64,
+        dir_ino: Ino,
         offset: u64,
         mut add: impl FnMut(&DirEntry, u64, Option<&Attr>) -> bool,
     ) -> Result<()> {
+        let dir_ino = dir_ino.0;
         let s = self.stream(fh, dir_ino, offset)?;
         for (i, e) in s.entries.iter().enumerate().skip(s.start) {
             let off = s.offset(i);
@@ -497,7 +500,7 @@ mod tests {
         (0..n)
             .map(|i| DirEntry {
                 name: format!("e{i}").into(),
-                ino: i as u64 + 10,
+                ino: Ino(i as u64 + 10),
                 kind: Kind::File,
                 hint: None,
             })

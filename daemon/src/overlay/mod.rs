@@ -25,7 +25,6 @@ use crate::sys::{self, Compat, Errno, OFlags, Stat, Sys};
 
 pub use dir::DirEntry;
 use loc::{DirFdCache, DirHandle, Loc};
-pub use node::ROOT_INO;
 use node::{Node, NodeState, NodeTable};
 use probe::{LowerHint, Probe};
 use tree::WH_PREFIX;
@@ -76,7 +75,7 @@ impl Kind {
 /// Attributes of an overlay inode, as shown through the mount.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attr {
-    pub ino: u64,
+    pub ino: Ino,
     pub size: u64,
     pub blocks: u64,
     pub atime: (i64, u32),
@@ -90,6 +89,15 @@ pub struct Attr {
     pub rdev: u32,
     pub blksize: u32,
 }
+
+/// An inode number, as the kernel sees it: what `lookup` and the calls that make a name
+/// give (in [`Attr::ino`]) and what the calls on an inode take. A type of its own so that it
+/// cannot be passed where a handle number or an offset is meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ino(pub u64);
+
+/// The root directory's inode number (FUSE's root id, 1); never forgotten.
+pub const ROOT_INO: Ino = Ino(node::ROOT_INO);
 
 /// The number of an open file or directory handle: what `open`, `create` and `opendir` give
 /// and `release` takes back. A type of its own so that it cannot be passed where an inode
@@ -546,10 +554,10 @@ impl Overlay {
             }
         }
         self.nodes.insert_root(Node::new(
-            ROOT_INO,
+            node::ROOT_INO,
             NodeState {
                 kind: Kind::Dir,
-                parent: ROOT_INO,
+                parent: node::ROOT_INO,
                 name: OsString::new(),
                 upper: upper.map(|u| Loc::Dir(DirHandle::root(&self.dir_fds, u))),
                 lowers,
@@ -628,7 +636,7 @@ impl Overlay {
                 .unwrap_or(self.devs.len());
             ino ^= (idx as u64) << 56;
         }
-        if ino <= ROOT_INO {
+        if ino <= node::ROOT_INO {
             ino |= 1 << 63;
         }
         ino
@@ -1105,7 +1113,7 @@ impl Overlay {
             }
         }
         Attr {
-            ino: node.ino,
+            ino: Ino(node.ino),
             size: stat.st_size as u64,
             blocks,
             atime: (stat.st_atime, stat.st_atime_nsec as u32),
@@ -1146,7 +1154,8 @@ impl Overlay {
 
     /// The attributes of `name` in directory `parent`, across the layers; adds one lookup
     /// reference on success (see [`Overlay`]).
-    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+    pub fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr> {
+        let parent = parent.0;
         self.lookup_hinted(parent, name, None)
     }
 
@@ -1188,14 +1197,16 @@ impl Overlay {
 
     /// Gives back `nlookup` lookup references of `ino` (the kernel's FORGET, see [`Overlay`]);
     /// the node goes when none are left. Never fails; the root is never dropped.
-    pub fn forget(&self, ino: u64, nlookup: u64) {
+    pub fn forget(&self, ino: Ino, nlookup: u64) {
+        let ino = ino.0;
         self.nodes.forget(ino, nlookup);
         self.listings.forget(ino, |ino| self.node(ino).is_ok());
     }
 
     /// The attributes of `ino` as shown through the mount (of open file `fh`, if given); adds
     /// no lookup reference.
-    pub fn getattr(&self, ino: u64, fh: Option<Fh>) -> Result<Attr> {
+    pub fn getattr(&self, ino: Ino, fh: Option<Fh>) -> Result<Attr> {
+        let ino = ino.0;
         let node = self.node(ino)?;
         if let Some(fh) = fh {
             if let Some(h) = self.handle(fh) {
@@ -1211,7 +1222,8 @@ impl Overlay {
     }
 
     /// The target of symlink `ino` (EINVAL for anything else).
-    pub fn readlink(&self, ino: u64) -> Result<OsString> {
+    pub fn readlink(&self, ino: Ino) -> Result<OsString> {
+        let ino = ino.0;
         let node = self.node(ino)?;
         let st = node.state();
         if st.kind != Kind::Symlink {
@@ -1265,7 +1277,8 @@ impl Overlay {
 
     /// Opens file `ino` with open(2) `flags` and returns a handle (given back with
     /// `release`); writing or truncating copies it up first. No lookup reference changes.
-    pub fn open(&self, ino: u64, flags: i32) -> Result<Fh> {
+    pub fn open(&self, ino: Ino, flags: i32) -> Result<Fh> {
+        let ino = ino.0;
         let node = self.node(ino)?;
         let acc = flags & libc::O_ACCMODE;
         let writes = acc == libc::O_WRONLY || acc == libc::O_RDWR;
@@ -1387,7 +1400,8 @@ impl Overlay {
     }
 
     /// Flushes the upper directory of `ino` to disk, if it has one; ENOSYS with `fsync=0`.
-    pub fn fsyncdir(&self, ino: u64, datasync: bool) -> Result<()> {
+    pub fn fsyncdir(&self, ino: Ino, datasync: bool) -> Result<()> {
+        let ino = ino.0;
         if !self.opts.fsync {
             return Err(Errno::NOSYS);
         }
@@ -1440,7 +1454,8 @@ impl Overlay {
     // ------------------------------------------------------------ xattrs
 
     /// The value of xattr `name` of `ino` as the mount shows it (internal ones are ENODATA).
-    pub fn getxattr(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>> {
+    pub fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Vec<u8>> {
+        let ino = ino.0;
         if self.opts.noxattrs {
             return Err(Errno::NOTSUP);
         }
@@ -1454,7 +1469,8 @@ impl Overlay {
     }
 
     /// The xattr names of `ino` the mount shows, each NUL-terminated (internal ones hidden).
-    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+    pub fn listxattr(&self, ino: Ino) -> Result<Vec<u8>> {
+        let ino = ino.0;
         if self.opts.noxattrs {
             return Ok(Vec::new());
         }

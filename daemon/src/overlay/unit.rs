@@ -78,7 +78,7 @@ fn entries(dir: &Path) -> Vec<String> {
 const CALLER: Caller = Caller { uid: 0, gid: 0 };
 
 /// The names a listing of directory `ino` gives (`.` and `..` included), sorted.
-fn listed(ov: &Overlay, ino: u64) -> Vec<String> {
+fn listed(ov: &Overlay, ino: Ino) -> Vec<String> {
     let fh = ov.opendir(ino).unwrap();
     let mut names = Vec::new();
     ov.readdir(fh, ino, 0, |e, _| {
@@ -248,7 +248,7 @@ fn inode_tables_stay_bounded() {
     }
     let ov = l.overlay();
     let base = ov.node_count();
-    let inos: Vec<u64> = (0..200)
+    let inos: Vec<Ino> = (0..200)
         .map(|i| {
             ov.lookup(ROOT_INO, OsStr::new(&format!("f{i}")))
                 .unwrap()

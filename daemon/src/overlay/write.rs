@@ -10,8 +10,8 @@ use super::node::{Node, NodeState};
 use super::probe::{self, Probe, Whiteout};
 use super::tree::{self, UpperDir, WH_PREFIX};
 use super::{
-    Attr, Caller, Errno, Fh, FileHandle, Found, Handle, Kind, Overlay, Result, SetAttr, SetTime,
-    format_override, is_internal_xattr,
+    Attr, Caller, Errno, Fh, FileHandle, Found, Handle, Ino, Kind, Overlay, Result, SetAttr,
+    SetTime, format_override, is_internal_xattr,
 };
 use crate::sys::{self, OFlags, RenameFlags, Sys, Timespec};
 
@@ -248,14 +248,15 @@ impl Overlay {
     pub fn create(
         &self,
         caller: Caller,
-        parent: u64,
+        parent: Ino,
         name: &OsStr,
         mode: u32,
         flags: i32,
     ) -> Result<(Attr, Fh)> {
+        let parent = parent.0;
         let (ps, pu) = match self.prepare_new(parent, name) {
             Err(Errno::EXIST) if flags & libc::O_EXCL == 0 => {
-                let attr = self.lookup(parent, name)?;
+                let attr = self.lookup(Ino(parent), name)?;
                 let fh = self.open(attr.ino, flags)?;
                 return Ok((attr, fh));
             }
@@ -287,7 +288,8 @@ impl Overlay {
 
     /// Makes directory `name` in `parent` (opaque where it replaces a whiteout); adds one
     /// lookup reference (see [`Overlay`]).
-    pub fn mkdir(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32) -> Result<Attr> {
+    pub fn mkdir(&self, caller: Caller, parent: Ino, name: &OsStr, mode: u32) -> Result<Attr> {
+        let parent = parent.0;
         let (ps, pu) = self.prepare_new(parent, name)?;
         let (uid, gid, mode) = self.new_owner(caller, &ps, libc::S_IFDIR | (mode & 0o7777))?;
         self.place_new(pu.as_fd(), name, true, &mut |dir, nm| {
@@ -307,11 +309,12 @@ impl Overlay {
     pub fn mknod(
         &self,
         caller: Caller,
-        parent: u64,
+        parent: Ino,
         name: &OsStr,
         mode: u32,
         rdev: u32,
     ) -> Result<Attr> {
+        let parent = parent.0;
         let (ps, pu) = self.prepare_new(parent, name)?;
         let (uid, gid, mode) = self.new_owner(caller, &ps, mode)?;
         self.place_new(pu.as_fd(), name, false, &mut |dir, nm| {
@@ -327,10 +330,11 @@ impl Overlay {
     pub fn symlink(
         &self,
         caller: Caller,
-        parent: u64,
+        parent: Ino,
         name: &OsStr,
         target: &OsStr,
     ) -> Result<Attr> {
+        let parent = parent.0;
         let (ps, pu) = self.prepare_new(parent, name)?;
         let (uid, gid, _) = self.new_owner(caller, &ps, libc::S_IFLNK | 0o777)?;
         self.place_new(pu.as_fd(), name, false, &mut |dir, nm| {
@@ -347,7 +351,9 @@ impl Overlay {
 
     /// Hard-links `ino` (copied up first) as `newname` in `newparent`; adds one lookup
     /// reference (see [`Overlay`]).
-    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
+    pub fn link(&self, ino: Ino, newparent: Ino, newname: &OsStr) -> Result<Attr> {
+        let ino = ino.0;
+        let newparent = newparent.0;
         let node = self.node(ino)?;
         if node.kind() == Kind::Dir {
             return Err(Errno::PERM);
@@ -357,7 +363,7 @@ impl Overlay {
         self.place_new(npu.as_fd(), newname, false, &mut |dir, nm| {
             u.link_to(&self.sys, dir, nm)
         })?;
-        self.lookup(newparent, newname)
+        self.lookup(Ino(newparent), newname)
     }
 
     /// The node of an entry just made in the upper directory `pu` (one kernel reference).
@@ -400,7 +406,8 @@ impl Overlay {
 
     /// Removes non-directory `name` from `parent`, leaving a whiteout where a lower layer has
     /// it; lookup references are not touched (the inode lives until forgotten).
-    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+    pub fn unlink(&self, parent: Ino, name: &OsStr) -> Result<()> {
+        let parent = parent.0;
         self.writable()?;
         let p = self.node(parent)?;
         let ps = p.state();
@@ -537,7 +544,8 @@ impl Overlay {
 
     /// Removes empty directory `name` from `parent` (ENOTEMPTY while its merged listing has
     /// entries), leaving a whiteout where a lower layer has it; no lookup reference changes.
-    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+    pub fn rmdir(&self, parent: Ino, name: &OsStr) -> Result<()> {
+        let parent = parent.0;
         self.writable()?;
         let p = self.node(parent)?;
         let ps = p.state();
@@ -581,12 +589,14 @@ impl Overlay {
     /// `RENAME_EXCHANGE` honoured, other flags EINVAL); no lookup reference changes.
     pub fn rename(
         &self,
-        parent: u64,
+        parent: Ino,
         name: &OsStr,
-        newparent: u64,
+        newparent: Ino,
         newname: &OsStr,
         flags: u32,
     ) -> Result<()> {
+        let parent = parent.0;
+        let newparent = newparent.0;
         self.writable()?;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         let noreplace = flags & libc::RENAME_NOREPLACE != 0;
@@ -851,7 +861,8 @@ impl Overlay {
 
     /// Applies the changes `set` asks for to `ino` (through open file `fh`, if given), copying
     /// it up first; returns the new attributes and adds no lookup reference.
-    pub fn setattr(&self, ino: u64, fh: Option<Fh>, set: SetAttr) -> Result<Attr> {
+    pub fn setattr(&self, ino: Ino, fh: Option<Fh>, set: SetAttr) -> Result<Attr> {
+        let ino = ino.0;
         self.writable()?;
         let node = self.node(ino)?;
         let u = match set.size {
@@ -936,7 +947,7 @@ impl Overlay {
             };
             u.utimens(&self.sys, ts(set.atime), ts(set.mtime))?;
         }
-        self.getattr(ino, fh)
+        self.getattr(Ino(ino), fh)
     }
 
     /// The mode a regular file (any file but a directory, for a change of owner) is left
@@ -947,7 +958,7 @@ impl Overlay {
     /// the file's group (its primary group only: FUSE does not send the others). Only the
     /// callers the kernel would strip for may ask (the FUSE adapter decides: a write or
     /// truncate by a caller without CAP_FSETID, any chown).
-    pub fn mode_without_setid(&self, ino: u64, caller: Caller) -> Result<Option<u32>> {
+    pub fn mode_without_setid(&self, ino: Ino, caller: Caller) -> Result<Option<u32>> {
         let a = self.getattr(ino, None)?;
         if a.kind == Kind::Dir {
             return Ok(None);
@@ -982,7 +993,8 @@ impl Overlay {
     }
 
     /// Sets xattr `name` of `ino` (copied up first); internal names are refused.
-    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+    pub fn setxattr(&self, ino: Ino, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        let ino = ino.0;
         self.check_xattr_change(name)?;
         let node = self.node(ino)?;
         let u = self.copy_up_meta(&node)?;
@@ -990,7 +1002,8 @@ impl Overlay {
     }
 
     /// Removes xattr `name` of `ino` (copied up first); internal names are refused.
-    pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
+    pub fn removexattr(&self, ino: Ino, name: &OsStr) -> Result<()> {
+        let ino = ino.0;
         self.check_xattr_change(name)?;
         let node = self.node(ino)?;
         // Nothing to remove: no need to copy up.
