@@ -17,7 +17,7 @@ use fuser::{
 };
 use tracing::{debug_span, trace};
 
-use crate::overlay::{Attr, Caller, Fh, Ino, Kind, Overlay, SetAttr, SetTime};
+use crate::overlay::{Attr, Caller, Fh, Ino, Kind, Overlay, RenameMode, SetAttr, SetTime};
 use crate::sys::Errno;
 
 /// The one errno map from overlay errors to FUSE replies. Every errno passes through as
@@ -401,6 +401,20 @@ fn answer<T, R: ReplyError>(r: Result<T, Errno>, reply: R, ok: impl FnOnce(R, T)
     }
 }
 
+/// The rename mode fuser's flags ask for; none (EINVAL) for other flags
+/// (`RENAME_WHITEOUT`, unknown bits) or for both `RENAME_NOREPLACE` and `RENAME_EXCHANGE`.
+fn rename_mode(flags: RenameFlags) -> Option<RenameMode> {
+    if flags.is_empty() {
+        Some(RenameMode::Replace)
+    } else if flags == RenameFlags::RENAME_NOREPLACE {
+        Some(RenameMode::NoReplace)
+    } else if flags == RenameFlags::RENAME_EXCHANGE {
+        Some(RenameMode::Exchange)
+    } else {
+        None
+    }
+}
+
 fn reply_empty(r: Result<(), Errno>, reply: ReplyEmpty) {
     answer(r, reply, |reply, ()| reply.ok());
 }
@@ -630,11 +644,14 @@ impl Filesystem for OverlayFs {
             ?newname
         )
         .entered();
-        reply_empty(
-            self.ov
-                .rename(Ino(parent.0), name, Ino(newparent.0), newname, flags.bits()),
-            reply,
-        );
+        let r = match rename_mode(flags) {
+            Some(mode) => self
+                .ov
+                .rename(Ino(parent.0), name, Ino(newparent.0), newname, mode),
+            // EROFS before EINVAL, as the core answers any change of a read-only mount.
+            None => self.ov.writable().and(Err(Errno::INVAL)),
+        };
+        reply_empty(r, reply);
     }
 
     fn link(
@@ -1014,5 +1031,17 @@ mod tests {
             fuse_errno(Errno::NOTEMPTY),
             FErrno::from_i32(libc::ENOTEMPTY)
         );
+    }
+    #[test]
+    fn rename_flags_decode_to_one_mode_or_einval() {
+        let f = RenameFlags::from_bits_retain;
+        assert_eq!(rename_mode(f(0)), Some(RenameMode::Replace));
+        let noreplace = f(libc::RENAME_NOREPLACE);
+        assert_eq!(rename_mode(noreplace), Some(RenameMode::NoReplace));
+        let exchange = f(libc::RENAME_EXCHANGE);
+        assert_eq!(rename_mode(exchange), Some(RenameMode::Exchange));
+        assert_eq!(rename_mode(noreplace | exchange), None);
+        assert_eq!(rename_mode(f(libc::RENAME_WHITEOUT)), None);
+        assert_eq!(rename_mode(f(libc::RENAME_NOREPLACE | 1 << 20)), None);
     }
 }

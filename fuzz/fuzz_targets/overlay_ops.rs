@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use libfuzzer_sys::arbitrary::{Result as AResult, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use rustfuse::overlay::{Attr, Caller, Config, Ino, Kind, Overlay, ROOT_INO};
+use rustfuse::overlay::{Attr, Caller, Config, Ino, Kind, Overlay, ROOT_INO, RenameMode};
 
 const NAMES: [&str; 3] = ["a", "b", "c"];
 const MAX_DEPTH: usize = 3;
@@ -381,6 +381,15 @@ impl Model {
 }
 
 /// What the VFS checks before calling the filesystem's rename, in its order.
+/// The core's rename mode for the renameat2 flags an operation carries (one of three).
+fn rename_mode(flags: u32) -> RenameMode {
+    match flags {
+        libc::RENAME_NOREPLACE => RenameMode::NoReplace,
+        libc::RENAME_EXCHANGE => RenameMode::Exchange,
+        _ => RenameMode::Replace,
+    }
+}
+
 fn vfs_rename_checks(
     src: &[Name],
     dst: &[Name],
@@ -655,7 +664,7 @@ impl Driver {
                     }
                 }
                 self.ov
-                    .rename(sp, last(src), dp, last(dst), *flags)
+                    .rename(sp, last(src), dp, last(dst), rename_mode(*flags))
                     .map_err(raw)?;
                 Ok(Out::Done)
             }

@@ -99,6 +99,18 @@ pub struct Ino(pub u64);
 /// The root directory's inode number (FUSE's root id, 1); never forgotten.
 pub const ROOT_INO: Ino = Ino(node::ROOT_INO);
 
+/// What a rename does with an existing destination: renameat2's flags the core honours,
+/// decoded once by the FUSE adapter (a request with other flags, or with both, is EINVAL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenameMode {
+    /// No flag: an existing destination is replaced.
+    Replace,
+    /// `RENAME_NOREPLACE`: an existing destination is EEXIST.
+    NoReplace,
+    /// `RENAME_EXCHANGE`: the two names swap; a missing destination is ENOENT.
+    Exchange,
+}
+
 /// The number of an open file or directory handle: what `open`, `create` and `opendir` give
 /// and `release` takes back. A type of its own so that it cannot be passed where an inode
 /// number is meant (`readdir(fh, ino)` and `getattr(ino, fh)` take both).

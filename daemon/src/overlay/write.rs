@@ -10,8 +10,8 @@ use super::node::{Node, NodeState};
 use super::probe::{self, Probe, Whiteout};
 use super::tree::{self, UpperDir, WH_PREFIX};
 use super::{
-    Attr, Caller, Errno, Fh, FileHandle, Found, Handle, Ino, Kind, Overlay, Result, SetAttr,
-    SetTime, format_override, is_internal_xattr,
+    Attr, Caller, Errno, Fh, FileHandle, Found, Handle, Ino, Kind, Overlay, RenameMode, Result,
+    SetAttr, SetTime, format_override, is_internal_xattr,
 };
 use crate::sys::{self, OFlags, RenameFlags, Sys, Timespec};
 
@@ -130,7 +130,8 @@ fn warn_unmapped(e: Errno, uid: Option<u32>, gid: Option<u32>) {
 }
 
 impl Overlay {
-    fn writable(&self) -> Result<()> {
+    /// EROFS on a read-only mount (what every change answers first).
+    pub(crate) fn writable(&self) -> Result<()> {
         if self.read_only() {
             Err(Errno::ROFS)
         } else {
@@ -585,25 +586,21 @@ impl Overlay {
         Ok(())
     }
 
-    /// Renames `name` in `parent` to `newname` in `newparent` (`RENAME_NOREPLACE` and
-    /// `RENAME_EXCHANGE` honoured, other flags EINVAL); no lookup reference changes.
+    /// Renames `name` in `parent` to `newname` in `newparent`, treating an existing
+    /// destination as `mode` says; no lookup reference changes.
     pub fn rename(
         &self,
         parent: Ino,
         name: &OsStr,
         newparent: Ino,
         newname: &OsStr,
-        flags: u32,
+        mode: RenameMode,
     ) -> Result<()> {
         let parent = parent.0;
         let newparent = newparent.0;
         self.writable()?;
-        let exchange = flags & libc::RENAME_EXCHANGE != 0;
-        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
-        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 || (exchange && noreplace)
-        {
-            return Err(Errno::INVAL);
-        }
+        let exchange = mode == RenameMode::Exchange;
+        let noreplace = mode == RenameMode::NoReplace;
         check_new_name(newname)?;
         let p = self.node(parent)?;
         let np = self.node(newparent)?;
