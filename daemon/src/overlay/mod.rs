@@ -307,16 +307,18 @@ impl FileHandle {
         }
     }
 
-    /// The descriptor I/O goes to (`sys`: the overlay's seam, for the copy's reopen).
-    fn fd(&self, sys: &Sys) -> BorrowedFd<'_> {
+    /// The descriptor I/O goes to: for a handle opened below, the file's copy in the upper
+    /// layer once it has its data (opened here the first time it is seen, and kept), else
+    /// the handle's own fd (`sys`: the overlay's seam, for that open). The node is only read.
+    fn fd_following_copy_up(&self, sys: &Sys) -> BorrowedFd<'_> {
         if let Some(b) = &self.below {
             if b.up.get().is_none() {
                 // A metacopy's upper file holds no data until the data is copied up.
-                if let Some(loc) = b.node.update(|s| s.upper.clone().filter(|_| !s.metacopy)) {
+                if let Some(loc) = b.node.read(|s| s.upper.clone().filter(|_| !s.metacopy)) {
                     // Only the copy itself: a rename between reading the location and
                     // opening it would leave another file there.
                     if let Ok(fd) = loc.open(sys, b.flags) {
-                        let backing = b.node.update(|s| s.backing);
+                        let backing = b.node.read(|s| s.backing);
                         if sys
                             .fstat(fd.as_fd())
                             .is_ok_and(|st| (st.st_dev, st.st_ino) == backing)
@@ -1225,7 +1227,7 @@ impl Overlay {
                 let st = node.state();
                 // A read handle of a metacopy is the lower file: its metadata is above.
                 if let (Handle::File(f), false) = (&*h, st.metacopy) {
-                    let stat = self.sys.fstat(f.fd(&self.sys))?;
+                    let stat = self.sys.fstat(f.fd_following_copy_up(&self.sys))?;
                     return Ok(self.attr_of(&node, &st, &stat));
                 }
             }
@@ -1280,7 +1282,8 @@ impl Overlay {
         self.handle_shard(fh).lock().get(&fh).cloned()
     }
 
-    fn file_fd(&self, fh: Fh) -> Result<Arc<Handle>> {
+    /// The open file handle `fh` (EBADF when there is none, or it is a directory's).
+    fn file_handle(&self, fh: Fh) -> Result<Arc<Handle>> {
         match self.handle(fh) {
             Some(h) if matches!(&*h, Handle::File(_)) => Ok(h),
             _ => Err(Errno::BADF),
@@ -1358,9 +1361,9 @@ impl Overlay {
 
     /// Up to `size` bytes of open file `fh` at `off` (fewer only at the end of the file).
     pub fn read(&self, fh: Fh, off: u64, size: u32) -> Result<Vec<u8>> {
-        let h = self.file_fd(fh)?;
+        let h = self.file_handle(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
-        let fd = f.fd(&self.sys);
+        let fd = f.fd_following_copy_up(&self.sys);
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
@@ -1379,9 +1382,9 @@ impl Overlay {
     /// Writes `data` to open file `fh` at `off`; returns how much was written (short only
     /// when a later part failed, as write(2)), the error only when nothing was.
     pub fn write(&self, fh: Fh, off: u64, data: &[u8]) -> Result<u32> {
-        let h = self.file_fd(fh)?;
+        let h = self.file_handle(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
-        let fd = f.fd(&self.sys);
+        let fd = f.fd_following_copy_up(&self.sys);
         // A write that stops part way (ENOSPC, EFBIG, EDQUOT) reports what it wrote, as
         // write(2) does; its error is the answer to the next write.
         let mut done = 0;
@@ -1405,9 +1408,9 @@ impl Overlay {
         if !self.opts.fsync {
             return Err(Errno::NOSYS);
         }
-        let h = self.file_fd(fh)?;
+        let h = self.file_handle(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
-        let fd = f.fd(&self.sys);
+        let fd = f.fd_following_copy_up(&self.sys);
         self.sys.fsync(fd.as_fd(), datasync)
     }
 
@@ -1427,17 +1430,17 @@ impl Overlay {
 
     /// `fallocate(2)` on open file `fh` (mode bits passed through).
     pub fn fallocate(&self, fh: Fh, off: u64, len: u64, mode: i32) -> Result<()> {
-        let h = self.file_fd(fh)?;
+        let h = self.file_handle(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
-        let fd = f.fd(&self.sys);
+        let fd = f.fd_following_copy_up(&self.sys);
         self.sys.fallocate(fd.as_fd(), mode, off, len)
     }
 
     /// The offset `lseek(2)` gives on open file `fh` (SEEK_DATA and SEEK_HOLE included).
     pub fn lseek(&self, fh: Fh, off: i64, whence: i32) -> Result<i64> {
-        let h = self.file_fd(fh)?;
+        let h = self.file_handle(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
-        let fd = f.fd(&self.sys);
+        let fd = f.fd_following_copy_up(&self.sys);
         sys::lseek(fd.as_fd(), off, whence).map(|o| o as i64)
     }
 
@@ -1451,12 +1454,15 @@ impl Overlay {
         mut off_out: u64,
         len: u64,
     ) -> Result<u32> {
-        let hi = self.file_fd(fh_in)?;
-        let ho = self.file_fd(fh_out)?;
+        let hi = self.file_handle(fh_in)?;
+        let ho = self.file_handle(fh_out)?;
         let (Handle::File(fi), Handle::File(fo)) = (&*hi, &*ho) else {
             unreachable!()
         };
-        let (fi, fo) = (fi.fd(&self.sys), fo.fd(&self.sys));
+        let (fi, fo) = (
+            fi.fd_following_copy_up(&self.sys),
+            fo.fd_following_copy_up(&self.sys),
+        );
         let len = len.min(u32::MAX as u64 & !0xfff) as usize;
         self.sys
             .copy_file_range(fi.as_fd(), &mut off_in, fo.as_fd(), &mut off_out, len)

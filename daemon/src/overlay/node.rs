@@ -132,6 +132,12 @@ impl Node {
         self.state.lock().clone()
     }
 
+    /// Read part of the state under its lock, without copying the rest.
+    pub fn read<R>(&self, f: impl FnOnce(&NodeState) -> R) -> R {
+        f(&self.state.lock())
+    }
+
+    /// Change the state under its lock.
     pub fn update<R>(&self, f: impl FnOnce(&mut NodeState) -> R) -> R {
         f(&mut self.state.lock())
     }

@@ -916,7 +916,9 @@ impl Overlay {
                 return Err(Errno::ISDIR);
             }
             let by_handle = fh.and_then(|fh| self.handle(fh)).and_then(|h| match &*h {
-                Handle::File(f) => Some(self.sys.ftruncate(f.fd(&self.sys), size)),
+                Handle::File(f) => {
+                    Some(self.sys.ftruncate(f.fd_following_copy_up(&self.sys), size))
+                }
                 Handle::Dir { .. } => None,
             });
             match by_handle {
