@@ -130,15 +130,48 @@ COPY files /ctx/
 RUN rm -rf /ctx/d3 && chmod 0640 /ctx/d4/c4 && ln /ctx/d5/c5 /ctx/d5/hard && echo h > /ctx/d5/h1 && ln /ctx/d5/h1 /ctx/d5/h2
 "#;
 
+/// How many files the build makes: [`Size::FULL`] as [`DOCKERFILE`] and [`build_context`]
+/// have them, or fewer ([`Size::SMALL`]: the same steps, for a slow machine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size {
+    /// Files the first RUN makes in /many (at least 200: a later step deletes f100..f199).
+    pub many: u32,
+    /// Files in the build context, spread over 20 directories (a multiple of 20).
+    pub context: u32,
+}
+
+impl Size {
+    /// [`DOCKERFILE`] and [`build_context`] as they are.
+    pub const FULL: Size = Size {
+        many: 3000,
+        context: 2000,
+    };
+    /// A tenth of the files (each directory still spans several readdir replies).
+    pub const SMALL: Size = Size {
+        many: 300,
+        context: 200,
+    };
+
+    /// [`DOCKERFILE`] making `self.many` files in /many.
+    pub fn dockerfile(self) -> String {
+        DOCKERFILE.replace("seq 1 3000", &format!("seq 1 {}", self.many))
+    }
+}
+
 /// The build context `d/ctx`: the Dockerfile and 2000 files in 20 directories.
 pub fn build_context(d: &Path) -> std::io::Result<PathBuf> {
+    build_context_of(d, Size::FULL)
+}
+
+/// [`build_context`] with the Dockerfile and context files of `size`.
+pub fn build_context_of(d: &Path, size: Size) -> std::io::Result<PathBuf> {
     let ctx = d.join("ctx");
-    for i in 1..=2000 {
+    for i in 1..=size.context {
         let dir = ctx.join(format!("files/d{}", i % 20));
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join(format!("c{i}")), format!("ctx {i}\n"))?;
     }
-    std::fs::write(ctx.join("Dockerfile"), DOCKERFILE)?;
+    std::fs::write(ctx.join("Dockerfile"), size.dockerfile())?;
     Ok(ctx)
 }
 
