@@ -1534,18 +1534,6 @@ impl Overlay {
     }
 }
 
-/// Which origin xattr a file has, from its xattr names.
-pub(crate) fn find_origin_name(names: &[OsString]) -> Option<&'static OsStr> {
-    [ORIGIN_XATTR_TRUSTED, ORIGIN_XATTR]
-        .into_iter()
-        .find(|o| names.iter().any(|n| n.as_bytes() == o.as_bytes()))
-        .map(OsStr::new)
-}
-
-pub(crate) fn parse_origin(v: &[u8]) -> Option<u64> {
-    std::str::from_utf8(v).ok()?.parse().ok()
-}
-
 /// Does the file carry a metacopy mark?
 fn is_metacopy(sys: &Sys, loc: &Loc) -> bool {
     METACOPY_XATTRS

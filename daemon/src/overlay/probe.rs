@@ -8,9 +8,9 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
 
-use super::OPAQUE_XATTRS;
 use super::tree::{self, OPAQUE_FILE};
 use super::{Errno, Result};
+use super::{OPAQUE_XATTRS, ORIGIN_XATTR, ORIGIN_XATTR_TRUSTED};
 use crate::sys::{Stat, Sys};
 
 /// What a layer directory says about a name.
@@ -92,9 +92,12 @@ pub(crate) fn origin(
     names: &[OsString],
     get: impl FnOnce(&OsStr) -> Result<Vec<u8>>,
 ) -> Option<u64> {
-    let name = super::find_origin_name(names)?;
-    let v = get(name).ok()?;
-    super::parse_origin(&v)
+    // In the order copy-up tries to write them (the first one permitted is written).
+    let name = [ORIGIN_XATTR_TRUSTED, ORIGIN_XATTR]
+        .into_iter()
+        .find(|o| names.iter().any(|n| n.as_bytes() == o.as_bytes()))?;
+    let v = get(OsStr::new(name)).ok()?;
+    std::str::from_utf8(&v).ok()?.parse().ok()
 }
 
 /// Is layer directory `dir` opaque (hiding the layers below): an opaque xattr set to `y`
