@@ -1,8 +1,8 @@
 //! Choosing the mount mode at start-up, and the findings `doctor` prints.
 //!
 //! Kernel overlayfs is used when a trial mount (two lowers, upper, work) in the snapshotter
-//! root succeeds; `index=off` is added when the kernel has the parameter, `userxattr` when in
-//! a user namespace and the kernel takes it. Otherwise `fuse3.rustfuse` mounts.
+//! root succeeds; `index=off` is added when the kernel has the parameter, and in a user
+//! namespace the mount must take `userxattr` (Linux 5.11+). Otherwise `fuse3.rustfuse` mounts.
 
 use std::ffi::CString;
 use std::fmt::Write as _;
@@ -104,12 +104,11 @@ pub fn probe(root: &Path) -> Findings {
         trials: Vec::new(),
         kernel_overlay: None,
     };
-    // In a user namespace try userxattr first (needed there from Linux 5.11); else never.
-    let candidates: Vec<bool> = if in_userns {
-        vec![true, false]
-    } else {
-        vec![false]
-    };
+    // In a user namespace only with userxattr: the trusted.* xattrs of opaque directories and
+    // redirects cannot be written there. A kernel without the option (before 5.11) that still
+    // mounts overlayfs in a user namespace (Ubuntu's 4.15 and 5.4 do) makes layers it cannot
+    // mark opaque: FUSE mode then. Outside one, never with userxattr.
+    let candidates: Vec<bool> = vec![in_userns];
     for userxattr in candidates {
         let mode = MountMode::Overlay {
             index_off: index_param,
