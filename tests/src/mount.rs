@@ -248,15 +248,29 @@ impl Mount {
             data.push(',');
             data.push_str(features);
         }
-        let cdata = CString::new(data.clone()).expect("no NUL in options");
-        rustix::mount::mount(
-            "overlay",
-            &mnt,
-            "overlay",
-            MountFlags::empty(),
-            Some(cdata.as_c_str()),
-        )
-        .map_err(|e| format!("mount -t overlay -o {data} {}: {e}", mnt.display()))?;
+        let mount = |data: &str| {
+            let cdata = CString::new(data).expect("no NUL in options");
+            rustix::mount::mount(
+                "overlay",
+                &mnt,
+                "overlay",
+                MountFlags::empty(),
+                Some(cdata.as_c_str()),
+            )
+        };
+        let mut result = mount(&data);
+        // A kernel without metacopy (before 4.19) refuses the option (EINVAL) and has the
+        // semantics `metacopy=off` asks for: mount again without it.
+        if result == Err(rustix::io::Errno::INVAL)
+            && features.split(',').any(|o| o == "metacopy=off")
+        {
+            let without: Vec<&str> = data.split(',').filter(|o| *o != "metacopy=off").collect();
+            if mount(&without.join(",")).is_ok() {
+                data = without.join(",");
+                result = Ok(());
+            }
+        }
+        result.map_err(|e| format!("mount -t overlay -o {data} {}: {e}", mnt.display()))?;
         Ok(Mount {
             mnt,
             kind: Kind::Kernel,
