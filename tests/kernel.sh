@@ -6,6 +6,8 @@
 # linux-image-5.10.0-NN-amd64, FUSE protocol 7.32, no overlayfs in a user namespace) under
 # qemu with the host's userspace shared into the guest (virtme-ng), and runs the test
 # executables built here on the host inside it (tests/kernel/guest.sh says which and why).
+# VERSION 4.15 is Ubuntu 18.04's linux-image-4.15.0-NNN-generic (FUSE protocol 7.26), from
+# Ubuntu's archive, below the product's floor: see its case below.
 #
 # - The kernel package is pinned (KERNEL_PIN below), with a fallback to the newest of that
 #   series in the suite. It is fetched with `apt-get download` under a private source list,
@@ -41,13 +43,32 @@ die() {
 }
 
 # VERSION -> Debian suite, package name pattern, pinned package and version.
+DISTRO=debian
 case "$VERSION" in
   5.10)
     SUITE=bullseye
     PATTERN='^linux-image-5\.10\.0-[0-9]+-amd64$'
     KERNEL_PIN="linux-image-5.10.0-32-amd64=5.10.223-1"
     ;;
-  *) die "unknown kernel VERSION '$VERSION' (known: 5.10)" ;;
+  4.15)
+    # Ubuntu 18.04's (bionic) Linux 4.15.0-NNN-generic, FUSE protocol 7.26: below the product's
+    # floor (4.18, where upstream FUSE mounts in a user namespace came; Ubuntu's 4.15 carries
+    # them, and overlayfs in a user namespace without userxattr, as Ubuntu patches).
+    # Its image package has no modules: they are linux-modules-4.15.0-NNN-generic (fuse, ext4
+    # and loop are built in; overlay and 9p, which virtme-ng loads, are modules).
+    # Only Ubuntu's archive still carries a 4.x kernel that apt reaches here (Debian's buster
+    # is gone from it); its key comes from Debian's ubuntu-keyring package (ubuntu_keyring).
+    DISTRO=ubuntu
+    SUITE="bionic bionic-updates bionic-security"
+    PATTERN='^linux-image-4\.15\.0-[0-9]+-generic$'
+    KERNEL_PIN="linux-image-4.15.0-213-generic=4.15.0-213.224"
+    # Steps by default (guest.sh's names; KERNEL_STEPS overrides, `all` runs every one): the
+    # mount program's, root and rootless, and doctor; about 5 minutes in all under TCG on a
+    # loaded 2-core host. conformance (10+ minutes) and containerd (4) run on 5.10 already and
+    # would not fit in the stage's ~6 minutes of CI.
+    : "${KERNEL_STEPS:=differential options rootless lifecycle fusermount3 doctor}"
+    ;;
+  *) die "unknown kernel VERSION '$VERSION' (known: 5.10, 4.15)" ;;
 esac
 
 KDIR="$ROOT/target/kernel"
@@ -80,6 +101,7 @@ export PATH="$VENV/bin:$PATH" # vng runs virtme-run from PATH
 cached() { [ -f "$KDIR/$1_$2/.complete" ] && echo "$KDIR/$1_$2"; }
 
 APT="$KDIR/apt"
+[ "$DISTRO" = debian ] || APT="$KDIR/apt-$DISTRO"
 apt_private() {
   # Only this tree: its own source list, lists and cache; no host sources, no host lists
   # (with a deadline: it is the network).
@@ -93,6 +115,27 @@ apt_cache_private() {
     -o Dir::State::Lists="$APT/lists" -o Dir::Cache="$APT/cache" "$@"
 }
 
+# Ubuntu's archive key, from Debian's own ubuntu-keyring package (not in bookworm: fetched
+# from trixie with the same private apt state, unpacked into target/kernel/ubuntu-keyring/).
+ubuntu_keyring() {
+  local dir="$KDIR/ubuntu-keyring" APT="$KDIR/apt-keyring"
+  if [ ! -f "$dir/.complete" ]; then
+    mkdir -p "$APT/lists/partial" "$APT/cache/archives/partial" "$APT/parts" "$APT/debs"
+    : >"$APT/preferences"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
+      >"$APT/sources.list"
+    say "fetching Debian's ubuntu-keyring package (private lists in $APT)"
+    apt_private update -qq || die "apt-get update of trixie (for ubuntu-keyring) failed"
+    rm -f "$APT/debs/"*.deb
+    (cd "$APT/debs" && apt_private download ubuntu-keyring) || die "apt-get download ubuntu-keyring failed"
+    rm -rf "$dir"
+    dpkg-deb -x "$APT/debs/"ubuntu-keyring_*.deb "$dir"
+    rm -f "$APT/debs/"*.deb
+    touch "$dir/.complete"
+  fi
+  UBUNTU_KEYRING="$dir/usr/share/keyrings/ubuntu-archive-keyring.gpg"
+}
+
 pin_pkg="${KERNEL_PIN%%=*}"
 pin_ver="${KERNEL_PIN#*=}"
 KROOT=$(cached "$pin_pkg" "$pin_ver" || true)
@@ -101,11 +144,17 @@ if [ -z "$KROOT" ]; then
   : >"$APT/preferences"
   echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $SUITE main" \
     >"$APT/sources.list"
+  if [ "$DISTRO" = ubuntu ]; then
+    ubuntu_keyring
+    for s in $SUITE; do
+      echo "deb [arch=amd64 signed-by=$UBUNTU_KEYRING] http://archive.ubuntu.com/ubuntu $s main"
+    done >"$APT/sources.list"
+  fi
   say "apt-get update of the $SUITE suite (private lists in $APT)"
   apt_private update -qq || die "apt-get update of $SUITE failed"
   pkg=$pin_pkg ver=$pin_ver
   if ! apt_cache_private show "$pin_pkg=$pin_ver" >/dev/null 2>&1; then
-    pkg=$(apt_cache_private pkgnames linux-image-5 | grep -E "$PATTERN" | sort -V | tail -1)
+    pkg=$(apt_cache_private pkgnames linux-image- | grep -E "$PATTERN" | sort -V | tail -1)
     [ -n "$pkg" ] || die "no package matching $PATTERN in $SUITE"
     ver=$(apt_cache_private show "$pkg" | sed -n 's/^Version: //p' | sort -V | tail -1)
     say "pinned $KERNEL_PIN is not in $SUITE any more; using the newest: $pkg=$ver"
@@ -114,11 +163,14 @@ if [ -z "$KROOT" ]; then
   if [ -z "$KROOT" ]; then
     say "downloading $pkg=$ver"
     rm -f "$APT/debs/"*.deb
-    (cd "$APT/debs" && apt_private download "$pkg=$ver") || die "apt-get download $pkg=$ver failed"
+    extra=() # Ubuntu: the modules are a package of their own
+    [ "$DISTRO" = ubuntu ] && extra=("linux-modules-${pkg#linux-image-}=$ver")
+    (cd "$APT/debs" && apt_private download "$pkg=$ver" "${extra[@]}") ||
+      die "apt-get download $pkg=$ver ${extra[*]} failed"
     KROOT="$KDIR/${pkg}_$ver"
     rm -rf "$KROOT"
     mkdir -p "$KROOT"
-    dpkg-deb -x "$APT/debs/"*.deb "$KROOT"
+    for deb in "$APT/debs/"*.deb; do dpkg-deb -x "$deb" "$KROOT"; done
     rm -f "$APT/debs/"*.deb
     kver=$(basename "$(ls -d "$KROOT"/lib/modules/*)")
     depmod -a -b "$KROOT" "$kver"

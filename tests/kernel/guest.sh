@@ -78,7 +78,7 @@ SNAPSHOTTER="$PRIVATE_BIN/rustfuse-snapshotter"
 export RUSTFUSE_BIN="$RUSTFUSE" RUSTFUSE_SNAPSHOTTER_BIN="$SNAPSHOTTER"
 export RUSTFUSE_CONFORMANCE_BIN="$TEST_BIN_conformance"
 export PATH="$PRIVATE_BIN:$PATH"
-fuse_api=$(dmesg | sed -n 's/.*fuse: init (API version \(.*\))/\1/p' | head -1)
+fuse_api=$(dmesg | sed -n 's/.*fuse:\{0,1\} init (API version \(.*\))/\1/p' | head -1) # 4.15: "fuse init"
 echo "Linux $(uname -r), FUSE API $fuse_api" >"$OUT/booted.new"
 mv "$OUT/booted.new" "$OUT/booted" # kernel.sh waits for it: whole, not half written
 cat "$OUT/booted"
@@ -105,16 +105,35 @@ step() { # step NAME SECONDS COMMAND...: runs COMMAND with a deadline, logs to O
   d=$(mktemp -d)
   mkdir -p "$d/l" "$d/u" "$d/w" "$d/m"
   chmod -R 0777 "$d"
-  if setpriv --reuid=65534 --regid=65534 --clear-groups unshare -Urm \
-    mount -t overlay overlay -o "lowerdir=$d/l,upperdir=$d/u,workdir=$d/w,userxattr" "$d/m" 2>/dev/null; then
-    echo "overlayfs in a user namespace: yes"
-  else
-    echo "overlayfs in a user namespace: no"
-  fi
+  echo lower >"$d/l/f"
+  # With userxattr (5.11+), else without (Ubuntu's kernels allowed it before 5.11), as the
+  # snapshotter's trial mounts do; and whether a lower file can be deleted there (a whiteout).
+  ovl_userns=no
+  for extra in ,userxattr ""; do
+    r=$(setpriv --reuid=65534 --regid=65534 --clear-groups unshare -Urm sh -c '
+      mount -t overlay overlay -o "lowerdir=$1/l,upperdir=$1/u,workdir=$1/w$2" "$1/m" 2>/dev/null || exit 9
+      rm "$1/m/f" 2>&1 && echo ok' sh "$d" "$extra") && rc=0 || rc=$?
+    if [ "$rc" != 9 ]; then
+      [ -n "$extra" ] && how=${extra#,} || how="without userxattr"
+      ovl_userns="yes ($how; unlink of a lower file: $r)"
+      break
+    fi
+  done
+  echo "overlayfs in a user namespace: $ovl_userns"
   if setpriv --reuid=65534 --regid=65534 --clear-groups unshare -Urm mknod "$d/u/wh" c 0 0 2>/dev/null; then
     echo "whiteout (mknod c 0 0) in a user namespace: yes"
   else
     echo "whiteout (mknod c 0 0) in a user namespace: no"
+  fi
+  # A FUSE mount(2) by a non-root user in its own namespace (4.18+; no daemon needed to
+  # mount: the namespace and the /dev/fuse descriptor go when the shell exits).
+  mkdir -p "$d/um"
+  if setpriv --reuid=65534 --regid=65534 --clear-groups unshare -Urm sh -c \
+    'exec 3<>/dev/fuse && mount -i -t fuse -o fd=3,rootmode=40000,user_id=0,group_id=0 probe "$1"' \
+    sh "$d/um" 2>/dev/null; then
+    echo "FUSE in a user namespace: yes"
+  else
+    echo "FUSE in a user namespace: no"
   fi
   mkdir -p /run/xt && mount -t tmpfs tmpfs /run/xt && touch /run/xt/f
   if setfattr -n user.x -v 1 /run/xt/f 2>/dev/null; then echo "tmpfs user.* xattrs: yes"; else echo "tmpfs user.* xattrs: no"; fi
