@@ -199,7 +199,10 @@ doctor_step() {
     "$SNAPSHOTTER" doctor --root "$d/root-in-userns")
   echo "$out"
   echo "$out" | grep -q '^user namespace: *yes' || { echo "doctor did not see the user namespace"; exit 1; }
-  if grep -q 'overlayfs in a user namespace: no' "$OUT/facts"; then
+  # Kernel overlayfs in a user namespace only with userxattr: without it (Ubuntu's kernels
+  # before 5.11 mount it) a directory removed and made again shows the lower one's entries
+  # (4 of the 32 overlay:: conformance cases fail so under RootlessKit on Ubuntu's 4.15).
+  if ! grep -q 'overlayfs in a user namespace: yes (userxattr' "$OUT/facts"; then
     echo "$out" | grep -q '^mode: *fuse' || { echo "doctor in a user namespace does not pick fuse"; exit 1; }
   else
     echo "$out" | grep -q '^mode: *overlay' || { echo "doctor in a user namespace does not pick overlay"; exit 1; }
