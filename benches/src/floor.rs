@@ -87,12 +87,7 @@ pub fn flatten(layers: &Layers) -> Result<PathBuf> {
     }
     let mnt = base.join("merged");
     fs::create_dir_all(&mnt)?;
-    let lowers = layers
-        .lowers
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(":");
+    let lowers = crate::mount::join(&layers.lowers);
     let t = Duration::from_secs(600);
     run::run_ok(
         Command::new("mount")

@@ -322,6 +322,22 @@ fn make_ctx(a: &Args, userns: bool) -> Result<Ctx> {
     })
 }
 
+/// One measured run of `w` on `f`, in a user namespace with `--rootless` (the buildah and
+/// BuildKit builds are rootless in both modes: see `build`, `buildkit`).
+fn run_one(
+    a: &Args,
+    ctx: &Ctx,
+    f: &Fs,
+    w: &Workload,
+    cycle_args: &[String],
+) -> Result<Option<f64>> {
+    if a.rootless && !workloads::always_rootless(w) {
+        rootless::run_in_userns(ctx, f, w.name, cycle_args)
+    } else {
+        ctx.run(f, w)
+    }
+}
+
 /// `--count-requests`: one run of each workload on each FUSE filesystem (not the builds,
 /// whose daemons the build tools start), the requests counted from the daemon's log.
 fn count_requests(
@@ -346,11 +362,7 @@ fn count_requests(
                 && !workloads::SNAPSHOTTER_COLUMNS.contains(&f.id)
         }) {
             eprint!("\r\x1b[K{} on {}", w.name, f.label);
-            let r = if a.rootless {
-                rootless::run_in_userns(ctx, f, w.name, cycle_args)
-            } else {
-                ctx.run(f, w)
-            };
+            let r = run_one(a, ctx, f, w, cycle_args);
             if let Err(e) = r {
                 run::check_interrupted()?;
                 eprintln!("\n{} on {}: {e:#}", w.name, f.label);
@@ -507,13 +519,7 @@ fn real_main(argv: &[String]) -> Result<()> {
                     a.reps,
                     f.label
                 );
-                // The buildah and BuildKit builds are rootless in both modes (see `build`,
-                // `buildkit`).
-                let r = if a.rootless && !workloads::always_rootless(w) {
-                    rootless::run_in_userns(&ctx, f, w.name, &cycle_args)
-                } else {
-                    ctx.run(f, w)
-                };
+                let r = run_one(&a, &ctx, f, w, &cycle_args);
                 if let Some(l) = workloads::take_latency() {
                     results.add_latency(wi, f.id, l);
                 }

@@ -98,7 +98,8 @@ pub fn clear_mountpoint(mnt: &Path) {
     }
 }
 
-fn join(paths: &[PathBuf]) -> String {
+/// `lowerdir=`'s value: the paths joined with `:`.
+pub fn join(paths: &[PathBuf]) -> String {
     paths
         .iter()
         .map(|p| p.display().to_string())

@@ -267,7 +267,7 @@ pub const SNAPSHOTTER_COLUMNS: [&str; 2] = ["snap-fuse", "snap-auto"];
 static LATENCY: std::sync::Mutex<Option<[f64; 3]>> = std::sync::Mutex::new(None);
 
 /// Records `P50 P90 P99` as printed by the `lone` worker.
-pub fn set_latency(line: &str) -> Result<()> {
+pub fn set_latency(line: &str) -> Result<[f64; 3]> {
     let v: Vec<f64> = line
         .split_whitespace()
         .map(str::parse)
@@ -277,7 +277,7 @@ pub fn set_latency(line: &str) -> Result<()> {
         bail!("latency line {line:?}: want three numbers");
     };
     *LATENCY.lock().unwrap_or_else(|e| e.into_inner()) = Some([a, b, c]);
-    Ok(())
+    Ok([a, b, c])
 }
 
 /// The percentiles of the run that just ended, if it was a lone-request one.
@@ -448,11 +448,7 @@ impl Ctx {
                     .lines()
                     .find_map(|l| l.strip_prefix("LAT "))
                     .context("the lone worker printed no latencies")?;
-                set_latency(lat)?;
-                lat.split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .context("no median latency")?
+                set_latency(lat)?[0]
             }
             "stat-all" => self.worker(&mnt, &["statlist", &list])?,
             "git-status" => {

@@ -213,11 +213,8 @@ buildah rmi -a -f >/dev/null
 pub fn native_overlay_refused(d: &Path) -> Result<Option<String>, String> {
     let t = d.join("native-trial");
     let out = run_command(
-        Command::new("setpriv")
+        as_build_user()
             .args([
-                &format!("--reuid={USER}"),
-                &format!("--regid={USER}"),
-                "--init-groups",
                 "unshare",
                 "-Urm",
                 "sh",
@@ -267,11 +264,8 @@ pub fn build_as_user(
     deadline: Duration,
 ) -> Result<Build, String> {
     let out = run_command(
-        Command::new("setpriv")
+        as_build_user()
             .args([
-                &format!("--reuid={USER}"),
-                &format!("--regid={USER}"),
-                "--init-groups",
                 "env",
                 "-i",
                 "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
@@ -321,27 +315,32 @@ pub fn build_as_user(
     })
 }
 
+/// `setpriv` to the build user (its uid, gid and groups); the caller appends the command.
+fn as_build_user() -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        format!("--reuid={USER}"),
+        format!("--regid={USER}"),
+        "--init-groups".to_string(),
+    ]);
+    cmd
+}
+
 /// `setpriv` to the build user with a clean environment (`PATH` with `d/bin` first, `HOME` and
 /// `XDG_RUNTIME_DIR` = `d`, plus `env`), running `prog` in `d`; the caller appends its
 /// arguments.
 pub fn as_user_in(d: &Path, env: &[String], prog: &str) -> Command {
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        &format!("--reuid={USER}"),
-        &format!("--regid={USER}"),
-        "--init-groups",
-        "env",
-        "-i",
-    ])
-    .arg(format!(
-        "PATH={}:/usr/sbin:/usr/bin:/sbin:/bin",
-        d.join("bin").display()
-    ))
-    .arg(format!("HOME={}", d.display()))
-    .arg(format!("XDG_RUNTIME_DIR={}", d.display()))
-    .args(env)
-    .arg(prog)
-    .current_dir(d);
+    let mut cmd = as_build_user();
+    cmd.args(["env", "-i"])
+        .arg(format!(
+            "PATH={}:/usr/sbin:/usr/bin:/sbin:/bin",
+            d.join("bin").display()
+        ))
+        .arg(format!("HOME={}", d.display()))
+        .arg(format!("XDG_RUNTIME_DIR={}", d.display()))
+        .args(env)
+        .arg(prog)
+        .current_dir(d);
     cmd
 }
 

@@ -74,6 +74,20 @@ for my $p (["top/sub", "top/sub2"], ["top/sub2", "top/sub"], ["d1/f", "d2/f"],
 }
 "#;
 
+/// `tree` materialized under `base/side` and mounted there: kernel overlayfs for side
+/// `kernel`, else rustfuse with `fuse_opts`; uid 65534 can reach the mount point.
+fn mount_side(base: &Path, side: &str, tree: &Tree, fuse_opts: &[&str]) -> Mount {
+    let m = tree.materialize(&base.join(side)).expect("materialize");
+    for d in [base, &base.join(side)] {
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    match side {
+        "kernel" => Mount::kernel(&m.stack, &m.mnt),
+        _ => Mount::fuse(&bin_under_test(), &m.stack, fuse_opts, &m.mnt),
+    }
+    .unwrap_or_else(|e| panic!("{side}: {e}"))
+}
+
 fn sh(dir: &Path, uid: Option<u32>, program: &str, script: &str) -> String {
     let mut cmd = match uid {
         Some(u) => {
@@ -108,19 +122,7 @@ fn umask_modes_and_renames_by_another_user_match_the_kernel() {
     let s = scratch("posix");
     let mut views = Vec::new();
     for side in ["kernel", "rustfuse"] {
-        let m = tree()
-            .materialize(&s.path().join(side))
-            .expect("materialize");
-        // uid 65534 must reach the mount point.
-        for d in [s.path(), &s.path().join(side)] {
-            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-                .unwrap();
-        }
-        let g = match side {
-            "kernel" => Mount::kernel(&m.stack, &m.mnt),
-            _ => Mount::fuse(&bin_under_test(), &m.stack, &["allow_other"], &m.mnt),
-        }
-        .unwrap_or_else(|e| panic!("{side}: {e}"));
+        let g = mount_side(s.path(), side, &tree(), &["allow_other"]);
         let long_mode = sh(g.root(), None, "sh", &create_script());
         let renames = sh(g.root(), Some(65534), "perl", RENAMES);
         views.push((side, renames, snap(g.root()), long_mode));
@@ -195,25 +197,12 @@ fn setid_bits_after_writes_truncates_and_chowns_match_the_kernel() {
         )
     };
     let mut outs = Vec::new();
-    for side in ["kernel", "rustfuse", "rustfuse-nopt"] {
-        let m = lower()
-            .materialize(&s.path().join(side))
-            .expect("materialize");
-        for d in [s.path(), &s.path().join(side)] {
-            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-                .unwrap();
-        }
-        let g = match side {
-            "kernel" => Mount::kernel(&m.stack, &m.mnt),
-            "rustfuse" => Mount::fuse(&bin_under_test(), &m.stack, &["allow_other"], &m.mnt),
-            _ => Mount::fuse(
-                &bin_under_test(),
-                &m.stack,
-                &["allow_other", "passthrough=0"],
-                &m.mnt,
-            ),
-        }
-        .unwrap_or_else(|e| panic!("{side}: {e}"));
+    for (side, opts) in [
+        ("kernel", &[][..]),
+        ("rustfuse", &["allow_other"][..]),
+        ("rustfuse-nopt", &["allow_other", "passthrough=0"][..]),
+    ] {
+        let g = mount_side(s.path(), side, &lower(), opts);
         let mut out = sh(g.root(), None, "sh", SETID_ROOT);
         sh(g.root(), Some(65534), "sh", SETID_USER);
         out += &sh(g.root(), None, "sh", SETID_AFTER);
