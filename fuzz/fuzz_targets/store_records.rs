@@ -36,6 +36,8 @@ fn record(u: &mut Unstructured<'_>) -> Result<Record> {
         size: u.arbitrary()?,
         inodes: u.arbitrary()?,
         parent_ids: u.arbitrary()?,
+        redirect_dirs: u.arbitrary()?,
+        fuse_upper: u.arbitrary()?,
     })
 }
 

@@ -8,6 +8,7 @@
 //!   conversions between wire and own types.
 //! - [`filter`], [`labels`]: pure parsers and rules.
 //! - [`mounts`], [`mode`], [`usage`]: mount specs, mode detection (doctor), disk usage.
+//! - [`redirects`]: which layers hold directory redirects, for the mode choice.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -18,6 +19,7 @@ pub mod info;
 pub mod labels;
 pub mod mode;
 pub mod mounts;
+pub mod redirects;
 pub mod service;
 pub mod snapshotter;
 pub mod store;

@@ -9,8 +9,10 @@ use clap::{Args, Parser, Subcommand};
 use rustfuse_snapshotter::config;
 use rustfuse_snapshotter::mode::{self, ModeChoice};
 use rustfuse_snapshotter::mounts::MountMode;
+use rustfuse_snapshotter::redirects;
 use rustfuse_snapshotter::service::Service;
 use rustfuse_snapshotter::snapshotter::Snapshotter;
+use rustfuse_snapshotter::store::Store;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -81,8 +83,30 @@ fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
     let root = args.root.unwrap_or_else(|| config::defaults().root);
     std::fs::create_dir_all(&root).with_context(|| format!("create root {}", root.display()))?;
     let findings = mode::probe(&root);
-    print!("{}", mode::report(&root, &findings, args.mode));
+    let holders = redirect_holders(&root, &findings);
+    print!("{}", mode::report(&root, &findings, args.mode, &holders));
     Ok(())
+}
+
+/// For `doctor`: the snapshots whose layers hold directory redirects (Active ones walked when
+/// kernel overlayfs would be used), read from the store if there is one; the store of a
+/// running server is locked, which says so.
+fn redirect_holders(
+    root: &Path,
+    findings: &mode::Findings,
+) -> Result<Vec<redirects::Holder>, String> {
+    let db = root.join("metadata.redb");
+    if !db.exists() {
+        return Ok(Vec::new());
+    }
+    let store = Store::open(&db)
+        .map_err(|e| format!("cannot open the store (a running server holds it locked): {e}"))?;
+    redirects::holders(
+        &store,
+        &root.join("snapshots"),
+        findings.kernel_overlay.is_some(),
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn init_tracing(level: &str) -> anyhow::Result<()> {
@@ -97,18 +121,40 @@ fn init_tracing(level: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn choose_mode(root: &Path, choice: ModeChoice) -> anyhow::Result<MountMode> {
+/// The mode for `choice`, given the store and snapshot directories of the root: a trial
+/// mount decides whether kernel overlayfs works, and whether it follows the directory
+/// redirects FUSE-mode layers may hold (Active snapshots prepared in FUSE mode are walked
+/// only when kernel overlayfs would be used).
+fn choose_mode(
+    root: &Path,
+    choice: ModeChoice,
+    store: &Store,
+    snapshots: &Path,
+) -> rustfuse_snapshotter::Result<MountMode> {
     if choice == ModeChoice::Fuse {
-        return Ok(MountMode::Fuse {
+        let m = MountMode::Fuse {
             program: mode::FUSE_PROGRAM.to_string(),
-        });
+        };
+        tracing::info!(
+            mode = m.name(),
+            redirect_dir = m.redirect_dir(),
+            reason = "--mode fuse was given",
+            "mount mode chosen"
+        );
+        return Ok(m);
     }
     let findings = mode::probe(root);
-    for t in &findings.trials {
+    for t in findings.trials.iter().chain(&findings.follow_trial) {
         tracing::debug!(options = %t.options, result = ?t.result, "trial overlay mount");
     }
-    let (m, why) = mode::choose(choice, &findings)?;
-    tracing::info!(mode = m.name(), reason = %why, "mount mode chosen");
+    let holders = redirects::holders(store, snapshots, findings.kernel_overlay.is_some())?;
+    let (m, why) = mode::choose(choice, &findings, &holders)?;
+    tracing::info!(
+        mode = m.name(),
+        redirect_dir = m.redirect_dir(),
+        reason = %why,
+        "mount mode chosen"
+    );
     Ok(m)
 }
 
@@ -152,9 +198,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let root = args.root.clone().unwrap_or(defaults.root);
     let address = args.address.clone().unwrap_or(defaults.address);
     std::fs::create_dir_all(&root).with_context(|| format!("create root {}", root.display()))?;
-    let mount_mode = choose_mode(&root, args.mode)?;
-    let snapshotter = Snapshotter::open(&root, mount_mode)
-        .with_context(|| format!("open snapshotter root {}", root.display()))?;
+    let snapshotter = Snapshotter::open_with(&root, |store, snapshots| {
+        choose_mode(&root, args.mode, store, snapshots)
+    })
+    .with_context(|| format!("open snapshotter root {}", root.display()))?;
     let snapshotter = Arc::new(snapshotter);
     let listener = bind(&address, args.group)?;
 

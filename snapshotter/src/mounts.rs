@@ -1,5 +1,10 @@
 //! The mounts a snapshot answers with, following containerd's overlay snapshotter (kernel
 //! mode) and fuse-overlayfs snapshotter (FUSE mode) rules.
+//!
+//! FUSE-mode overlays carry `redirect_dir=on`: a rename of a directory with parent-layer
+//! content (`mv /opt/app /opt/app.old` in a build step) is then one rename and a redirect
+//! xattr, not a copy of the tree (see [`crate::redirects`]). Kernel-mode overlays write no
+//! redirects; they carry `redirect_dir=follow` when layers written in FUSE mode hold some.
 
 use std::path::{Path, PathBuf};
 
@@ -11,17 +16,41 @@ use crate::store::Record;
 /// How N-layer snapshots are mounted; chosen once at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MountMode {
-    /// Kernel overlayfs, with the options the trial mount showed are needed.
-    Overlay { index_off: bool, userxattr: bool },
-    /// Our FUSE filesystem: type `fuse3.<program>` (`fuse3.rustfuse`).
+    /// Kernel overlayfs, with the options the trial mount showed are needed;
+    /// `redirect_follow` (`redirect_dir=follow`) when some layer holds directory redirects.
+    Overlay {
+        index_off: bool,
+        userxattr: bool,
+        redirect_follow: bool,
+    },
+    /// Our FUSE filesystem: type `fuse3.<program>` (`fuse3.rustfuse`), with
+    /// [`FUSE_REDIRECT_DIR`].
     Fuse { program: String },
 }
+
+/// The `redirect_dir=` option of every FUSE-mode overlay mount.
+pub const FUSE_REDIRECT_DIR: &str = "redirect_dir=on";
+
+/// The `redirect_dir=` option of kernel overlay mounts over layers that hold redirects.
+pub const KERNEL_REDIRECT_FOLLOW: &str = "redirect_dir=follow";
 
 impl MountMode {
     pub fn name(&self) -> &'static str {
         match self {
             MountMode::Overlay { .. } => "overlay",
             MountMode::Fuse { .. } => "fuse",
+        }
+    }
+
+    /// The `redirect_dir=` option its overlay mounts carry, if any.
+    pub fn redirect_dir(&self) -> Option<&'static str> {
+        match self {
+            MountMode::Overlay {
+                redirect_follow: true,
+                ..
+            } => Some(KERNEL_REDIRECT_FOLLOW),
+            MountMode::Overlay { .. } => None,
+            MountMode::Fuse { .. } => Some(FUSE_REDIRECT_DIR),
         }
     }
 }
@@ -58,6 +87,7 @@ pub fn mounts(mode: &MountMode, snapshots: &Path, kind: Kind, rec: &Record) -> V
     if let MountMode::Overlay {
         index_off,
         userxattr,
+        ..
     } = mode
     {
         if *index_off {
@@ -66,6 +96,9 @@ pub fn mounts(mode: &MountMode, snapshots: &Path, kind: Kind, rec: &Record) -> V
         if *userxattr {
             options.push("userxattr".to_string());
         }
+    }
+    if let Some(r) = mode.redirect_dir() {
+        options.push(r.to_string());
     }
     if kind == Kind::Active {
         options.push(format!(
@@ -122,7 +155,14 @@ mod tests {
     const KERNEL: MountMode = MountMode::Overlay {
         index_off: true,
         userxattr: false,
+        redirect_follow: false,
     };
+
+    fn fuse() -> MountMode {
+        MountMode::Fuse {
+            program: "rustfuse".into(),
+        }
+    }
 
     fn root() -> PathBuf {
         PathBuf::from("/r/snapshots")
@@ -167,6 +207,7 @@ mod tests {
         let mode = MountMode::Overlay {
             index_off: false,
             userxattr: true,
+            redirect_follow: false,
         };
         let m = mounts(&mode, &root(), Kind::View, &rec(5, &[3, 2]));
         assert_eq!(
@@ -177,9 +218,7 @@ mod tests {
 
     #[test]
     fn fuse_form_with_mappings() {
-        let mode = MountMode::Fuse {
-            program: "rustfuse".into(),
-        };
+        let mode = fuse();
         let mut r = rec(5, &[3]);
         r.labels
             .insert(labels::UID_MAPPING.into(), "0:1000:1,1:100000:65536".into());
@@ -189,11 +228,91 @@ mod tests {
         assert_eq!(
             m[0].options,
             [
+                "redirect_dir=on",
                 "workdir=/a:b/snapshots/5/work",
                 "upperdir=/a:b/snapshots/5/fs",
                 "lowerdir=/a\\:b/snapshots/3/fs",
                 "uidmapping=0:1000:1:1:100000:65536"
             ]
         );
+    }
+
+    /// Every FUSE-mode overlay (Active, multi-parent View) writes and follows redirects; the
+    /// bind mounts take no option.
+    #[test]
+    fn fuse_overlays_carry_redirect_dir_on() {
+        let m = mounts(&fuse(), &root(), Kind::Active, &rec(5, &[3]));
+        assert_eq!(
+            m[0].options,
+            [
+                "redirect_dir=on",
+                "workdir=/r/snapshots/5/work",
+                "upperdir=/r/snapshots/5/fs",
+                "lowerdir=/r/snapshots/3/fs"
+            ]
+        );
+        let m = mounts(&fuse(), &root(), Kind::View, &rec(5, &[3, 2]));
+        assert_eq!(m[0].r#type, "fuse3.rustfuse");
+        assert_eq!(
+            m[0].options,
+            [
+                "redirect_dir=on",
+                "lowerdir=/r/snapshots/3/fs:/r/snapshots/2/fs"
+            ]
+        );
+        for (kind, r) in [
+            (Kind::View, rec(5, &[3])),
+            (Kind::Active, rec(1, &[])),
+            (Kind::View, rec(1, &[])),
+        ] {
+            let m = mounts(&fuse(), &root(), kind, &r);
+            assert_eq!(m[0].r#type, "bind", "{kind:?} {r:?}");
+            assert!(
+                !m[0].options.iter().any(|o| o.starts_with("redirect_dir")),
+                "{m:?}"
+            );
+        }
+    }
+
+    /// Kernel overlays write no redirects: no option by default, `redirect_dir=follow` when
+    /// layers hold redirects, after `index=off`/`userxattr` and before the directories.
+    #[test]
+    fn kernel_overlays_follow_only_when_asked() {
+        for kind in [Kind::Active, Kind::View] {
+            let m = mounts(&KERNEL, &root(), kind, &rec(5, &[3, 2]));
+            assert!(
+                !m[0].options.iter().any(|o| o.starts_with("redirect_dir")),
+                "{m:?}"
+            );
+        }
+        let follow = MountMode::Overlay {
+            index_off: true,
+            userxattr: false,
+            redirect_follow: true,
+        };
+        let m = mounts(&follow, &root(), Kind::Active, &rec(5, &[3]));
+        assert_eq!(m[0].r#type, "overlay");
+        assert_eq!(
+            m[0].options,
+            [
+                "index=off",
+                "redirect_dir=follow",
+                "workdir=/r/snapshots/5/work",
+                "upperdir=/r/snapshots/5/fs",
+                "lowerdir=/r/snapshots/3/fs"
+            ]
+        );
+        let m = mounts(&follow, &root(), Kind::View, &rec(5, &[3, 2]));
+        assert_eq!(
+            m[0].options,
+            [
+                "index=off",
+                "redirect_dir=follow",
+                "lowerdir=/r/snapshots/3/fs:/r/snapshots/2/fs"
+            ]
+        );
+        assert_eq!(KERNEL.redirect_dir(), None);
+        assert_eq!(follow.redirect_dir(), Some("redirect_dir=follow"));
+        assert_eq!(fuse().redirect_dir(), Some("redirect_dir=on"));
     }
 }

@@ -76,12 +76,23 @@ impl Adaptor for InfoAdaptor<'_> {
 impl Snapshotter {
     /// Open the snapshotter rooted at `root`, creating it if needed.
     pub fn open(root: &Path, mode: MountMode) -> Result<Snapshotter> {
+        Snapshotter::open_with(root, |_, _| Ok(mode))
+    }
+
+    /// Open the snapshotter rooted at `root`, creating it if needed, with the mode `choose`
+    /// picks given its store and its `snapshots/` directory (what the layers hold decides
+    /// whether kernel overlayfs can mount them: see [`crate::redirects::holders`]).
+    pub fn open_with(
+        root: &Path,
+        choose: impl FnOnce(&Store, &Path) -> Result<MountMode>,
+    ) -> Result<Snapshotter> {
         std::fs::create_dir_all(root).map_err(|e| Error::io("create directory", root, e))?;
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| Error::io("chmod", root, e))?;
         let snapshots = root.join("snapshots");
         mkdir_mode(&snapshots, 0o700)?;
         let store = Store::open(&root.join("metadata.redb"))?;
+        let mode = choose(&store, &snapshots)?;
         Ok(Snapshotter {
             root: root.to_path_buf(),
             snapshots,
@@ -166,6 +177,7 @@ impl Snapshotter {
                     parent,
                     kind,
                     labels: normalize(labels),
+                    fuse_upper: matches!(self.mode, MountMode::Fuse { .. }),
                 },
                 |rec| {
                     if let Some(pid) = rec.parent_ids.first() {
@@ -210,7 +222,8 @@ impl Snapshotter {
     }
 
     /// Turn Active `key` into Committed `name` (same parent and directory, `labels`
-    /// replacing its labels, its disk usage recorded); `key` is gone afterwards.
+    /// replacing its labels, its disk usage and redirected directories recorded); `key` is
+    /// gone afterwards.
     pub fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {
         if name.is_empty() {
             return Err(Error::InvalidArgument(format!(
@@ -232,13 +245,16 @@ impl Snapshotter {
             )));
         }
         let usage = disk_usage(&self.fs_dir(rec.id))?;
-        self.store.commit(
-            name,
-            key,
-            normalize(labels),
-            (usage.size, usage.inodes),
-            rec.id,
-        )?;
+        if usage.redirect_dirs > 0 {
+            tracing::debug!(
+                key,
+                name,
+                redirect_dirs = usage.redirect_dirs,
+                "committed layer holds directory redirects"
+            );
+        }
+        self.store
+            .commit(name, key, normalize(labels), usage, rec.id)?;
         Ok(())
     }
 
@@ -321,6 +337,7 @@ impl Snapshotter {
             Ok(Usage {
                 size: rec.size,
                 inodes: rec.inodes,
+                redirect_dirs: rec.redirect_dirs,
             })
         }
     }
@@ -384,6 +401,7 @@ mod tests {
             MountMode::Overlay {
                 index_off: false,
                 userxattr: false,
+                redirect_follow: false,
             },
         )
         .unwrap();

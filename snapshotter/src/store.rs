@@ -17,6 +17,7 @@ use redb::{
 
 use crate::error::{Error, Result};
 use crate::info::{Info, Kind};
+use crate::usage::Usage;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
@@ -28,7 +29,8 @@ pub const SCHEMA_VERSION: u64 = 1;
 const KEY_SCHEMA_VERSION: &str = "schema_version";
 const KEY_NEXT_ID: &str = "next_id";
 
-/// What the store keeps per snapshot (schema version 1).
+/// What the store keeps per snapshot (schema version 1; fields 10 and 11 were added
+/// compatibly: older records read them as 0 and false, older builds skip them).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Record {
     /// Directory name under `snapshots/`.
@@ -56,6 +58,15 @@ pub struct Record {
     /// have children, so this never goes stale.
     #[prost(uint64, repeated, tag = "9")]
     pub parent_ids: Vec<u64>,
+    /// Directories of its layer carrying a redirect xattr, counted at Commit (a store written
+    /// before this field reads 0: its layers were all written by kernel overlayfs or by
+    /// rustfuse without `redirect_dir=on`).
+    #[prost(int64, tag = "10")]
+    pub redirect_dirs: i64,
+    /// Prepared (Active, with parents) in FUSE mode: its upper directory may hold redirects,
+    /// so a start in overlay mode walks it.
+    #[prost(bool, tag = "11")]
+    pub fuse_upper: bool,
 }
 
 impl Record {
@@ -112,6 +123,8 @@ pub struct NewSnapshot<'a> {
     pub parent: &'a str,
     pub kind: Kind,
     pub labels: HashMap<String, String>,
+    /// Mounted by rustfuse with `redirect_dir=on` (FUSE mode, Active with a parent).
+    pub fuse_upper: bool,
 }
 
 pub struct Store {
@@ -254,7 +267,9 @@ impl Store {
                 labels: new.labels,
                 size: 0,
                 inodes: 0,
+                fuse_upper: new.fuse_upper && new.kind == Kind::Active && !parent_ids.is_empty(),
                 parent_ids,
+                redirect_dirs: 0,
             };
             snaps.insert(key, encode(&rec).as_slice())?;
             if !new.parent.is_empty() {
@@ -267,13 +282,14 @@ impl Store {
         Ok(rec)
     }
 
-    /// Turn Active `key` into Committed `name`, keeping its id and parent.
+    /// Turn Active `key` into Committed `name`, keeping its id and parent, with `usage` as
+    /// measured.
     pub fn commit(
         &self,
         name: &str,
         key: &str,
         labels: HashMap<String, String>,
-        usage: (i64, i64),
+        usage: Usage,
         expect_id: u64,
     ) -> Result<Record> {
         let tx = self.db.begin_write()?;
@@ -313,7 +329,9 @@ impl Store {
             rec.labels = labels;
             rec.created = Some(ts);
             rec.updated = Some(ts);
-            (rec.size, rec.inodes) = usage;
+            rec.size = usage.size;
+            rec.inodes = usage.inodes;
+            rec.redirect_dirs = usage.redirect_dirs;
             snaps.insert(name, encode(&rec).as_slice())?;
             if !rec.parent.is_empty() {
                 children.remove(rec.parent.as_str(), key)?;
@@ -409,6 +427,15 @@ mod tests {
             parent,
             kind,
             labels: HashMap::new(),
+            fuse_upper: false,
+        }
+    }
+
+    fn used(size: i64, inodes: i64) -> Usage {
+        Usage {
+            size,
+            inodes,
+            redirect_dirs: 0,
         }
     }
 
@@ -430,9 +457,77 @@ mod tests {
             size: 4096,
             inodes: 3,
             parent_ids: vec![5, 3, 1],
+            redirect_dirs: 2,
+            fuse_upper: true,
         };
         assert_eq!(decode("k", &encode(&r)).unwrap(), r);
         assert!(decode("k", &[0xff, 0xff]).is_err());
+    }
+
+    /// A record as builds before fields 10 and 11 wrote it (tags 1 to 9).
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RecordV1 {
+        #[prost(uint64, tag = "1")]
+        id: u64,
+        #[prost(int32, tag = "2")]
+        kind: i32,
+        #[prost(string, tag = "3")]
+        parent: String,
+        #[prost(int64, tag = "7")]
+        size: i64,
+        #[prost(uint64, repeated, tag = "9")]
+        parent_ids: Vec<u64>,
+    }
+
+    /// Records written before the redirect fields read as holding no redirects and not
+    /// prepared in FUSE mode; an older build reading a new record skips the new fields.
+    #[test]
+    fn records_without_the_redirect_fields() {
+        let old = RecordV1 {
+            id: 4,
+            kind: Kind::Committed as i32,
+            parent: "p".into(),
+            size: 10,
+            parent_ids: vec![3],
+        };
+        let r = decode("k", &prost::Message::encode_to_vec(&old)).unwrap();
+        assert_eq!((r.id, r.size, r.parent_ids.clone()), (4, 10, vec![3]));
+        assert_eq!((r.redirect_dirs, r.fuse_upper), (0, false));
+        let new = Record {
+            redirect_dirs: 5,
+            fuse_upper: true,
+            ..r
+        };
+        let back = <RecordV1 as prost::Message>::decode(encode(&new).as_slice()).unwrap();
+        assert_eq!(back, old);
+    }
+
+    /// The FUSE mark is kept for an Active snapshot with a parent only (a bind-mounted one
+    /// has no rustfuse upper), and Commit stores the redirect count it measured.
+    #[test]
+    fn fuse_upper_and_redirect_count() {
+        let (_d, s) = store();
+        let fuse = |key: &'static str, parent: &'static str, kind| NewSnapshot {
+            fuse_upper: true,
+            ..new(key, parent, kind)
+        };
+        let a = s.create(fuse("a", "", Kind::Active), |_| Ok(())).unwrap();
+        assert!(!a.fuse_upper, "no parent: a bind mount");
+        s.commit("base", "a", HashMap::new(), used(0, 0), a.id)
+            .unwrap();
+        let b = s
+            .create(fuse("b", "base", Kind::Active), |_| Ok(()))
+            .unwrap();
+        assert!(b.fuse_upper);
+        let v = s.create(fuse("v", "base", Kind::View), |_| Ok(())).unwrap();
+        assert!(!v.fuse_upper, "a view has no upper");
+        let usage = Usage {
+            redirect_dirs: 3,
+            ..used(1, 1)
+        };
+        let c = s.commit("c", "b", HashMap::new(), usage, b.id).unwrap();
+        assert_eq!(c.redirect_dirs, 3);
+        assert_eq!(s.must_get("c").unwrap().redirect_dirs, 3);
     }
 
     #[test]
@@ -440,7 +535,9 @@ mod tests {
         let (_d, s) = store();
         let a = s.create(new("a", "", Kind::Active), |_| Ok(())).unwrap();
         assert_eq!(a.id, 1);
-        let c = s.commit("c", "a", HashMap::new(), (10, 1), a.id).unwrap();
+        let c = s
+            .commit("c", "a", HashMap::new(), used(10, 1), a.id)
+            .unwrap();
         assert_eq!(c.id, 1);
         assert_eq!(c.kind("c").unwrap(), Kind::Committed);
         assert!(s.get("a").unwrap().is_none());
@@ -485,7 +582,7 @@ mod tests {
     fn remote_snapshot_ref() {
         let (_d, s) = store();
         let a = s.create(new("x", "", Kind::Active), |_| Ok(())).unwrap();
-        s.commit("chain", "x", HashMap::new(), (0, 0), a.id)
+        s.commit("chain", "x", HashMap::new(), used(0, 0), a.id)
             .unwrap();
         let mut n = new("extract", "", Kind::Active);
         n.labels
@@ -506,15 +603,15 @@ mod tests {
         let a = s.create(new("a", "", Kind::Active), |_| Ok(())).unwrap();
         let v = s.create(new("v", "", Kind::View), |_| Ok(())).unwrap();
         assert!(matches!(
-            s.commit("c", "missing", HashMap::new(), (0, 0), 0),
+            s.commit("c", "missing", HashMap::new(), used(0, 0), 0),
             Err(Error::NotFound(_))
         ));
         assert!(matches!(
-            s.commit("c", "v", HashMap::new(), (0, 0), v.id),
+            s.commit("c", "v", HashMap::new(), used(0, 0), v.id),
             Err(Error::FailedPrecondition(_))
         ));
         assert!(matches!(
-            s.commit("v", "a", HashMap::new(), (0, 0), a.id),
+            s.commit("v", "a", HashMap::new(), used(0, 0), a.id),
             Err(Error::AlreadyExists(_))
         ));
     }
@@ -528,7 +625,7 @@ mod tests {
             let a = s
                 .create(new("a b/c", "", Kind::Active), |_| Ok(()))
                 .unwrap();
-            s.commit("n", "a b/c", HashMap::new(), (1, 1), a.id)
+            s.commit("n", "a b/c", HashMap::new(), used(1, 1), a.id)
                 .unwrap();
         }
         let s = Store::open(&path).unwrap();
@@ -621,7 +718,10 @@ mod tests {
         n.labels
             .insert(crate::labels::TARGET_SNAPSHOT_REF.into(), key.into());
         corrupt(s.create(n, |_| Ok(())).unwrap_err());
-        corrupt(s.commit("c", key, HashMap::new(), (0, 0), 9).unwrap_err());
+        corrupt(
+            s.commit("c", key, HashMap::new(), used(0, 0), 9)
+                .unwrap_err(),
+        );
         assert!(s.get("child").unwrap().is_none());
         assert!(s.get("extract").unwrap().is_none());
         assert!(s.get("c").unwrap().is_none());

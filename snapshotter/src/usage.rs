@@ -1,5 +1,6 @@
 //! Disk usage as containerd computes it: sum of `st_blocks * 512` over a tree, each inode
-//! (by device and inode number) counted once, so hard links count once.
+//! (by device and inode number) counted once, so hard links count once. The same walk counts
+//! the directories that carry a redirect (see [`crate::redirects`]).
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
@@ -11,9 +12,12 @@ use crate::error::{Error, Result};
 pub struct Usage {
     pub size: i64,
     pub inodes: i64,
+    /// Directories carrying a redirect xattr (one listxattr per directory).
+    pub redirect_dirs: i64,
 }
 
-/// Usage of the tree at `root` (root included). Symlinks are not followed.
+/// Usage of the tree at `root` (root included), and its redirected directories. Symlinks are
+/// not followed.
 pub fn disk_usage(root: &Path) -> Result<Usage> {
     let mut seen = HashSet::new();
     let mut usage = Usage::default();
@@ -30,6 +34,9 @@ pub fn disk_usage(root: &Path) -> Result<Usage> {
             usage.size += (md.blocks() * 512) as i64;
         }
         if md.is_dir() {
+            if crate::redirects::is_redirected(&path) {
+                usage.redirect_dirs += 1;
+            }
             let rd = std::fs::read_dir(&path).map_err(|e| Error::io("read directory", &path, e))?;
             for entry in rd {
                 let entry = entry.map_err(|e| Error::io("read directory", &path, e))?;
@@ -58,5 +65,26 @@ mod tests {
         assert!(after.size - before.size < 10000, "{before:?} {after:?}");
         std::os::unix::fs::symlink("f", d.path().join("l")).unwrap();
         assert_eq!(disk_usage(d.path()).unwrap().inodes, 3);
+        assert_eq!(disk_usage(d.path()).unwrap().redirect_dirs, 0);
+    }
+
+    #[test]
+    fn counts_redirected_directories() {
+        let d = tempfile::tempdir().unwrap();
+        for sub in ["a", "a/b", "c"] {
+            std::fs::create_dir(d.path().join(sub)).unwrap();
+        }
+        for sub in ["a/b", "c"] {
+            if let Err(e) = rustix::fs::setxattr(
+                d.path().join(sub),
+                "user.overlay.redirect",
+                b"/x",
+                rustix::fs::XattrFlags::empty(),
+            ) {
+                println!("SKIPPED: user xattrs cannot be set here: {e}");
+                return;
+            }
+        }
+        assert_eq!(disk_usage(d.path()).unwrap().redirect_dirs, 2);
     }
 }
