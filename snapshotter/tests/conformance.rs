@@ -283,6 +283,7 @@ cases!(
     e10_update_reads_no_kind,
     b01_buildkit_readonly_mounts_of_an_active_snapshot,
     b02_buildkit_walking_differ_mounts,
+    r01_rename_directory_with_lower_content,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1332,4 +1333,120 @@ fn b02_buildkit_walking_differ_mounts(x: &Ctx) {
     gu.unmount();
     gl.unmount();
     x.c.remove("b02 lower").unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Directory renames (issue 18): FUSE-mode mounts carry redirect_dir=on
+
+/// Whether `dir` carries a directory redirect (`trusted.overlay.redirect`, or
+/// `user.overlay.redirect` where trusted xattrs cannot be written, as rootless).
+fn redirected(dir: &Path) -> bool {
+    rustfuse_snapshotter::redirects::is_redirected(dir)
+}
+
+/// `mv /opt/app /opt/app.old` in a build step, then a new `/opt/app`: in FUSE mode the
+/// rename of a directory with parent-layer content is one rename(2) (no EXDEV) that leaves a
+/// redirect in the upper and copies nothing; kernel overlay mode (no `redirect_dir=on`)
+/// answers EXDEV and `mv` copies, as containerd's overlayfs snapshotter does. Either way the
+/// merged view, BuildKit's read-only mount of the active snapshot, and after Commit a child
+/// snapshot and a two-layer view show the renamed tree and not the old name.
+fn r01_rename_directory_with_lower_content(x: &Ctx) {
+    let c = &x.c;
+    let base = [
+        Op::Dir("/opt", 0o755),
+        Op::Dir("/opt/app", 0o750),
+        Op::Dir("/opt/app/bin", 0o755),
+        file("/opt/app/bin/run", "#!/bin/sh\n", 0o755),
+        file("/opt/app/conf", "v1", 0o640),
+        Op::Dir("/opt/app/empty", 0o700),
+        file("/opt/other", "o", 0o644),
+    ];
+    let flat = x.dir("flat");
+    apply(&flat, &base);
+    let (mp, g) = x.mount(&c.prepare("base-a", "").unwrap(), "base");
+    apply(&mp, &base);
+    g.unmount();
+    c.commit("base", "base-a").unwrap();
+
+    let mounts = c.prepare("step-a", "base").unwrap();
+    match x.server.mode {
+        Mode::Fuse => assert!(
+            mounts[0].options.iter().any(|o| o == "redirect_dir=on"),
+            "{mounts:?}"
+        ),
+        Mode::Overlay => assert!(
+            !mounts[0]
+                .options
+                .iter()
+                .any(|o| o.starts_with("redirect_dir")),
+            "{mounts:?}"
+        ),
+    }
+    let (mp, g) = x.mount(&mounts, "step");
+    let renamed = std::fs::rename(mp.join("opt/app"), mp.join("opt/app.old"));
+    match (x.server.mode, renamed) {
+        (_, Ok(())) => {}
+        (Mode::Fuse, Err(e)) => panic!("FUSE mode (redirect_dir=on): rename /opt/app: {e}"),
+        (Mode::Overlay, Err(e)) => {
+            assert_eq!(e.raw_os_error(), Some(18), "kernel overlay: {e}, not EXDEV");
+            let st = std::process::Command::new("mv")
+                .arg(mp.join("opt/app"))
+                .arg(mp.join("opt/app.old"))
+                .status()
+                .unwrap();
+            assert!(st.success(), "mv by copy: {st}");
+        }
+    }
+    std::fs::rename(flat.join("opt/app"), flat.join("opt/app.old")).unwrap();
+    let step = [
+        Op::Dir("/opt/app", 0o755),
+        file("/opt/app/conf", "v2", 0o644),
+        file("/opt/app.old/bin/added", "after the rename", 0o644),
+    ];
+    apply(&mp, &step);
+    apply(&flat, &step);
+    assert_same_tree(&mp, &flat, "after the rename");
+    assert_eq!(listing(&mp.join("opt")), ["app", "app.old", "other"]);
+    let (_, upper) = first_dir(&mounts);
+    if x.server.mode == Mode::Fuse {
+        let moved = upper.join("opt/app.old");
+        assert!(redirected(&moved), "{} holds no redirect", moved.display());
+        assert_eq!(
+            listing(&moved),
+            ["bin"],
+            "the rename copied the tree up (only bin/added was written)"
+        );
+    }
+    // BuildKit's read-only mount of the active snapshot, the read-write one still live.
+    let (ro, gro) = x.mount(&buildkit_readonly(&mounts), "ro");
+    assert_same_tree(&ro, &flat, "read-only mount of the active snapshot");
+    gro.unmount();
+    g.unmount();
+    c.commit("step", "step-a").unwrap();
+
+    let (mp, g) = x.mount(&c.prepare("child", "step").unwrap(), "child");
+    assert_same_tree(&mp, &flat, "child of the committed rename");
+    assert!(
+        !mp.join("opt/app/bin").exists(),
+        "the old tree shows under the old name"
+    );
+    // The child renames the renamed directory again, and back is a plain directory.
+    let again = std::fs::rename(mp.join("opt/app.old"), mp.join("app2"));
+    if x.server.mode == Mode::Fuse {
+        again.expect("FUSE mode: rename of a redirected directory");
+        std::fs::rename(flat.join("opt/app.old"), flat.join("app2")).unwrap();
+        assert_same_tree(&mp, &flat, "second rename, in the child");
+    }
+    g.unmount();
+    let (vm, gv) = x.mount(&c.view("two layers", "step").unwrap(), "view");
+    assert_eq!(
+        std::fs::read_to_string(vm.join("opt/app.old/conf")).unwrap(),
+        "v1"
+    );
+    assert_eq!(
+        std::fs::read_to_string(vm.join("opt/app/conf")).unwrap(),
+        "v2"
+    );
+    assert_eq!(listing(&vm.join("opt/app")), ["conf"]);
+    gv.unmount();
 }
