@@ -109,6 +109,10 @@ pub struct Server {
     child: Option<Child>,
     dir: tempfile::TempDir,
     pub mode: Mode,
+    /// The `--mode` given instead of `mode`'s (e.g. `auto`), from the next spawn on.
+    pub choice: Option<&'static str>,
+    /// A command the server runs under (e.g. `unshare -Urm`), from the next spawn on.
+    pub wrapper: Vec<String>,
     log: PathBuf,
     args: Vec<String>,
 }
@@ -130,6 +134,8 @@ impl Server {
             log: dir.path().join("server.log"),
             dir,
             mode,
+            choice: None,
+            wrapper: Vec::new(),
             args: args.iter().map(|a| a.to_string()).collect(),
         };
         s.spawn();
@@ -150,12 +156,28 @@ impl Server {
     }
 
     pub fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    /// Start the server and wait until it listens; a server that exits first is an error
+    /// holding its exit status and log.
+    pub fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut child = Command::new(BIN)
+        let mut cmd = match self.wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = cmd
             .arg("serve")
             .arg("--address")
             .arg(self.socket())
@@ -163,7 +185,7 @@ impl Server {
             .arg(self.root())
             .args([
                 "--mode",
-                self.mode.arg(),
+                self.choice.unwrap_or(self.mode.arg()),
                 "--log-level",
                 "rustfuse_snapshotter=debug,info",
             ])
@@ -179,18 +201,23 @@ impl Server {
                 break;
             }
             if let Ok(Some(st)) = child.try_wait() {
-                panic!(
+                return Err(format!(
                     "server exited with {st} before listening:\n{}",
                     self.log_text()
-                );
+                ));
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("server did not listen in time:\n{}", self.log_text());
+                let _ = child.wait();
+                return Err(format!(
+                    "server did not listen in time:\n{}",
+                    self.log_text()
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         self.child = Some(child);
+        Ok(())
     }
 
     pub fn log_text(&self) -> String {
@@ -537,6 +564,14 @@ pub struct MountGuard {
 }
 
 impl MountGuard {
+    /// The guard of a mount made at `target` by other means.
+    pub fn adopt(target: &Path) -> MountGuard {
+        MountGuard {
+            target: target.to_path_buf(),
+            mounted: true,
+        }
+    }
+
     /// Unmount now (as before a Commit) and wait until it is gone.
     pub fn unmount(mut self) {
         self.do_unmount();
