@@ -63,6 +63,45 @@ pub enum XattrPermissions {
     User,
 }
 
+/// `redirect_dir=`: whether a rename of a directory with lower-layer content writes a
+/// redirect (kernel overlayfs's `trusted.overlay.redirect`, the directory's old path) and
+/// whether lookups follow the redirects they find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RedirectDir {
+    /// Neither written nor followed (a redirect is ignored: the directory merges by its
+    /// name, as fuse-overlayfs does); such a rename answers EXDEV. The default.
+    #[default]
+    Off,
+    /// Not written; a lookup that meets one fails with EPERM (the kernel's `nofollow`).
+    NoFollow,
+    /// Followed, not written.
+    Follow,
+    /// Written and followed.
+    On,
+}
+
+impl RedirectDir {
+    /// The option's value, as written on a command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedirectDir::Off => "off",
+            RedirectDir::NoFollow => "nofollow",
+            RedirectDir::Follow => "follow",
+            RedirectDir::On => "on",
+        }
+    }
+
+    /// Lookups follow the redirects of directories.
+    pub fn follows(self) -> bool {
+        matches!(self, RedirectDir::Follow | RedirectDir::On)
+    }
+
+    /// A rename of a directory with lower content writes a redirect (else EXDEV).
+    pub fn writes(self) -> bool {
+        self == RedirectDir::On
+    }
+}
+
 /// Everything fuse-overlayfs's `-o` options say, parsed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OverlayOptions {
@@ -90,6 +129,8 @@ pub struct OverlayOptions {
     /// the first write. Off by default because such an upper file reads as zeros through
     /// fuse-overlayfs and through tools that read an upper layer directly.
     pub metacopy: bool,
+    /// `redirect_dir=on|follow|nofollow|off` (see [`RedirectDir`]).
+    pub redirect_dir: RedirectDir,
     /// Cache timeout in seconds; `None` means effectively infinite.
     pub timeout: Option<f64>,
     pub noxattrs: bool,
@@ -120,6 +161,7 @@ impl Default for OverlayOptions {
             writeback: None,
             passthrough: None,
             metacopy: false,
+            redirect_dir: RedirectDir::Off,
             timeout: None,
             noxattrs: false,
             xattr_permissions: XattrPermissions::Off,
@@ -354,11 +396,17 @@ pub fn parse<S: AsRef<str>>(option_strings: &[S]) -> Result<OverlayOptions, Opti
                 }
             }
             "redirect_dir" => {
-                if value != Some("off") {
-                    return Err(invalid(
-                        "redirect_dir",
-                        format!("{:?} is not supported (only off)", value.unwrap_or("")),
-                    ));
+                o.redirect_dir = match value {
+                    Some("on") => RedirectDir::On,
+                    Some("follow") => RedirectDir::Follow,
+                    Some("nofollow") => RedirectDir::NoFollow,
+                    Some("off") => RedirectDir::Off,
+                    v => {
+                        return Err(invalid(
+                            "redirect_dir",
+                            format!("{:?} is not on, follow, nofollow or off", v.unwrap_or("")),
+                        ));
+                    }
                 }
             }
             "context" | "fscontext" | "defcontext" | "rootcontext" => {
@@ -451,10 +499,10 @@ mod tests {
         );
         let e = parse(&["lowerdir=/l,upperdir=/u"]).unwrap_err().to_string();
         assert!(e.contains("workdir"), "{e}");
-        let e = parse(&["lowerdir=/l,redirect_dir=on"])
+        let e = parse(&["lowerdir=/l,redirect_dir=yes"])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("redirect_dir"), "{e}");
+        assert!(e.contains("redirect_dir") && e.contains("yes"), "{e}");
         let e = parse(&["lowerdir=/l,squash_to_root,squash_to_uid=3"])
             .unwrap_err()
             .to_string();
@@ -463,6 +511,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("uidmapping"), "{e}");
+    }
+
+    #[test]
+    fn redirect_dir_values() {
+        for (v, want) in [
+            ("on", RedirectDir::On),
+            ("follow", RedirectDir::Follow),
+            ("nofollow", RedirectDir::NoFollow),
+            ("off", RedirectDir::Off),
+        ] {
+            let o = parse(&[format!("lowerdir=/l,redirect_dir={v}")]).unwrap();
+            assert_eq!(o.redirect_dir, want);
+            assert_eq!(want.as_str(), v);
+        }
+        assert_eq!(
+            parse(&["lowerdir=/l"]).unwrap().redirect_dir,
+            RedirectDir::Off
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod dir;
 mod loc;
 mod node;
 mod probe;
+mod redirect;
 mod tree;
 mod write;
 
@@ -20,13 +21,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::options::{OverlayOptions, XattrPermissions};
+use crate::options::{OverlayOptions, RedirectDir, XattrPermissions};
 use crate::sys::{self, Compat, Errno, OFlags, Stat, Sys};
 
 pub use dir::DirEntry;
 use loc::{DirFdCache, DirHandle, Loc};
 use node::{Node, NodeState, NodeTable};
 use probe::{LowerHint, Probe};
+use redirect::Target;
 use tree::WH_PREFIX;
 
 /// What the overlay answers: a value, or the errno the caller gets.
@@ -253,6 +255,19 @@ pub(crate) const NLINK_XATTRS: [&str; 2] = [
     "user.overlay.rustfuse.nlink",
 ];
 
+/// What one lower layer said about a lookup's [`Target`] ([`Overlay::probe_target`]).
+struct TargetStep {
+    probe: Probe,
+    /// The directory the last part was probed in, its fd, and that part.
+    dir: Arc<DirHandle>,
+    fd: Arc<OwnedFd>,
+    name: OsString,
+    /// An opaque directory on the way: the layers below have nothing to add.
+    stop_below: bool,
+    /// The target for the layers below (changed by a redirect on the way).
+    target: Target,
+}
+
 /// What a lookup of one name across the layers found.
 pub(crate) struct Found {
     pub kind: Kind,
@@ -268,6 +283,9 @@ pub(crate) struct Found {
     /// This name is a lower name of an indexed file that is not linked in the upper layer
     /// yet (`upper` is the index entry).
     pub link_up: bool,
+    /// A directory: its upper part's redirect (see [`redirect`]), where redirects are
+    /// followed.
+    pub redirect: Option<Vec<u8>>,
 }
 
 enum Handle {
@@ -579,6 +597,7 @@ impl Overlay {
                 metacopy: false,
                 unlinked: false,
                 index_key: None,
+                redirect: None,
             },
         ));
         Ok(())
@@ -682,6 +701,10 @@ impl Overlay {
         let mut top: Option<Stat> = None;
         let mut lowers: Vec<(u16, Loc)> = Vec::new();
         let mut first_lower: Option<Stat> = None;
+        // What the lower layers are asked for: this name, until a redirect says otherwise.
+        let mut target = Target::Name(name.to_os_string());
+        let mut hint = hint;
+        let mut upper_redirect = None;
         if let Some((uh, u)) = parent.upper_dir()? {
             match probe::probe(&self.sys, u.as_fd(), name)? {
                 Probe::Whiteout(_) => return Ok(None),
@@ -705,14 +728,16 @@ impl Overlay {
                             metacopy,
                             index_key,
                             link_up: false,
+                            redirect: None,
                         }));
                     }
                     let fd = self.sys.open_path_at(u.as_fd(), name)?;
-                    let opaque = probe::is_opaque(&self.sys, fd.as_fd());
-                    upper = Some(Loc::Dir(DirHandle::child(&uh, name, fd)));
+                    let marks = self.dir_marks(fd.as_fd());
+                    let dir = DirHandle::child(&uh, name, fd);
+                    upper = Some(Loc::Dir(dir.clone()));
                     top = Some(st);
                     kind = Some(Kind::Dir);
-                    if opaque {
+                    if marks.opaque {
                         return Ok(Some(Found {
                             kind: Kind::Dir,
                             upper,
@@ -722,20 +747,49 @@ impl Overlay {
                             metacopy: false,
                             index_key: None,
                             link_up: false,
+                            redirect: None,
                         }));
+                    }
+                    if let Some(r) = marks.redirect {
+                        target = self.follow(&dir, &target, 0, &r)?;
+                        hint = None;
+                        upper_redirect = Some(r);
                     }
                 }
             }
         }
-        for (layer, lh, dfd) in parent.lower_dirs()? {
-            match probe::probe_lower(&self.sys, layer, dfd.as_fd(), name, hint)? {
+        // The layers below, topmost first: the parent's parts, or after an absolute redirect
+        // the layer roots (of the layers below the one that said so).
+        let parent_lowers = parent.lower_dirs()?;
+        let mut root_lowers = None;
+        let mut after: Option<u16> = None;
+        loop {
+            let list = match &target {
+                Target::Name(_) => &parent_lowers,
+                Target::Path(_) => match &root_lowers {
+                    Some(l) => l,
+                    None => root_lowers.insert(self.node(node::ROOT_INO)?.state().lower_dirs()?),
+                },
+            };
+            let Some((layer, lh, dfd)) = list
+                .iter()
+                .find(|(l, ..)| after.is_none_or(|a| *l > a))
+                .cloned()
+            else {
+                break;
+            };
+            after = Some(layer);
+            let step = self.probe_target(layer, &lh, &dfd, &target, hint)?;
+            let (lh, dfd, at) = (step.dir, step.fd, step.name);
+            match step.probe {
                 Probe::Whiteout(_) | Probe::NotDir => break,
                 Probe::Absent => {}
                 Probe::Entry(st) => {
                     let k = Kind::from_mode(st.st_mode);
                     match kind {
                         None if k != Kind::Dir => {
-                            let loc = Loc::At(lh.clone(), name.to_os_string());
+                            // Nothing above and no redirect met: `at` is `name`, in `parent`.
+                            let loc = Loc::At(lh.clone(), at);
                             // A metacopy in a lower layer (a committed upper stacked below)
                             // counts only where metacopy is on, as with kernel overlayfs.
                             let metacopy = k == Kind::File
@@ -765,12 +819,14 @@ impl Overlay {
                                 metacopy,
                                 index_key: None,
                                 link_up: false,
+                                redirect: None,
                             }));
                         }
                         Some(Kind::Dir) | None if k == Kind::Dir => {
-                            let fd = self.sys.open_path_at(dfd.as_fd(), name)?;
-                            let opaque = probe::is_opaque(&self.sys, fd.as_fd());
-                            lowers.push((layer, Loc::Dir(DirHandle::child(&lh, name, fd))));
+                            let fd = self.sys.open_path_at(dfd.as_fd(), &at)?;
+                            let marks = self.dir_marks(fd.as_fd());
+                            let dir = DirHandle::child(&lh, &at, fd);
+                            lowers.push((layer, Loc::Dir(dir.clone())));
                             if first_lower.is_none() {
                                 first_lower = Some(st);
                             }
@@ -778,19 +834,32 @@ impl Overlay {
                                 top = Some(st);
                             }
                             kind = Some(Kind::Dir);
-                            if opaque {
+                            if marks.opaque || step.stop_below {
                                 break;
+                            }
+                            if let Some(r) = marks.redirect {
+                                target = self.follow(&dir, &step.target, 0, &r)?;
+                                hint = None;
+                                continue;
                             }
                         }
                         _ => break,
                     }
                 }
             }
+            if step.stop_below {
+                break;
+            }
+            if step.target != target {
+                target = step.target;
+                hint = None;
+            }
         }
         let Some(kind) = kind else { return Ok(None) };
         let top = top.expect("found something");
         // A directory keeps the number of its topmost lower part, which never changes, so
-        // that creating its upper part (copy-up) does not change it.
+        // that creating its upper part (copy-up) does not change it (nor does a rename: its
+        // redirect finds the same lower part).
         let ino = self.map_ino(first_lower.as_ref().unwrap_or(&top));
         Ok(Some(Found {
             kind,
@@ -801,7 +870,110 @@ impl Overlay {
             metacopy: false,
             index_key: None,
             link_up: false,
+            redirect: upper_redirect,
         }))
+    }
+
+    /// The marks of a layer directory, its redirect read where redirects are followed (or
+    /// refused: `nofollow`).
+    fn dir_marks(&self, dir: BorrowedFd<'_>) -> probe::DirMarks {
+        let mode = self.opts.redirect_dir;
+        probe::dir_marks(
+            &self.sys,
+            dir,
+            mode.follows() || mode == RedirectDir::NoFollow,
+        )
+    }
+
+    /// The target for the layers below directory `dir`, whose redirect is `r`, met walking
+    /// `current` with `post` parts of it left. A value that is not a redirect is refused
+    /// with EIO, and so (EPERM) is any redirect where they are not followed (`nofollow`).
+    fn follow(&self, dir: &DirHandle, current: &Target, post: usize, r: &[u8]) -> Result<Target> {
+        if !self.opts.redirect_dir.follows() {
+            tracing::warn!(
+                dir = %dir.path().display(),
+                redirect = %redirect::show(r),
+                "refusing to follow a directory redirect (redirect_dir=nofollow)"
+            );
+            return Err(Errno::PERM);
+        }
+        match redirect::parse(r) {
+            Some(t) => Ok(redirect::redirected(current, post, t)),
+            None => {
+                tracing::error!(
+                    dir = %dir.path().display(),
+                    redirect = %redirect::show(r),
+                    "invalid directory redirect: refused"
+                );
+                Err(Errno::IO)
+            }
+        }
+    }
+
+    /// What lower layer `layer` (its directory `dir`: the parent's part for a name, the
+    /// layer root for a path) says about `target`: for a path, each part is probed in
+    /// turn, one directory at a time with no symlink followed. A part on the way that is a
+    /// whiteout or not a directory ends the lookup (`NotDir`); an opaque one ends it below
+    /// this layer; a redirect on one changes the target for the layers below.
+    fn probe_target(
+        &self,
+        layer: u16,
+        dir: &Arc<DirHandle>,
+        dfd: &Arc<OwnedFd>,
+        target: &Target,
+        hint: Option<&LowerHint>,
+    ) -> Result<TargetStep> {
+        let parts = match target {
+            Target::Name(n) => {
+                return Ok(TargetStep {
+                    probe: probe::probe_lower(&self.sys, layer, dfd.as_fd(), n, hint)?,
+                    dir: dir.clone(),
+                    fd: dfd.clone(),
+                    name: n.clone(),
+                    stop_below: false,
+                    target: target.clone(),
+                });
+            }
+            Target::Path(parts) => parts,
+        };
+        let mut next = target.clone();
+        let mut stop_below = false;
+        let mut cur = dir.clone();
+        let mut cfd = dfd.clone();
+        let (last, way) = parts.split_last().ok_or(Errno::IO)?;
+        for (i, part) in way.iter().enumerate() {
+            let step = |probe| TargetStep {
+                probe,
+                dir: cur.clone(),
+                fd: cfd.clone(),
+                name: part.clone(),
+                stop_below,
+                target: next.clone(),
+            };
+            match probe::probe(&self.sys, cfd.as_fd(), part)? {
+                Probe::Entry(st) if Kind::from_mode(st.st_mode) == Kind::Dir => {}
+                Probe::Absent => return Ok(step(Probe::Absent)),
+                _ => return Ok(step(Probe::NotDir)),
+            }
+            let fd = self.sys.open_path_at(cfd.as_fd(), part)?;
+            let marks = self.dir_marks(fd.as_fd());
+            let child = DirHandle::child(&cur, part, fd);
+            if marks.opaque {
+                stop_below = true;
+            } else if let Some(r) = marks.redirect.filter(|_| !stop_below) {
+                next = self.follow(&child, &next, parts.len() - 1 - i, &r)?;
+            }
+            cfd = child.fd()?;
+            cur = child;
+        }
+        Ok(TargetStep {
+            probe: probe::probe(&self.sys, cfd.as_fd(), last)?,
+            dir: cur,
+            fd: cfd,
+            name: last.clone(),
+            stop_below,
+            target: next,
+        })
     }
 
     /// The index key of lower file `st`: its filesystem's id and its inode number.
@@ -835,6 +1007,7 @@ impl Overlay {
             metacopy: false,
             index_key: Some(key),
             link_up: true,
+            redirect: None,
         }))
     }
 
@@ -1027,6 +1200,7 @@ impl Overlay {
             metacopy: found.metacopy,
             unlinked: false,
             index_key: found.index_key,
+            redirect: found.redirect,
         }
     }
 

@@ -40,6 +40,9 @@ pub struct NodeState {
     /// A lower hard link copied up: its entry in the workdir's index, which every name of it
     /// is a hard link of in the upper layer (see [`super::INDEX_DIR`]).
     pub index_key: Option<OsString>,
+    /// A directory: its upper part's redirect (see [`super::redirect`]) as read or written,
+    /// where redirects are followed.
+    pub redirect: Option<Vec<u8>>,
 }
 
 impl NodeState {

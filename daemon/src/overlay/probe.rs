@@ -10,7 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 
 use super::tree::{self, OPAQUE_FILE};
 use super::{Errno, Result};
-use super::{OPAQUE_XATTRS, ORIGIN_XATTR, ORIGIN_XATTR_TRUSTED};
+use super::{OPAQUE_XATTRS, ORIGIN_XATTR, ORIGIN_XATTR_TRUSTED, REDIRECT_XATTRS};
 use crate::sys::{Stat, Sys};
 
 /// What a layer directory says about a name.
@@ -104,16 +104,38 @@ pub(crate) fn origin(
 /// (`trusted.overlay.opaque`, `user.overlay.opaque`, `user.fuseoverlayfs.opaque`), or a
 /// `.wh..wh..opq` file in it?
 pub(crate) fn is_opaque(sys: &Sys, dir: BorrowedFd<'_>) -> bool {
+    dir_marks(sys, dir, false).opaque
+}
+
+/// What a layer directory's marks say about the layers below it.
+#[derive(Debug, Default)]
+pub(crate) struct DirMarks {
+    /// It hides the layers below (see [`is_opaque`]).
+    pub opaque: bool,
+    /// Its redirect's value (`trusted.overlay.redirect`, else `user.overlay.redirect`), when
+    /// asked for and present; see [`super::redirect`].
+    pub redirect: Option<Vec<u8>>,
+}
+
+/// The marks of layer directory `dir`: whether it is opaque, and with `redirect` its
+/// redirect. One listxattr; a value is read only for a mark that is there.
+pub(crate) fn dir_marks(sys: &Sys, dir: BorrowedFd<'_>, redirect: bool) -> DirMarks {
+    let mut marks = DirMarks::default();
     if let Ok(names) = sys.flistxattr(dir) {
-        for n in &names {
-            if OPAQUE_XATTRS.iter().any(|o| n.as_bytes() == o.as_bytes()) {
-                if let Ok(v) = sys.fgetxattr(dir, n) {
-                    if v == b"y" {
-                        return true;
-                    }
-                }
-            }
+        let has = |x: &str| names.iter().any(|n| n.as_bytes() == x.as_bytes());
+        marks.opaque = OPAQUE_XATTRS
+            .iter()
+            .filter(|x| has(x))
+            .any(|x| sys.fgetxattr(dir, OsStr::new(x)).is_ok_and(|v| v == b"y"));
+        if redirect {
+            marks.redirect = REDIRECT_XATTRS
+                .iter()
+                .filter(|x| has(x))
+                .find_map(|x| sys.fgetxattr(dir, OsStr::new(x)).ok());
         }
     }
-    sys.stat_at(dir, OsStr::new(OPAQUE_FILE)).is_ok()
+    if !marks.opaque {
+        marks.opaque = sys.stat_at(dir, OsStr::new(OPAQUE_FILE)).is_ok();
+    }
+    marks
 }

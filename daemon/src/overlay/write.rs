@@ -6,12 +6,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use super::loc::{DirHandle, Loc};
-use super::node::{Node, NodeState};
+use super::node::{self, Node, NodeState};
 use super::probe::{self, Probe, Whiteout};
+use super::redirect;
 use super::tree::{self, UpperDir, WH_PREFIX};
 use super::{
-    Attr, Caller, Errno, Fh, FileHandle, Found, Handle, Ino, Kind, Overlay, RenameMode, Result,
-    SetAttr, SetTime, format_override, is_internal_xattr,
+    Attr, Caller, Errno, Fh, FileHandle, Found, Handle, Ino, Kind, Overlay, REDIRECT_XATTRS,
+    RenameMode, Result, SetAttr, SetTime, format_override, is_internal_xattr,
 };
 use crate::sys::{self, OFlags, RenameFlags, Sys, Timespec};
 
@@ -390,6 +391,7 @@ impl Overlay {
             metacopy: false,
             index_key: None,
             link_up: false,
+            redirect: None,
         };
         let (node, stat) = self.intern(found, parent, name, true);
         Ok(self.attr_of(&node, &node.state(), &stat))
@@ -555,7 +557,9 @@ impl Overlay {
             return Err(Errno::NOTDIR);
         }
         let has_upper = found.upper.is_some();
-        let has_lowers = !found.lowers.is_empty();
+        // A redirected directory's lower content is not at its name: a whiteout is left
+        // only where the name has something below.
+        let has_lowers = !found.lowers.is_empty() && found.redirect.is_none();
         let node = self.node_of(found, parent, name);
         let cs = node.state();
         if !self.merged_is_empty(&cs)? {
@@ -624,14 +628,19 @@ impl Overlay {
             }
         }
         let src_kind = src.kind;
-        if src_kind == Kind::Dir && !src.lowers.is_empty() {
+        // A directory with lower content moves only with a redirect to that content.
+        let writes = self.opts.redirect_dir.writes();
+        let src_redirect = src_kind == Kind::Dir && !src.lowers.is_empty();
+        if src_redirect && !writes {
             return Err(Errno::XDEV);
         }
         let mut dst_node = None;
         let mut dst_kind = None;
+        let mut dst_redirect = false;
         if let Some(d) = dst {
             dst_kind = Some(d.kind);
-            if exchange && d.kind == Kind::Dir && !d.lowers.is_empty() {
+            dst_redirect = exchange && d.kind == Kind::Dir && !d.lowers.is_empty();
+            if dst_redirect && !writes {
                 return Err(Errno::XDEV);
             }
             if !exchange {
@@ -651,6 +660,16 @@ impl Overlay {
         let src_node = self.node_of(src, parent, name);
         let pu = self.copy_up_dir(&p)?;
         let npu = self.copy_up_dir(&np)?;
+        // The redirects, worked out while the names are still the old ones.
+        let samedir = parent == newparent;
+        let src_value = match src_redirect {
+            true => self.redirect_for_move(&src_node, samedir)?,
+            false => None,
+        };
+        let dst_value = match (&dst_node, dst_redirect) {
+            (Some(d), true) => self.redirect_for_move(d, samedir)?,
+            _ => None,
+        };
         if exchange {
             self.copy_up(&src_node, false)?;
             if let Some(d) = &dst_node {
@@ -685,6 +704,14 @@ impl Overlay {
             Some(d) if !exchange => Some(pin(&self.sys, d)?),
             _ => None,
         };
+        // Set before the names change: until they do, a redirect names the directory's
+        // own place (a crash in between leaves the old name, merged as before).
+        if let Some(v) = &src_value {
+            self.set_redirect(&src_node, v)?;
+        }
+        if let (Some(d), Some(v)) = (&dst_node, &dst_value) {
+            self.set_redirect(d, v)?;
+        }
         let ps = p.state();
         let nps = np.state();
         let src_lower = self.lower_positive(&ps, name)?;
@@ -722,10 +749,12 @@ impl Overlay {
                 renamed_alias(&src_node, (parent, name), (newparent, newname));
                 renamed_alias(d, (newparent, newname), (parent, name));
             }
-            if src_kind == Kind::Dir && dst_lower {
+            // A directory with no lower content of its own hides what its new name has
+            // below (one with lower content has its redirect).
+            if src_kind == Kind::Dir && dst_lower && !src_redirect {
                 tree::set_opaque(&self.sys, npu.as_fd(), newname)?;
             }
-            if dst_kind == Some(Kind::Dir) && src_lower {
+            if dst_kind == Some(Kind::Dir) && src_lower && !dst_redirect {
                 tree::set_opaque(&self.sys, pu.as_fd(), name)?;
             }
             return Ok(());
@@ -781,10 +810,66 @@ impl Overlay {
             }
         }
         after?;
-        if src_kind == Kind::Dir && dst_lower {
+        if src_kind == Kind::Dir && dst_lower && !src_redirect {
             tree::set_opaque(&self.sys, npu.as_fd(), newname)?;
         }
         Ok(())
+    }
+
+    /// The redirect a directory with lower content needs before a rename moves it (kernel
+    /// overlayfs's rule), or none when its own still holds (a name, within the same
+    /// directory; a path, anywhere): within its directory, its old name; elsewhere its old
+    /// path from the root, each directory on the way up named by its redirect if it has
+    /// one, up to the first absolute one. EXDEV when that path is too long to be one.
+    fn redirect_for_move(&self, node: &Node, samedir: bool) -> Result<Option<Vec<u8>>> {
+        let st = node.state();
+        if let Some(r) = &st.redirect {
+            if samedir || r.starts_with(b"/") {
+                return Ok(None);
+            }
+        }
+        if samedir {
+            return Ok(Some(st.name.as_bytes().to_vec()));
+        }
+        let mut up = Vec::new();
+        let (mut ino, mut st) = (node.ino, st);
+        while ino != node::ROOT_INO {
+            let part = st
+                .redirect
+                .clone()
+                .unwrap_or_else(|| st.name.as_bytes().to_vec());
+            let absolute = part.starts_with(b"/");
+            up.push(part);
+            if absolute {
+                break;
+            }
+            ino = st.parent;
+            st = self.node(ino)?.state();
+        }
+        redirect::absolute(&up).map(Some).ok_or(Errno::XDEV)
+    }
+
+    /// Marks directory `node`'s upper part with redirect `value` (`trusted.`, else `user.`
+    /// where that cannot be written); EXDEV when neither can be, as kernel overlayfs
+    /// answers (`mv` then copies the tree).
+    fn set_redirect(&self, node: &Node, value: &[u8]) -> Result<()> {
+        let upper = node.state().upper.ok_or(Errno::IO)?;
+        let mut last = Errno::XDEV;
+        for x in REDIRECT_XATTRS {
+            match upper.setxattr(&self.sys, OsStr::new(x), value, 0) {
+                Ok(()) => {
+                    node.update(|s| s.redirect = Some(value.to_vec()));
+                    return Ok(());
+                }
+                Err(e) => last = e,
+            }
+        }
+        tracing::warn!(
+            dir = ?node.state().name,
+            error = %super::errstr(last),
+            "cannot write a directory redirect: the rename answers EXDEV"
+        );
+        Err(Errno::XDEV)
     }
 
     /// rename(2) in the upper layer, leaving a whiteout at the old name when `whiteout`. The
