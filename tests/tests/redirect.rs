@@ -14,10 +14,13 @@
 //! cases themselves against kernel overlayfs on both sides, run with
 //! `RUSTFUSE_TEST_SELF_CHECK=1`.
 
-use rustfuse_tests::env::skip;
+use std::path::Path;
+use std::time::Duration;
+
+use rustfuse_tests::env::{scratch, skip};
 use rustfuse_tests::layers::{Layer, Tree};
-use rustfuse_tests::ops::Op;
 use rustfuse_tests::ops::build::*;
+use rustfuse_tests::ops::{self, Op};
 use rustfuse_tests::scenario::{Fs, Scenario};
 
 /// Lower layers with directories of every kind a rename meets: lower-only (`d`, spread over
@@ -628,4 +631,341 @@ fn off_follows_kernel_redirects_as_the_kernel_does() {
         .oracle(Fs::kernel_redirect("off"))
         .under_test(Fs::under_test_redirect("off"))
         .check();
+}
+
+// ---------------------------------------------------------------- hostile redirects
+
+/// What kernel overlayfs does with a redirect value, found on Linux 6.18 and kept here as the
+/// reason for each case: `.`/`..` components EACCES (its name lookup refuses them), a relative
+/// value with `/` inside, `//` or an empty value EINVAL ("invalid redirect"), a component
+/// longer than NAME_MAX or a path that names nothing: no lower directory (the directory shows
+/// its own entries alone). The filesystem under test must answer what the kernel answers or
+/// EIO, and never show what lies outside the layers (`SENTINEL`, `/etc/passwd`).
+const HOSTILE: &[&str] = &[
+    "/../etc",
+    "/../../etc",
+    "/../../../../../../../../../../etc",
+    "../etc",
+    "a/b",
+    "//target",
+    "/target/../target",
+    "/target/./sub",
+    "/.",
+    "/..",
+    "",
+    "/link",
+    "/link/sd",
+    "/x",
+    "/x/x",
+];
+
+fn overlong_values() -> Vec<String> {
+    vec![
+        format!("/{}", "a".repeat(300)),
+        "/x".repeat(2000),
+        format!("/target{}", "/..".repeat(1000)),
+    ]
+}
+
+/// Layers where a directory `x` carries the redirect `value`: in the upper layer (`in_upper`)
+/// or in the top lower layer; `target` is a real lower directory, `link` a symlink out of the
+/// layers to a sentinel directory.
+fn hostile_tree(value: &[u8], in_upper: bool) -> Tree {
+    let x = Layer::new().dir("x").redirect(value).file("x/own", "own");
+    let bottom = Layer::new()
+        .file("target/f", "inside")
+        .file("target/sub/g", "g")
+        .symlink("link", "../etc")
+        .file("x/x/low", "x/x");
+    match in_upper {
+        true => Tree::new().lower(bottom).with_upper(x),
+        false => Tree::new().lower(x).lower(bottom),
+    }
+}
+
+/// Sentinels where an escaping redirect would land: `etc` beside and above the layer roots.
+fn plant_sentinels(layer_parent: &Path) {
+    for d in [layer_parent.join("etc"), layer_parent.join("../etc")] {
+        std::fs::create_dir_all(d.join("sd")).expect("sentinel dir");
+        std::fs::write(d.join("secret"), "SENTINEL").expect("sentinel");
+        std::fs::write(d.join("sd/SENTINEL"), "SENTINEL").expect("sentinel");
+    }
+}
+
+fn hostile_ops() -> Vec<Op> {
+    vec![
+        stat("x"),
+        readdir("x"),
+        read("x/own"),
+        read("x/secret"),
+        read("x/f"),
+        read("x/passwd"),
+        readdir(""),
+        create("x/new"),
+    ]
+}
+
+/// Checks one hostile value on both; returns the problems.
+fn hostile_one(value: &[u8], in_upper: bool, under_test: &Fs) -> Vec<String> {
+    let shown = rustfuse_tests::snapshot::show_bytes(value);
+    let shown = match shown.len() > 60 {
+        true => format!("{}… ({} bytes)", &shown[..60], value.len()),
+        false => shown,
+    };
+    let place = if in_upper { "upper" } else { "lower" };
+    let s = scratch("redirect-hostile");
+    let tree = hostile_tree(value, in_upper);
+    let mut outs = Vec::new();
+    for (side, fs) in [("a", Fs::kernel_redirect("on")), ("b", under_test.clone())] {
+        let m = tree.materialize(&s.path().join(side)).expect("materialize");
+        plant_sentinels(&s.path().join(side));
+        let g = match fs.mount(&m) {
+            Ok(g) => g,
+            Err(e) => return vec![format!("{place} redirect {shown}: mount: {e}")],
+        };
+        outs.push(ops::run(g.root(), &hostile_ops()));
+        if let Err(e) = g.unmount() {
+            return vec![format!("{place} redirect {shown}: unmount: {e}")];
+        }
+    }
+    let mut problems = Vec::new();
+    for (op, (k, t)) in hostile_ops().iter().zip(outs[0].iter().zip(&outs[1])) {
+        let (ks, ts) = (ops::show(k), ops::show(t));
+        let escaped = ["SENTINEL", "secret", "passwd", "root:"]
+            .iter()
+            .any(|w| ts.contains(w));
+        // listing the parent follows nothing: the layers' own names are fine there
+        let own_listing = matches!(op, Op::Readdir { path } if path.is_empty())
+            && (ts == "ok: target:d x:d" || ts == "ok: link:l target:d x:d");
+        let fine = !escaped && (ts == ks || ts == "EIO" || own_listing);
+        if fine && ts != ks {
+            eprintln!("note: {place} redirect {shown}: {op:?}: kernel {ks}, under test {ts}");
+        }
+        if !fine {
+            problems.push(format!(
+                "{place} redirect {shown}: {op:?}: kernel {ks}, under test {ts}{}",
+                if escaped { " (escaped the layers)" } else { "" }
+            ));
+        }
+    }
+    problems
+}
+
+#[test]
+fn hostile_redirects_are_refused() {
+    if !rustfuse_tests::env::require_bin_under_test() {
+        return;
+    }
+    let under_test = Fs::under_test_redirect("on");
+    let mut values: Vec<Vec<u8>> = HOSTILE.iter().map(|v| v.as_bytes().to_vec()).collect();
+    values.extend(overlong_values().into_iter().map(String::into_bytes));
+    let mut problems = Vec::new();
+    for v in &values {
+        for in_upper in [true, false] {
+            problems.extend(hostile_one(v, in_upper, &under_test));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problem(s) with hostile redirects ({:?}):\n{}",
+        problems.len(),
+        under_test,
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn redirect_loops_across_layers() {
+    // Redirects that point at each other from layer to layer: kernel overlayfs resolves each
+    // one in the layers below it, so none loops; the filesystem under test must end (the
+    // harness's deadline) with the kernel's view or EIO.
+    let tree = Tree::new()
+        .lower(
+            Layer::new()
+                .dir("a")
+                .redirect("/b")
+                .file("a/top", "top")
+                .dir("c")
+                .redirect("/a"),
+        )
+        .lower(Layer::new().dir("b").redirect("/a").file("b/mid", "mid"))
+        .lower(
+            Layer::new()
+                .file("a/low", "low a")
+                .dir("b")
+                .redirect("/b")
+                .file("b/low", "low b"),
+        );
+    // a: its own, then b of the middle layer, then (b's redirect) a of the bottom one
+    let steps = vec![
+        (readdir("a"), "ok: low:f mid:f top:f"),
+        (readdir("c"), "ok: low:f"),
+        (readdir("b"), "ok: low:f mid:f"),
+        (rename("a", "a2"), "ok"),
+        (readdir("a2"), "ok: low:f mid:f top:f"),
+        (rename("c", "c2"), "ok"),
+        (readdir("c2"), "ok: low:f"),
+        (rename("b", "a"), "ok"),
+        (readdir("a"), "ok: low:f mid:f"),
+    ];
+    Scenario::expecting("redirect-loops", tree, steps)
+        .oracle(Fs::kernel_redirect("on"))
+        .under_test(Fs::under_test_redirect("on"))
+        .check();
+}
+
+// ---------------------------------------------------------------- rootless
+
+/// Renames in a mount, a copy-up and a whiteout below the renamed directory, the view, then
+/// the view after unmount+mount. `$1` mounts (`$1 MNT`, the layers in `$2`), `$2` the dir.
+const ROOTLESS_SCRIPT: &str = r#"
+set -eu
+MOUNT="$1"; D="$2"
+view() { cd "$D/mnt"; find . -printf '%P %y %s\n' | sort; for f in $(find . -type f | sort); do echo "$f: $(cat "$f")"; done; cd /; }
+$MOUNT "$D/mnt"
+cd "$D/mnt"
+perl -e 'for (["d","d2"],["xd/sub","sub2"],["xd","d2/xd"],["m","d2/sub/m"]) { rename($$_[0], $$_[1]) or die "rename $$_[0] $$_[1]: $!\n" }'
+echo more >> d2/y
+rm d2/sub/f1
+cd /
+view
+umount "$D/mnt"
+echo "-- remounted"
+$MOUNT "$D/mnt"
+view
+umount "$D/mnt"
+"#;
+
+fn rootless_tree() -> Tree {
+    Tree::new()
+        .lower(
+            Layer::new()
+                .file("d/x", "x")
+                .whiteout("d/gone")
+                .file("d/sub/f1", "f1")
+                .file("m/top", "top"),
+        )
+        .lower(
+            Layer::new()
+                .file("d/y", "y")
+                .file("d/gone", "hidden")
+                .file("m/mid", "mid")
+                .file("xd/sub/deep", "deep")
+                .dir("e"),
+        )
+}
+
+#[test]
+fn rootless_writes_user_overlay_redirects() {
+    // Kernel overlayfs refuses redirect_dir=on and follow with userxattr (mount EINVAL,
+    // "conflicting options"), so in a user namespace it never writes or follows
+    // `user.overlay.redirect`. The oracle is kernel overlayfs as root (`trusted.`): rustfuse
+    // rootless must show the same tree, before and after a remount, and mark the same
+    // directories redirected to the same places, with `user.overlay.redirect`.
+    use std::os::unix::fs::PermissionsExt;
+    if !rustfuse_tests::env::require_bin_under_test() {
+        return;
+    }
+    if rustfuse_tests::scenario::self_check() {
+        skip("RUSTFUSE_TEST_SELF_CHECK: kernel overlayfs has no rootless redirect_dir to compare");
+        return;
+    }
+    if let Err(e) = rustfuse_tests::env::dev_fuse_for_everyone("the rootless redirect test") {
+        skip(&e);
+        return;
+    }
+    let s = scratch("redirect-rootless");
+    let mut views = Vec::new();
+    let mut uppers = Vec::new();
+    for side in ["kernel", "rootless"] {
+        let dir = s.path().join(side);
+        let m = rootless_tree().materialize(&dir).expect("materialize");
+        let opts = m.stack.options();
+        let (out, upper) = if side == "kernel" {
+            let mount = format!(
+                "mount -t overlay overlay -o {opts},{}",
+                rustfuse_tests::scenario::kernel_redirect_features("on")
+            );
+            let out = rustfuse_tests::env::run_command(
+                std::process::Command::new("sh")
+                    .args(["-c", ROOTLESS_SCRIPT, "sh", &mount])
+                    .arg(&dir),
+                Duration::from_secs(60),
+            );
+            (out, m.stack.upper.clone().expect("upper"))
+        } else {
+            let bin = dir.join("bin-under-test");
+            std::fs::copy(rustfuse_tests::env::bin_under_test(), &bin).expect("copy binary");
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+            chown_r(&dir);
+            std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod scratch");
+            let mount = format!("{} -o {opts},redirect_dir=on", bin.display());
+            let out = rustfuse_tests::env::run_command(
+                rustfuse_tests::env::rootless_sh(ROOTLESS_SCRIPT)
+                    .arg(&mount)
+                    .arg(&dir),
+                Duration::from_secs(60),
+            );
+            (out, m.stack.upper.clone().expect("upper"))
+        };
+        let out = out.unwrap_or_else(|e| panic!("{side}: {e}"));
+        if side == "rootless" && !out.status.success() && out.stderr.contains("unshare") {
+            skip(&format!(
+                "unprivileged user namespaces unavailable: {}",
+                out.stderr.trim()
+            ));
+            return;
+        }
+        assert!(
+            out.status.success(),
+            "{side}: script failed {}",
+            out.report()
+        );
+        views.push(out.stdout);
+        uppers.push(upper);
+    }
+    let mut failures = Vec::new();
+    if views[0] != views[1] {
+        failures.push(format!(
+            "views differ:\n--- kernel (root)\n{}\n--- rustfuse (rootless)\n{}",
+            views[0], views[1]
+        ));
+    }
+    let (rk, rr) = (
+        rustfuse_tests::layers::dir_redirects(&uppers[0]),
+        rustfuse_tests::layers::dir_redirects(&uppers[1]),
+    );
+    if rk.is_empty() || rk != rr {
+        failures.push(format!(
+            "redirected directories differ:\n  kernel: {rk:?}\n  rootless: {rr:?}"
+        ));
+    }
+    for p in rr.keys() {
+        let x = rustfuse_tests::upper::raw_xattrs(&uppers[1].join(p));
+        if !x.contains_key("user.overlay.redirect") || x.contains_key("trusted.overlay.redirect") {
+            failures.push(format!(
+                "rootless upper {p}: want user.overlay.redirect alone, has {:?}",
+                x.keys().collect::<Vec<_>>()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn chown_r(p: &Path) {
+    let nobody = Some(rustix::fs::Uid::from_raw(65534));
+    rustix::fs::chownat(
+        rustix::fs::CWD,
+        p,
+        nobody,
+        Some(rustix::fs::Gid::from_raw(65534)),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .expect("chown");
+    if p.is_dir() && !p.is_symlink() {
+        for e in std::fs::read_dir(p).expect("read_dir").flatten() {
+            chown_r(&e.path());
+        }
+    }
 }
