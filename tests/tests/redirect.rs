@@ -583,18 +583,27 @@ fn kernel_reads_rustfuse_redirects() {
 #[test]
 fn nofollow_refuses_kernel_redirects() {
     // Kernel overlayfs with redirect_dir=nofollow refuses a lookup of a redirected directory
-    // (EPERM, "refusing to follow redirect"); what lies below an unredirected one still reads.
+    // whose parent has lower layers to look in (EPERM, "refusing to follow redirect"), and so
+    // a listing of that parent (it looks the entries up for d_ino): those directories are put
+    // in `e2`, which holds nothing else, so that its listing fails before any entry. Below a
+    // parent that is in the upper layer alone (`rd`) nothing is looked up below and the
+    // redirect is not met: the directory reads as its upper part alone.
     Scenario::expecting(
         "redirect-nofollow-reads",
         base(),
         vec![
-            // the root's listing looks its entries up (for d_ino) and meets the redirects
-            (readdir(""), "EPERM"),
-            (stat("d2"), "EPERM"),
-            (readdir("d2"), "EPERM"),
-            (read("d2/z"), "EPERM"),
-            (stat("sub2"), "EPERM"),
-            (readdir("e"), "ok"),
+            (readdir(""), "ok: a:f e2:d e:d ed:d rd:d xd:d"),
+            (readdir("e2"), "EPERM"),
+            (stat("e2/d2"), "EPERM"),
+            (readdir("e2/d2"), "EPERM"),
+            (read("e2/d2/z"), "EPERM"),
+            (rename("e2/m2", "m3"), "EPERM"),
+            (readdir("rd"), "ok: d2:d m2:d"),
+            (stat("rd/d2"), "ok: d 755 size=- nlink=- 0:0"),
+            (readdir("rd/d2"), "ok"),
+            (read("rd/d2/z"), "ENOENT"),
+            (rename("rd/m2", "m3"), "ok"),
+            (readdir("xd"), "ok"),
             (read("a"), "ok: \"top a\""),
             (rename("ed", "ed2"), "EXDEV"),
         ],
@@ -602,7 +611,14 @@ fn nofollow_refuses_kernel_redirects() {
     .prepared_by(
         Fs::kernel_redirect("on"),
         Fs::kernel_redirect("on"),
-        writer_ops(),
+        vec![
+            rename("d", "e2/d2"),
+            create("m/n"),
+            rename("m", "e2/m2"),
+            mkdir("rd"),
+            rename("t", "rd/d2"),
+            rename("xd/sub", "rd/m2"),
+        ],
     )
     .oracle(Fs::kernel_redirect("nofollow"))
     .under_test(Fs::under_test_redirect("nofollow"))
