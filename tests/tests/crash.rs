@@ -176,6 +176,96 @@ fn kill_during_renames_loses_no_name() {
     }
 }
 
+/// `redirect_dir=on`: directories with lower content renamed (half of them into another
+/// directory, half within theirs, each after a copy-up below it), killed at a random moment.
+/// Each directory shows under exactly one of its names, with all it held.
+#[test]
+fn kill_during_directory_renames_loses_no_name() {
+    if !env::require_bin_under_test() {
+        return;
+    }
+    const N: usize = 150;
+    let mut rng = seeded_rng();
+    for round in 0..rounds() {
+        let s = env::scratch("crash-dir-rename");
+        let l = Layout::new(s.path());
+        fs::create_dir(l.lower.join("to")).unwrap();
+        for i in 0..N {
+            let d = l.lower.join(format!("d{i}"));
+            fs::create_dir_all(d.join("sub")).unwrap();
+            fs::write(d.join("f"), format!("f {i}")).unwrap();
+            fs::write(d.join("sub/g"), format!("g {i}")).unwrap();
+        }
+        let new_name = |i: usize| match i % 2 {
+            0 => format!("to/e{i}"),
+            _ => format!("e{i}"),
+        };
+        let mount = |l: &Layout| {
+            Mount::fuse(
+                &env::bin_under_test(),
+                &l.stack(),
+                &["redirect_dir=on"],
+                &l.mnt,
+            )
+            .unwrap_or_else(|e| panic!("mount: {e}"))
+        };
+        let m = mount(&l);
+        let root = l.mnt.clone();
+        let renamer = std::thread::spawn(move || {
+            for i in 0..N {
+                let d = root.join(format!("d{i}"));
+                // A copy-up below it first: the renamed directory is merged.
+                if fs::write(d.join("up"), format!("up {i}")).is_err()
+                    || fs::rename(&d, root.join(new_name(i))).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_micros(rng() % 150_000));
+        kill_daemon(&m);
+        drop(m);
+        let _ = renamer.join();
+
+        let m = mount(&l);
+        l.assert_work_clean(&format!("round {round}"));
+        let mut moved = 0;
+        for i in 0..N {
+            let old = l.mnt.join(format!("d{i}"));
+            let new = l.mnt.join(new_name(i));
+            let dir = match (old.is_dir(), new.is_dir()) {
+                (true, false) => old,
+                (false, true) => {
+                    moved += 1;
+                    new
+                }
+                (true, true) => panic!("round {round}: d{i} and {} both visible", new_name(i)),
+                (false, false) => panic!("round {round}: directory {i} lost"),
+            };
+            let read = |p: &str| fs::read_to_string(dir.join(p));
+            assert_eq!(
+                read("f").ok(),
+                Some(format!("f {i}")),
+                "round {round}: {dir:?}/f"
+            );
+            assert_eq!(
+                read("sub/g").ok(),
+                Some(format!("g {i}")),
+                "round {round}: {dir:?}/sub/g"
+            );
+            // Created, then written: killed in between, it is empty.
+            if let Ok(up) = read("up") {
+                assert!(
+                    up.is_empty() || up == format!("up {i}"),
+                    "round {round}: {dir:?}/up damaged: {up:?}"
+                );
+            }
+        }
+        eprintln!("round {round}: {moved} of {N} directories renamed before the kill");
+        m.unmount().unwrap();
+    }
+}
+
 /// What the untar test extracts: a tree of a few thousand files, its archive, and the lower
 /// layer it lands on (some of the archive's directories and files already there, with other
 /// content, and files of the lower layer alone).
