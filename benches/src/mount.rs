@@ -39,6 +39,9 @@ pub struct How {
     /// Kernel overlayfs with `redirect_dir=on,metacopy=on` (not with `userxattr`), rustfuse
     /// with `-o metacopy=on`.
     pub metacopy: bool,
+    /// Kernel overlayfs (not with `userxattr`, which refuses it) and rustfuse with
+    /// `redirect_dir=on`: renames of lower directories without copying them.
+    pub redirect_dir: bool,
     /// `--count-requests`: every FUSE daemon in the foreground, logging each request it
     /// gets to the mount log (see `requests`).
     pub count: bool,
@@ -122,6 +125,7 @@ impl Mount {
         let How {
             userxattr,
             metacopy,
+            redirect_dir,
             count,
         } = how;
         run::check_interrupted()?;
@@ -139,6 +143,8 @@ impl Mount {
                 } else if metacopy {
                     // Not with userxattr: kernel overlayfs refuses metacopy there.
                     opts.push_str(",redirect_dir=on,metacopy=on");
+                } else if redirect_dir {
+                    opts.push_str(",redirect_dir=on");
                 }
                 let mut c = Command::new("mount");
                 c.args(["-t", "overlay", "overlay", "-o", &opts]);
@@ -157,6 +163,9 @@ impl Mount {
             Kind::Fuse => {
                 if metacopy && fs.id.starts_with("rustfuse") {
                     opts.push_str(",metacopy=on");
+                }
+                if redirect_dir && fs.id.starts_with("rustfuse") {
+                    opts.push_str(",redirect_dir=on");
                 }
                 let mut c = Command::new(&fs.bin);
                 c.arg("-o").arg(&opts);

@@ -205,6 +205,14 @@ pub const WORKLOADS: &[Workload] = &[
         "rename every file of usr/include (lower files)",
     ),
     w(
+        "rename-dir",
+        Write,
+        BeatFuseOverlayfs,
+        "mv of app/node_modules (a lower tree) to a new name; kernel and rustfuse with \
+         redirect_dir=on (kernel rootless: userxattr refuses it, so mv copies), fuse-overlayfs: \
+         EXDEV, so mv copies",
+    ),
+    w(
         "cp-a",
         Write,
         KernelRatio(2.5),
@@ -352,6 +360,17 @@ impl Ctx {
     }
 
     fn mount(&self, fs_: &Fs, lowers: &[PathBuf], d: &Dirs) -> Result<(Mount, Duration)> {
+        self.mount_how(fs_, lowers, d, false)
+    }
+
+    /// [`Ctx::mount`], with `redirect_dir=on` where the filesystem has it.
+    fn mount_how(
+        &self,
+        fs_: &Fs,
+        lowers: &[PathBuf],
+        d: &Dirs,
+        redirect_dir: bool,
+    ) -> Result<(Mount, Duration)> {
         let floor;
         let lowers = if fs_.kind == Kind::Floor {
             floor = [crate::floor::tree(&self.layers)];
@@ -369,6 +388,7 @@ impl Ctx {
             mount::How {
                 userxattr: self.userns,
                 metacopy: self.metacopy,
+                redirect_dir,
                 count: self.count,
             },
         )
@@ -416,7 +436,8 @@ impl Ctx {
             m.unmount()?;
             return Ok(Some(t.as_secs_f64()));
         }
-        let (mut m, _) = self.mount(fs_, &self.layers.lowers, &d)?;
+        let redirect_dir = w.name == "rename-dir";
+        let (mut m, _) = self.mount_how(fs_, &self.layers.lowers, &d, redirect_dir)?;
         let mnt = d.mnt.clone();
         let list = self.layers.file_list.display().to_string();
         let s = &self.sizes;
@@ -499,6 +520,7 @@ impl Ctx {
             }
             "rm-rf" => self.sh(&mnt, "rm -rf app/node_modules")?,
             "renames" => self.worker(&mnt, &["renames", &list, "usr/include/"])?,
+            "rename-dir" => self.sh(&mnt, "mv app/node_modules app/node_modules.old")?,
             "cp-a" => self.sh(&mnt, "cp -a usr/lib usr/lib.copy")?,
             "pkg-replace" => self.worker(&mnt, &["replace", &list, "usr/bin/", "var/lib/dpkg/"])?,
             "make-j2" => self.sh(&mnt, "make -s -j2 -C app/proj >/dev/null")?,

@@ -17,7 +17,9 @@ use fuser::{
 };
 use tracing::{debug_span, trace};
 
-use crate::overlay::{Attr, Caller, Fh, Ino, Kind, Overlay, RenameMode, SetAttr, SetTime};
+use crate::overlay::{
+    Attr, Caller, Fh, Ino, Kind, Overlay, ROOT_INO, RenameMode, SetAttr, SetTime,
+};
 use crate::sys::Errno;
 
 /// The one errno map from overlay errors to FUSE replies. Every errno passes through as
@@ -835,16 +837,22 @@ impl Filesystem for OverlayFs {
                     Generation(0),
                 ),
                 None => {
-                    // `.` and `..`: no entry for the kernel to keep.
+                    // `.` and `..` (the kernel links no dentry for them, by name), and an
+                    // entry whose lookup failed: fuser lists the node id as d_ino, so it
+                    // cannot be 0 (glibc's readdir skips such entries); the root's id is
+                    // one the kernel refuses to link (it sends a FORGET of it, which is
+                    // ignored), so the entry is listed with its type, and its own lookup
+                    // fails again when made.
+                    let dot = e.name == "." || e.name == "..";
                     let fa = FileAttr {
-                        ino: INodeNo(e.ino.0),
+                        ino: INodeNo(if dot { e.ino.0 } else { ROOT_INO.0 }),
                         size: 0,
                         blocks: 0,
                         atime: UNIX_EPOCH,
                         mtime: UNIX_EPOCH,
                         ctime: UNIX_EPOCH,
                         crtime: UNIX_EPOCH,
-                        kind: FileType::Directory,
+                        kind: ftype(e.kind),
                         perm: 0,
                         nlink: 0,
                         uid: 0,
@@ -853,7 +861,6 @@ impl Filesystem for OverlayFs {
                         blksize: 0,
                         flags: 0,
                     };
-                    // The kernel links no dentry for `.` and `..`; only d_ino is used.
                     reply.add(INodeNo(e.ino.0), off, &e.name, &zero, &fa, Generation(0))
                 }
             });

@@ -68,11 +68,12 @@ pub enum XattrPermissions {
 /// whether lookups follow the redirects they find.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RedirectDir {
-    /// Neither written nor followed (a redirect is ignored: the directory merges by its
-    /// name, as fuse-overlayfs does); such a rename answers EXDEV. The default.
+    /// Not written (such a rename answers EXDEV, as with fuse-overlayfs), but followed, as
+    /// kernel overlayfs does with `off` and its default `redirect_always_follow`. The
+    /// default.
     #[default]
     Off,
-    /// Not written; a lookup that meets one fails with EPERM (the kernel's `nofollow`).
+    /// Not written, and refused: a lookup that would follow one fails with EPERM.
     NoFollow,
     /// Followed, not written.
     Follow,
@@ -91,9 +92,9 @@ impl RedirectDir {
         }
     }
 
-    /// Lookups follow the redirects of directories.
+    /// Lookups follow the redirects of directories (all but `nofollow`).
     pub fn follows(self) -> bool {
-        matches!(self, RedirectDir::Follow | RedirectDir::On)
+        self != RedirectDir::NoFollow
     }
 
     /// A rename of a directory with lower content writes a redirect (else EXDEV).

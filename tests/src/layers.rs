@@ -154,6 +154,12 @@ impl Layer {
             .push((name.to_string(), value.as_ref().to_vec()));
         self
     }
+    /// Gives the last entry (a directory) kernel overlayfs's `trusted.overlay.redirect` with
+    /// `value`: lookups below it continue at that path in the layers below (absolute from the
+    /// layer root when it starts with `/`, else a name in the parent's place).
+    pub fn redirect(self, value: impl AsRef<[u8]>) -> Layer {
+        self.xattr(REDIRECT_XATTRS[0], value)
+    }
     /// Sets the modification time (seconds) of the last entry.
     pub fn mtime(mut self, secs: i64) -> Layer {
         self.last().mtime = Some(secs);
@@ -305,6 +311,60 @@ impl Layer {
         }
         Ok(())
     }
+}
+
+/// The xattrs of a redirected directory (kernel overlayfs's; `user.` with `userxattr`, as
+/// rustfuse writes it rootless).
+pub const REDIRECT_XATTRS: [&str; 2] = ["trusted.overlay.redirect", "user.overlay.redirect"];
+
+/// The directories of the layer at `root` that carry a redirect which changes where lookups
+/// below them continue, each with that place: the path (relative to the layers' root, no
+/// leading `/`) in the layers below. A relative redirect (`NAME`) is resolved against the
+/// place of the parent; a redirect naming the place the directory would have anyway is left
+/// out, so that kernel overlayfs's relative form (`d2` renamed back to `d`: `d`) and an
+/// absolute one (`/d`) compare equal. A value that is not valid UTF-8 shows as hex.
+pub fn dir_redirects(root: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    // (path in this layer, place below)
+    let mut stack = vec![(String::new(), String::new())];
+    while let Some((rel, place)) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(root.join(&rel)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            let join = |a: &str| match a {
+                "" => name.clone(),
+                a => format!("{a}/{name}"),
+            };
+            let (path, natural) = (join(&rel), join(&place));
+            let value = REDIRECT_XATTRS.iter().find_map(|x| {
+                let mut buf = vec![0u8; 65536];
+                let n = rustix::fs::lgetxattr(e.path(), *x, &mut buf[..]).ok()?;
+                buf.truncate(n);
+                Some(buf)
+            });
+            let here = match value {
+                None => natural.clone(),
+                Some(v) => match std::str::from_utf8(&v) {
+                    Ok(v) if v.starts_with('/') => v.trim_start_matches('/').to_string(),
+                    Ok(v) => match place.as_str() {
+                        "" => v.to_string(),
+                        p => format!("{p}/{v}"),
+                    },
+                    Err(_) => crate::snapshot::show_bytes(&v),
+                },
+            };
+            if here != natural {
+                out.insert(path.clone(), here.clone());
+            }
+            stack.push((path, here));
+        }
+    }
+    out
 }
 
 /// Sets atime and mtime of `path` (not following symlinks).

@@ -215,6 +215,7 @@ pub fn errno_name(e: i32) -> String {
         75 => "EOVERFLOW",
         95 => "EOPNOTSUPP",
         107 => "ENOTCONN",
+        116 => "ESTALE",
         _ => return format!("errno {e}"),
     };
     name.to_string()

@@ -24,6 +24,20 @@ pub fn snap(root: &Path) -> Snapshot {
 /// copy-up (an index in the workdir), as rustfuse's hard links do.
 pub const KERNEL_INDEX: &str = "redirect_dir=off,index=on,metacopy=off";
 
+/// Kernel overlayfs features of the directory-rename oracle: `redirect_dir=MODE` with index
+/// and metacopy off, as the other oracles.
+pub fn kernel_redirect_features(mode: &str) -> String {
+    format!("redirect_dir={mode},index=off,metacopy=off")
+}
+
+/// `RUSTFUSE_TEST_SELF_CHECK=1`: the cases that name their side under test with
+/// [`Fs::under_test_or_kernel`] run it as kernel overlayfs with the oracle's features instead,
+/// to check the cases themselves (every step, view and upper layer must then agree) before
+/// the filesystem under test implements what they test.
+pub fn self_check() -> bool {
+    std::env::var("RUSTFUSE_TEST_SELF_CHECK").is_ok_and(|v| v == "1")
+}
+
 /// Which filesystem a side of the comparison is.
 #[derive(Debug, Clone)]
 pub enum Fs {
@@ -50,6 +64,43 @@ impl Fs {
             opts: Vec::new(),
             env: Vec::new(),
         }
+    }
+
+    /// The binary under test with extra `-o` options.
+    pub fn under_test_with(opts: &[&str]) -> Fs {
+        Fs::Fuse {
+            bin: crate::env::bin_under_test(),
+            opts: opts.iter().map(|o| o.to_string()).collect(),
+            env: Vec::new(),
+        }
+    }
+
+    /// The binary under test with extra `-o` options, or under [`self_check`] kernel overlayfs
+    /// with `kernel_features` (the options' kernel equivalent).
+    pub fn under_test_or_kernel(opts: &[&str], kernel_features: &str) -> Fs {
+        match self_check() {
+            true => Fs::KernelWith(kernel_features.into()),
+            false => Fs::under_test_with(opts),
+        }
+    }
+
+    /// Kernel overlayfs mounted `redirect_dir=MODE` ([`kernel_redirect_features`]).
+    pub fn kernel_redirect(mode: &str) -> Fs {
+        Fs::KernelWith(kernel_redirect_features(mode))
+    }
+
+    /// The binary under test with `-o redirect_dir=MODE` (kernel overlayfs with the same mode
+    /// under [`self_check`]).
+    pub fn under_test_redirect(mode: &str) -> Fs {
+        Fs::under_test_or_kernel(
+            &[&format!("redirect_dir={mode}")],
+            &kernel_redirect_features(mode),
+        )
+    }
+
+    /// True for kernel overlayfs.
+    pub fn is_kernel(&self) -> bool {
+        matches!(self, Fs::Kernel | Fs::KernelWith(_))
     }
 
     /// Kernel overlayfs with [`KERNEL_INDEX`] (`index=on`).
@@ -101,6 +152,8 @@ pub struct Side {
     pub mount: Option<Mount>,
     /// Outcome of every op so far.
     pub outcomes: Vec<Outcome>,
+    /// Outcome of every op of the preparation ([`Pair::prepared`]).
+    pub prep_outcomes: Vec<Outcome>,
 }
 
 impl Side {
@@ -117,6 +170,8 @@ pub struct Pair {
     pub b: Side,
     /// Ops applied so far.
     pub ops: Vec<Op>,
+    /// Ops applied before the sides were mounted for the comparison ([`Pair::prepared`]).
+    pub prep_ops: Vec<Op>,
     before: (Snapshot, Snapshot),
     /// A deliberate difference from the oracle, with its reason: inode identity and
     /// nlink-vs-names findings are reported as notes instead of failures.
@@ -179,9 +234,38 @@ impl Pair {
         b: (&Tree, Fs),
         readonly: bool,
     ) -> Result<Pair, String> {
+        Self::build(name, [(a.0, None, a.1), (b.0, None, b.1)], readonly, &[])
+    }
+
+    /// A pair whose layers were first written by other mounts: each side's copy of `tree` is
+    /// mounted with its `prep` filesystem, `prep_ops` run there (outcomes in
+    /// [`Side::prep_outcomes`]; [`Pair::finish`] fails when they differ), it is unmounted, then
+    /// mounted with `fs` for the comparison. How one filesystem reading the layers another
+    /// wrote (kernel overlayfs's redirects read by rustfuse, or the reverse) is checked.
+    pub fn prepared(
+        name: &str,
+        tree: &Tree,
+        a: (Fs, Fs),
+        b: (Fs, Fs),
+        prep_ops: &[Op],
+    ) -> Result<Pair, String> {
+        Self::build(
+            name,
+            [(tree, Some(a.0), a.1), (tree, Some(b.0), b.1)],
+            false,
+            prep_ops,
+        )
+    }
+
+    fn build(
+        name: &str,
+        sides_spec: [(&Tree, Option<Fs>, Fs); 2],
+        readonly: bool,
+        prep_ops: &[Op],
+    ) -> Result<Pair, String> {
         let s = scratch(name);
         let mut sides = Vec::new();
-        for ((tree, fs), dir) in [(a, "a"), (b, "b")] {
+        for ((tree, prep, fs), dir) in sides_spec.into_iter().zip(["a", "b"]) {
             let dir = s.path().join(dir);
             let mat = if readonly {
                 tree.materialize_ro(&dir)
@@ -189,6 +273,20 @@ impl Pair {
                 tree.materialize(&dir)
             }
             .map_err(|e| format!("materialize layers: {e}"))?;
+            let mut prep_outcomes = Vec::new();
+            if let Some(prep) = prep {
+                let m = prep.mount(&mat).map_err(|e| format!("preparation: {e}"))?;
+                prep_outcomes = crate::ops::run(m.root(), prep_ops);
+                if prep.is_kernel() {
+                    prep_outcomes = prep_ops
+                        .iter()
+                        .zip(prep_outcomes)
+                        .map(|(op, o)| oracle_outcome(op, o))
+                        .collect();
+                }
+                m.unmount()
+                    .map_err(|e| format!("preparation: unmount: {e}"))?;
+            }
             let mount = fs.mount(&mat)?;
             let name = fs.name();
             sides.push(Side {
@@ -197,6 +295,7 @@ impl Pair {
                 mat,
                 mount: Some(mount),
                 outcomes: Vec::new(),
+                prep_outcomes,
             });
         }
         let mut b = sides.pop().expect("two sides");
@@ -210,6 +309,7 @@ impl Pair {
             a,
             b,
             ops: Vec::new(),
+            prep_ops: prep_ops.to_vec(),
             before,
             _scratch: s,
         })
@@ -241,11 +341,23 @@ impl Pair {
         })
     }
 
-    /// The table of steps with their outcomes, mismatches marked `!!`.
+    /// The table of steps with their outcomes, mismatches marked `!!` (after the table of the
+    /// preparation, if any).
     pub fn steps_table(&self) -> String {
         let mut t = String::new();
-        for (i, op) in self.ops.iter().enumerate() {
-            let (x, y) = (&self.a.outcomes[i], &self.b.outcomes[i]);
+        if !self.prep_ops.is_empty() {
+            let _ = writeln!(t, "preparation (before the mounts compared):");
+            t.push_str(&self.table(&self.prep_ops, |s| &s.prep_outcomes));
+            let _ = writeln!(t, "compared:");
+        }
+        t.push_str(&self.table(&self.ops, |s| &s.outcomes));
+        t
+    }
+
+    fn table(&self, ops: &[Op], outcomes: impl Fn(&Side) -> &Vec<Outcome>) -> String {
+        let mut t = String::new();
+        for (i, op) in ops.iter().enumerate() {
+            let (x, y) = (&outcomes(&self.a)[i], &outcomes(&self.b)[i]);
             let mark = if x == y { "  " } else { "!!" };
             let _ = writeln!(
                 t,
@@ -277,18 +389,17 @@ impl Pair {
             f.failures
                 .push(format!("merged views differ:\n  {}", d.join("\n  ")));
         }
-        // An oracle with index=on shows a lower hard link's true nlink even where a whiteout
-        // hides some of its names: the side under test must show the same, not fewer.
-        let oracle_problems: Vec<&String> = match self.a.fs.indexes() {
-            true => self
-                .before
-                .0
-                .problems
-                .iter()
-                .chain(&after.0.problems)
-                .collect(),
-            false => Vec::new(),
-        };
+        // What the oracle's view shows of itself, the side under test may show too (a note):
+        // an oracle with index=on shows a lower hard link's true nlink even where a whiteout
+        // hides some of its names; two directories redirected to one lower directory show its
+        // files under both names, one inode with nlink 1.
+        let oracle_problems: Vec<&String> = self
+            .before
+            .0
+            .problems
+            .iter()
+            .chain(&after.0.problems)
+            .collect();
         for (side, s0, s1) in [
             (&self.a, &self.before.0, &after.0),
             (&self.b, &self.before.1, &after.1),
@@ -349,12 +460,8 @@ impl Pair {
     pub fn finish(mut self, check_remount: bool) -> Findings {
         let mut f = Findings::default();
         let (an, bn) = (self.a.name.clone(), self.b.name.clone());
-        let mismatched_steps = self
-            .a
-            .outcomes
-            .iter()
-            .zip(&self.b.outcomes)
-            .any(|(x, y)| x != y);
+        let mismatched_steps =
+            self.a.outcomes != self.b.outcomes || self.a.prep_outcomes != self.b.prep_outcomes;
         if mismatched_steps {
             f.failures.push(format!(
                 "errno/result of some steps differ:\n{}",
@@ -366,6 +473,7 @@ impl Pair {
         let indexed = self.a.fs.indexes();
         // Unmount, compare the upper dirs.
         let mut uppers: Vec<Upper> = Vec::new();
+        let mut redirects = Vec::new();
         for side in [&mut self.a, &mut self.b] {
             if let Err(e) = side.mount.take().expect("mounted").unmount() {
                 f.failures.push(format!("{}: unmount: {e}", side.name));
@@ -374,6 +482,7 @@ impl Pair {
                 continue;
             };
             uppers.push(describe_upper(up, &side.mat.stack.lowers));
+            redirects.push(crate::layers::dir_redirects(up));
             let mut left = work_leftovers(work);
             if indexed {
                 left.retain(|l| !l.starts_with("index/") && l != "rustfuse-index");
@@ -401,6 +510,13 @@ impl Pair {
             if !d.is_empty() {
                 f.failures
                     .push(format!("upper dirs differ:\n  {}", d.join("\n  ")));
+            }
+        }
+        if let [x, y] = redirects.as_slice() {
+            if x != y {
+                f.failures.push(format!(
+                    "redirected directories of the upper dirs differ (path: where lookups below it continue):\n  {an}: {x:?}\n  {bn}: {y:?}"
+                ));
             }
         }
         if check_remount {
@@ -522,6 +638,15 @@ pub struct Scenario {
     pub under_test_tree: Option<Tree>,
     /// Compare the merged views and inode identity after every step, not only at the end.
     pub each_step: bool,
+    /// The side under test ([`Fs::under_test`] unless set).
+    pub under_test: Fs,
+    /// What the oracle must answer to each op, as [`show`] prints it (`ok`, `EXDEV`, `ok: …`;
+    /// `*` anything, a trailing `*` a prefix): the case is what it says it is (a rename that
+    /// must succeed on the oracle does). Empty: not checked.
+    pub oracle_expects: Vec<&'static str>,
+    /// Filesystems that write the layers first, and what they do ([`Pair::prepared`]): the
+    /// oracle's copy, the copy of the side under test, the ops.
+    pub prepared_by: Option<(Fs, Fs, Vec<Op>)>,
 }
 
 impl Scenario {
@@ -537,7 +662,32 @@ impl Scenario {
             oracle: Fs::Kernel,
             under_test_tree: None,
             each_step: false,
+            under_test: Fs::under_test(),
+            oracle_expects: Vec::new(),
+            prepared_by: None,
         }
+    }
+
+    /// A scenario whose steps come with what the oracle must answer to each
+    /// ([`Scenario::oracle_expects`]).
+    pub fn expecting(name: &'static str, tree: Tree, steps: Vec<(Op, &'static str)>) -> Scenario {
+        let (ops, expects) = steps.into_iter().unzip();
+        let mut s = Scenario::new(name, tree, ops);
+        s.oracle_expects = expects;
+        s
+    }
+
+    /// Runs `fs` as the side under test instead of [`Fs::under_test`].
+    pub fn under_test(mut self, fs: Fs) -> Scenario {
+        self.under_test = fs;
+        self
+    }
+
+    /// Has the layers written first: the oracle's copy by `oracle_prep`, the other by
+    /// `under_test_prep`, both running `ops` ([`Pair::prepared`]).
+    pub fn prepared_by(mut self, oracle_prep: Fs, under_test_prep: Fs, ops: Vec<Op>) -> Scenario {
+        self.prepared_by = Some((oracle_prep, under_test_prep, ops));
+        self
     }
 
     /// Declares a deliberate inode-number difference from kernel overlayfs, with its reason.
@@ -584,13 +734,29 @@ impl Scenario {
             self.name
         );
         let tree_b = self.under_test_tree.as_ref().unwrap_or(&self.tree);
-        let mut pair = Pair::with_trees(
-            self.name,
-            (&self.tree, self.oracle.clone()),
-            (tree_b, Fs::under_test()),
-            self.readonly,
-        )
-        .unwrap_or_else(|e| panic!("{}: set-up failed: {e}", self.name));
+        let pair = match &self.prepared_by {
+            Some((pa, pb, prep_ops)) => {
+                assert!(
+                    self.under_test_tree.is_none() && !self.readonly,
+                    "scenario {}: a prepared scenario has one tree and an upper layer",
+                    self.name
+                );
+                Pair::prepared(
+                    self.name,
+                    &self.tree,
+                    (pa.clone(), self.oracle.clone()),
+                    (pb.clone(), self.under_test.clone()),
+                    prep_ops,
+                )
+            }
+            None => Pair::with_trees(
+                self.name,
+                (&self.tree, self.oracle.clone()),
+                (tree_b, self.under_test.clone()),
+                self.readonly,
+            ),
+        };
+        let mut pair = pair.unwrap_or_else(|e| panic!("{}: set-up failed: {e}", self.name));
         pair.known_inode_deviation = self.known_inode_deviation;
         let mut step_failures = Vec::new();
         for (i, op) in self.ops.iter().enumerate() {
@@ -607,7 +773,27 @@ impl Scenario {
                 }
             }
         }
+        assert!(
+            self.oracle_expects.is_empty() || self.oracle_expects.len() == self.ops.len(),
+            "scenario {}: one oracle expectation per op",
+            self.name
+        );
+        for (i, (want, got)) in self.oracle_expects.iter().zip(&pair.a.outcomes).enumerate() {
+            let got = show(got);
+            let fits = match want.strip_suffix('*') {
+                Some(prefix) => got.starts_with(prefix),
+                None => got == *want,
+            };
+            if !fits {
+                step_failures.push(format!(
+                    "the oracle answered step {} {:?} with {got} where the case expects {want}: the case is wrong or the kernel differs",
+                    i + 1,
+                    self.ops[i]
+                ));
+            }
+        }
         let table = pair.steps_table();
+        let b_name = pair.b.name.clone();
         let mut f = pair.finish(self.remount);
         for n in &f.notes {
             eprintln!("note ({}): {n}", self.name);
@@ -615,11 +801,11 @@ impl Scenario {
         step_failures.append(&mut f.failures);
         if !step_failures.is_empty() {
             panic!(
-                "scenario {}: {} difference(s) between kernel overlayfs ({:?}) and {}\nsteps:\n{table}\n{}",
+                "scenario {}: {} difference(s) between kernel overlayfs ({:?}) and {b_name} ({:?})\nsteps:\n{table}\n{}",
                 self.name,
                 step_failures.len(),
                 self.oracle,
-                crate::env::bin_under_test().display(),
+                self.under_test,
                 step_failures.join("\n\n")
             );
         }

@@ -922,9 +922,53 @@ mod random {
             )
     }
 
+    /// Directory paths for the directory-rename variant: every directory of [`tree_dirs`] and
+    /// places below them (renames into subdirectories, over files, onto themselves).
+    const DIR_NAMES: &[&str] = &[
+        "d", "d/sub", "d/sub/f", "d/x", "m", "m/d", "m/top", "nd", "e", "o", "r", "r/d", "r/d/f",
+        "a",
+    ];
+
+    fn dir_name() -> impl Strategy<Value = String> {
+        proptest::sample::select(DIR_NAMES).prop_map(str::to_string)
+    }
+
+    /// [`op`] and directory renames, for kernel overlayfs `redirect_dir=on` against the binary
+    /// under test with `-o redirect_dir=on`. `op` itself is unchanged: the same seed gives the
+    /// same sequences to [`random_op_sequences_match_kernel`].
+    fn op_with_dir_renames() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => op(),
+            3 => (dir_name(), dir_name()).prop_map(|(a, b)| rename(&a, &b)),
+            1 => (dir_name(), dir_name()).prop_map(|(a, b)| rename_noreplace(&a, &b)),
+            1 => (dir_name(), dir_name()).prop_map(|(a, b)| rename_exchange(&a, &b)),
+            1 => dir_name().prop_map(|p| readdir(&p)),
+            1 => dir_name().prop_map(|p| rmdir(&p)),
+            1 => dir_name().prop_map(|p| unlink(&p)),
+            1 => dir_name().prop_map(|p| mkdir(&p)),
+            1 => dir_name().prop_map(|p| create(&p)),
+            1 => (dir_name(), "[a-z]{0,4}").prop_map(|(p, d)| write(&p, &d)),
+        ]
+    }
+
+    /// [`tree`] with a bottom layer that gives directories more depth.
+    fn tree_dirs() -> Tree {
+        tree().lower(
+            Layer::new()
+                .file("d/sub/f", "sub f")
+                .file("m/d/f", "m d f")
+                .file("r/d/f", "r d f")
+                .file("r/top", "r top")
+                .dir("e"),
+        )
+    }
+
     fn run_case(ops: &[Op]) -> Result<(), TestCaseError> {
-        let mut pair = Pair::new("prop", &tree(), Fs::Kernel, Fs::under_test())
-            .map_err(TestCaseError::fail)?;
+        run_case_on(ops, &tree(), Fs::Kernel, Fs::under_test())
+    }
+
+    fn run_case_on(ops: &[Op], tree: &Tree, a: Fs, b: Fs) -> Result<(), TestCaseError> {
+        let mut pair = Pair::new("prop", tree, a, b).map_err(TestCaseError::fail)?;
         for op in ops {
             if let Some(m) = pair.step(op) {
                 let table = pair.steps_table();
@@ -962,6 +1006,21 @@ mod random {
         }
         proptest!(config(), |(ops in proptest::collection::vec(op(), 1..14))| {
             run_case(&ops)?;
+        });
+    }
+
+    #[test]
+    fn random_dir_rename_sequences_match_kernel_redirect_dir_on() {
+        if !rustfuse_tests::env::require_bin_under_test() {
+            return;
+        }
+        proptest!(config(), |(ops in proptest::collection::vec(op_with_dir_renames(), 1..14))| {
+            run_case_on(
+                &ops,
+                &tree_dirs(),
+                Fs::kernel_redirect("on"),
+                Fs::under_test_redirect("on"),
+            )?;
         });
     }
 }

@@ -453,8 +453,9 @@ impl Overlay {
     }
 
     /// [`Overlay::readdir`] with each entry's attributes: adds one lookup reference per entry
-    /// passed with attributes (all but `.` and `..`, see [`Overlay`]); the entry that `add`
-    /// finds no room for (it returns true) gets its reference given back.
+    /// passed with attributes (all but `.`, `..` and an entry whose lookup fails with EIO,
+    /// see [`Overlay`]); the entry that `add` finds no room for (it returns true) gets its
+    /// reference given back.
     pub fn readdirplus(
         &self,
         fh: Fh,
@@ -475,6 +476,17 @@ impl Overlay {
             let attr = match self.lookup_hinted(dir_ino, &e.name, e.hint.as_ref()) {
                 Ok(a) => a,
                 Err(Errno::NOENT) => continue,
+                // An entry whose layers are damaged (an invalid redirect) is listed without
+                // attributes, as kernel overlayfs lists it: the directory stays listable,
+                // the entry's own lookup fails. Other errors (EPERM of `nofollow`, as the
+                // kernel's listing of an impure directory) fail the listing.
+                Err(err @ Errno::IO) => {
+                    tracing::debug!(name = ?e.name, error = %super::errstr(err), "entry listed without attributes");
+                    if add(e, off, None) {
+                        break;
+                    }
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             let shown = DirEntry {

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::options::{OverlayOptions, RedirectDir, XattrPermissions};
+use crate::options::{OverlayOptions, XattrPermissions};
 use crate::sys::{self, Compat, Errno, OFlags, Stat, Sys};
 
 pub use dir::DirEntry;
@@ -705,6 +705,9 @@ impl Overlay {
         let mut target = Target::Name(name.to_os_string());
         let mut hint = hint;
         let mut upper_redirect = None;
+        // With `nofollow`, a directory whose redirect was met: a lower part found for it
+        // is refused (EPERM), as kernel overlayfs refuses it.
+        let mut refused: Option<Arc<DirHandle>> = None;
         if let Some((uh, u)) = parent.upper_dir()? {
             match probe::probe(&self.sys, u.as_fd(), name)? {
                 Probe::Whiteout(_) => return Ok(None),
@@ -750,9 +753,13 @@ impl Overlay {
                             redirect: None,
                         }));
                     }
-                    if let Some(r) = marks.redirect {
+                    // With `nofollow`, the redirect of a directory whose parent has no
+                    // lower part is never met (nothing below is looked at), as in the kernel.
+                    let met = !(self.refuses() && parent.lowers.is_empty());
+                    if let Some(r) = marks.redirect.filter(|_| met) {
                         target = self.follow(&dir, &target, 0, &r)?;
                         hint = None;
+                        refused = self.refuses().then(|| dir.clone());
                         upper_redirect = Some(r);
                     }
                 }
@@ -823,6 +830,9 @@ impl Overlay {
                             }));
                         }
                         Some(Kind::Dir) | None if k == Kind::Dir => {
+                            if let Some(d) = &refused {
+                                return Err(self.refuse(d));
+                            }
                             let fd = self.sys.open_path_at(dfd.as_fd(), &at)?;
                             let marks = self.dir_marks(fd.as_fd());
                             let dir = DirHandle::child(&lh, &at, fd);
@@ -838,6 +848,10 @@ impl Overlay {
                                 break;
                             }
                             if let Some(r) = marks.redirect {
+                                let below = list.iter().any(|(l, ..)| *l > layer);
+                                if self.refuses() && below {
+                                    return Err(self.refuse(&dir));
+                                }
                                 target = self.follow(&dir, &step.target, 0, &r)?;
                                 hint = None;
                                 continue;
@@ -874,29 +888,31 @@ impl Overlay {
         }))
     }
 
-    /// The marks of a layer directory, its redirect read where redirects are followed (or
-    /// refused: `nofollow`).
+    /// The marks of a layer directory, its redirect included (followed, or with `nofollow`
+    /// refused).
     fn dir_marks(&self, dir: BorrowedFd<'_>) -> probe::DirMarks {
-        let mode = self.opts.redirect_dir;
-        probe::dir_marks(
-            &self.sys,
-            dir,
-            mode.follows() || mode == RedirectDir::NoFollow,
-        )
+        probe::dir_marks(&self.sys, dir, true)
+    }
+
+    /// Redirects are refused where a lookup would follow one (`nofollow`).
+    fn refuses(&self) -> bool {
+        !self.opts.redirect_dir.follows()
+    }
+
+    /// The error of a lookup that would follow directory `dir`'s redirect where they are
+    /// refused (`nofollow`), logged.
+    fn refuse(&self, dir: &DirHandle) -> Errno {
+        tracing::warn!(
+            dir = %dir.path().display(),
+            "refusing to follow a directory redirect (redirect_dir=nofollow)"
+        );
+        Errno::PERM
     }
 
     /// The target for the layers below directory `dir`, whose redirect is `r`, met walking
     /// `current` with `post` parts of it left. A value that is not a redirect is refused
-    /// with EIO, and so (EPERM) is any redirect where they are not followed (`nofollow`).
+    /// with EIO (the directory named in the log).
     fn follow(&self, dir: &DirHandle, current: &Target, post: usize, r: &[u8]) -> Result<Target> {
-        if !self.opts.redirect_dir.follows() {
-            tracing::warn!(
-                dir = %dir.path().display(),
-                redirect = %redirect::show(r),
-                "refusing to follow a directory redirect (redirect_dir=nofollow)"
-            );
-            return Err(Errno::PERM);
-        }
         match redirect::parse(r) {
             Some(t) => Ok(redirect::redirected(current, post, t)),
             None => {

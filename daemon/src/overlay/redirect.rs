@@ -11,8 +11,11 @@
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
-/// The longest redirect value written or followed (the kernel's `PATH_MAX`, less the NUL).
+/// The longest redirect value followed (the kernel's `PATH_MAX`, less the NUL).
 pub(crate) const REDIRECT_MAX: usize = 4095;
+/// The longest absolute redirect written (kernel overlayfs's default `redirect_max`): a
+/// move that would need a longer one answers EXDEV, and `mv` copies.
+pub(crate) const REDIRECT_WRITE_MAX: usize = 256;
 
 /// Where the lower layers are asked for a name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,7 +81,8 @@ pub(crate) fn redirected(current: &Target, post: usize, r: Target) -> Target {
 
 /// The absolute redirect value of a directory's old place, from the parts on its way up
 /// (itself first): each one its name or its own redirect, the walk having stopped at the
-/// first absolute one. `None` when the value would be longer than [`REDIRECT_MAX`].
+/// first absolute one. `None` when the value would be longer than
+/// [`REDIRECT_WRITE_MAX`].
 pub(crate) fn absolute(up: &[Vec<u8>]) -> Option<Vec<u8>> {
     let mut v = Vec::new();
     for p in up.iter().rev() {
@@ -87,7 +91,7 @@ pub(crate) fn absolute(up: &[Vec<u8>]) -> Option<Vec<u8>> {
         }
         v.extend_from_slice(p);
     }
-    (v.len() <= REDIRECT_MAX).then_some(v)
+    (v.len() <= REDIRECT_WRITE_MAX).then_some(v)
 }
 
 /// The value of a name, for messages.
@@ -160,6 +164,7 @@ mod tests {
             absolute(&[b"d".to_vec(), b"/x/y".to_vec()]),
             Some(b"/x/y/d".to_vec())
         );
-        assert_eq!(absolute(&vec![vec![b'a'; 255]; 17]), None);
+        assert_eq!(absolute(&[vec![b'a'; 255]]).map(|v| v.len()), Some(256));
+        assert_eq!(absolute(&[vec![b'a'; 128], vec![b'b'; 127]]), None);
     }
 }

@@ -715,7 +715,7 @@ impl Overlay {
         let ps = p.state();
         let nps = np.state();
         let src_lower = self.lower_positive(&ps, name)?;
-        let dst_lower = self.lower_positive(&nps, newname)?;
+        let (p_merged, np_merged) = (!ps.lowers.is_empty(), !nps.lowers.is_empty());
         // From the moment the names change, the nodes follow them, whatever fails after
         // (`after`: a step that failed once the entries had moved, reported at the end).
         if exchange {
@@ -749,12 +749,13 @@ impl Overlay {
                 renamed_alias(&src_node, (parent, name), (newparent, newname));
                 renamed_alias(d, (newparent, newname), (parent, name));
             }
-            // A directory with no lower content of its own hides what its new name has
-            // below (one with lower content has its redirect).
-            if src_kind == Kind::Dir && dst_lower && !src_redirect {
+            // A directory with no lower content of its own, moved into a merged directory,
+            // is marked opaque: it hides what its new name has below, and a stale redirect
+            // of its own (kernel overlayfs's rule; one with lower content has its redirect).
+            if src_kind == Kind::Dir && np_merged && !src_redirect {
                 tree::set_opaque(&self.sys, npu.as_fd(), newname)?;
             }
-            if dst_kind == Some(Kind::Dir) && src_lower && !dst_redirect {
+            if dst_kind == Some(Kind::Dir) && p_merged && !dst_redirect {
                 tree::set_opaque(&self.sys, pu.as_fd(), name)?;
             }
             return Ok(());
@@ -810,7 +811,7 @@ impl Overlay {
             }
         }
         after?;
-        if src_kind == Kind::Dir && dst_lower && !src_redirect {
+        if src_kind == Kind::Dir && np_merged && !src_redirect {
             tree::set_opaque(&self.sys, npu.as_fd(), newname)?;
         }
         Ok(())
