@@ -439,6 +439,8 @@ const LOWER: &[(&str, &str, u32, (u32, u32))] = &[
     ("data/chmod.txt", "chmod me\n", 0o644, (0, 0)),
     ("data/chown.txt", "chown me\n", 0o644, (0, 0)),
     ("data/linked1", "two names\n", 0o644, (0, 0)),
+    ("data/app/conf", "app conf\n", 0o640, (5, 6)),
+    ("data/app/bin/run", "run\n", 0o755, (0, 0)),
 ];
 
 /// Hard links of the image's second layer: (new name, existing name).
@@ -446,7 +448,8 @@ const LOWER_LINKS: &[(&str, &str)] = &[("data/linked2", "data/linked1")];
 
 /// The container's changes: new files and directories, a copy-up with a write, deletions of
 /// a file and a tree, a directory replaced by a new one, a rename, chmod, chown, a big file,
-/// a symlink and a hard link pair. Prints the big file's SHA-256.
+/// a symlink and a hard link pair, a directory with lower content renamed (`redirect_dir=on`
+/// in FUSE mode: one rename; kernel mode: EXDEV, and mv copies). Prints the big file's SHA-256.
 const SCRIPT: &str = "set -e
 cat /hello
 echo new file > /new.txt
@@ -459,6 +462,7 @@ rm -r /data/replace
 mkdir -m 0750 /data/replace
 echo replaced > /data/replace/new.txt
 mv /data/rename-src.txt /data/renamed.txt
+mv /data/app /data/app.old
 chmod 0751 /data/chmod.txt
 chown 1234:5678 /data/chown.txt
 dd if=/dev/urandom of=/data/big.bin bs=1048576 count=32 2>/dev/null
@@ -682,6 +686,10 @@ fn check_changes(l: &Layer, big_sha: &str, mode: Mode) -> Vec<String> {
     );
     c.file("data/replace/new.txt", "replaced\n", None, (0, 0));
     c.file("data/renamed.txt", "rename me\n", Some(0o604), (7, 8));
+    // The renamed directory: its whole tree under the new name, a whiteout at the old one,
+    // whether the rename wrote a redirect (FUSE mode) or mv copied (kernel mode).
+    c.file("data/app.old/conf", "app conf\n", Some(0o640), (5, 6));
+    c.file("data/app.old/bin/run", "run\n", Some(0o755), (0, 0));
     c.file("data/chmod.txt", "chmod me\n", Some(0o751), (0, 0));
     c.file("data/chown.txt", "chown me\n", Some(0o644), (1234, 5678));
     // The hard link pair: the first one written is the file, the other a link to it.
@@ -717,7 +725,13 @@ fn check_changes(l: &Layer, big_sha: &str, mode: Mode) -> Vec<String> {
             }
         }
     }
-    for dir in ["data", "data/newdir", "data/newdir/deep"] {
+    for dir in [
+        "data",
+        "data/newdir",
+        "data/newdir/deep",
+        "data/app.old",
+        "data/app.old/bin",
+    ] {
         c.want(dir, 'd');
     }
     if let Some(e) = c.want("data/replace", 'd') {
@@ -730,6 +744,7 @@ fn check_changes(l: &Layer, big_sha: &str, mode: Mode) -> Vec<String> {
         "data/.wh.delete.txt",
         "data/.wh.tree",
         "data/.wh.rename-src.txt",
+        "data/.wh.app",
     ] {
         c.want(wh, '-');
     }
@@ -883,6 +898,26 @@ fn e2e(mode: Mode, release: Release, ns: &'static str) {
         .and_then(|l| l.split_whitespace().next())
         .unwrap_or_else(|| panic!("no sha256sum line in:\n{out}"))
         .to_string();
+
+    // FUSE mode mounts with redirect_dir=on through mount.fuse3: the container's `mv` of a
+    // directory from the image left a redirect in its upper directory and copied nothing.
+    if mode == Mode::Fuse {
+        let uppers: Vec<PathBuf> = std::fs::read_dir(env.p("snaproot/snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().path().join("fs/data/app.old"))
+            .filter(|p| p.is_dir())
+            .collect();
+        assert_eq!(uppers.len(), 1, "{uppers:?}");
+        assert!(
+            rustfuse_snapshotter::redirects::is_redirected(&uppers[0]),
+            "{} holds no redirect: did mount.fuse3 pass redirect_dir=on?",
+            uppers[0].display()
+        );
+        assert!(
+            !uppers[0].join("conf").exists(),
+            "the rename copied the tree up"
+        );
+    }
 
     // The container's snapshot (key = container id) against its parent, as an uncompressed
     // layer on ctr's stdout.
