@@ -42,6 +42,8 @@ pub struct How {
     /// Kernel overlayfs (not with `userxattr`, which refuses it) and rustfuse with
     /// `redirect_dir=on`: renames of lower directories without copying them.
     pub redirect_dir: bool,
+    /// No upper layer: a read-only mount of the lower layers.
+    pub read_only: bool,
     /// `--count-requests`: every FUSE daemon in the foreground, logging each request it
     /// gets to the mount log (see `requests`).
     pub count: bool,
@@ -126,16 +128,20 @@ impl Mount {
             userxattr,
             metacopy,
             redirect_dir,
+            read_only,
             count,
         } = how;
         run::check_interrupted()?;
         clear_mountpoint(mnt);
-        let mut opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            join(lowers),
-            upper.display(),
-            work.display()
-        );
+        let mut opts = match read_only {
+            true => format!("lowerdir={}", join(lowers)),
+            false => format!(
+                "lowerdir={},upperdir={},workdir={}",
+                join(lowers),
+                upper.display(),
+                work.display()
+            ),
+        };
         let mut cmd = match fs.kind {
             Kind::Kernel => {
                 if userxattr {

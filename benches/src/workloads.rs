@@ -151,6 +151,13 @@ pub const WORKLOADS: &[Workload] = &[
         "dd of the large lower file, after one unmeasured read",
     ),
     w(
+        "seqread-ro",
+        Read,
+        BeatFuseOverlayfs,
+        "seqread-warm on a read-only mount (lower layers only: the snapshotter's views), \
+         where lower files may be passed through",
+    ),
+    w(
         "randread-4k",
         Read,
         KernelRatio(1.3),
@@ -360,16 +367,18 @@ impl Ctx {
     }
 
     fn mount(&self, fs_: &Fs, lowers: &[PathBuf], d: &Dirs) -> Result<(Mount, Duration)> {
-        self.mount_how(fs_, lowers, d, false)
+        self.mount_how(fs_, lowers, d, false, false)
     }
 
-    /// [`Ctx::mount`], with `redirect_dir=on` where the filesystem has it.
+    /// [`Ctx::mount`], with `redirect_dir=on` where the filesystem has it, or read-only (the
+    /// lower layers alone).
     fn mount_how(
         &self,
         fs_: &Fs,
         lowers: &[PathBuf],
         d: &Dirs,
         redirect_dir: bool,
+        read_only: bool,
     ) -> Result<(Mount, Duration)> {
         let floor;
         let lowers = if fs_.kind == Kind::Floor {
@@ -389,6 +398,7 @@ impl Ctx {
                 userxattr: self.userns,
                 metacopy: self.metacopy,
                 redirect_dir,
+                read_only,
                 count: self.count,
             },
         )
@@ -437,7 +447,8 @@ impl Ctx {
             return Ok(Some(t.as_secs_f64()));
         }
         let redirect_dir = w.name == "rename-dir";
-        let (mut m, _) = self.mount_how(fs_, &self.layers.lowers, &d, redirect_dir)?;
+        let read_only = w.name == "seqread-ro";
+        let (mut m, _) = self.mount_how(fs_, &self.layers.lowers, &d, redirect_dir, read_only)?;
         let mnt = d.mnt.clone();
         let list = self.layers.file_list.display().to_string();
         let s = &self.sizes;
@@ -481,7 +492,7 @@ impl Ctx {
                 self.drop_caches()?;
                 self.sh(&mnt, "dd if=big/seq.bin of=/dev/null bs=1M status=none")?
             }
-            "seqread-warm" => {
+            "seqread-warm" | "seqread-ro" => {
                 self.sh(&mnt, "dd if=big/seq.bin of=/dev/null bs=1M status=none")?;
                 self.sh(&mnt, "dd if=big/seq.bin of=/dev/null bs=1M status=none")?
             }

@@ -342,3 +342,70 @@ fn writes_to_upper_files_go_around_the_daemon_with_passthrough() {
     println!("passthrough offered by this kernel: {offered}");
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// Bytes the process `pid` has read through system calls (`rchar` of /proc/PID/io).
+fn rchar(pid: i32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("rchar: ").map(|v| v.trim().parse().ok()))
+        })
+        .flatten()
+        .expect("the daemon's /proc/PID/io")
+}
+
+/// A read-only mount (no upper layer, or `ro`: the snapshotter's views, BuildKit's reads of
+/// an active snapshot) copies nothing up, so lower files are passed through too (as
+/// fuse-overlayfs 2.0 does): reading a 4 MiB lower file on a fresh mount reads nothing
+/// through the daemon. With `passthrough=0`, a writable mount, or a kernel without
+/// passthrough, the daemon reads it.
+#[test]
+fn reads_of_lower_files_go_around_the_daemon_in_read_only_mounts() {
+    if !env::require_bin_under_test() {
+        return;
+    }
+    const SIZE: usize = 4 << 20;
+    let data: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+    let offered = kernel_has_passthrough();
+    let mut problems = Vec::new();
+    for (upper, opts, bypass) in [
+        (false, &[][..], offered),
+        (true, &["ro"][..], offered),
+        (false, &["passthrough=0"][..], false),
+        (true, &[][..], false),
+    ] {
+        let s = scratch("passthrough-ro");
+        let tree = Tree::new().lower(Layer::new().file("big", data.clone()));
+        let Materialized { mut stack, mnt } = tree.materialize(s.path()).unwrap();
+        if !upper {
+            stack.upper = None;
+            stack.work = None;
+        }
+        let m = Mount::fuse(&bin_under_test(), &stack, opts, &mnt).unwrap();
+        let pid = m.daemon_pid().expect("daemon pid");
+        let before = rchar(pid);
+        let mut seen = Vec::new();
+        let r = fs::File::open(m.root().join("big")).and_then(|mut f| f.read_to_end(&mut seen));
+        let through_daemon = rchar(pid) - before;
+        let what = format!("upper {upper}, -o {opts:?}");
+        if r.is_err() || seen != data {
+            problems.push(format!("{what}: read: {r:?}, {} bytes", seen.len()));
+        }
+        let passed = through_daemon < SIZE as u64 / 2;
+        if passed != bypass {
+            problems.push(format!(
+                "{what}: the daemon read {through_daemon} bytes of a {SIZE}-byte lower file; \
+                 want {}",
+                if bypass {
+                    "none (passthrough)"
+                } else {
+                    "all of it"
+                }
+            ));
+        }
+        m.unmount().unwrap();
+    }
+    println!("passthrough offered by this kernel: {offered}");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

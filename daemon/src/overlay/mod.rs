@@ -305,7 +305,9 @@ pub(crate) struct FileHandle {
     /// (another open writes it), reads go to the copy, as with kernel overlayfs, and never
     /// past the end of the old file while the kernel already shows the new size.
     below: Option<Below>,
-    /// The fd is a regular file of the upper layer: it can back FUSE passthrough.
+    /// The fd is a regular file that stays the file's data for the handle's life (one of
+    /// the upper layer, or any in a read-only mount, where nothing is copied up): it can back
+    /// FUSE passthrough.
     upper: bool,
 }
 
@@ -1507,8 +1509,11 @@ impl Overlay {
         // replacing with a whiteout (a 0/0 device: ENXIO) before it pins the node to an O_PATH
         // fd: open what the node is once the unlink has pinned it. If it never settles, the
         // name is gone: answer as an open after the unlink would (ENOENT), never ENXIO.
-        let below =
-            !(writes || trunc) && (st.upper.is_none() || st.metacopy) && st.kind == Kind::File;
+        // A read-only mount copies nothing up: a handle opened below stays there.
+        let below = !(writes || trunc)
+            && (st.upper.is_none() || st.metacopy)
+            && st.kind == Kind::File
+            && !self.read_only();
         let mut res = open_once(&st);
         if !matches!(st.kind, Kind::Char | Kind::Block) {
             let mut tries = 0;
@@ -1523,8 +1528,8 @@ impl Overlay {
             }
         }
         let fd = res?;
-        let upper =
-            st.kind == Kind::File && (writes || trunc || (st.upper.is_some() && !st.metacopy));
+        let upper = st.kind == Kind::File
+            && (writes || trunc || (st.upper.is_some() && !st.metacopy) || self.read_only());
         let below = below.then(|| Below {
             node: node.clone(),
             flags: open_flags(flags),
@@ -1539,8 +1544,9 @@ impl Overlay {
         self.handle_shard(fh).lock().remove(&fh);
     }
 
-    /// Run `f` on the descriptor of open file `fh` if it is a regular file of the upper layer
-    /// (what FUSE passthrough may hand to the kernel); `None` for anything else.
+    /// Run `f` on the descriptor of open file `fh` if it is a regular file of the upper layer,
+    /// or in a read-only mount any regular file (what FUSE passthrough may hand to the
+    /// kernel: a file that stays the handle's data); `None` for anything else.
     pub fn with_upper_fd<R>(&self, fh: Fh, f: impl FnOnce(BorrowedFd<'_>) -> R) -> Option<R> {
         let h = self.handle(fh)?;
         match &*h {
