@@ -224,10 +224,29 @@ flock -w 900 "$ROOT/target/debug/.cargo-lock" sh -c '
 echo "TARGET_DEBUG=$ROOT/target/debug" >>"$BINS"
 echo "PRIVATE_BIN=$PRIV" >>"$BINS"
 
-# ---------------------------------------------------------------- boot
 OUT="$KDIR/run-$VERSION"
 rm -rf "$OUT"
 mkdir -p "$OUT"
+
+# ---------------------------------------------------------------- the host's reference build
+# The guest's buildah step builds a Containerfile and compares its image, layer by layer, with
+# the same build made here on the host's kernel with the same binaries (and base image):
+# made now, before the guest boots, when that step is to run (guest.sh's default steps have it).
+steps=" ${KERNEL_STEPS:-default} "
+if [[ "$steps" == *" default "* || "$steps" == *" all "* || "$steps" == *" buildah "* ]]; then
+  say "the reference build on the host (rootless buildah, rustfuse as mount_program)"
+  t0=$(date +%s)
+  # shellcheck disable=SC1090
+  if ! (. "$BINS" && CI=true RUSTFUSE_BIN="$PRIVATE_BIN/rustfuse" \
+    RUSTFUSE_TEST_BUILDAH_KEEP="$OUT/buildah-host" timeout -k 10 600 "$TEST_BIN_rootless_build" \
+    --ignored --exact buildah_bud_quick_same_layers_as_reference --nocapture) >"$OUT/buildah-host.log" 2>&1; then
+    tail -40 "$OUT/buildah-host.log" >&2
+    die "the reference build on the host failed (log above, in $OUT/buildah-host.log)"
+  fi
+  say "reference build on the host in $(($(date +%s) - t0)) s: $OUT/buildah-host/layers.txt"
+fi
+
+# ---------------------------------------------------------------- boot
 vng_args=(--run "$KIMG" --cpus "${KERNEL_CPUS:-2}" --memory "${KERNEL_MEMORY:-4G}" --verbose
   --overlay-rwdir=/etc --rwdir="$OUT")
 
