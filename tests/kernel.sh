@@ -7,7 +7,8 @@
 # qemu with the host's userspace shared into the guest (virtme-ng), and runs the test
 # executables built here on the host inside it (tests/kernel/guest.sh says which and why).
 # VERSION 4.15 is Ubuntu 18.04's linux-image-4.15.0-NNN-generic (FUSE protocol 7.26), from
-# Ubuntu's archive, below the product's floor: see its case below.
+# Ubuntu's archive, below the product's floor; VERSION 5.4 is Ubuntu 20.04's
+# linux-image-5.4.0-NNN-generic (FUSE protocol 7.31), the same way: see their cases below.
 #
 # - The kernel package is pinned (KERNEL_PIN below), with a fallback to the newest of that
 #   series in the suite. It is fetched with `apt-get download` under a private source list,
@@ -18,6 +19,9 @@
 #   from PyPI in a venv at target/kernel/venv.
 # - KVM is probed with one short boot; where it fails or hangs (a 5.10 guest hangs under KVM on
 #   some hosts) the guest runs under TCG (`vng --disable-kvm`).
+# - Before it boots, when the guest's buildah step is to run, the same rootless buildah build
+#   is made here on the host's kernel with the same binaries: the reference the guest's image
+#   must match layer by layer (target/kernel/run-VERSION/buildah-host/).
 # - Deadlines everywhere: the boot (KERNEL_BOOT_SECS), the whole guest run (KERNEL_RUN_SECS),
 #   and each test executable inside (guest.sh). A guest that cannot boot fails the run; nothing
 #   here ever skips.
@@ -68,7 +72,20 @@ case "$VERSION" in
     # would not fit in the stage's ~6 minutes of CI.
     : "${KERNEL_STEPS:=differential options rootless lifecycle fusermount3 doctor}"
     ;;
-  *) die "unknown kernel VERSION '$VERSION' (known: 5.10, 4.15)" ;;
+  5.4)
+    # Ubuntu 20.04's (focal) Linux 5.4.0-NNN-generic, FUSE protocol 7.31: a kernel of the
+    # supported range as Ubuntu 20.04 CI hosts run it (overlayfs in a user namespace without
+    # userxattr, as Ubuntu patches its kernels before 5.11). From Ubuntu's archive, as 4.15
+    # (modules in linux-modules-5.4.0-NNN-generic). Not run in CI: by hand, with the same
+    # steps as 4.15 by default (KERNEL_STEPS=all adds the snapshotter's, containerd's and
+    # buildah's, as on 5.10).
+    DISTRO=ubuntu
+    SUITE="focal focal-updates focal-security"
+    PATTERN='^linux-image-5\.4\.0-[0-9]+-generic$'
+    KERNEL_PIN="linux-image-5.4.0-216-generic=5.4.0-216.236"
+    : "${KERNEL_STEPS:=differential options rootless lifecycle fusermount3 doctor}"
+    ;;
+  *) die "unknown kernel VERSION '$VERSION' (known: 5.10, 4.15, 5.4)" ;;
 esac
 
 KDIR="$ROOT/target/kernel"
