@@ -7,7 +7,8 @@
 # qemu with the host's userspace shared into the guest (virtme-ng), and runs the test
 # executables built here on the host inside it (tests/kernel/guest.sh says which and why).
 # VERSION 4.15 is Ubuntu 18.04's linux-image-4.15.0-NNN-generic (FUSE protocol 7.26), from
-# Ubuntu's archive, below the product's floor: see its case below.
+# Ubuntu's archive, below the product's floor; VERSION 5.4 is Ubuntu 20.04's
+# linux-image-5.4.0-NNN-generic (FUSE protocol 7.31), the same way: see their cases below.
 #
 # - The kernel package is pinned (KERNEL_PIN below), with a fallback to the newest of that
 #   series in the suite. It is fetched with `apt-get download` under a private source list,
@@ -18,6 +19,9 @@
 #   from PyPI in a venv at target/kernel/venv.
 # - KVM is probed with one short boot; where it fails or hangs (a 5.10 guest hangs under KVM on
 #   some hosts) the guest runs under TCG (`vng --disable-kvm`).
+# - Before it boots, when the guest's buildah step is to run, the same rootless buildah build
+#   is made here on the host's kernel with the same binaries: the reference the guest's image
+#   must match layer by layer (target/kernel/run-VERSION/buildah-host/).
 # - Deadlines everywhere: the boot (KERNEL_BOOT_SECS), the whole guest run (KERNEL_RUN_SECS),
 #   and each test executable inside (guest.sh). A guest that cannot boot fails the run; nothing
 #   here ever skips.
@@ -68,7 +72,20 @@ case "$VERSION" in
     # would not fit in the stage's ~6 minutes of CI.
     : "${KERNEL_STEPS:=differential options rootless lifecycle fusermount3 doctor}"
     ;;
-  *) die "unknown kernel VERSION '$VERSION' (known: 5.10, 4.15)" ;;
+  5.4)
+    # Ubuntu 20.04's (focal) Linux 5.4.0-NNN-generic, FUSE protocol 7.31: a kernel of the
+    # supported range as Ubuntu 20.04 CI hosts run it (overlayfs in a user namespace without
+    # userxattr, as Ubuntu patches its kernels before 5.11). From Ubuntu's archive, as 4.15
+    # (modules in linux-modules-5.4.0-NNN-generic). Not run in CI: by hand, with the same
+    # steps as 4.15 by default (KERNEL_STEPS=all adds the snapshotter's, containerd's and
+    # buildah's, as on 5.10).
+    DISTRO=ubuntu
+    SUITE="focal focal-updates focal-security"
+    PATTERN='^linux-image-5\.4\.0-[0-9]+-generic$'
+    KERNEL_PIN="linux-image-5.4.0-216-generic=5.4.0-216.236"
+    : "${KERNEL_STEPS:=differential options rootless lifecycle fusermount3 doctor}"
+    ;;
+  *) die "unknown kernel VERSION '$VERSION' (known: 5.10, 4.15, 5.4)" ;;
 esac
 
 KDIR="$ROOT/target/kernel"
@@ -224,10 +241,29 @@ flock -w 900 "$ROOT/target/debug/.cargo-lock" sh -c '
 echo "TARGET_DEBUG=$ROOT/target/debug" >>"$BINS"
 echo "PRIVATE_BIN=$PRIV" >>"$BINS"
 
-# ---------------------------------------------------------------- boot
 OUT="$KDIR/run-$VERSION"
 rm -rf "$OUT"
 mkdir -p "$OUT"
+
+# ---------------------------------------------------------------- the host's reference build
+# The guest's buildah step builds a Containerfile and compares its image, layer by layer, with
+# the same build made here on the host's kernel with the same binaries (and base image):
+# made now, before the guest boots, when that step is to run (guest.sh's default steps have it).
+steps=" ${KERNEL_STEPS:-default} "
+if [[ "$steps" == *" default "* || "$steps" == *" all "* || "$steps" == *" buildah "* ]]; then
+  say "the reference build on the host (rootless buildah, rustfuse as mount_program)"
+  t0=$(date +%s)
+  # shellcheck disable=SC1090
+  if ! (. "$BINS" && CI=true RUSTFUSE_BIN="$PRIVATE_BIN/rustfuse" \
+    RUSTFUSE_TEST_BUILDAH_KEEP="$OUT/buildah-host" timeout -k 10 600 "$TEST_BIN_rootless_build" \
+    --ignored --exact buildah_bud_quick_same_layers_as_reference --nocapture) >"$OUT/buildah-host.log" 2>&1; then
+    tail -40 "$OUT/buildah-host.log" >&2
+    die "the reference build on the host failed (log above, in $OUT/buildah-host.log)"
+  fi
+  say "reference build on the host in $(($(date +%s) - t0)) s: $OUT/buildah-host/layers.txt"
+fi
+
+# ---------------------------------------------------------------- boot
 vng_args=(--run "$KIMG" --cpus "${KERNEL_CPUS:-2}" --memory "${KERNEL_MEMORY:-4G}" --verbose
   --overlay-rwdir=/etc --rwdir="$OUT")
 

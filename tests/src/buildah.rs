@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use crate::env::{run_command, which};
 
+pub mod oci;
+
 /// The build user (no home: HOME is set per build).
 pub const USER: &str = "rustfuse-rl";
 
@@ -80,7 +82,8 @@ id -u "$U"
 }
 
 /// A two-layer busybox base image with lower files to modify, delete, replace and chmod, as
-/// `d/base.tar` (an oci-archive, tag `latest`).
+/// `d/base.tar` (an oci-archive, tags `latest` and `rf-base`: `buildah pull` of the second
+/// names it `localhost/rf-base`).
 pub fn build_base_image(d: &Path) -> Result<PathBuf, String> {
     let script = r#"
 set -eu
@@ -109,6 +112,7 @@ ln -s keep "$R/lower/sym"
 umoci repack --image "$img:latest" "$D/bundle" >/dev/null
 rm -rf "$D/bundle"
 umoci config --image "$img:latest" --config.cmd /bin/sh
+umoci tag --image "$img:latest" rf-base
 tar -C "$img" -cf "$D/base.tar" .
 "#;
     sh(
@@ -204,6 +208,125 @@ if [ "$EXPORT" = 1 ]; then buildah push -q localhost/rf-out "oci:$D/out-$N:lates
 buildah info | grep -A2 GraphOptions
 buildah rmi -a -f >/dev/null
 "#;
+
+/// A four-step build for a slow machine (tests/kernel.sh under TCG, where each step of
+/// `buildah bud` costs 30-50 s, most of it buildah's own re-executions and its commit): the
+/// overlay work of [`DOCKERFILE`] and the hard-link steps in fewer layers. Two RUN steps over
+/// the base image's lower files (append, unlink, `rm -r`, rename of a file and of a directory
+/// of an earlier layer, symlink, hard link to a lower file, `rm -rf DIR && mkdir DIR`, chmod,
+/// chown, setuid bit) and link groups made in one step and changed through one name in the
+/// next; a COPY of the context; a last RUN that checks all of it through the committed layers
+/// (`CK` becomes the [`CK`] shell function, which fails the build) and changes the copied
+/// files. `buildah bud --timestamp 0` makes its layers the same bytes wherever it runs.
+pub const QUICK_DOCKERFILE: &str = r#"FROM localhost/rf-base
+RUN mkdir -p /many/d/e /gen /gen2 && cd /many && for i in $(seq 1 40); do echo "file $i" > f$i; done \
+ && echo deep > /many/d/e/x && echo changed >> /lower/mod && rm /lower/del && rm -r /lower/deldir \
+ && mv /lower/ren /lower/renamed && ln -s ../many/f1 /lower/link && ln /lower/keep /lower/hard \
+ && rm /replace/a/b/o7 && echo a > /gen/a && ln /gen/a /gen/b && echo t > /gen/t1 && ln /gen/t1 /gen/t2 \
+ && ln /gen/t1 /gen2/t3 && echo o > /gen/o1 && ln /gen/o1 /gen2/o2 && echo u > /gen/u1 && ln /gen/u1 /gen2/u2
+RUN CK; rm -rf /replace && mkdir /replace && echo new > /replace/new && chmod 0600 /lower/keep \
+ && chmod 0700 /chm && chmod 4755 /chm/file && chown 1000:1000 /lower/mod && chmod 0751 /many \
+ && rm /many/f1? && echo again >> /many/f2 && mv /many/f3 /many/d/f3 && mv /many/d /many/dd \
+ && chmod 0640 /gen2/t3 && chown 1000:1000 /gen2/o2 && chmod 0600 /gen/u1 \
+ && ck '[ /gen/t1 -ef /gen2/t3 ]' && ck '[ $(stat -c %a /gen/t1) = 640 ]' \
+ && ck '[ $(stat -c %u:%g /gen/o1) = 1000:1000 ]' && ck '[ $(stat -c %h /gen/t2) = 3 ]'
+COPY files /ctx/
+RUN CK; ck '[ /gen/a -ef /gen/b ]' && ck '[ /gen/t1 -ef /gen2/t3 ]' && ck '[ /gen/t2 -ef /gen2/t3 ]' \
+ && ck '[ /gen/o1 -ef /gen2/o2 ]' && ck '[ /gen/u1 -ef /gen2/u2 ]' && ck '[ $(stat -c %a /gen2/u2) = 600 ]' \
+ && ck '[ $(stat -c %a /gen/t2) = 640 ]' && ck '[ $(stat -c %h /gen2/t3) = 3 ]' \
+ && ck '[ $(stat -c %u:%g /gen/o1) = 1000:1000 ]' && ck '[ $(stat -c %a /lower/keep) = 600 ]' \
+ && ck '[ $(stat -c %u:%g /lower/mod) = 1000:1000 ]' && ck '[ "$(cat /lower/mod)" = "$(printf "mod\nchanged")" ]' \
+ && ck '[ ! -e /lower/del ] && [ ! -e /lower/deldir ] && [ ! -e /lower/ren ]' \
+ && ck '[ "$(cat /lower/renamed /lower/hard)" = "$(printf "ren\nkeep")" ]' && ck '[ "$(readlink /lower/link)" = ../many/f1 ]' \
+ && ck '[ "$(ls -A /replace)" = new ]' && ck '[ $(stat -c %a /chm) = 700 ] && [ $(stat -c %a /chm/file) = 4755 ]' \
+ && ck '[ ! -e /many/f15 ] && [ -e /many/f40 ] && [ "$(cat /many/f2)" = "$(printf "file 2\nagain")" ]' \
+ && ck '[ ! -e /many/d ] && [ "$(cat /many/dd/e/x)" = deep ] && [ "$(cat /many/dd/f3)" = "file 3" ]' \
+ && ck '[ $(stat -c %a /many) = 751 ] && [ $(ls /many | wc -l) = 30 ] && [ $(ls /ctx | wc -l) = 20 ]' \
+ && rm -rf /ctx/d3 && chmod 0640 /ctx/d4/c4 && ln /ctx/d5/c5 /ctx/d5/hard && echo h > /ctx/d5/h1 \
+ && ln /ctx/d5/h1 /ctx/d5/h2
+"#;
+
+/// The `ck` shell function `CK` stands for in [`QUICK_DOCKERFILE`]: it evaluates a test and,
+/// when it is false, prints `LINKCHECK FAIL: <test>` and the listing of /gen and /gen2, and
+/// fails the build.
+pub const CK: &str =
+    r#"ck() { eval "$1" || { echo "LINKCHECK FAIL: $1"; ls -lin /gen /gen2; exit 1; }; }"#;
+
+/// The context of [`QUICK_DOCKERFILE`]: 20 files, one in each of `files/d0` .. `files/d19`.
+pub const QUICK_SIZE: Size = Size {
+    many: 200,
+    context: 20,
+};
+
+/// Run as the build user: [`BUILD_SCRIPT`] with fewer buildah commands (each costs seconds
+/// under TCG): the base image imported under its own name, `buildah bud --timestamp 0`, the
+/// image exported to the OCI layout `out-NAME` (no `buildah info`, no `rmi`).
+const QUICK_SCRIPT: &str = r#"
+set -eu
+D="$1"; N="$2"; MP="$3"
+export HOME="$D/home-$N" XDG_RUNTIME_DIR="$D/xdg-$N"
+mkdir -p "$HOME/.config/containers" "$XDG_RUNTIME_DIR"
+chmod 700 "$XDG_RUNTIME_DIR"
+cat > "$HOME/.config/containers/storage.conf" <<EOF
+[storage]
+driver = "overlay"
+graphroot = "$D/graph-$N"
+runroot = "$D/run-$N"
+
+[storage.options.overlay]
+mount_program = "$MP"
+EOF
+buildah pull -q "oci-archive:$D/base.tar:rf-base" >/dev/null
+s=$(date +%s%N)
+buildah bud --isolation chroot --network host --pull-never --layers --timestamp 0 \
+  -t localhost/rf-out -f "$D/ctx/Dockerfile" "$D/ctx"
+e=$(date +%s%N)
+echo "BUILD_MS $(( (e - s) / 1000000 ))"
+buildah push -q localhost/rf-out "oci:$D/out-$N:latest"
+"#;
+
+/// One rootless build of [`QUICK_DOCKERFILE`] in `d` (owned by the build user, with the base
+/// image of [`build_base_image`] and the context of [`QUICK_SIZE`]) with `mount_program` =
+/// `mp`; the image is in the OCI layout `d/out-NAME`.
+pub fn build_quick(d: &Path, name: &str, mp: &Path, deadline: Duration) -> Result<Build, String> {
+    std::fs::write(d.join("ctx/Dockerfile"), QUICK_DOCKERFILE.replace("CK", CK))
+        .map_err(|e| format!("ctx/Dockerfile: {e}"))?;
+    let out = run_command(
+        as_build_user()
+            .args([
+                "env",
+                "-i",
+                "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                "sh",
+                "-c",
+                QUICK_SCRIPT,
+                "sh",
+            ])
+            .arg(d)
+            .arg(name)
+            .arg(mp)
+            .current_dir(d),
+        deadline,
+    )
+    .map_err(|e| format!("rootless build {name}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "rootless buildah build with mount_program {} failed {}",
+            mp.display(),
+            out.report()
+        ));
+    }
+    let ms = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("BUILD_MS "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("no BUILD_MS in:\n{}", out.stdout))?;
+    Ok(Build {
+        ms,
+        stdout: out.stdout,
+    })
+}
 
 /// Why containers/storage's native overlay driver cannot work for the build user here, if it
 /// cannot: a trial mount of kernel overlayfs (`userxattr`, as containers/storage mounts it

@@ -47,7 +47,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rustfuse_tests::buildah::{self, Build, Size};
+use rustfuse_tests::buildah::{self, Build, Size, oci};
 use rustfuse_tests::env::{
     bin_under_test, fuse_overlayfs_bin, require_bin_under_test, scratch, skip,
 };
@@ -850,4 +850,294 @@ fn compare_with_fuse_overlayfs(
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// Environment of [`buildah_bud_quick_same_layers_as_reference`]: where to keep the image it
+/// built (an OCI layout `DIR/layout`, its listing `DIR/layers.txt`) and its base image
+/// (`DIR/base.tar`).
+const KEEP_ENV: &str = "RUSTFUSE_TEST_BUILDAH_KEEP";
+/// Environment of [`buildah_bud_quick_same_layers_as_reference`]: a directory that the same
+/// test filled through [`KEEP_ENV`] elsewhere (on the host, for tests/kernel.sh), whose image
+/// this build must match layer by layer, built on the same base image (`DIR/base.tar`).
+const REFERENCE_ENV: &str = "RUSTFUSE_TEST_BUILDAH_REFERENCE";
+
+/// The entry `path` of layer `layer`, if there.
+fn entry<'a>(layer: &'a oci::Layer, path: &str) -> Option<&'a oci::TarEntry> {
+    layer.entries.iter().find(|e| e.path == path)
+}
+
+/// That `path` is deleted by `layer`: a `.wh.NAME` whiteout beside it or an opaque marker
+/// (`.wh..wh..opq`) in a directory above it, and no entry of its own.
+fn deleted(layer: &oci::Layer, path: &str) -> bool {
+    let (dir, name) = path.rsplit_once('/').unwrap();
+    let whiteout = entry(layer, &format!("{dir}/.wh.{name}")).is_some();
+    let mut opaque = false;
+    let mut d = dir;
+    while !d.is_empty() {
+        opaque |= entry(layer, &format!("{d}/.wh..wh..opq")).is_some();
+        d = d.rsplit_once('/').map_or("", |(p, _)| p);
+    }
+    (whiteout || opaque) && entry(layer, path).is_none()
+}
+
+/// That `layer` holds the names as one regular file with `mode`, `uid` and `content`, and hard
+/// links to it.
+fn one_file(layer: &oci::Layer, names: &[&str], mode: u32, uid: u64, content: &str) -> bool {
+    let es: Vec<&oci::TarEntry> = names.iter().filter_map(|n| entry(layer, n)).collect();
+    let files: Vec<&&oci::TarEntry> = es.iter().filter(|e| e.kind == '0').collect();
+    es.len() == names.len()
+        && files.len() == 1
+        && files[0].mode == mode
+        && files[0].uid == uid
+        && files[0].content == content.as_bytes()
+        && es
+            .iter()
+            .all(|e| e.kind == '0' || (e.kind == '1' && e.link == files[0].path))
+}
+
+/// What the layers of [`buildah::QUICK_DOCKERFILE`] must hold, whatever the kernel: the two
+/// base layers, then one per step.
+fn check_quick_layers(img: &oci::Image) -> Vec<String> {
+    let mut errs = Vec::new();
+    if img.layers.len() != 6 {
+        return vec![format!(
+            "{} layers, want 6 (2 of the base image, 4 steps)",
+            img.layers.len()
+        )];
+    }
+    let mut check = |ok: bool, what: &str| {
+        if !ok {
+            errs.push(what.to_string());
+        }
+    };
+    let (run1, run2, copy, run3) = (
+        &img.layers[2],
+        &img.layers[3],
+        &img.layers[4],
+        &img.layers[5],
+    );
+    // RUN 1: copy-ups, whiteouts over the base, new files, link groups.
+    for p in [
+        "/lower/del",
+        "/lower/deldir",
+        "/lower/ren",
+        "/replace/a/b/o7",
+    ] {
+        check(deleted(run1, p), &format!("RUN 1: {p} deleted"));
+    }
+    check(
+        entry(run1, "/lower/mod").is_some_and(|e| e.content == b"mod\nchanged\n"),
+        "RUN 1: /lower/mod appended",
+    );
+    check(
+        entry(run1, "/lower/renamed").is_some_and(|e| e.content == b"ren\n"),
+        "RUN 1: /lower/renamed",
+    );
+    check(
+        entry(run1, "/lower/link").is_some_and(|e| e.kind == '2' && e.link == "../many/f1"),
+        "RUN 1: /lower/link symlink",
+    );
+    check(
+        entry(run1, "/lower/hard").is_some_and(|e| e.kind == '0' || e.kind == '1'),
+        "RUN 1: /lower/hard",
+    );
+    check(
+        (1..=40).all(|i| entry(run1, &format!("/many/f{i}")).is_some()),
+        "RUN 1: /many/f1..f40",
+    );
+    check(
+        one_file(run1, &["/gen/a", "/gen/b"], 0o644, 0, "a\n"),
+        "RUN 1: /gen/a, /gen/b one file",
+    );
+    check(
+        one_file(run1, &["/gen/t1", "/gen/t2", "/gen2/t3"], 0o644, 0, "t\n"),
+        "RUN 1: /gen/t1, /gen/t2, /gen2/t3 one file",
+    );
+    // RUN 2: rm -rf && mkdir, chmods and chowns (copy-ups of metadata), renames of a file and
+    // a directory of RUN 1's layer, link groups changed through one name.
+    check(
+        entry(run2, "/replace/new").is_some_and(|e| e.content == b"new\n"),
+        "RUN 2: /replace/new",
+    );
+    for i in [1, 25, 50] {
+        let p = format!("/replace/old{i}");
+        check(deleted(run2, &p), &format!("RUN 2: {p} deleted"));
+    }
+    check(deleted(run2, "/replace/a"), "RUN 2: /replace/a deleted");
+    for i in 10..=19 {
+        let p = format!("/many/f{i}");
+        check(deleted(run2, &p), &format!("RUN 2: {p} deleted"));
+    }
+    check(deleted(run2, "/many/d"), "RUN 2: /many/d renamed away");
+    check(deleted(run2, "/many/f3"), "RUN 2: /many/f3 renamed away");
+    check(
+        entry(run2, "/many/dd/f3").is_some_and(|e| e.content == b"file 3\n")
+            && entry(run2, "/many/dd/e/x").is_some_and(|e| e.content == b"deep\n"),
+        "RUN 2: /many/dd/f3, /many/dd/e/x",
+    );
+    for (p, mode) in [
+        ("/lower/keep", 0o600),
+        ("/chm", 0o700),
+        ("/chm/file", 0o4755),
+        ("/many", 0o751),
+    ] {
+        check(
+            entry(run2, p).is_some_and(|e| e.mode == mode),
+            &format!("RUN 2: {p} mode {mode:o}"),
+        );
+    }
+    check(
+        entry(run2, "/lower/mod").is_some_and(|e| (e.uid, e.gid) == (1000, 1000)),
+        "RUN 2: /lower/mod owner 1000",
+    );
+    check(
+        one_file(run2, &["/gen/t1", "/gen/t2", "/gen2/t3"], 0o640, 0, "t\n"),
+        "RUN 2: /gen/t1, /gen/t2, /gen2/t3 one file, mode 640",
+    );
+    check(
+        one_file(run2, &["/gen/o1", "/gen2/o2"], 0o644, 1000, "o\n"),
+        "RUN 2: /gen/o1, /gen2/o2 one file, owner 1000",
+    );
+    check(
+        one_file(run2, &["/gen/u1", "/gen2/u2"], 0o600, 0, "u\n"),
+        "RUN 2: /gen/u1, /gen2/u2 one file, mode 600",
+    );
+    check(
+        entry(run2, "/gen/a").is_none() && entry(run2, "/gen/b").is_none(),
+        "RUN 2: /gen/a, /gen/b unchanged, not in the layer",
+    );
+    // COPY, then RUN 3 over it.
+    check(
+        (1..=20).all(|i| entry(copy, &format!("/ctx/d{}/c{i}", i % 20)).is_some()),
+        "COPY: /ctx/dN/cI",
+    );
+    check(deleted(run3, "/ctx/d3"), "RUN 3: /ctx/d3 deleted");
+    check(
+        entry(run3, "/ctx/d4/c4").is_some_and(|e| e.mode == 0o640),
+        "RUN 3: /ctx/d4/c4 mode 640",
+    );
+    check(
+        one_file(run3, &["/ctx/d5/h1", "/ctx/d5/h2"], 0o644, 0, "h\n"),
+        "RUN 3: /ctx/d5/h1, /ctx/d5/h2 one file",
+    );
+    check(
+        entry(run3, "/ctx/d5/hard").is_some_and(|e| e.content == b"ctx 5\n"),
+        "RUN 3: /ctx/d5/hard",
+    );
+    errs
+}
+
+/// The build tests/kernel.sh runs on the booted old kernel and, before it boots, on the host:
+/// rootless `buildah bud` of [`buildah::QUICK_DOCKERFILE`] with rustfuse as mount_program, its
+/// layers checked against what the steps must produce ([`check_quick_layers`]; the last RUN
+/// step checks the merged view through the committed layers). With `$RUSTFUSE_TEST_BUILDAH_KEEP`
+/// the image is kept there; with `$RUSTFUSE_TEST_BUILDAH_REFERENCE` it must be the same as the
+/// one kept there, layer by layer (diff IDs, and every entry's type, mode, owner, size, mtime,
+/// link target, xattrs and content): `--timestamp 0` makes the build reproducible.
+/// Not in `cargo test` (`--ignored` runs it): on the host, buildah_bud_with_rustfuse_matches_
+/// fuse_overlayfs makes the same kinds of changes at full size.
+#[test]
+#[ignore = "tests/kernel.sh runs it, on the host and in the guest"]
+fn buildah_bud_quick_same_layers_as_reference() {
+    if !require_bin_under_test() {
+        return;
+    }
+    if let Some(reason) = buildah::unavailable() {
+        skip(&reason);
+        return;
+    }
+    let reference = std::env::var_os(REFERENCE_ENV).map(PathBuf::from);
+    let keep = std::env::var_os(KEEP_ENV).map(PathBuf::from);
+    // Read before building: a missing reference fails at once.
+    let ref_img = reference.as_ref().map(|r| {
+        oci::read_layout(&r.join("layout"))
+            .unwrap_or_else(|e| panic!("{REFERENCE_ENV}={}: {e}", r.display()))
+    });
+    let uid = buildah::ensure_user().unwrap_or_else(|e| panic!("{e}"));
+    let s = scratch("rootless-build-quick");
+    let d = s.path();
+    let _leftovers = LeftoverKiller {
+        uid,
+        dir: d.to_path_buf(),
+    };
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let rustfuse = buildah::program_copy(d, "rustfuse", &bin_under_test()).unwrap();
+    // The reference's base image, byte for byte (umoci stamps the files it packs with the time),
+    // so that every layer and diff ID can be compared.
+    match &reference {
+        Some(r) => {
+            std::fs::copy(r.join("base.tar"), d.join("base.tar"))
+                .unwrap_or_else(|e| panic!("{}/base.tar: {e}", r.display()));
+        }
+        None => {
+            buildah::build_base_image(d).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    buildah::build_context_of(d, buildah::QUICK_SIZE).unwrap();
+    let mp = shim(d, "rustfuse", &rustfuse);
+    buildah::chown_r(d, uid).unwrap();
+    let t0 = std::time::Instant::now();
+    let b = buildah::build_quick(d, "rustfuse", &mp, Duration::from_secs(150))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let calls = std::fs::read_to_string(d.join("calls-rustfuse")).unwrap_or_default();
+    let mounts = calls.lines().filter(|l| l.contains("lowerdir=")).count();
+    assert!(
+        mounts > 0,
+        "rustfuse was never called to mount; calls:\n{calls}"
+    );
+    eprintln!(
+        "BUILD TIME (buildah bud, rootless, 4 steps): {} ms; with the import and export {} ms; {mounts} mount calls",
+        b.ms,
+        t0.elapsed().as_millis()
+    );
+    let layout = d.join("out-rustfuse");
+    let img = oci::read_layout(&layout).unwrap_or_else(|e| panic!("{e}"));
+    let listing = img.listing();
+    if let Some(k) = &keep {
+        let _ = std::fs::remove_dir_all(k);
+        std::fs::create_dir_all(k).unwrap();
+        buildah::sh(
+            r#"cp -a "$1" "$2/layout" && cp "$3" "$2/base.tar""#,
+            &[
+                layout.to_str().unwrap(),
+                k.to_str().unwrap(),
+                d.join("base.tar").to_str().unwrap(),
+            ],
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(k.join("layers.txt"), &listing).unwrap();
+        eprintln!("kept the image in {} (listing: layers.txt)", k.display());
+    }
+    let errs = check_quick_layers(&img);
+    assert!(
+        errs.is_empty(),
+        "the layers of the rustfuse build are not what the steps must produce:\n  {}\nlayers:\n{listing}",
+        errs.join("\n  ")
+    );
+    match (&ref_img, &reference) {
+        (Some(r), Some(dir)) => {
+            let diffs = oci::compare(r, "reference", &img, "this build");
+            if !diffs.is_empty() {
+                let mine = dir.join("layers-compared.txt");
+                let _ = std::fs::write(&mine, &listing);
+                panic!(
+                    "this build's image differs from the reference in {} ({} vs {}):\n{}",
+                    dir.display(),
+                    dir.join("layers.txt").display(),
+                    mine.display(),
+                    diffs.join("\n")
+                );
+            }
+            eprintln!(
+                "the same image as the reference in {}: {} layers, diff IDs {:?}",
+                dir.display(),
+                img.layers.len(),
+                img.diff_ids
+            );
+        }
+        _ => eprintln!(
+            "NOTE: no {REFERENCE_ENV}: the image is checked against what the steps must produce only"
+        ),
+    }
 }
