@@ -31,7 +31,7 @@
 #                  build reproducible). Each step of `buildah bud` costs 30-50 s under TCG,
 #                  nearly all of it buildah's own (its re-executions as buildah-chroot-runtime
 #                  and buildah-chroot-exec, 1.5-4 s per start of its binary here, and the
-#                  commit), little of it rustfuse's: hence four steps, about 3 minutes
+#                  commit), little of it rustfuse's: hence four steps, about 4 minutes (227 and 270 s)
 #   buildah-small  (only when asked: KERNEL_STEPS=buildah-small or all) the ten-step build of
 #                  the host's test in its smaller form (RUSTFUSE_TEST_BUILDAH_REFERENCES=none,
 #                  RUSTFUSE_TEST_BUILDAH_SIZE=small: a tenth of the files, the same steps),
