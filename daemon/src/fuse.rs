@@ -174,7 +174,7 @@ impl Passthrough {
         let mut inodes = self.inodes[ino.0 as usize % IO_SHARDS].lock();
         let m = inodes.entry(ino).or_default();
         if m.cached == 0 && m.backing.is_none() && self.usable.load(Ordering::Relaxed) {
-            match ov.with_upper_fd(fh, |fd| reply.open_backing(fd)) {
+            match ov.passthrough_fd(fh, |fd| reply.open_backing(fd)) {
                 Some(Ok(b)) => m.backing = Some(b),
                 Some(Err(e)) => {
                     // EPERM (not privileged after all), ELOOP (the upper layer is itself

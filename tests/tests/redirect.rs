@@ -583,17 +583,17 @@ fn kernel_reads_rustfuse_redirects() {
 #[test]
 fn nofollow_refuses_kernel_redirects() {
     // Kernel overlayfs with redirect_dir=nofollow refuses a lookup of a redirected directory
-    // whose parent has lower layers to look in (EPERM, "refusing to follow redirect"). Its
-    // listing of that parent (`e2`) fails too (EPERM: it looks the entries of an impure
-    // directory up for d_ino); rustfuse lists the parent, the refused entries with it, and
-    // refuses their lookups: a documented difference (docs/compatibility.md), so that step
-    // is not compared. Below a parent that is in the upper layer alone (`rd`) nothing is
-    // looked up below and the redirect is not met: the directory reads as its upper part.
+    // whose parent has lower layers to look in (EPERM, "refusing to follow redirect"), and so
+    // a listing of that parent (`e2`: it looks the entries of an impure directory up for
+    // d_ino; rustfuse's READDIRPLUS looks every entry up). Below a parent that is in the
+    // upper layer alone (`rd`) nothing is looked up below and the redirect is not met: the
+    // directory reads as its upper part alone.
     Scenario::expecting(
         "redirect-nofollow-reads",
         base(),
         vec![
             (readdir(""), "ok: a:f e2:d e:d ed:d rd:d xd:d"),
+            (readdir("e2"), "EPERM"),
             (stat("e2/d2"), "EPERM"),
             (readdir("e2/d2"), "EPERM"),
             (read("e2/d2/z"), "EPERM"),
@@ -828,6 +828,56 @@ fn redirect_loops_across_layers() {
         (readdir("a"), "ok: low:f mid:f"),
     ];
     Scenario::expecting("redirect-loops", tree, steps)
+        .oracle(Fs::kernel_redirect("on"))
+        .under_test(Fs::under_test_redirect("on"))
+        .check();
+}
+
+#[test]
+fn absolute_redirect_below_an_opaque_directory() {
+    // Two build steps' layers: the first made `o` anew (opaque) and moved `src` into it as
+    // `o/m` (redirect `/src`); the second moved `o/m/x` out as `y` (redirect `/o/m/x`). A
+    // lookup of `y` walks `/o/m/x` in the first layer: `o` is opaque, but `m`'s absolute
+    // redirect goes on below it (the kernel resets its stop there), so `src/x`'s files of the
+    // bottom layer show in `y`. A relative redirect below an opaque directory does not.
+    let tree = Tree::new()
+        .with_upper(
+            Layer::new()
+                .dir("y")
+                .redirect("/o/m/x")
+                .dir("o/m")
+                .whiteout("o/m/x"),
+        )
+        .lower(
+            Layer::new()
+                .opaque_dir("o")
+                .dir("o/m")
+                .redirect("/src")
+                .dir("o/m/x")
+                .file("o/m/x/mid", "mid")
+                .whiteout("src")
+                .opaque_dir("p")
+                .dir("p/n")
+                .redirect("q")
+                .file("p/n/own", "own"),
+        )
+        .lower(
+            Layer::new()
+                .file("src/x/low", "low")
+                .file("p/q/hidden", "hidden")
+                .file("o/old", "hidden by o"),
+        );
+    let steps = vec![
+        (readdir("y"), "ok: low:f mid:f"),
+        (read("y/low"), "ok: \"low\""),
+        (readdir("o"), "ok: m:d"),
+        (readdir("o/m"), "ok"),
+        (readdir(""), "ok: o:d p:d y:d"),
+        (readdir("p/n"), "ok: own:f"),
+        (rename("y", "y2"), "ok"),
+        (readdir("y2"), "ok: low:f mid:f"),
+    ];
+    Scenario::expecting("redirect-below-opaque", tree, steps)
         .oracle(Fs::kernel_redirect("on"))
         .under_test(Fs::under_test_redirect("on"))
         .check();

@@ -266,6 +266,8 @@ struct TargetStep {
     stop_below: bool,
     /// The target for the layers below (changed by a redirect on the way).
     target: Target,
+    /// A redirect was met on the way (with `nofollow`, what is found from here is refused).
+    redirected: bool,
 }
 
 /// What a lookup of one name across the layers found.
@@ -308,7 +310,7 @@ pub(crate) struct FileHandle {
     /// The fd is a regular file that stays the file's data for the handle's life (one of
     /// the upper layer, or any in a read-only mount, where nothing is copied up): it can back
     /// FUSE passthrough.
-    upper: bool,
+    stable: bool,
 }
 
 struct Below {
@@ -323,7 +325,7 @@ impl FileHandle {
         FileHandle {
             fd,
             below: None,
-            upper: true,
+            stable: true,
         }
     }
 
@@ -406,6 +408,9 @@ pub struct Overlay {
     pub(crate) index: Option<Arc<DirHandle>>,
     /// (st_dev, filesystem id) of each lower layer, for index keys.
     fs_ids: Vec<(u64, u64)>,
+    /// Directories whose redirect was refused and logged: each is logged once (a lookup of
+    /// one fails every time).
+    refused_logged: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 impl Overlay {
@@ -558,6 +563,7 @@ impl Overlay {
             read_only,
             index,
             fs_ids,
+            refused_logged: Mutex::new(std::collections::HashSet::new()),
         };
         if !ov.read_only {
             ov.clean_index();
@@ -780,17 +786,25 @@ impl Overlay {
                     None => root_lowers.insert(self.node(node::ROOT_INO)?.state().lower_dirs()?),
                 },
             };
-            let Some((layer, lh, dfd)) = list
-                .iter()
-                .find(|(l, ..)| after.is_none_or(|a| *l > a))
-                .cloned()
-            else {
+            // The lists are topmost first (ascending layer numbers).
+            let from = after.map_or(0, |a| list.partition_point(|(l, ..)| *l <= a));
+            let Some((layer, lh, dfd)) = list.get(from).cloned() else {
                 break;
             };
             after = Some(layer);
-            let step = self.probe_target(layer, &lh, &dfd, &target, hint)?;
-            let (lh, dfd, at) = (step.dir, step.fd, step.name);
-            match step.probe {
+            let TargetStep {
+                probe: found,
+                dir: lh,
+                fd: dfd,
+                name: at,
+                stop_below: mut stop,
+                target: mut next,
+                redirected,
+            } = self.probe_target(layer, &lh, &dfd, &target, hint)?;
+            if redirected && self.refuses() && refused.is_none() {
+                refused = Some(lh.clone());
+            }
+            match found {
                 Probe::Whiteout(_) | Probe::NotDir => break,
                 Probe::Absent => {}
                 Probe::Entry(st) => {
@@ -846,28 +860,33 @@ impl Overlay {
                                 top = Some(st);
                             }
                             kind = Some(Kind::Dir);
-                            if marks.opaque || step.stop_below {
+                            if marks.opaque {
                                 break;
                             }
-                            if let Some(r) = marks.redirect {
+                            // The bottom layer's redirects lead nowhere: not read, as in the
+                            // kernel (an invalid one there is harmless).
+                            if let Some(r) = marks.redirect.filter(|_| !self.bottom(layer)) {
                                 let below = list.iter().any(|(l, ..)| *l > layer);
                                 if self.refuses() && below {
                                     return Err(self.refuse(&dir));
                                 }
-                                target = self.follow(&dir, &step.target, 0, &r)?;
-                                hint = None;
-                                continue;
+                                next = self.follow(&dir, &next, 0, &r)?;
+                                // An absolute redirect goes on below an opaque directory on
+                                // its way (the kernel's rule).
+                                if r.starts_with(b"/") {
+                                    stop = false;
+                                }
                             }
                         }
                         _ => break,
                     }
                 }
             }
-            if step.stop_below {
+            if stop {
                 break;
             }
-            if step.target != target {
-                target = step.target;
+            if next != target {
+                target = next;
                 hint = None;
             }
         }
@@ -904,11 +923,20 @@ impl Overlay {
     /// The error of a lookup that would follow directory `dir`'s redirect where they are
     /// refused (`nofollow`), logged.
     fn refuse(&self, dir: &DirHandle) -> Errno {
-        tracing::warn!(
-            dir = %dir.path().display(),
-            "refusing to follow a directory redirect (redirect_dir=nofollow)"
-        );
+        if self.first_refusal(dir) {
+            tracing::warn!(
+                dir = %dir.path().display(),
+                "refusing to follow a directory redirect (redirect_dir=nofollow)"
+            );
+        }
         Errno::PERM
+    }
+
+    /// The first refusal of directory `dir`'s redirect (logged; later ones are not, up to
+    /// 1024 directories).
+    fn first_refusal(&self, dir: &DirHandle) -> bool {
+        let mut seen = self.refused_logged.lock();
+        seen.len() < 1024 && seen.insert(dir.path())
     }
 
     /// The target for the layers below directory `dir`, whose redirect is `r`, met walking
@@ -918,11 +946,13 @@ impl Overlay {
         match redirect::parse(r) {
             Some(t) => Ok(redirect::redirected(current, post, t)),
             None => {
-                tracing::error!(
-                    dir = %dir.path().display(),
-                    redirect = %redirect::show(r),
-                    "invalid directory redirect: refused"
-                );
+                if self.first_refusal(dir) {
+                    tracing::error!(
+                        dir = %dir.path().display(),
+                        redirect = %redirect::show(r),
+                        "invalid directory redirect: refused (EIO)"
+                    );
+                }
                 Err(Errno::IO)
             }
         }
@@ -950,12 +980,14 @@ impl Overlay {
                     name: n.clone(),
                     stop_below: false,
                     target: target.clone(),
+                    redirected: false,
                 });
             }
             Target::Path(parts) => parts,
         };
         let mut next = target.clone();
         let mut stop_below = false;
+        let mut redirected = false;
         let mut cur = dir.clone();
         let mut cfd = dfd.clone();
         let (last, way) = parts.split_last().ok_or(Errno::IO)?;
@@ -967,6 +999,7 @@ impl Overlay {
                 name: part.clone(),
                 stop_below,
                 target: next.clone(),
+                redirected,
             };
             match probe::probe(&self.sys, cfd.as_fd(), part)? {
                 Probe::Entry(st) if Kind::from_mode(st.st_mode) == Kind::Dir => {}
@@ -978,8 +1011,13 @@ impl Overlay {
             let child = DirHandle::child(&cur, part, fd);
             if marks.opaque {
                 stop_below = true;
-            } else if let Some(r) = marks.redirect.filter(|_| !stop_below) {
+            } else if let Some(r) = marks.redirect.filter(|_| !self.bottom(layer)) {
                 next = self.follow(&child, &next, parts.len() - 1 - i, &r)?;
+                redirected = true;
+                // An absolute redirect goes on below an opaque directory on its way.
+                if r.starts_with(b"/") {
+                    stop_below = false;
+                }
             }
             cfd = child.fd()?;
             cur = child;
@@ -991,7 +1029,13 @@ impl Overlay {
             name: last.clone(),
             stop_below,
             target: next,
+            redirected,
         })
+    }
+
+    /// Lower layer `layer` is the bottom one: nothing is below it.
+    fn bottom(&self, layer: u16) -> bool {
+        usize::from(layer) + 1 >= self.lowers.len()
     }
 
     /// The index key of lower file `st`: its filesystem's id and its inode number.
@@ -1528,14 +1572,14 @@ impl Overlay {
             }
         }
         let fd = res?;
-        let upper = st.kind == Kind::File
+        let stable = st.kind == Kind::File
             && (writes || trunc || (st.upper.is_some() && !st.metacopy) || self.read_only());
         let below = below.then(|| Below {
             node: node.clone(),
             flags: open_flags(flags),
             up: std::sync::OnceLock::new(),
         });
-        Ok(self.add_handle(Handle::File(FileHandle { fd, below, upper })))
+        Ok(self.add_handle(Handle::File(FileHandle { fd, below, stable })))
     }
 
     /// Closes file or directory handle `fh` (from `open`, `create` or `opendir`); unknown
@@ -1547,10 +1591,10 @@ impl Overlay {
     /// Run `f` on the descriptor of open file `fh` if it is a regular file of the upper layer,
     /// or in a read-only mount any regular file (what FUSE passthrough may hand to the
     /// kernel: a file that stays the handle's data); `None` for anything else.
-    pub fn with_upper_fd<R>(&self, fh: Fh, f: impl FnOnce(BorrowedFd<'_>) -> R) -> Option<R> {
+    pub fn passthrough_fd<R>(&self, fh: Fh, f: impl FnOnce(BorrowedFd<'_>) -> R) -> Option<R> {
         let h = self.handle(fh)?;
         match &*h {
-            Handle::File(file) if file.upper && file.below.is_none() => Some(f(file.fd.as_fd())),
+            Handle::File(file) if file.stable && file.below.is_none() => Some(f(file.fd.as_fd())),
             _ => None,
         }
     }

@@ -716,6 +716,24 @@ impl Overlay {
         let nps = np.state();
         let src_lower = self.lower_positive(&ps, name)?;
         let (p_merged, np_merged) = (!ps.lowers.is_empty(), !nps.lowers.is_empty());
+        // A directory with no lower content of its own, moving into a merged directory, is
+        // marked opaque first (kernel overlayfs's rule; EXDEV if it cannot be): it must hide
+        // what its new name has below, and a stale redirect of its own, from the moment it
+        // is there (one with lower content has its redirect).
+        let opaque = |kind: Option<Kind>,
+                      has_redirect: bool,
+                      merged: bool,
+                      dir: BorrowedFd<'_>,
+                      at: &OsStr| {
+            if kind == Some(Kind::Dir) && !has_redirect && merged {
+                tree::set_opaque(&self.sys, dir, at).map_err(|_| Errno::XDEV)?;
+            }
+            Ok::<(), Errno>(())
+        };
+        opaque(Some(src_kind), src_redirect, np_merged, pu.as_fd(), name)?;
+        if exchange {
+            opaque(dst_kind, dst_redirect, p_merged, npu.as_fd(), newname)?;
+        }
         // From the moment the names change, the nodes follow them, whatever fails after
         // (`after`: a step that failed once the entries had moved, reported at the end).
         if exchange {
@@ -748,15 +766,6 @@ impl Overlay {
             if let Some(d) = dst_node.as_ref().filter(|d| !Arc::ptr_eq(d, &src_node)) {
                 renamed_alias(&src_node, (parent, name), (newparent, newname));
                 renamed_alias(d, (newparent, newname), (parent, name));
-            }
-            // A directory with no lower content of its own, moved into a merged directory,
-            // is marked opaque: it hides what its new name has below, and a stale redirect
-            // of its own (kernel overlayfs's rule; one with lower content has its redirect).
-            if src_kind == Kind::Dir && np_merged && !src_redirect {
-                tree::set_opaque(&self.sys, npu.as_fd(), newname)?;
-            }
-            if dst_kind == Some(Kind::Dir) && p_merged && !dst_redirect {
-                tree::set_opaque(&self.sys, pu.as_fd(), name)?;
             }
             return Ok(());
         }
@@ -811,9 +820,6 @@ impl Overlay {
             }
         }
         after?;
-        if src_kind == Kind::Dir && np_merged && !src_redirect {
-            tree::set_opaque(&self.sys, npu.as_fd(), newname)?;
-        }
         Ok(())
     }
 
