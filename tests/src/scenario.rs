@@ -501,6 +501,9 @@ impl Pair {
             }
         }
         if let [x, y] = uppers.as_mut_slice() {
+            if self.a.fs.is_kernel() {
+                f.notes.extend(upper::drop_empty_copied_up_dirs(x, &an, y));
+            }
             if indexed {
                 let upper_b = self.b.mat.stack.upper.clone().expect("upper");
                 f.notes

@@ -318,6 +318,29 @@ fn describe_entry(path: &Path, md: &std::fs::Metadata, ft: std::fs::FileType) ->
     }
 }
 
+/// Directories only the oracle's upper dir `a` holds that change nothing seen through the
+/// mount: plain (not opaque) and empty there, absent from `b`. Old kernels copy a parent up
+/// before a removal that then fails (Linux 4.15's rmdir of a non-empty directory); such a
+/// directory only repeats its lower one. They are removed from `a` and returned as notes.
+pub fn drop_empty_copied_up_dirs(a: &mut Upper, an: &str, b: &Upper) -> Vec<String> {
+    let lone: Vec<String> = a
+        .iter()
+        .filter(|(k, e)| {
+            matches!(e.kind, UKind::Dir { opaque: false })
+                && !k.is_empty()
+                && !b.contains_key(*k)
+                && !a.keys().any(|o| o.starts_with(&format!("{k}/")))
+        })
+        .map(|(k, _)| k.clone())
+        .collect();
+    lone.into_iter()
+        .map(|k| {
+            a.remove(&k);
+            format!("upper {k}: an empty plain directory only {an} copied up (changes no view)")
+        })
+        .collect()
+}
+
 /// Differences between two normalized upper dirs, one line each.
 pub fn diff(a: &Upper, an: &str, b: &Upper, bn: &str) -> Vec<String> {
     let mut out = Vec::new();
