@@ -18,8 +18,9 @@ use crate::error::{Error, Result};
 use crate::info::Kind;
 use crate::store::Store;
 
-/// The xattrs that mark a redirected directory, as kernel overlayfs and rustfuse write them.
-pub const REDIRECT_XATTRS: [&str; 2] = ["trusted.overlay.redirect", "user.overlay.redirect"];
+/// The xattrs that mark a redirected directory, as kernel overlayfs and rustfuse write them
+/// (the mount program's own list).
+pub use rustfuse::overlay::REDIRECT_XATTRS;
 
 /// Whether `dir` carries a redirect xattr (one listxattr; symlinks not followed). A
 /// directory whose xattrs cannot be listed (gone, or no xattr support) carries none.

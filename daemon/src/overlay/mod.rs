@@ -240,7 +240,7 @@ pub(crate) const OPAQUE_XATTRS: [&str; 3] = [
 pub(crate) const METACOPY_XATTRS: [&str; 2] = ["trusted.overlay.metacopy", "user.overlay.metacopy"];
 /// Where a renamed metacopy's data is (kernel overlayfs's `redirect`): a name in the same
 /// directory, or a path from the layer root starting with `/`.
-pub(crate) const REDIRECT_XATTRS: [&str; 2] = ["trusted.overlay.redirect", "user.overlay.redirect"];
+pub const REDIRECT_XATTRS: [&str; 2] = ["trusted.overlay.redirect", "user.overlay.redirect"];
 /// `<workdir>/rustfuse-index/`: one entry per copied-up lower hard link, named by the lower
 /// file's filesystem id and inode number (`FSID-INO`, hex), a hard link of its upper copy. A
 /// lookup of any other name of that lower file finds the copy here, and links it into the
