@@ -232,6 +232,19 @@ pub const WORKLOADS: &[Workload] = &[
         "write a new file beside each file of usr/bin and var/lib/dpkg, rename it over",
     ),
     w(
+        "two-readers",
+        Mixed,
+        BeatFuseOverlayfs,
+        "two dd of the two large lower files at once, after one unmeasured read of each \
+         (parallel requests: the pacer must bring in a second thread)",
+    ),
+    w(
+        "untar-find",
+        Mixed,
+        BeatFuseOverlayfs,
+        "tar xf of the 20k-file archive into the mount beside a find of the lower trees",
+    ),
+    w(
         "make-j2",
         Mixed,
         BeatFuseOverlayfs,
@@ -534,6 +547,22 @@ impl Ctx {
             "rename-dir" => self.sh(&mnt, "mv app/node_modules app/node_modules.old")?,
             "cp-a" => self.sh(&mnt, "cp -a usr/lib usr/lib.copy")?,
             "pkg-replace" => self.worker(&mnt, &["replace", &list, "usr/bin/", "var/lib/dpkg/"])?,
+            "two-readers" => {
+                let both = "dd if=big/seq.bin of=/dev/null bs=1M status=none & p=$!; \
+                            dd if=big/rand.bin of=/dev/null bs=1M status=none; wait $p";
+                self.sh(&mnt, both)?;
+                self.sh(&mnt, both)?
+            }
+            "untar-find" => {
+                let a = self.layers.untar_archive.display().to_string();
+                self.sh(
+                    &mnt,
+                    &format!(
+                        "mkdir untar && {{ tar xf '{a}' -C untar & p=$!; \
+                         find etc usr var app >/dev/null; wait $p; }}"
+                    ),
+                )?
+            }
             "make-j2" => self.sh(&mnt, "make -s -j2 -C app/proj >/dev/null")?,
             "rss-after-find" => {
                 if fs_.kind == Kind::Kernel {

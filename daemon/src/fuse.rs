@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,6 +21,7 @@ use tracing::{debug_span, trace};
 use crate::overlay::{
     Attr, Caller, Fh, Ino, Kind, Overlay, ROOT_INO, RenameMode, SetAttr, SetTime,
 };
+use crate::pacer::{Cost, Pacer};
 use crate::sys::Errno;
 
 /// The one errno map from overlay errors to FUSE replies. Every errno passes through as
@@ -242,11 +244,14 @@ pub struct OverlayFs {
     /// Capabilities to leave out even when offered (the 4.18 compatibility mode).
     limit: Option<InitFlags>,
     writeback: bool,
+    /// Which session thread reads the next request (see [`crate::pacer`]).
+    pace: Arc<Pacer>,
     pub(crate) negotiated: std::sync::Arc<parking_lot::Mutex<Option<InitFlags>>>,
 }
 
 impl OverlayFs {
-    pub fn new(ov: Overlay) -> OverlayFs {
+    /// The adapter of `ov`, served by `threads` session threads.
+    pub fn new(ov: Overlay, threads: usize) -> OverlayFs {
         let ttl = match ov.options().timeout {
             Some(t) => Duration::from_secs_f64(t.min(1e9)),
             None => Duration::from_secs(86400 * 365),
@@ -260,6 +265,7 @@ impl OverlayFs {
             ttl,
             limit: None,
             writeback,
+            pace: Pacer::new(threads),
             negotiated: Default::default(),
         }
     }
@@ -271,6 +277,11 @@ impl OverlayFs {
 
     pub fn overlay(&self) -> &Overlay {
         &self.ov
+    }
+
+    /// The pacing of the session threads; give it the session's device once there is one.
+    pub fn pacer(&self) -> Arc<Pacer> {
+        self.pace.clone()
     }
 
     fn fattr(&self, a: &Attr) -> FileAttr {
@@ -417,6 +428,15 @@ fn rename_mode(flags: RenameFlags) -> Option<RenameMode> {
     }
 }
 
+/// An open for writing or with O_TRUNC may copy a lower file up; one for reading does not.
+fn open_cost(flags: OpenFlags) -> Cost {
+    if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+        Cost::MayBlock
+    } else {
+        Cost::Quick
+    }
+}
+
 fn reply_empty(r: Result<(), Errno>, reply: ReplyEmpty) {
     answer(r, reply, |reply, ()| reply.ok());
 }
@@ -493,6 +513,7 @@ impl Filesystem for OverlayFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _turn = self.pace.begin(Cost::Quick);
         let _s = debug_span!("lookup", parent = parent.0, ?name).entered();
         match self.ov.lookup(Ino(parent.0), name) {
             // A negative entry the kernel may cache: layers below are immutable and this
@@ -508,11 +529,13 @@ impl Filesystem for OverlayFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let _turn = self.pace.begin(Cost::Quick);
         let _s = debug_span!("forget", ino = ino.0, nlookup).entered();
         self.ov.forget(Ino(ino.0), nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _turn = self.pace.begin(Cost::Quick);
         let _s = debug_span!("getattr", ino = ino.0).entered();
         self.attr(self.ov.getattr(Ino(ino.0), fh.map(|f| Fh(f.0))), reply);
     }
@@ -535,6 +558,7 @@ impl Filesystem for OverlayFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("setattr", ino = ino.0).entered();
         let mut set = SetAttr {
             mode,
@@ -561,6 +585,7 @@ impl Filesystem for OverlayFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _turn = self.pace.begin(Cost::Quick);
         let _s = debug_span!("readlink", ino = ino.0).entered();
         answer(self.ov.readlink(Ino(ino.0)), reply, |reply, t| {
             reply.data(t.as_bytes())
@@ -577,6 +602,7 @@ impl Filesystem for OverlayFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("mknod", parent = parent.0, ?name).entered();
         let mode = (mode & libc::S_IFMT) | (mode & !umask & 0o7777);
         self.entry(
@@ -594,6 +620,7 @@ impl Filesystem for OverlayFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("mkdir", parent = parent.0, ?name).entered();
         self.entry(
             self.ov
@@ -603,11 +630,13 @@ impl Filesystem for OverlayFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("unlink", parent = parent.0, ?name).entered();
         reply_empty(self.ov.unlink(Ino(parent.0), name), reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("rmdir", parent = parent.0, ?name).entered();
         reply_empty(self.ov.rmdir(Ino(parent.0), name), reply);
     }
@@ -620,6 +649,7 @@ impl Filesystem for OverlayFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("symlink", parent = parent.0, ?link_name).entered();
         self.entry(
             self.ov
@@ -664,11 +694,13 @@ impl Filesystem for OverlayFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("link", ino = ino.0, newparent = newparent.0, ?newname).entered();
         self.entry(self.ov.link(Ino(ino.0), Ino(newparent.0), newname), reply);
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _turn = self.pace.begin(open_cost(flags));
         let _s = debug_span!("open", ino = ino.0).entered();
         let mut flags = flags.0;
         // The truncate of an O_TRUNC open is ours (ATOMIC_O_TRUNC), and the kernel's check
@@ -706,6 +738,7 @@ impl Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("read", fh = fh.0, offset, size).entered();
         answer(self.ov.read(Fh(fh.0), offset, size), reply, |reply, d| {
             reply.data(&d)
@@ -724,6 +757,7 @@ impl Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("write", fh = fh.0, offset, size = data.len()).entered();
         // Set only with HANDLE_KILLPRIV_V2, for a writer without CAP_FSETID in the initial
         // user namespace: root of a rootless mount's namespace keeps the bits, as on kernel
@@ -750,6 +784,7 @@ impl Filesystem for OverlayFs {
         // locks are the kernel's (no FUSE_POSIX_LOCKS). ENOSYS makes the kernel stop sending
         // FLUSH (one round trip less per close); it still writes back dirty pages itself first
         // with `writeback=1`.
+        let _turn = self.pace.begin(Cost::Quick);
         let _s = debug_span!("flush").entered();
         reply.error(FErrno::ENOSYS);
     }
@@ -764,6 +799,7 @@ impl Filesystem for OverlayFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _turn = self.pace.begin(Cost::Quick);
         let _s = debug_span!("release", fh = fh.0).entered();
         if self.pt.on() {
             self.pt.release(Fh(fh.0));
@@ -780,11 +816,13 @@ impl Filesystem for OverlayFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("fsync", fh = fh.0, datasync).entered();
         reply_empty(self.ov.fsync(Fh(fh.0), datasync), reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _turn = self.pace.begin(Cost::Quick);
         let _s = debug_span!("opendir", ino = ino.0).entered();
         if self.no_opendir.load(Ordering::Relaxed) {
             // The kernel stops asking; this open and every later one go on with handle 0.
@@ -808,6 +846,7 @@ impl Filesystem for OverlayFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("readdir", ino = ino.0, offset).entered();
         let r = self.ov.readdir(Fh(fh.0), Ino(ino.0), offset, |e, off| {
             reply.add(INodeNo(e.ino.0), off, ftype(e.kind), &e.name)
@@ -823,6 +862,7 @@ impl Filesystem for OverlayFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("readdirplus", ino = ino.0).entered();
         let zero = Duration::ZERO;
         let r = self
@@ -875,6 +915,7 @@ impl Filesystem for OverlayFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _turn = self.pace.begin(Cost::Quick);
         let _s = debug_span!("releasedir", fh = fh.0).entered();
         self.ov.release(Fh(fh.0));
         reply.ok();
@@ -888,11 +929,13 @@ impl Filesystem for OverlayFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("fsyncdir", ino = ino.0, datasync).entered();
         reply_empty(self.ov.fsyncdir(Ino(ino.0), datasync), reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _turn = self.pace.begin(Cost::Quick);
         let _s = debug_span!("statfs").entered();
         answer(self.ov.statfs(), reply, |reply, s| {
             reply.statfs(
@@ -911,6 +954,7 @@ impl Filesystem for OverlayFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("setxattr", ino = ino.0, ?name).entered();
         if cfg!(feature = "fault-injection") && name == crate::sys::faults::PLAN_XATTR {
             reply_empty(self.ov.faults().plan(value), reply);
@@ -920,22 +964,26 @@ impl Filesystem for OverlayFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _turn = self.pace.begin(Cost::Quick);
         let _s = debug_span!("getxattr", ino = ino.0, ?name).entered();
         reply_xattr(self.ov.getxattr(Ino(ino.0), name), size, reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _turn = self.pace.begin(Cost::Quick);
         let _s = debug_span!("listxattr", ino = ino.0).entered();
         reply_xattr(self.ov.listxattr(Ino(ino.0)), size, reply);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("removexattr", ino = ino.0, ?name).entered();
         reply_empty(self.ov.removexattr(Ino(ino.0), name), reply);
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // Permissions are checked by the kernel (default_permissions).
+        let _turn = self.pace.begin(Cost::Quick);
         let _s = debug_span!("access").entered();
         reply.ok();
     }
@@ -950,6 +998,7 @@ impl Filesystem for OverlayFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("create", parent = parent.0, ?name).entered();
         let mut flags = flags;
         if self.writeback {
@@ -982,6 +1031,7 @@ impl Filesystem for OverlayFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("fallocate", fh = fh.0, offset, length, mode).entered();
         reply_empty(self.ov.fallocate(Fh(fh.0), offset, length, mode), reply);
     }
@@ -995,6 +1045,7 @@ impl Filesystem for OverlayFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _turn = self.pace.begin(Cost::Quick);
         let _s = debug_span!("lseek", fh = fh.0, offset, whence).entered();
         answer(
             self.ov.lseek(Fh(fh.0), offset, whence),
@@ -1016,6 +1067,7 @@ impl Filesystem for OverlayFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("copy_file_range", fh_in = fh_in.0, fh_out = fh_out.0, len).entered();
         let r = self
             .ov

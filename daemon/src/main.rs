@@ -446,7 +446,8 @@ fn run(
         Ok(o) => o,
         Err(e) => return Err(fail(e.to_string(), &notify)),
     };
-    let mut fs = OverlayFs::new(ov);
+    let mut fs = OverlayFs::new(ov, threads);
+    let pacer = fs.pacer();
     if kernel_4_18 {
         fs.limit_capabilities(rustfuse::fuse::PROTO_7_27);
     }
@@ -485,6 +486,12 @@ fn run(
             ));
         }
     };
+    match session.as_fd().try_clone_to_owned() {
+        Ok(dev) => pacer.set_device(dev),
+        Err(e) => {
+            tracing::debug!(error = %e, "no copy of the device fd: the pacer cannot see the queue")
+        }
+    }
     if let Some(n) = notify {
         let _ = sys::write_all(n.as_fd(), b"ok");
         drop(n);

@@ -804,6 +804,40 @@ pub fn open_dev_fuse() -> Result<OwnedFd> {
     rustix::fs::open("/dev/fuse", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
 }
 
+/// What a FUSE device's input queue holds now (a poll(2) that does not wait).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FuseQueue {
+    /// At least one request waits to be read.
+    Waiting,
+    /// Nothing waits.
+    Empty,
+    /// The connection has ended (unmounted or aborted): reads answer ENODEV.
+    Gone,
+}
+
+/// Look at a FUSE device's input queue without reading from it or waiting.
+pub fn fuse_queue(dev: BorrowedFd<'_>) -> FuseQueue {
+    use rustix::event::{PollFd, PollFlags};
+    let mut fds = [PollFd::new(&dev, PollFlags::IN)];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match rustix::event::poll(&mut fds, Some(&zero)) {
+        Err(_) => FuseQueue::Empty,
+        Ok(_) => {
+            let r = fds[0].revents();
+            if r.intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL) {
+                FuseQueue::Gone
+            } else if r.contains(PollFlags::IN) {
+                FuseQueue::Waiting
+            } else {
+                FuseQueue::Empty
+            }
+        }
+    }
+}
+
 /// mount(2) a FUSE filesystem. `fstype` is `fuse.NAME`; `data` carries `fd=N,...`.
 pub fn mount_fuse(
     source: &str,
