@@ -15,8 +15,9 @@
 //!   running a whole [`STANDBY_PERIOD`] later with no other thread reading.
 //!
 //! A parked thread leaves when the session ends: the first session thread to exit wakes them
-//! all, and a parked thread also looks at the connection every [`PARK_CHECK`] (a thread that
-//! never served a request exits without telling anyone).
+//! all; until every thread has served a request (a thread that never served exits without
+//! telling anyone) a parked thread also looks at the connection every [`PARK_CHECK`]. A
+//! quiet mount's threads then sleep with no timer at all.
 //!
 //! On an idle small VM the kernel wakes a sleeping thread on an idle CPU rather than on the
 //! waker's, so even the one hot thread would pay the cross-CPU wake-up for every lone
@@ -41,7 +42,7 @@ use crate::sys::{self, FuseQueue};
 /// How long a request may run before a standing-by thread goes to read beside it.
 pub const STANDBY_PERIOD: Duration = Duration::from_millis(1);
 /// How often a parked thread looks whether the connection has ended.
-pub const PARK_CHECK: Duration = Duration::from_millis(100);
+pub const PARK_CHECK: Duration = Duration::from_millis(20);
 
 /// What a request may cost its thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +74,9 @@ struct State {
     standby: bool,
     /// The session is ending: no thread parks any more.
     ending: bool,
+    /// Threads that have not served a request yet: their exit tells nobody, so while there
+    /// are any a parked thread also looks at the connection now and then.
+    unguarded: usize,
     /// How long the only reader spins for the next request (see [`next_window`]), and since
     /// when it has waited.
     spin_window: Duration,
@@ -148,6 +152,7 @@ impl Pacer {
             dev: OnceLock::new(),
             state: Mutex::new(State {
                 readers: threads.max(1),
+                unguarded: threads.max(1),
                 ..State::default()
             }),
         })
@@ -169,8 +174,11 @@ impl Pacer {
     /// A request of this cost begins on the calling thread.
     pub fn begin(self: &Arc<Self>, cost: Cost) -> Turn<'_> {
         // Every thread that serves gets its slot now, so that its exit ends the pacing.
-        drop(self.slot());
+        let (_, first) = self.slot();
         let mut s = self.state.lock();
+        if first {
+            s.unguarded = s.unguarded.saturating_sub(1);
+        }
         if s.readers <= 1 && s.parked.is_empty() && !s.standby {
             // One thread serves this session (threaded=0): nothing to pace.
             return Turn(None);
@@ -239,7 +247,7 @@ impl Pacer {
             }
             return;
         }
-        let slot = self.slot();
+        let (slot, _) = self.slot();
         slot.call.store(WAIT, Ordering::Release);
         s.readers -= 1;
         s.parked.push(slot.clone());
@@ -264,9 +272,10 @@ impl Pacer {
 
     /// This thread's slot, made at its first request (with the guard that ends the session's
     /// pacing when the thread exits).
-    fn slot(self: &Arc<Self>) -> Arc<Slot> {
+    fn slot(self: &Arc<Self>) -> (Arc<Slot>, bool) {
         SLOT.with(|c| {
             let mut c = c.borrow_mut();
+            let first = c.is_none();
             let (slot, _) = c.get_or_insert_with(|| {
                 (
                     Arc::new(Slot {
@@ -276,7 +285,7 @@ impl Pacer {
                     ExitGuard(Arc::downgrade(self)),
                 )
             });
-            slot.clone()
+            (slot.clone(), first)
         })
     }
 
@@ -292,6 +301,11 @@ impl Pacer {
                     continue;
                 }
                 _ => {}
+            }
+            if self.state.lock().unguarded == 0 {
+                // Every thread has served: the first one to exit wakes this one.
+                std::thread::park();
+                continue;
             }
             std::thread::park_timeout(PARK_CHECK);
             if slot.call.load(Ordering::Acquire) == WAIT && self.queue() == FuseQueue::Gone {
