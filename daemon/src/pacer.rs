@@ -12,7 +12,11 @@
 //!   most recently parked, the warmest) goes back to read at once;
 //! - a request that may take long begins (a copy-up, an fsync, a large read or write) while no
 //!   other thread reads: one parked thread stands by and goes to read if a request is still
-//!   running a whole [`STANDBY_PERIOD`] later with no other thread reading.
+//!   running a whole [`STANDBY_PERIOD`] later with no other thread reading;
+//! - while requests come and no other thread reads, the coldest parked thread watches: if a
+//!   request (even a quick one: a lookup on a cold disk or a stalled lower filesystem) is
+//!   still running a whole [`WATCH_PERIOD`] later, it goes to read, so one slow request never
+//!   holds up the mount. It stops watching after a period in which no request began.
 //!
 //! A parked thread leaves when the session ends: the first session thread to exit wakes them
 //! all; until every thread has served a request (a thread that never served exits without
@@ -41,6 +45,8 @@ use crate::sys::{self, FuseQueue};
 
 /// How long a request may run before a standing-by thread goes to read beside it.
 pub const STANDBY_PERIOD: Duration = Duration::from_millis(1);
+/// How long a quick request may run before the watching thread goes to read beside it.
+pub const WATCH_PERIOD: Duration = Duration::from_millis(50);
 /// How often a parked thread looks whether the connection has ended.
 pub const PARK_CHECK: Duration = Duration::from_millis(20);
 
@@ -72,6 +78,8 @@ struct State {
     parked: Vec<Arc<Slot>>,
     /// One thread stands by.
     standby: bool,
+    /// One parked thread watches for a request that runs long.
+    watching: bool,
     /// The session is ending: no thread parks any more.
     ending: bool,
     /// Threads that have not served a request yet: their exit tells nobody, so while there
@@ -108,6 +116,7 @@ fn next_window(window: Duration, waited: Duration) -> Duration {
 const WAIT: u8 = 0;
 const READ: u8 = 1;
 const STAND_BY: u8 = 2;
+const WATCH: u8 = 3;
 
 /// A session thread's place in the pacer: what it has been asked to do while parked.
 #[derive(Debug)]
@@ -191,6 +200,15 @@ impl Pacer {
         if cost == Cost::MayBlock {
             s.may_block_begun += 1;
         }
+        if s.readers <= s.busy && !s.watching && !s.parked.is_empty() {
+            // No other thread reads: the coldest parked one watches this and later requests.
+            s.watching = true;
+            let w = s.parked[0].clone();
+            w.call.store(WATCH, Ordering::Release);
+            drop(s);
+            w.thread.unpark();
+            s = self.state.lock();
+        }
         if s.readers > s.busy || s.parked.is_empty() {
             // Another thread reads, or none could be brought in.
             return Turn(Some(self));
@@ -205,7 +223,7 @@ impl Pacer {
         if s.readers > s.busy || (!queued && s.standby) {
             return Turn(Some(self));
         }
-        let Some(slot) = s.parked.pop() else {
+        let Some(slot) = pop_parked(&mut s) else {
             return Turn(Some(self));
         };
         if queued {
@@ -227,7 +245,7 @@ impl Pacer {
         s.busy -= 1;
         if std::thread::panicking() {
             // This thread leaves the session's loop: a parked one reads in its place.
-            match s.parked.pop() {
+            match pop_parked(&mut s) {
                 Some(slot) => {
                     drop(s);
                     slot.call.store(READ, Ordering::Release);
@@ -300,6 +318,12 @@ impl Pacer {
                     }
                     continue;
                 }
+                WATCH => {
+                    if self.watch(slot) {
+                        return;
+                    }
+                    continue;
+                }
                 _ => {}
             }
             if self.state.lock().unguarded == 0 {
@@ -311,6 +335,37 @@ impl Pacer {
             if slot.call.load(Ordering::Acquire) == WAIT && self.queue() == FuseQueue::Gone {
                 self.end_session();
             }
+        }
+    }
+
+    /// Watch while requests come: go to read (true) when one has run a whole
+    /// [`WATCH_PERIOD`] with no other thread reading; stop (false) when asked to do something
+    /// else or after a period in which no request began.
+    fn watch(&self, slot: &Arc<Slot>) -> bool {
+        let mut seen = self.state.lock().begun;
+        loop {
+            let start = Instant::now();
+            while slot.call.load(Ordering::Acquire) == WATCH && start.elapsed() < WATCH_PERIOD {
+                std::thread::park_timeout(WATCH_PERIOD.saturating_sub(start.elapsed()));
+            }
+            let mut s = self.state.lock();
+            if slot.call.load(Ordering::Acquire) != WATCH {
+                return false;
+            }
+            let stuck = s.busy > 0 && s.readers == s.busy && s.begun == seen;
+            if stuck {
+                s.watching = false;
+                s.parked.retain(|p| !Arc::ptr_eq(p, slot));
+                s.readers += 1;
+                slot.call.store(READ, Ordering::Release);
+                return true;
+            }
+            if s.begun == seen && s.busy == 0 {
+                s.watching = false;
+                slot.call.store(WAIT, Ordering::Release);
+                return false;
+            }
+            seen = s.begun;
         }
     }
 
@@ -348,6 +403,7 @@ impl Pacer {
     fn end_session(&self) {
         let mut s = self.state.lock();
         s.ending = true;
+        s.watching = false;
         let woken = std::mem::take(&mut s.parked);
         s.readers += woken.len();
         drop(s);
@@ -356,6 +412,15 @@ impl Pacer {
             slot.thread.unpark();
         }
     }
+}
+
+/// The most recently parked thread, taken off the stack (no longer the watcher if it was).
+fn pop_parked(s: &mut State) -> Option<Arc<Slot>> {
+    let slot = s.parked.pop()?;
+    if slot.call.load(Ordering::Acquire) == WATCH {
+        s.watching = false;
+    }
+    Some(slot)
 }
 
 #[cfg(test)]
@@ -432,6 +497,56 @@ mod tests {
         assert_eq!(counts(&p), (2, 1, 0));
         drop(t);
         assert_eq!(counts(&p), (2, 0, 0));
+    }
+
+    #[test]
+    fn a_quick_request_that_runs_long_gets_a_second_reader_beside_it() {
+        let p = Pacer::new(2);
+        let pb = p.clone();
+        let b = std::thread::spawn(move || drop(pb.begin(Cost::Quick)));
+        let start = Instant::now();
+        while counts(&p).2 == 0 {
+            assert!(start.elapsed() < Duration::from_secs(5), "B never parked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // A quick request on the only reader: B watches, and reads once it has run a period.
+        let t = p.begin(Cost::Quick);
+        let began = Instant::now();
+        assert!(p.state.lock().watching);
+        b.join().unwrap();
+        assert!(began.elapsed() >= WATCH_PERIOD);
+        assert_eq!(counts(&p), (2, 1, 0));
+        assert!(!p.state.lock().watching);
+        drop(t);
+    }
+
+    #[test]
+    fn a_watcher_stops_when_requests_stop() {
+        let p = Pacer::new(2);
+        let pb = p.clone();
+        let done = Arc::new(Barrier::new(2));
+        let d2 = done.clone();
+        let b = std::thread::spawn(move || {
+            drop(pb.begin(Cost::Quick));
+            d2.wait();
+        });
+        while counts(&p).2 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(p.begin(Cost::Quick));
+        assert!(p.state.lock().watching);
+        let start = Instant::now();
+        while p.state.lock().watching {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "B watched for ever"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(counts(&p), (1, 0, 1));
+        p.end_session();
+        done.wait();
+        b.join().unwrap();
     }
 
     #[test]
