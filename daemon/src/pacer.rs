@@ -19,9 +19,9 @@
 //!   holds up the mount. It stops watching after a period in which no request began.
 //!
 //! A parked thread leaves when the session ends: the first session thread to exit wakes them
-//! all; until every thread has served a request (a thread that never served exits without
-//! telling anyone) a parked thread also looks at the connection every [`PARK_CHECK`]. A
-//! quiet mount's threads then sleep with no timer at all.
+//! all. Only a thread that has served a request can tell (a guard in its thread-local slot),
+//! so no thread parks before every thread has served one: until then the session runs as
+//! fuser's loop does. A quiet mount's parked threads sleep with no timer at all.
 //!
 //! On an idle small VM the kernel wakes a sleeping thread on an idle CPU rather than on the
 //! waker's, so even the one hot thread would pay the cross-CPU wake-up for every lone
@@ -47,8 +47,6 @@ use crate::sys::{self, FuseQueue};
 pub const STANDBY_PERIOD: Duration = Duration::from_millis(1);
 /// How long a quick request may run before the watching thread goes to read beside it.
 pub const WATCH_PERIOD: Duration = Duration::from_millis(50);
-/// How often a parked thread looks whether the connection has ended.
-pub const PARK_CHECK: Duration = Duration::from_millis(20);
 
 /// What a request may cost its thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +81,7 @@ struct State {
     /// The session is ending: no thread parks any more.
     ending: bool,
     /// Threads that have not served a request yet: their exit tells nobody, so while there
-    /// are any a parked thread also looks at the connection now and then.
+    /// are any no thread parks.
     unguarded: usize,
     /// How long the only reader spins for the next request (see [`next_window`]), and since
     /// when it has waited.
@@ -255,7 +253,7 @@ impl Pacer {
             }
             return;
         }
-        if s.ending || s.readers - s.busy < 2 {
+        if s.ending || s.unguarded > 0 || s.readers - s.busy < 2 {
             if s.readers - s.busy == 1 && s.busy == 0 && self.dev.get().is_some() {
                 // The only reader, and nothing runs: spin for the next request.
                 let window = s.spin_window;
@@ -326,15 +324,8 @@ impl Pacer {
                 }
                 _ => {}
             }
-            if self.state.lock().unguarded == 0 {
-                // Every thread has served: the first one to exit wakes this one.
-                std::thread::park();
-                continue;
-            }
-            std::thread::park_timeout(PARK_CHECK);
-            if slot.call.load(Ordering::Acquire) == WAIT && self.queue() == FuseQueue::Gone {
-                self.end_session();
-            }
+            // Every thread has served (or none would park): the first to exit wakes this one.
+            std::thread::park();
         }
     }
 
@@ -457,6 +448,17 @@ mod tests {
     }
 
     #[test]
+    fn no_thread_parks_before_every_thread_has_served() {
+        let p = Pacer::new(3);
+        for _ in 0..3 {
+            drop(p.begin(Cost::Quick));
+        }
+        // Only this thread has served: it goes back to read, as do the others.
+        assert_eq!(counts(&p), (3, 0, 0));
+        assert_eq!(p.state.lock().unguarded, 2);
+    }
+
+    #[test]
     fn one_thread_is_never_paced() {
         let p = Pacer::new(1);
         for _ in 0..3 {
@@ -469,6 +471,8 @@ mod tests {
     #[test]
     fn a_thread_parks_while_another_reads_and_comes_back_for_a_long_request() {
         let p = Pacer::new(2);
+        // The test thread serves first: no thread parks before every thread has served.
+        drop(p.begin(Cost::Quick));
         // Thread B serves a request and parks: thread "main" still reads.
         let pb = p.clone();
         let b = std::thread::spawn(move || {
@@ -502,6 +506,8 @@ mod tests {
     #[test]
     fn a_quick_request_that_runs_long_gets_a_second_reader_beside_it() {
         let p = Pacer::new(2);
+        // The test thread serves first: no thread parks before every thread has served.
+        drop(p.begin(Cost::Quick));
         let pb = p.clone();
         let b = std::thread::spawn(move || drop(pb.begin(Cost::Quick)));
         let start = Instant::now();
@@ -523,6 +529,8 @@ mod tests {
     #[test]
     fn a_watcher_stops_when_requests_stop() {
         let p = Pacer::new(2);
+        // The test thread serves first: no thread parks before every thread has served.
+        drop(p.begin(Cost::Quick));
         let pb = p.clone();
         let done = Arc::new(Barrier::new(2));
         let d2 = done.clone();
@@ -552,6 +560,8 @@ mod tests {
     #[test]
     fn a_standby_parks_again_when_requests_that_may_block_stop() {
         let p = Pacer::new(2);
+        // The test thread serves first: no thread parks before every thread has served.
+        drop(p.begin(Cost::Quick));
         let pb = p.clone();
         let ready = Arc::new(Barrier::new(2));
         let r2 = ready.clone();
@@ -585,10 +595,17 @@ mod tests {
     #[test]
     fn the_end_of_the_session_wakes_every_parked_thread() {
         let p = Pacer::new(3);
+        drop(p.begin(Cost::Quick));
+        let both = Arc::new(Barrier::new(2));
         let mut joins = Vec::new();
         for _ in 0..2 {
             let q = p.clone();
-            joins.push(std::thread::spawn(move || drop(q.begin(Cost::Quick))));
+            let b = both.clone();
+            joins.push(std::thread::spawn(move || {
+                let t = q.begin(Cost::Quick);
+                b.wait();
+                drop(t);
+            }));
         }
         let start = Instant::now();
         while counts(&p).2 < 2 {

@@ -463,22 +463,19 @@ impl Mount {
         self.mounted = false;
         let mut problems = Vec::new();
         if self.kind == Kind::Kernel {
-            // EBUSY can be brief: another test thread's child, forked but not yet exec'd,
-            // holds copies of this thread's (close-on-exec) descriptors into the mount.
-            let mut res = rustix::mount::unmount(&self.mnt, UnmountFlags::empty());
-            let busy_until = Instant::now() + Duration::from_secs(5);
-            while res == Err(rustix::io::Errno::BUSY) && Instant::now() < busy_until {
-                std::thread::sleep(Duration::from_millis(10));
-                res = rustix::mount::unmount(&self.mnt, UnmountFlags::empty());
-            }
-            if let Err(e) = res {
+            if let Err(e) = unmount_waiting_while_busy(&self.mnt) {
                 problems.push(format!("umount {}: {e}", self.mnt.display()));
                 let _ = rustix::mount::unmount(&self.mnt, UnmountFlags::DETACH);
             }
         } else {
             let conn = self.conn.expect("fuse mount has a connection");
-            if let Err(e) = rustix::mount::unmount(&self.mnt, UnmountFlags::DETACH) {
-                problems.push(format!("umount -l {}: {e}", self.mnt.display()));
+            // A plain unmount ends the FUSE connection at once; a lazy one (the fallback,
+            // when something still holds a file or a cwd in the mount after 5 s) keeps the
+            // connection, and the daemon, alive until the last reference goes.
+            if unmount_waiting_while_busy(&self.mnt).is_err() {
+                if let Err(e) = rustix::mount::unmount(&self.mnt, UnmountFlags::DETACH) {
+                    problems.push(format!("umount -l {}: {e}", self.mnt.display()));
+                }
             }
             let gone = || match self.pid {
                 Some(pid) => !process_alive(pid),
@@ -486,8 +483,9 @@ impl Mount {
             };
             if !poll_until(MOUNT_DEADLINE, gone) {
                 problems.push(format!(
-                    "FUSE daemon (pid {:?}, connection {conn}) still running {MOUNT_DEADLINE:?} after unmount: aborted",
-                    self.pid
+                    "FUSE daemon (pid {:?}, connection {conn}) still running {MOUNT_DEADLINE:?} after unmount ({}): aborted",
+                    self.pid,
+                    self.pid.map(process_state).unwrap_or_default()
                 ));
                 abort_fuse_connection(conn);
                 if !poll_until(Duration::from_secs(2), gone) {
@@ -510,6 +508,34 @@ impl Mount {
             Err(problems.join("; "))
         }
     }
+}
+
+/// umount(2), retried for up to 5 s while it answers EBUSY: that can be brief (another test
+/// thread's child, forked but not yet exec'd, holds copies of this thread's close-on-exec
+/// descriptors into the mount).
+fn unmount_waiting_while_busy(mnt: &Path) -> rustix::io::Result<()> {
+    let mut res = rustix::mount::unmount(mnt, UnmountFlags::empty());
+    let busy_until = Instant::now() + Duration::from_secs(5);
+    while res == Err(rustix::io::Errno::BUSY) && Instant::now() < busy_until {
+        std::thread::sleep(Duration::from_millis(10));
+        res = rustix::mount::unmount(mnt, UnmountFlags::empty());
+    }
+    res
+}
+
+/// What a process is doing, for a report: its state and where it sleeps in the kernel.
+fn process_state(pid: i32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let state = status
+        .lines()
+        .find_map(|l| l.strip_prefix("State:"))
+        .map(str::trim)
+        .unwrap_or("gone");
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+    format!("state {state}, {threads} threads, wchan {wchan:?}")
 }
 
 impl Drop for Mount {
