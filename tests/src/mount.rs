@@ -108,14 +108,19 @@ fn fuse_connection_exists(conn: u32) -> bool {
 
 /// True while process `pid` exists and is not a zombie.
 pub fn process_alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            // The state follows the parenthesized command name.
-            let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next());
-            !matches!(state, Some(Some('Z' | 'X')))
-        }
-        Err(_) => false,
-    }
+    !matches!(process_state_letter(pid), None | Some('Z' | 'X'))
+}
+
+/// The state letter of `/proc/PID/stat` (R, S, D, Z, ...); none for a process that is gone
+/// (a stat without a state reads as running).
+fn process_state_letter(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The state follows the parenthesized command name.
+    Some(
+        stat.rsplit_once(") ")
+            .and_then(|(_, r)| r.chars().next())
+            .unwrap_or('R'),
+    )
 }
 
 /// Finds the daemon serving the FUSE mount at `mnt`: a process with `/dev/fuse` open whose
@@ -525,12 +530,7 @@ fn unmount_waiting_while_busy(mnt: &Path) -> rustix::io::Result<()> {
 
 /// What a process is doing, for a report: its state and where it sleeps in the kernel.
 fn process_state(pid: i32) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let state = status
-        .lines()
-        .find_map(|l| l.strip_prefix("State:"))
-        .map(str::trim)
-        .unwrap_or("gone");
+    let state = process_state_letter(pid).map_or("gone".to_string(), String::from);
     let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| d.count())
         .unwrap_or(0);

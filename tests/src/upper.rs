@@ -329,7 +329,7 @@ pub fn drop_empty_copied_up_dirs(a: &mut Upper, an: &str, b: &Upper) -> Vec<Stri
             matches!(e.kind, UKind::Dir { opaque: false })
                 && !k.is_empty()
                 && !b.contains_key(*k)
-                && !a.keys().any(|o| o.starts_with(&format!("{k}/")))
+                && !has_child(a, k)
         })
         .map(|(k, _)| k.clone())
         .collect();
@@ -339,6 +339,14 @@ pub fn drop_empty_copied_up_dirs(a: &mut Upper, an: &str, b: &Upper) -> Vec<Stri
             format!("upper {k}: an empty plain directory only {an} copied up (changes no view)")
         })
         .collect()
+}
+
+/// Whether `dir` has an entry below it in `u` (the first key from `dir/` on, in order).
+fn has_child(u: &Upper, dir: &str) -> bool {
+    let prefix = format!("{dir}/");
+    u.range(prefix.clone()..)
+        .next()
+        .is_some_and(|(k, _)| k.starts_with(&prefix))
 }
 
 /// Differences between two normalized upper dirs, one line each.
@@ -390,4 +398,41 @@ pub fn work_leftovers(work: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(opaque: bool) -> UEntry {
+        UEntry {
+            kind: UKind::Dir { opaque },
+            attrs: Some((0o755, 0, 0)),
+            mtime: None,
+            xattrs: BTreeMap::new(),
+            format: String::new(),
+        }
+    }
+
+    #[test]
+    fn only_empty_plain_directories_the_other_side_lacks_are_dropped() {
+        let mut a: Upper = ["", "e", "full", "opq", "both"]
+            .into_iter()
+            .map(|k| (k.to_string(), dir(k == "opq")))
+            .collect();
+        for f in ["e-x", "full/f"] {
+            let mut e = dir(false);
+            e.kind = UKind::File("x".into());
+            a.insert(f.to_string(), e);
+        }
+        let b: Upper = [("both".to_string(), dir(false))].into_iter().collect();
+        let notes = drop_empty_copied_up_dirs(&mut a, "kernel", &b);
+        // "e" is empty although "e-x" sorts between it and "e/"; "full" has a child; "opq" is
+        // opaque; "both" is on the other side; the root is never dropped.
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            ["", "both", "e-x", "full", "full/f", "opq"]
+        );
+    }
 }
