@@ -89,14 +89,6 @@ struct State {
     idle_since: Option<Instant>,
 }
 
-impl State {
-    /// A request has run since `seen` requests had begun (none began since) and no other
-    /// thread reads.
-    fn stuck_since(&self, seen: u64) -> bool {
-        self.busy > 0 && self.readers == self.busy && self.begun == seen
-    }
-}
-
 /// The longest spin, and the one to start with.
 pub const SPIN_MAX: Duration = Duration::from_micros(100);
 pub const SPIN_START: Duration = Duration::from_micros(50);
@@ -129,14 +121,6 @@ const WATCH: u8 = 3;
 struct Slot {
     thread: Thread,
     call: AtomicU8,
-}
-
-impl Slot {
-    /// Ask the parked thread to `call` (READ, STAND_BY, WATCH) and wake it.
-    fn ask(&self, call: u8) {
-        self.call.store(call, Ordering::Release);
-        self.thread.unpark();
-    }
 }
 
 thread_local! {
@@ -197,7 +181,7 @@ impl Pacer {
     /// A request of this cost begins on the calling thread.
     pub fn begin(self: &Arc<Self>, cost: Cost) -> Turn<'_> {
         // Every thread that serves gets its slot now, so that its exit ends the pacing.
-        let first = self.with_slot(|_, first| first);
+        let (_, first) = self.slot();
         let mut s = self.state.lock();
         if first {
             s.unguarded = s.unguarded.saturating_sub(1);
@@ -218,8 +202,9 @@ impl Pacer {
             // No other thread reads: the coldest parked one watches this and later requests.
             s.watching = true;
             let w = s.parked[0].clone();
+            w.call.store(WATCH, Ordering::Release);
             drop(s);
-            w.ask(WATCH);
+            w.thread.unpark();
             s = self.state.lock();
         }
         if s.readers > s.busy || s.parked.is_empty() {
@@ -239,15 +224,15 @@ impl Pacer {
         let Some(slot) = pop_parked(&mut s) else {
             return Turn(Some(self));
         };
-        let call = if queued {
+        if queued {
             s.readers += 1;
-            READ
+            slot.call.store(READ, Ordering::Release);
         } else {
             s.standby = true;
-            STAND_BY
-        };
+            slot.call.store(STAND_BY, Ordering::Release);
+        }
         drop(s);
-        slot.ask(call);
+        slot.thread.unpark();
         Turn(Some(self))
     }
 
@@ -261,7 +246,8 @@ impl Pacer {
             match pop_parked(&mut s) {
                 Some(slot) => {
                     drop(s);
-                    slot.ask(READ);
+                    slot.call.store(READ, Ordering::Release);
+                    slot.thread.unpark();
                 }
                 None => s.readers -= 1,
             }
@@ -277,7 +263,7 @@ impl Pacer {
             }
             return;
         }
-        let slot = self.with_slot(|slot, _| slot.clone());
+        let (slot, _) = self.slot();
         slot.call.store(WAIT, Ordering::Release);
         s.readers -= 1;
         s.parked.push(slot.clone());
@@ -300,9 +286,9 @@ impl Pacer {
         }
     }
 
-    /// `f` of this thread's slot and whether it was made just now, at the thread's first
-    /// request (with the guard that ends the session's pacing when the thread exits).
-    fn with_slot<R>(self: &Arc<Self>, f: impl FnOnce(&Arc<Slot>, bool) -> R) -> R {
+    /// This thread's slot, made at its first request (with the guard that ends the session's
+    /// pacing when the thread exits).
+    fn slot(self: &Arc<Self>) -> (Arc<Slot>, bool) {
         SLOT.with(|c| {
             let mut c = c.borrow_mut();
             let first = c.is_none();
@@ -315,27 +301,31 @@ impl Pacer {
                     ExitGuard(Arc::downgrade(self)),
                 )
             });
-            f(slot, first)
+            (slot.clone(), first)
         })
     }
 
     /// Wait parked until asked to read (return) or to stand by.
     fn park(&self, slot: &Arc<Slot>) {
         loop {
-            let read = match slot.call.load(Ordering::Acquire) {
-                READ => true,
-                STAND_BY => self.stand_by(slot),
-                WATCH => self.watch(slot),
-                _ => {
-                    // Every thread has served (or none would park): the first to exit
-                    // wakes this one.
-                    std::thread::park();
-                    false
+            match slot.call.load(Ordering::Acquire) {
+                READ => return,
+                STAND_BY => {
+                    if self.stand_by(slot) {
+                        return;
+                    }
+                    continue;
                 }
-            };
-            if read {
-                return;
+                WATCH => {
+                    if self.watch(slot) {
+                        return;
+                    }
+                    continue;
+                }
+                _ => {}
             }
+            // Every thread has served (or none would park): the first to exit wakes this one.
+            std::thread::park();
         }
     }
 
@@ -353,7 +343,7 @@ impl Pacer {
             if slot.call.load(Ordering::Acquire) != WATCH {
                 return false;
             }
-            let stuck = s.stuck_since(seen);
+            let stuck = s.busy > 0 && s.readers == s.busy && s.begun == seen;
             if stuck {
                 s.watching = false;
                 s.parked.retain(|p| !Arc::ptr_eq(p, slot));
@@ -381,7 +371,7 @@ impl Pacer {
         loop {
             std::thread::sleep(STANDBY_PERIOD);
             let mut s = self.state.lock();
-            let stuck = s.stuck_since(seen);
+            let stuck = s.busy > 0 && s.readers == s.busy && s.begun == seen;
             if s.ending || stuck {
                 s.standby = false;
                 s.readers += 1;
@@ -409,7 +399,8 @@ impl Pacer {
         s.readers += woken.len();
         drop(s);
         for slot in woken {
-            slot.ask(READ);
+            slot.call.store(READ, Ordering::Release);
+            slot.thread.unpark();
         }
     }
 }
@@ -431,32 +422,6 @@ mod tests {
     fn counts(p: &Pacer) -> (usize, usize, usize) {
         let s = p.state.lock();
         (s.readers, s.busy, s.parked.len())
-    }
-
-    /// Wait (at most 5 s) until `done`.
-    fn wait_until(what: &str, done: impl Fn() -> bool) {
-        let start = Instant::now();
-        while !done() {
-            assert!(start.elapsed() < Duration::from_secs(5), "{what}");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// A two-thread session whose test thread has served a request (no thread parks before
-    /// every thread has served) and whose second thread B serves one and parks; B runs
-    /// `after` once it leaves the park.
-    fn with_b_parked<T: Send + 'static>(
-        after: impl FnOnce() -> T + Send + 'static,
-    ) -> (Arc<Pacer>, std::thread::JoinHandle<T>) {
-        let p = Pacer::new(2);
-        drop(p.begin(Cost::Quick));
-        let pb = p.clone();
-        let b = std::thread::spawn(move || {
-            drop(pb.begin(Cost::Quick));
-            after()
-        });
-        wait_until("B never parked", || counts(&p).2 == 1);
-        (p, b)
     }
 
     #[test]
@@ -505,10 +470,25 @@ mod tests {
 
     #[test]
     fn a_thread_parks_while_another_reads_and_comes_back_for_a_long_request() {
-        // Thread B serves a request and parks: the test thread still reads.
-        let (p, b) = with_b_parked(|| ());
+        let p = Pacer::new(2);
+        // The test thread serves first: no thread parks before every thread has served.
+        drop(p.begin(Cost::Quick));
+        // Thread B serves a request and parks: thread "main" still reads.
+        let pb = p.clone();
+        let b = std::thread::spawn(move || {
+            {
+                let _t = pb.begin(Cost::Quick);
+            }
+            // Back from the park: asked to read.
+            Instant::now()
+        });
+        let start = Instant::now();
+        while counts(&p).2 == 0 {
+            assert!(start.elapsed() < Duration::from_secs(5), "B never parked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(counts(&p), (1, 0, 1));
-        // A quick request on the only reader brings nobody in to read (B only watches).
+        // A quick request on the only reader brings nobody in.
         {
             let _t = p.begin(Cost::Quick);
             assert_eq!(counts(&p), (1, 1, 1));
@@ -525,7 +505,16 @@ mod tests {
 
     #[test]
     fn a_quick_request_that_runs_long_gets_a_second_reader_beside_it() {
-        let (p, b) = with_b_parked(|| ());
+        let p = Pacer::new(2);
+        // The test thread serves first: no thread parks before every thread has served.
+        drop(p.begin(Cost::Quick));
+        let pb = p.clone();
+        let b = std::thread::spawn(move || drop(pb.begin(Cost::Quick)));
+        let start = Instant::now();
+        while counts(&p).2 == 0 {
+            assert!(start.elapsed() < Duration::from_secs(5), "B never parked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         // A quick request on the only reader: B watches, and reads once it has run a period.
         let t = p.begin(Cost::Quick);
         let began = Instant::now();
@@ -539,24 +528,66 @@ mod tests {
 
     #[test]
     fn a_watcher_stops_when_requests_stop() {
-        let (p, b) = with_b_parked(|| ());
+        let p = Pacer::new(2);
+        // The test thread serves first: no thread parks before every thread has served.
+        drop(p.begin(Cost::Quick));
+        let pb = p.clone();
+        let done = Arc::new(Barrier::new(2));
+        let d2 = done.clone();
+        let b = std::thread::spawn(move || {
+            drop(pb.begin(Cost::Quick));
+            d2.wait();
+        });
+        while counts(&p).2 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         drop(p.begin(Cost::Quick));
         assert!(p.state.lock().watching);
-        wait_until("B watched for ever", || !p.state.lock().watching);
+        let start = Instant::now();
+        while p.state.lock().watching {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "B watched for ever"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert_eq!(counts(&p), (1, 0, 1));
         p.end_session();
+        done.wait();
         b.join().unwrap();
     }
 
     #[test]
     fn a_standby_parks_again_when_requests_that_may_block_stop() {
-        let (p, b) = with_b_parked(|| ());
+        let p = Pacer::new(2);
+        // The test thread serves first: no thread parks before every thread has served.
+        drop(p.begin(Cost::Quick));
+        let pb = p.clone();
+        let ready = Arc::new(Barrier::new(2));
+        let r2 = ready.clone();
+        let b = std::thread::spawn(move || {
+            {
+                let _t = pb.begin(Cost::Quick);
+            }
+            r2.wait();
+        });
+        while counts(&p).2 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         // Short requests that may block: B stands by, sees them end, parks again.
         drop(p.begin(Cost::MayBlock));
         assert!(p.state.lock().standby);
-        wait_until("B stood by for ever", || !p.state.lock().standby);
+        let start = Instant::now();
+        while p.state.lock().standby {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "B stood by for ever"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(counts(&p), (1, 0, 1));
         p.end_session();
+        ready.wait();
         b.join().unwrap();
         assert_eq!(counts(&p), (2, 0, 0));
     }
@@ -576,12 +607,21 @@ mod tests {
                 drop(t);
             }));
         }
-        wait_until("threads never parked", || counts(&p).2 == 2);
+        let start = Instant::now();
+        while counts(&p).2 < 2 {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "threads never parked"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         // A thread that served a request exits: its guard ends the session's pacing.
         let q = p.clone();
-        std::thread::spawn(move || q.with_slot(|_, _| ()))
-            .join()
-            .unwrap();
+        std::thread::spawn(move || {
+            let _ = q.slot();
+        })
+        .join()
+        .unwrap();
         for j in joins {
             j.join().unwrap();
         }
