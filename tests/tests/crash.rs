@@ -127,6 +127,97 @@ fn kill_during_copy_up_shows_old_or_new_never_partial() {
     }
 }
 
+/// Whether `path` (in a layer, not through the mount) carries a copy-up's unsynced mark.
+fn unsynced(path: &Path) -> bool {
+    rustfuse_tests::upper::raw_xattrs(path)
+        .keys()
+        .any(|k| k.ends_with(".overlay.rustfuse.unsynced"))
+}
+
+#[test]
+fn kill_while_copies_are_unsynced_keeps_them_at_the_next_mount() {
+    // Copy-ups are synced by a background thread; the daemon here holds them unsynced (the
+    // test knob) when it is killed. The page cache keeps what it wrote (this boot), so the
+    // next mount syncs every marked copy and keeps it; a user's fsync unmarks at once.
+    if !env::require_bin_under_test() {
+        return;
+    }
+    let s = env::scratch("crash-unsynced");
+    let l = Layout::new(s.path());
+    const N: usize = 40;
+    let old = |i: usize| pattern(1000 + i * 4099);
+    for i in 0..N {
+        fs::write(l.lower.join(format!("f{i}")), old(i)).unwrap();
+    }
+    let m = Mount::fuse_env(
+        &env::bin_under_test(),
+        &l.stack(),
+        &[],
+        &l.mnt,
+        &[("RUSTFUSE_SYNC_DELAY_MS", "600000")],
+    )
+    .unwrap_or_else(|e| panic!("mount: {e}"));
+    for i in 0..N {
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(l.mnt.join(format!("f{i}")))
+            .unwrap();
+        f.write_all(format!("+{i}").as_bytes()).unwrap();
+        if i % 4 == 0 {
+            f.sync_all().unwrap();
+        }
+    }
+    assert!(
+        l.work.join("rustfuse-unsynced").exists(),
+        "the flag shows unsynced copies"
+    );
+    for i in 0..N {
+        let up = l.upper.join(format!("f{i}"));
+        assert_eq!(
+            unsynced(&up),
+            i % 4 != 0,
+            "f{i}: marked unless the user synced it"
+        );
+        let seen = rustfuse_tests::upper::raw_xattrs(&l.mnt.join(format!("f{i}")));
+        assert!(
+            !seen.keys().any(|k| k.contains("rustfuse")),
+            "f{i}: the mark shows through the mount: {seen:?}"
+        );
+    }
+    kill_daemon(&m);
+    drop(m);
+
+    let m = l.mount();
+    l.assert_work_clean("after the kill");
+    for i in 0..N {
+        let mut want = old(i);
+        want.extend_from_slice(format!("+{i}").as_bytes());
+        assert!(
+            fs::read(l.mnt.join(format!("f{i}"))).unwrap() == want,
+            "f{i}: not its new content after the kill"
+        );
+        assert!(
+            !unsynced(&l.upper.join(format!("f{i}"))),
+            "f{i}: still marked after the mount's recovery"
+        );
+    }
+    assert!(
+        !l.work.join("rustfuse-unsynced").exists(),
+        "the flag stays after recovery"
+    );
+    // A clean unmount: the background sync is drained and the flag removed.
+    fs::write(l.lower.join("late"), b"late").unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(l.mnt.join("late"))
+        .unwrap()
+        .write_all(b"!")
+        .unwrap();
+    m.unmount().unwrap();
+    assert!(!unsynced(&l.upper.join("late")));
+    assert!(!l.work.join("rustfuse-unsynced").exists());
+}
+
 #[test]
 fn kill_during_renames_loses_no_name() {
     if !env::require_bin_under_test() {

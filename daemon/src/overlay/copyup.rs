@@ -7,6 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::durable::UNSYNCED_XATTRS;
 use super::loc::{DirHandle, Loc};
 use super::node::Node;
 use super::tree::{self, UpperDir};
@@ -141,20 +142,41 @@ impl Overlay {
             // over to a new metacopy, so the data comes up.
             data = Data::All;
         }
-        let built = self.build_copy(&st, &stat, w, &tmp, data).and_then(|()| {
-            if data == Data::Meta && !self.mark_metacopy(w, &tmp) {
-                // Neither mark can be written here: a full copy instead.
-                data = Data::All;
-                let out = self.sys.open_at(w, &tmp, OFlags::WRONLY, 0)?;
-                self.fill(st.data()?, stat.st_size, out.as_fd())?;
-                self.sys
-                    .futimens(out.as_fd(), atime_of(&stat), mtime_of(&stat))?;
-                if self.opts.fsync {
-                    self.sys.fsync(out.as_fd(), false)?;
+        // A regular file's copy is synced later (see [`super::durable`]) where it can be
+        // marked: its mark, or none to sync it here.
+        let mut defer = match (&self.syncer, st.kind, data) {
+            (Some(s), Kind::File, Data::All | Data::Skip) => self
+                .data_origin(&st)
+                .and_then(|(layer, path)| s.mark_for(layer, &path)),
+            _ => None,
+        };
+        let mut file = None;
+        let built = self
+            .build_copy(&st, &stat, w, &tmp, data, defer.is_none())
+            .and_then(|f| {
+                file = f;
+                if let (Some(mark), Some(out)) = (&defer, &file) {
+                    let marked = set_first_permitted(&UNSYNCED_XATTRS, mark, |x, v| {
+                        self.sys.setxattr_at(w, &tmp, x, v)
+                    });
+                    if marked.is_err() {
+                        defer = None;
+                        self.sys.fsync(out.as_fd(), false)?;
+                    }
                 }
-            }
-            Ok(())
-        });
+                if data == Data::Meta && !self.mark_metacopy(w, &tmp) {
+                    // Neither mark can be written here: a full copy instead.
+                    data = Data::All;
+                    let out = self.sys.open_at(w, &tmp, OFlags::WRONLY, 0)?;
+                    self.fill(st.data()?, stat.st_size, out.as_fd())?;
+                    self.sys
+                        .futimens(out.as_fd(), atime_of(&stat), mtime_of(&stat))?;
+                    if self.opts.fsync {
+                        self.sys.fsync(out.as_fd(), false)?;
+                    }
+                }
+                Ok(())
+            });
         if let Err(e) = built {
             let _ = tree::remove_any(&self.sys, w, &tmp, st.kind);
             return Err(e);
@@ -174,6 +196,9 @@ impl Overlay {
         }
         if let Some(p) = ptimes {
             let _ = self.sys.futimens(pu.as_fd(), atime_of(&p), mtime_of(&p));
+        }
+        if let (Some(_), Some(s), Some(out)) = (&defer, &self.syncer, file) {
+            s.queue(out, pu.h.path().join(&st.name));
         }
         let upper = if st.kind == Kind::Dir {
             let fd = self.sys.open_path_at(pu.as_fd(), &st.name)?;
@@ -220,13 +245,15 @@ impl Overlay {
                 } else {
                     Data::All
                 };
-                let built = self.build_copy(st, stat, w, &tmp, data).and_then(|()| {
-                    self.set_origin(w, &tmp, node.ino);
-                    let mark = super::nlink_mark(stat.st_nlink as i64 - 1, &key);
-                    set_first_permitted(&super::NLINK_XATTRS, &mark, |x, v| {
-                        self.sys.setxattr_at(w, &tmp, x, v)
-                    })
-                });
+                let built = self
+                    .build_copy(st, stat, w, &tmp, data, true)
+                    .and_then(|_| {
+                        self.set_origin(w, &tmp, node.ino);
+                        let mark = super::nlink_mark(stat.st_nlink as i64 - 1, &key);
+                        set_first_permitted(&super::NLINK_XATTRS, &mark, |x, v| {
+                            self.sys.setxattr_at(w, &tmp, x, v)
+                        })
+                    });
                 let placed = built.and_then(|()| {
                     let ifd = self.index.as_ref().ok_or(Errno::ROFS)?.fd()?;
                     match self
@@ -358,6 +385,16 @@ impl Overlay {
         Ok(upper)
     }
 
+    /// Where a node's data is below: the lower layer's index and the file's path in it
+    /// (none for a file no name reaches).
+    fn data_origin(&self, st: &super::node::NodeState) -> Option<(u16, PathBuf)> {
+        let data = st.data().ok()?;
+        match st.lowers.iter().find(|(_, l)| l.same_place(data))? {
+            (layer, Loc::At(dir, name)) => Some((*layer, dir.path().join(name))),
+            _ => None,
+        }
+    }
+
     /// Mark `dir/name` a metacopy (`trusted.` where permitted, else `user.`); false if
     /// neither can be written.
     fn mark_metacopy(&self, dir: BorrowedFd<'_>, name: &OsStr) -> bool {
@@ -391,8 +428,8 @@ impl Overlay {
         let tmp = self.tmp_name();
         let w = work.as_fd();
         let built = self
-            .build_copy(&st, &stat, w, &tmp, data)
-            .and_then(|()| self.sys.open_path_at(w, &tmp));
+            .build_copy(&st, &stat, w, &tmp, data, true)
+            .and_then(|_| self.sys.open_path_at(w, &tmp));
         let removed = tree::remove_any(&self.sys, w, &tmp, st.kind);
         let fd = built?;
         removed?;
@@ -408,7 +445,8 @@ impl Overlay {
     }
 
     /// Make `work/tmp` a copy of the node's topmost lower file `src` (of `stat`): its data
-    /// (from where the node's data is) as `data` says, owner, mode, xattrs, times.
+    /// (from where the node's data is) as `data` says, owner, mode, xattrs, times; a regular
+    /// file's data synced if `sync` (and `fsync` is on). A regular file's fd (write-only).
     fn build_copy(
         &self,
         st: &super::node::NodeState,
@@ -416,8 +454,10 @@ impl Overlay {
         work: BorrowedFd<'_>,
         tmp: &OsStr,
         data: Data,
-    ) -> Result<()> {
+        sync: bool,
+    ) -> Result<Option<OwnedFd>> {
         let kind = st.kind;
+        let mut file = None;
         let (_, src) = st.lowers.first().ok_or(Errno::IO)?;
         let mode = stat.st_mode & 0o7777;
         match kind {
@@ -442,9 +482,10 @@ impl Overlay {
                         .sys
                         .ftruncate(out.as_fd(), stat.st_size.max(0) as u64)?,
                 }
-                if self.opts.fsync && data != Data::Meta {
+                if sync && self.opts.fsync && data != Data::Meta {
                     self.sys.fsync(out.as_fd(), false)?;
                 }
+                file = Some(out);
             }
             Kind::Fifo | Kind::Socket | Kind::Char | Kind::Block => {
                 self.sys
@@ -460,7 +501,7 @@ impl Overlay {
         self.copy_xattrs(src, fd.as_fd(), kind)?;
         self.sys
             .utimens_at(work, tmp, atime_of(stat), mtime_of(stat))?;
-        Ok(())
+        Ok(file)
     }
 
     /// Record the inode number a copied-up file shows: in `trusted.` where permitted (it
@@ -530,7 +571,7 @@ fn set_first_permitted(
 }
 
 /// File capabilities, which a write clears.
-const CAPS: &str = "security.capability";
+pub(crate) const CAPS: &str = "security.capability";
 
 /// What a copy-up brings up of a file's data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,6 +5,7 @@
 
 mod copyup;
 mod dir;
+mod durable;
 mod loc;
 mod node;
 mod probe;
@@ -408,6 +409,9 @@ pub struct Overlay {
     pub(crate) index: Option<Arc<DirHandle>>,
     /// (st_dev, filesystem id) of each lower layer, for index keys.
     fs_ids: Vec<(u64, u64)>,
+    /// Syncs copy-ups off the request path (see [`durable`]); none with `fsync=0`, without
+    /// an upper layer, or where the boot id cannot be read (copy-ups then sync in place).
+    pub(crate) syncer: Option<durable::Syncer>,
     /// Directories whose redirect was refused and logged: each is logged once (a lookup of
     /// one fails every time).
     refused_logged: Mutex<std::collections::HashSet<PathBuf>>,
@@ -456,6 +460,7 @@ impl Overlay {
         let mut work = None;
         let mut index = None;
         let mut dev_whiteouts = false;
+        let mut syncer = None;
         // A read-only mount (`ro`, BuildKit's and containerd's read-only mounts of an active
         // snapshot) shows the upper layer too, and writes nothing anywhere: the workdir is
         // only checked, never prepared or probed (a read-write mount of the same layers may
@@ -504,6 +509,30 @@ impl Overlay {
                 })?;
                 dev_whiteouts = !no_dev_whiteouts && probe_dev_whiteout(&sys, wk.as_fd());
                 work = Some(Arc::new(wk));
+                // Copies a crash left unsynced are made whole before anything is served.
+                match durable::recover(&sys, wfd.as_fd(), ufd.as_fd(), &lowers) {
+                    Ok(r) if r != durable::Recovered::default() => tracing::warn!(
+                        synced = r.synced,
+                        restored = r.restored,
+                        failed = r.failed,
+                        "copy-ups not synced before a crash: those of this boot synced, those of an earlier boot given their lower content again"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(path_err(
+                            "workdir",
+                            w,
+                            format!(
+                                "cannot recover the copy-ups a crash left unsynced ({}): {}",
+                                durable::UNSYNCED_FLAG,
+                                errstr(e)
+                            ),
+                        ));
+                    }
+                }
+                if opts.fsync {
+                    syncer = durable::Syncer::start(sys.clone(), wfd);
+                }
             }
             upper = Some(Layer {
                 fd: Arc::new(ufd),
@@ -564,6 +593,7 @@ impl Overlay {
             index,
             fs_ids,
             refused_logged: Mutex::new(std::collections::HashSet::new()),
+            syncer,
         };
         if !ov.read_only {
             ov.clean_index();
@@ -1651,7 +1681,10 @@ impl Overlay {
         let h = self.file_handle(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
         let fd = f.fd_following_copy_up(&self.sys);
-        self.sys.fsync(fd.as_fd(), datasync)
+        match &self.syncer {
+            Some(s) => s.fsync(fd.as_fd(), datasync),
+            None => self.sys.fsync(fd.as_fd(), datasync),
+        }
     }
 
     /// Flushes the upper directory of `ino` to disk, if it has one; ENOSYS with `fsync=0`.

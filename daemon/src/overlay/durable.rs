@@ -1,0 +1,513 @@
+//! Copy-ups made durable off the request path.
+//!
+//! Kernel overlayfs fsyncs every copy-up before the copy appears (a power cut must not leave
+//! an empty or partial file where the lower one was); fuse-overlayfs never syncs. Here a
+//! copy-up of a regular file is built as before, then, instead of an fsync on the request
+//! path:
+//!
+//! 1. once per mount, the flag file `<workdir>/rustfuse-unsynced` is made and synced: "this
+//!    upper layer may hold copies not synced yet";
+//! 2. the copy gets the mark [`UNSYNCED_XATTRS`] (`BOOT LAYER PATH`: this boot's id, and
+//!    where its data came from: the lower layer's index and the file's path in it);
+//! 3. the copy is renamed into place and the request answered; the copy's fd goes to the
+//!    [`Syncer`], a thread that fsyncs queued copies in batches, then removes their marks
+//!    and fsyncs again (so the removal is on disk before the copy counts as synced).
+//!
+//! A journaled filesystem commits the flag, the mark and the rename in that order, so after
+//! a crash every copy that appeared but was not synced carries its mark. At the next mount
+//! ([`recover`]), when the flag is there, the upper layer is searched for marks: a copy marked
+//! in this boot (the daemon was killed; the page cache kept what it wrote) is synced and
+//! kept; one marked in an earlier boot (a power cut: its data may be lost) gets its lower
+//! file's content again, the content the file had before the copy-up. A user's fsync of a
+//! file still queued syncs it and removes its mark first ([`Syncer::fsync`]), so data a user
+//! synced is never replaced by the lower content. A clean unmount drains the queue and
+//! removes the flag.
+
+use std::collections::{HashSet, VecDeque};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use super::Layer;
+use super::copyup::{CAPS, atime_of, copy_data, mtime_of};
+use super::{Errno, Result};
+use crate::sys::{FileType, OFlags, Sys};
+
+/// The mark of a copy not synced yet: `BOOT LAYER PATH` (boot id, lower layer index, the
+/// data's path in that layer). `trusted.` where permitted, else `user.`; both hidden by
+/// kernel overlayfs and by this overlay.
+pub(crate) const UNSYNCED_XATTRS: [&str; 2] = [
+    "trusted.overlay.rustfuse.unsynced",
+    "user.overlay.rustfuse.unsynced",
+];
+/// `<workdir>/rustfuse-unsynced`: present while copies may be unsynced (from the first
+/// deferred copy-up of a mount to its clean end).
+pub(crate) const UNSYNCED_FLAG: &str = "rustfuse-unsynced";
+/// For tests: the syncer leaves a copy unsynced for this many milliseconds (so a test can
+/// cut the power while copies are published but not synced).
+pub const DELAY_ENV: &str = "RUSTFUSE_SYNC_DELAY_MS";
+/// Copies queued at most; past that a copy-up syncs on the request path again.
+const MAX_QUEUED: usize = 1024;
+/// Copies synced per round of the syncer.
+const BATCH: usize = 256;
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`).
+pub(crate) fn boot_id() -> Option<String> {
+    let s = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let s = s.trim();
+    (!s.is_empty() && !s.contains(' ')).then(|| s.to_string())
+}
+
+/// The mark's value for a copy made in boot `boot` of the file at `path` in lower layer
+/// `layer`; none for a path that is empty or not relative.
+pub(crate) fn mark(boot: &str, layer: u16, path: &Path) -> Option<Vec<u8>> {
+    if !relative_and_plain(path) {
+        return None;
+    }
+    let mut v = format!("{boot} {layer} ").into_bytes();
+    v.extend_from_slice(path.as_os_str().as_bytes());
+    Some(v)
+}
+
+/// A mark's boot id, layer and path.
+pub(crate) fn parse_mark(v: &[u8]) -> Option<(&str, u16, PathBuf)> {
+    let mut parts = v.splitn(3, |b| *b == b' ');
+    let boot = std::str::from_utf8(parts.next()?).ok()?;
+    let layer = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let path = PathBuf::from(OsStr::from_bytes(parts.next()?));
+    (!boot.is_empty() && relative_and_plain(&path)).then_some((boot, layer, path))
+}
+
+fn relative_and_plain(path: &Path) -> bool {
+    path.components().next().is_some()
+        && path.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// Remove the mark of the file open as `fd`, whichever namespace holds it.
+fn clear_mark(sys: &Sys, fd: BorrowedFd<'_>) {
+    for x in UNSYNCED_XATTRS {
+        match sys.fremovexattr(fd, OsStr::new(x)) {
+            Ok(()) | Err(Errno::NODATA) => {}
+            Err(e) => tracing::debug!(xattr = x, error = %e, "mark not removed"),
+        }
+    }
+}
+
+/// The file's mark, if it has one.
+fn read_mark(sys: &Sys, dir: BorrowedFd<'_>, name: &OsStr) -> Option<Vec<u8>> {
+    UNSYNCED_XATTRS
+        .iter()
+        .find_map(|x| sys.getxattr_at(dir, name, OsStr::new(x)).ok())
+}
+
+/// Syncs copy-ups in the background (see the module comment).
+pub(crate) struct Syncer {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    sys: Arc<Sys>,
+    /// The workdir (`O_PATH`), where the flag is.
+    workdir: OwnedFd,
+    boot: String,
+    delay: Duration,
+    state: Mutex<State>,
+    /// Wakes the syncer.
+    work: Condvar,
+    /// Wakes callers of [`Syncer::flush`].
+    idle: Condvar,
+    /// `state.pending.len()`, read without the lock by [`Syncer::fsync`].
+    pending: AtomicUsize,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Entry>,
+    /// (st_dev, st_ino) of every copy queued or being synced, and of every one whose sync
+    /// failed: a user's fsync of it must remove its mark.
+    pending: HashSet<(u64, u64)>,
+    /// Copies taken from the queue and not done yet.
+    in_flight: usize,
+    /// The flag file was made in this mount.
+    flag: bool,
+    /// A sync failed: the flag stays at the end, for the next mount's recovery.
+    failed: bool,
+    /// Sync what is queued now, delay or not ([`Syncer::flush`]).
+    hurry: bool,
+    stop: bool,
+}
+
+struct Entry {
+    fd: OwnedFd,
+    key: (u64, u64),
+    at: Instant,
+    /// The copy's path in the upper layer when it was made, for messages.
+    path: PathBuf,
+}
+
+impl Syncer {
+    /// A syncer for the upper layer whose workdir is `workdir`; none when this boot's id
+    /// cannot be read (copy-ups then sync on the request path).
+    pub(crate) fn start(sys: Arc<Sys>, workdir: OwnedFd) -> Option<Syncer> {
+        let boot = boot_id()?;
+        let delay = std::env::var(DELAY_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or_default();
+        let shared = Arc::new(Shared {
+            sys,
+            workdir,
+            boot,
+            delay,
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            idle: Condvar::new(),
+            pending: AtomicUsize::new(0),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("rustfuse-sync".into())
+            .spawn(move || s.run())
+            .ok()?;
+        Some(Syncer {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The mark for a copy of the file at `path` in lower layer `layer`, if this copy may
+    /// be synced later: the queue has room and the flag is on disk. None: sync it now.
+    pub(crate) fn mark_for(&self, layer: u16, path: &Path) -> Option<Vec<u8>> {
+        let sh = &self.shared;
+        let v = mark(&sh.boot, layer, path)?;
+        let mut st = sh.state.lock();
+        if st.queue.len() + st.in_flight >= MAX_QUEUED {
+            return None;
+        }
+        if !st.flag {
+            if let Err(e) = sh.make_flag() {
+                tracing::warn!(error = %e, "cannot make {UNSYNCED_FLAG} in the workdir: copy-ups sync on the request path");
+                return None;
+            }
+            st.flag = true;
+        }
+        Some(v)
+    }
+
+    /// Queue the copy open as `fd` (marked, in place at `path` of the upper layer).
+    pub(crate) fn queue(&self, fd: OwnedFd, path: PathBuf) {
+        let sh = &self.shared;
+        let key = match sh.sys.fstat(fd.as_fd()) {
+            Ok(s) => (s.st_dev, s.st_ino),
+            Err(_) => (0, 0),
+        };
+        let mut st = sh.state.lock();
+        st.pending.insert(key);
+        sh.pending.store(st.pending.len(), Ordering::Release);
+        st.queue.push_back(Entry {
+            fd,
+            key,
+            at: Instant::now(),
+            path,
+        });
+        sh.work.notify_one();
+    }
+
+    /// A user's fsync of the file open as `fd`: a copy not synced yet is synced and its mark
+    /// removed for good before this returns.
+    pub(crate) fn fsync(&self, fd: BorrowedFd<'_>, datasync: bool) -> Result<()> {
+        let sh = &self.shared;
+        if sh.pending.load(Ordering::Acquire) > 0 {
+            let s = sh.sys.fstat(fd)?;
+            if sh.state.lock().pending.contains(&(s.st_dev, s.st_ino)) {
+                sh.sys.fsync(fd, false)?;
+                clear_mark(&sh.sys, fd);
+                return sh.sys.fsync(fd, false);
+            }
+        }
+        sh.sys.fsync(fd, datasync)
+    }
+
+    /// Wait until every copy queued so far is synced (or failed to sync).
+    #[cfg(test)]
+    pub(crate) fn flush(&self) {
+        let sh = &self.shared;
+        let mut st = sh.state.lock();
+        st.hurry = true;
+        sh.work.notify_one();
+        while !st.queue.is_empty() || st.in_flight > 0 {
+            sh.idle.wait(&mut st);
+        }
+    }
+}
+
+impl Drop for Syncer {
+    /// A clean end: everything queued is synced, then the flag goes (unless a sync failed).
+    fn drop(&mut self) {
+        let sh = &self.shared;
+        {
+            let mut st = sh.state.lock();
+            st.stop = true;
+            sh.work.notify_one();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let st = sh.state.lock();
+        if st.flag && !st.failed {
+            if let Err(e) = sh
+                .sys
+                .unlink_at(sh.workdir.as_fd(), OsStr::new(UNSYNCED_FLAG))
+            {
+                tracing::warn!(error = %e, "cannot remove {UNSYNCED_FLAG} from the workdir");
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// The flag file, made and synced with its directory entry.
+    fn make_flag(&self) -> Result<()> {
+        let f = self.sys.open_at(
+            self.workdir.as_fd(),
+            OsStr::new(UNSYNCED_FLAG),
+            OFlags::WRONLY | OFlags::CREATE,
+            0o600,
+        )?;
+        self.sys.fsync(f.as_fd(), false)?;
+        let dir = self.sys.open_at(
+            self.workdir.as_fd(),
+            OsStr::new("."),
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            0,
+        )?;
+        self.sys.fsync(dir.as_fd(), false)
+    }
+
+    fn run(&self) {
+        while let Some(batch) = self.next_batch() {
+            self.sync(batch);
+        }
+    }
+
+    /// The next copies to sync, once the oldest is due; none when stopped with nothing left.
+    fn next_batch(&self) -> Option<Vec<Entry>> {
+        let mut st = self.state.lock();
+        loop {
+            if let Some(first) = st.queue.front() {
+                let due = first.at + self.delay;
+                let now = Instant::now();
+                if st.stop || st.hurry || now >= due {
+                    let n = st.queue.len().min(BATCH);
+                    st.in_flight += n;
+                    return Some(st.queue.drain(..n).collect());
+                }
+                self.work.wait_for(&mut st, due - now);
+            } else if st.stop {
+                return None;
+            } else {
+                self.work.wait(&mut st);
+            }
+        }
+    }
+
+    /// fsync each copy, remove its mark, fsync again (the removal on disk): a copy whose
+    /// mark may still be on disk stays pending.
+    fn sync(&self, batch: Vec<Entry>) {
+        let mut ok = vec![true; batch.len()];
+        for (e, ok) in batch.iter().zip(ok.iter_mut()) {
+            if let Err(err) = self.sys.fsync(e.fd.as_fd(), false) {
+                tracing::error!(path = ?e.path, error = %err, "fsync of a copied-up file failed: it stays marked for the next mount");
+                *ok = false;
+            }
+        }
+        for (e, _) in batch.iter().zip(&ok).filter(|(_, ok)| **ok) {
+            clear_mark(&self.sys, e.fd.as_fd());
+        }
+        for (e, ok) in batch.iter().zip(ok.iter_mut()).filter(|(_, ok)| **ok) {
+            if let Err(err) = self.sys.fsync(e.fd.as_fd(), false) {
+                tracing::error!(path = ?e.path, error = %err, "fsync of a copied-up file's mark removal failed");
+                *ok = false;
+            }
+        }
+        let mut st = self.state.lock();
+        st.in_flight -= batch.len();
+        for (e, ok) in batch.iter().zip(&ok) {
+            if *ok {
+                st.pending.remove(&e.key);
+            } else {
+                st.failed = true;
+            }
+        }
+        self.pending.store(st.pending.len(), Ordering::Release);
+        if st.queue.is_empty() && st.in_flight == 0 {
+            st.hurry = false;
+            self.idle.notify_all();
+        }
+    }
+}
+
+/// What [`recover`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Recovered {
+    /// Copies of this boot, synced and kept.
+    pub synced: usize,
+    /// Copies of an earlier boot, given their lower file's content again.
+    pub restored: usize,
+    /// Marked copies left as they are (their lower file is gone, a bad mark, an error).
+    pub failed: usize,
+}
+
+/// At mount, before anything is served: when the flag says copies may be unsynced, find
+/// every marked copy in the upper layer and make it whole (see the module comment). The
+/// flag goes when every mark is gone for good.
+pub(crate) fn recover(
+    sys: &Sys,
+    workdir: BorrowedFd<'_>,
+    upper: BorrowedFd<'_>,
+    lowers: &[Layer],
+) -> Result<Recovered> {
+    let mut done = Recovered::default();
+    match sys.stat_at(workdir, OsStr::new(UNSYNCED_FLAG)) {
+        Ok(_) => {}
+        Err(Errno::NOENT) => return Ok(done),
+        Err(e) => return Err(e),
+    }
+    let boot = boot_id();
+    let mut marks_left = false;
+    let mut dirs: Vec<(OwnedFd, PathBuf)> = vec![(
+        sys.open_dir_path_at(upper, OsStr::new("."))?,
+        PathBuf::new(),
+    )];
+    while let Some((dir, path)) = dirs.pop() {
+        let mut names: Vec<(OsString, FileType)> = Vec::new();
+        {
+            let mut stream = sys.open_dir_stream(dir.as_fd())?;
+            while let Some(ent) = stream.read() {
+                let ent = ent?;
+                let n = ent.file_name().to_bytes();
+                if n == b"." || n == b".." {
+                    continue;
+                }
+                names.push((OsStr::from_bytes(n).to_os_string(), ent.file_type()));
+            }
+        }
+        for (name, mut ft) in names {
+            if ft == FileType::Unknown {
+                ft = match sys.stat_at(dir.as_fd(), &name) {
+                    Ok(s) => FileType::from_raw_mode(s.st_mode),
+                    Err(_) => continue,
+                };
+            }
+            if ft == FileType::Directory {
+                dirs.push((sys.open_dir_path_at(dir.as_fd(), &name)?, path.join(&name)));
+                continue;
+            }
+            if ft != FileType::RegularFile {
+                continue;
+            }
+            let Some(v) = read_mark(sys, dir.as_fd(), &name) else {
+                continue;
+            };
+            let here = path.join(&name);
+            match recover_one(sys, dir.as_fd(), &name, &v, boot.as_deref(), lowers) {
+                Ok(true) => done.restored += 1,
+                Ok(false) => done.synced += 1,
+                Err(e) => {
+                    tracing::error!(path = ?here, error = %e, "a copy-up not synced before a crash could not be made whole: left as it is");
+                    done.failed += 1;
+                    marks_left |= read_mark(sys, dir.as_fd(), &name).is_some();
+                }
+            }
+        }
+    }
+    // The flag stays while a mark does (the next mount tries again).
+    if !marks_left {
+        sys.unlink_at(workdir, OsStr::new(UNSYNCED_FLAG))?;
+    }
+    Ok(done)
+}
+
+/// One marked copy: synced as it is (made in this boot: false), or given the lower file's
+/// content (true). A copy that cannot be restored (its lower file is gone, a bad mark) is
+/// left as it is, its mark removed, and the error returned.
+fn recover_one(
+    sys: &Sys,
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    mark: &[u8],
+    boot: Option<&str>,
+    lowers: &[Layer],
+) -> Result<bool> {
+    let out = sys.open_at(dir, name, OFlags::WRONLY, 0)?;
+    let restored = match parse_mark(mark) {
+        Some((made, _, _)) if boot == Some(made) => Ok(false),
+        Some((_, layer, path)) => restore(sys, out.as_fd(), layer, &path, lowers).map(|()| true),
+        None => Err(Errno::INVAL),
+    };
+    sys.fsync(out.as_fd(), false)?;
+    clear_mark(sys, out.as_fd());
+    sys.fsync(out.as_fd(), false)?;
+    restored
+}
+
+/// Copy lower layer `layer`'s file at `path` into `out`, keeping `out`'s times, set-id bits
+/// and file capabilities.
+fn restore(
+    sys: &Sys,
+    out: BorrowedFd<'_>,
+    layer: u16,
+    path: &Path,
+    lowers: &[Layer],
+) -> Result<()> {
+    let lower = lowers.get(layer as usize).ok_or(Errno::NOENT)?;
+    let input = sys.open_at(lower.fd.as_fd(), path.as_os_str(), OFlags::RDONLY, 0)?;
+    let len = sys.fstat(input.as_fd())?.st_size.max(0) as u64;
+    let before = sys.fstat(out)?;
+    // Writing strips set-id bits and file capabilities: put them back after the copy.
+    let caps = sys.fgetxattr(out, OsStr::new(CAPS)).ok();
+    sys.ftruncate(out, 0)?;
+    copy_data(sys, input.as_fd(), out, len, true)?;
+    if before.st_mode & 0o6000 != 0 {
+        sys.fchmod(out, before.st_mode & 0o7777)?;
+    }
+    if let Some(v) = caps {
+        sys.fsetxattr(out, OsStr::new(CAPS), &v, 0)?;
+    }
+    sys.futimens(out, atime_of(&before), mtime_of(&before))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_read_back() {
+        let v = mark("b00t-id", 3, Path::new("usr/lib/a b\nc")).unwrap();
+        assert_eq!(v, b"b00t-id 3 usr/lib/a b\nc");
+        assert_eq!(
+            parse_mark(&v),
+            Some(("b00t-id", 3, PathBuf::from("usr/lib/a b\nc")))
+        );
+    }
+
+    #[test]
+    fn marks_refuse_paths_that_leave_the_layer() {
+        for p in ["", "/etc/passwd", "../x", "a/../../x", "./a"] {
+            assert_eq!(mark("b", 0, Path::new(p)), None, "{p:?}");
+            assert_eq!(parse_mark(format!("b 0 {p}").as_bytes()), None, "{p:?}");
+        }
+        for v in [&b""[..], b"b", b"b 0", b"b x a", b" 0 a", b"b 70000 a"] {
+            assert_eq!(parse_mark(v), None, "{:?}", String::from_utf8_lossy(v));
+        }
+    }
+}
