@@ -115,7 +115,7 @@ pub(crate) struct Syncer {
 
 struct Shared {
     sys: Arc<Sys>,
-    /// The workdir (`O_PATH`), where the flag is.
+    /// The workdir (open for reading, so it can be synced), where the flag is.
     workdir: OwnedFd,
     boot: String,
     delay: Duration,
@@ -155,9 +155,17 @@ struct Entry {
 
 impl Syncer {
     /// A syncer for the upper layer whose workdir is `workdir`; none when this boot's id
-    /// cannot be read (copy-ups then sync on the request path).
-    pub(crate) fn start(sys: Arc<Sys>, workdir: OwnedFd) -> Option<Syncer> {
+    /// cannot be read or the workdir opened (copy-ups then sync on the request path).
+    pub(crate) fn start(sys: Arc<Sys>, workdir: BorrowedFd<'_>) -> Option<Syncer> {
         let boot = boot_id()?;
+        let workdir = sys
+            .open_at(
+                workdir,
+                OsStr::new("."),
+                OFlags::RDONLY | OFlags::DIRECTORY,
+                0,
+            )
+            .ok()?;
         let delay = std::env::var(DELAY_ENV)
             .ok()
             .and_then(|v| v.parse().ok())
@@ -275,22 +283,18 @@ impl Drop for Syncer {
 }
 
 impl Shared {
-    /// The flag file, made and synced with its directory entry.
+    /// The flag file, made (no open: a plain mknod) and synced with its directory entry.
     fn make_flag(&self) -> Result<()> {
-        let f = self.sys.open_at(
+        match self.sys.mknod_at(
             self.workdir.as_fd(),
             OsStr::new(UNSYNCED_FLAG),
-            OFlags::WRONLY | OFlags::CREATE,
-            0o600,
-        )?;
-        self.sys.fsync(f.as_fd(), false)?;
-        let dir = self.sys.open_at(
-            self.workdir.as_fd(),
-            OsStr::new("."),
-            OFlags::RDONLY | OFlags::DIRECTORY,
+            libc::S_IFREG | 0o600,
             0,
-        )?;
-        self.sys.fsync(dir.as_fd(), false)
+        ) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(e),
+        }
+        self.sys.fsync(self.workdir.as_fd(), false)
     }
 
     fn run(&self) {

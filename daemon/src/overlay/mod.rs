@@ -531,7 +531,7 @@ impl Overlay {
                     }
                 }
                 if opts.fsync {
-                    syncer = durable::Syncer::start(sys.clone(), wfd);
+                    syncer = durable::Syncer::start(sys.clone(), wfd.as_fd());
                 }
             }
             upper = Some(Layer {
