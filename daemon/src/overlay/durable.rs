@@ -5,8 +5,8 @@
 //! copy-up of a regular file is built as before, then, instead of an fsync on the request
 //! path:
 //!
-//! 1. once per mount, the flag file `<workdir>/rustfuse-unsynced` is made and synced: "this
-//!    upper layer may hold copies not synced yet";
+//! 1. once per mount, the flag file `<workdir>/rustfuse-unsynced` is made: "this upper
+//!    layer may hold copies not synced yet";
 //! 2. the copy gets the mark [`UNSYNCED_XATTRS`] (`BOOT LAYER PATH`: this boot's id, and
 //!    where its data came from: the lower layer's index and the file's path in it);
 //! 3. the copy is renamed into place and the request answered; the copy's fd goes to the
@@ -115,7 +115,7 @@ pub(crate) struct Syncer {
 
 struct Shared {
     sys: Arc<Sys>,
-    /// The workdir (open for reading, so it can be synced), where the flag is.
+    /// The workdir, where the flag is.
     workdir: OwnedFd,
     boot: String,
     delay: Duration,
@@ -158,14 +158,7 @@ impl Syncer {
     /// cannot be read or the workdir opened (copy-ups then sync on the request path).
     pub(crate) fn start(sys: Arc<Sys>, workdir: BorrowedFd<'_>) -> Option<Syncer> {
         let boot = boot_id()?;
-        let workdir = sys
-            .open_at(
-                workdir,
-                OsStr::new("."),
-                OFlags::RDONLY | OFlags::DIRECTORY,
-                0,
-            )
-            .ok()?;
+        let workdir = workdir.try_clone_to_owned().ok()?;
         let delay = std::env::var(DELAY_ENV)
             .ok()
             .and_then(|v| v.parse().ok())
@@ -193,7 +186,7 @@ impl Syncer {
     }
 
     /// The mark for a copy of the file at `path` in lower layer `layer`, if this copy may
-    /// be synced later: the queue has room and the flag is on disk. None: sync it now.
+    /// be synced later: the queue has room and the flag is made. None: sync it now.
     pub(crate) fn mark_for(&self, layer: u16, path: &Path) -> Option<Vec<u8>> {
         let sh = &self.shared;
         let v = mark(&sh.boot, layer, path)?;
@@ -283,7 +276,8 @@ impl Drop for Syncer {
 }
 
 impl Shared {
-    /// The flag file, made (no open: a plain mknod) and synced with its directory entry.
+    /// The flag file (a plain mknod: no open). Not synced: a journaled filesystem commits it
+    /// before the marks and renames that follow, as it commits each mark before its rename.
     fn make_flag(&self) -> Result<()> {
         match self.sys.mknod_at(
             self.workdir.as_fd(),
@@ -291,10 +285,9 @@ impl Shared {
             libc::S_IFREG | 0o600,
             0,
         ) {
-            Ok(()) | Err(Errno::EXIST) => {}
-            Err(e) => return Err(e),
+            Ok(()) | Err(Errno::EXIST) => Ok(()),
+            Err(e) => Err(e),
         }
-        self.sys.fsync(self.workdir.as_fd(), false)
     }
 
     fn run(&self) {

@@ -101,8 +101,7 @@ fn failed_copy_up_leaves_nothing_half_done() {
         ("copy_file_range", Errno::NOSPC, true),
         ("chown", Errno::PERM, true),
         ("utimens", Errno::IO, true),
-        // The copy's own fsync is off the request path; the first fsync here is the
-        // workdir's, for the flag (see `durable`), whose failure makes the copy sync in place.
+        // The copy's own fsync is off the request path (see `durable`).
         ("fsync", Errno::IO, false),
         ("rename", Errno::NOSPC, true),
     ] {
@@ -629,8 +628,8 @@ fn a_failed_background_sync_keeps_the_mark_until_the_user_syncs() {
     fs::write(l.p("lower/f"), b"old").unwrap();
     let ov = l.overlay();
     let f = ov.lookup(ROOT_INO, OsStr::new("f")).unwrap();
-    // fsyncs: the workdir (the flag), then the syncer's of the copy.
-    ov.faults().inject("fsync", 2, Errno::IO);
+    // The syncer's fsync of the copy.
+    ov.faults().inject("fsync", 1, Errno::IO);
     let h = ov.open(f.ino, libc::O_WRONLY).unwrap();
     ov.syncer.as_ref().unwrap().flush();
     ov.faults().clear();
