@@ -26,11 +26,18 @@
 #   and each test executable inside (guest.sh). A guest that cannot boot fails the run; nothing
 #   here ever skips.
 #
+# - powercut (KERNEL_STEPS=powercut; also in `all`) is a step of its own: two boots, a power
+#   cut in the middle of copy-ups in the first (qemu SIGKILLed), every file read after
+#   recovery in the second, on the same virtual disks (tests/kernel/powercut.sh). Results in
+#   target/kernel/run-VERSION/powercut/; asked for alone, the rest of run-VERSION/ stays.
+#
 # Output: target/kernel/run-VERSION/ (console.log: the guest's console; STEP.log per step;
 # results: one `STEP NAME EXIT SECONDS` line per step). Exit 0 only if every step passed.
-# Environment: KERNEL_STEPS="differential options ..." runs only those steps (guest.sh's names;
-# `all` adds the ones not run by default);
-# KERNEL_BOOT_SECS, KERNEL_RUN_SECS, KERNEL_MEMORY (default 4G), KERNEL_CPUS (default 2).
+# Environment: KERNEL_STEPS="differential options ..." runs only those steps (guest.sh's names,
+# and powercut; `all` adds the ones not run by default);
+# KERNEL_BOOT_SECS, KERNEL_RUN_SECS, KERNEL_MEMORY (default 4G), KERNEL_CPUS (default 2),
+# POWERCUT_SECS (each powercut boot's deadline, default 600), KERNEL_RUSTFUSE (a rustfuse
+# binary to test instead of the one built here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -238,11 +245,34 @@ flock -w 900 "$ROOT/target/debug/.cargo-lock" sh -c '
   while IFS="=" read -r k v; do cp "$v" "$P/${k#TEST_BIN_}"; echo "$k=$P/${k#TEST_BIN_}"; done <"$B" >"$B.new"
   mv "$B.new" "$B"
 ' sh "$PRIV" "$BINS" "$ROOT/target/debug"
+# KERNEL_RUSTFUSE: another rustfuse to test instead (an older build, to compare).
+if [ -n "${KERNEL_RUSTFUSE:-}" ]; then
+  cp "$KERNEL_RUSTFUSE" "$PRIV/rustfuse"
+  say "testing the rustfuse given in KERNEL_RUSTFUSE ($KERNEL_RUSTFUSE)"
+fi
 echo "TARGET_DEBUG=$ROOT/target/debug" >>"$BINS"
 echo "PRIVATE_BIN=$PRIV" >>"$BINS"
 
 OUT="$KDIR/run-$VERSION"
-rm -rf "$OUT"
+# powercut is no step of guest.sh: it needs two boots of its own (below), its results go to
+# OUT/powercut/. Asked for alone, it leaves the rest of OUT as the last run left it.
+POWERCUT=no
+GUEST_STEPS=
+for s in ${KERNEL_STEPS:-}; do
+  case "$s" in
+    powercut) POWERCUT=yes ;;
+    all) POWERCUT=yes GUEST_STEPS="$GUEST_STEPS $s" ;;
+    *) GUEST_STEPS="$GUEST_STEPS $s" ;;
+  esac
+done
+GUEST_STEPS=${GUEST_STEPS# }
+MAIN=yes
+[ -n "${KERNEL_STEPS:-}" ] && [ -z "$GUEST_STEPS" ] && MAIN=no
+if [ "$MAIN" = yes ]; then
+  rm -rf "$OUT"
+else
+  rm -rf "$OUT/powercut"
+fi
 mkdir -p "$OUT"
 
 # ---------------------------------------------------------------- the host's reference build
@@ -281,45 +311,133 @@ if [ -w /dev/kvm ] && [ "${KERNEL_KVM:-probe}" != off ]; then
   fi
 fi
 
-say "booting under qemu (${accel[*]:-KVM}); console in $OUT/console.log"
-boot_start=$(date +%s)
-timeout -k 10 "$RUN_SECS" vng "${vng_args[@]}" "${accel[@]}" \
-  --exec "bash $ROOT/tests/kernel/guest.sh $OUT $BINS '${KERNEL_STEPS:-}'" \
-  </dev/null >"$OUT/console.log" 2>&1 &
-VNG=$!
-cleanup() { kill "$VNG" 2>/dev/null || true; }
-trap cleanup EXIT
-until [ -f "$OUT/booted" ]; do
-  if ! kill -0 "$VNG" 2>/dev/null; then
-    tail -40 "$OUT/console.log" >&2
-    die "the guest exited before it booted (console above)"
-  fi
-  if (($(date +%s) - boot_start > BOOT_SECS)); then
-    tail -40 "$OUT/console.log" >&2
-    die "the guest did not boot within $BOOT_SECS s (console above)"
-  fi
-  sleep 1
-done
-say "booted in $(($(date +%s) - boot_start)) s: $(cat "$OUT/booted")"
+# wait_for FILE PID SECS WHAT LOG: waits until FILE exists, failing the run when PID (a vng)
+# exits first or SECS pass.
+wait_for() {
+  local t0
+  t0=$(date +%s)
+  until [ -f "$1" ]; do
+    if ! kill -0 "$2" 2>/dev/null; then
+      tail -40 "$5" | tr -d '\000' >&2
+      die "the guest exited before $4 (console above, in $5)"
+    fi
+    if (($(date +%s) - t0 > $3)); then
+      tail -40 "$5" | tr -d '\000' >&2
+      die "the guest did not $4 within $3 s (console above, in $5)"
+    fi
+    sleep 0.1
+  done
+}
+
 rc=0
-wait "$VNG" || rc=$?
-trap - EXIT
+if [ "$MAIN" = yes ]; then
+  say "booting under qemu (${accel[*]:-KVM}); console in $OUT/console.log"
+  boot_start=$(date +%s)
+  timeout -k 10 "$RUN_SECS" vng "${vng_args[@]}" "${accel[@]}" \
+    --exec "bash $ROOT/tests/kernel/guest.sh $OUT $BINS '$GUEST_STEPS'" \
+    </dev/null >"$OUT/console.log" 2>&1 &
+  VNG=$!
+  cleanup() { kill "$VNG" 2>/dev/null || true; }
+  trap cleanup EXIT
+  wait_for "$OUT/booted" "$VNG" "$BOOT_SECS" "boot" "$OUT/console.log"
+  say "booted in $(($(date +%s) - boot_start)) s: $(cat "$OUT/booted")"
+  wait "$VNG" || rc=$?
+  trap - EXIT
+fi
+
+# ---------------------------------------------------------------- powercut: two boots
+# A power cut in the middle of copy-ups (tests/kernel/powercut.sh says what the guest does).
+# The layers are on four virtual disks, files in PC (format raw, cache=writeback: what the
+# guest wrote to a disk reached this host's page cache and stays when qemu dies; what it
+# kept in its own page cache dies with qemu, as in a power cut). The first boot makes the
+# layers and changes them through rustfuse; when it writes PC/cut-now, qemu gets SIGKILL
+# (its pid from -pidfile: only that process). The second boot, on the same disks, mounts
+# rustfuse again and reads every file. Each boot has a deadline (POWERCUT_SECS, default 600).
+PC="$OUT/powercut"
+PC_SECS="${POWERCUT_SECS:-600}"
+pc_kill_qemu() { # SIGKILL the qemu of the pidfile, if it is still that qemu
+  local pid
+  pid=$(cat "$PC/qemu.pid" 2>/dev/null) || return 0
+  [ -n "$pid" ] && grep -q '^qemu' "/proc/$pid/comm" 2>/dev/null && kill -KILL "$pid"
+  return 0
+}
+pc_boot() { # pc_boot PHASE: starts a guest running powercut.sh PHASE; its vng's pid in VNG
+  local qopts=("-pidfile" "$PC/qemu.pid") s
+  rm -f "$PC/qemu.pid"
+  for s in delayed rootless burst control; do
+    qopts+=(-drive "if=none,id=pc-$s,file=$PC/$s.img,format=raw,cache=writeback"
+      -device "virtio-blk-pci,drive=pc-$s,serial=pc-$s")
+  done
+  timeout -k 10 "$PC_SECS" vng "${vng_args[@]}" "${accel[@]}" --qemu-opts="${qopts[*]}" \
+    --exec "bash $ROOT/tests/kernel/powercut.sh $1 $PC $BINS" </dev/null >"$PC/console-$1.log" 2>&1 &
+  VNG=$!
+}
+if [ "$POWERCUT" = yes ]; then
+  rm -rf "$PC"
+  mkdir -p "$PC"
+  for s in delayed rootless burst control; do truncate -s 256M "$PC/$s.img"; done
+  cleanup() {
+    pc_kill_qemu
+    kill "$VNG" 2>/dev/null || true
+  }
+  trap cleanup EXIT
+  say "powercut: first boot (layers, copy-ups, then the cut); console in $PC/console-cut.log"
+  t0=$(date +%s)
+  pc_boot cut
+  wait_for "$PC/booted-cut" "$VNG" "$BOOT_SECS" "boot" "$PC/console-cut.log"
+  boot1_booted=$(($(date +%s) - t0))
+  wait_for "$PC/cut-now" "$VNG" "$PC_SECS" "reach the cut" "$PC/console-cut.log"
+  burst_state="in the middle of the burst"
+  [ -f "$PC/burst-done" ] && burst_state="after the burst had finished (not in its middle)"
+  pc_kill_qemu
+  wait "$VNG" || true
+  say "powercut: qemu killed $burst_state, $(($(date +%s) - t0)) s after the start (booted in $boot1_booted s)"
+  echo "CUT $burst_state; $(wc -l <"$PC/burst-fsynced" 2>/dev/null || echo 0) burst fsyncs done" >>"$PC/summary"
+  say "powercut: second boot (recovery, then every file read); console in $PC/console-check.log"
+  t0=$(date +%s)
+  pc_boot check
+  wait_for "$PC/booted-check" "$VNG" "$BOOT_SECS" "boot" "$PC/console-check.log"
+  boot2_booted=$(($(date +%s) - t0))
+  wait "$VNG" || true
+  trap - EXIT
+  say "powercut: second boot done in $(($(date +%s) - t0)) s (booted in $boot2_booted s)"
+  grep -v '^SUMMARY' "$PC/summary" | sed 's/^/   /'
+  for s in delayed rootless burst control bare; do
+    grep -h -E '^(control: lost|[a-z]+: [0-9]+ files|  BAD|  lost)' "$PC/check-$s.log" 2>/dev/null | head -20 | sed 's/^/   /'
+  done
+fi
 
 # ---------------------------------------------------------------- results
-echo "== kernel.sh $VERSION: results (target/kernel/run-$VERSION/results)"
-[ -f "$OUT/results" ] && sed 's/^/   /' "$OUT/results"
-failed=$(awk '$1 == "STEP" && $3 != 0 { print $2 }' "$OUT/results" 2>/dev/null || true)
-for s in $failed; do
-  echo "== step $s failed; the end of $OUT/$s.log:"
-  tail -60 "$OUT/$s.log" | sed 's/^/   /'
-done
 total=$(($(date +%s) - start_all))
-if ! grep -q '^DONE' "$OUT/results" 2>/dev/null; then
-  tail -40 "$OUT/console.log" >&2
-  die "the guest run did not finish (vng exit $rc, within $RUN_SECS s?): console above"
-fi
-if [ -n "$failed" ]; then
+failed=
+dirs=()
+[ "$MAIN" = yes ] && dirs+=("$OUT")
+[ "$POWERCUT" = yes ] && dirs+=("$PC")
+for d in "${dirs[@]}"; do
+  echo "== kernel.sh $VERSION: results (${d#"$ROOT/"}/results)"
+  [ -f "$d/results" ] && sed 's/^/   /' "$d/results"
+  f=$(awk '$1 == "STEP" && $3 != 0 { print $2 }' "$d/results" 2>/dev/null || true)
+  for s in $f; do
+    echo "== step $s failed; the end of its log (in $d):"
+    case "$s" in
+      powercut-ops) tail -60 "$d/guest-cut.log" ;;
+      # The set's part of the second boot's log (its check's output is in it).
+      powercut-*) awk -v s="== ${s#powercut-}" '$0 == s { p = 1; next } /^== / { p = 0 } p' "$d/guest-check.log" | tail -60 ;;
+      *) tail -60 "$d/$s.log" ;;
+    esac | sed 's/^/   /'
+  done
+  failed="$failed $f"
+  if ! grep -q '^DONE' "$d/results" 2>/dev/null; then
+    console="$d/console.log"
+    [ "$d" = "$PC" ] && console="$PC/console-check.log"
+    tail -40 "$console" | tr -d '\000' >&2
+    die "the guest run did not finish (vng exit $rc, within its deadline?): console above, logs in $d"
+  fi
+done
+if [ -n "${failed// /}" ]; then
   die "steps failed on Linux $KVER: $(echo $failed) ($total s)"
 fi
-passed=$(grep -c '^STEP' "$OUT/results")
+# The disks are kept for a look when a powercut step failed, else removed (~200 MiB).
+[ "$POWERCUT" = yes ] && rm -f "$PC"/*.img
+passed=$(cat "${dirs[@]/%//results}" | grep -c '^STEP')
 say "all $passed steps passed on Linux $KVER in $total s"

@@ -56,6 +56,8 @@ echo "== fuzz: a short run of every cargo-fuzz target"
 FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash tests/fuzz.sh
 echo "== Linux 5.10 booted under qemu: the kernel-facing tests there (tests/kernel.sh)"
 CI=true bash tests/kernel.sh 5.10
+echo "== Linux 5.10 under qemu: a power cut in the middle of copy-ups, two boots (tests/kernel/powercut.sh)"
+CI=true KERNEL_STEPS=powercut bash tests/kernel.sh 5.10
 echo "== Linux 4.15 (Ubuntu 18.04) booted under qemu: the root steps there (tests/kernel.sh)"
 CI=true bash tests/kernel.sh 4.15
 echo "== done"

@@ -37,7 +37,8 @@
 #                  RUSTFUSE_TEST_BUILDAH_SIZE=small: a tenth of the files, the same steps),
 #                  checked against what its Dockerfile must produce; about 16 minutes under TCG
 #                  on a loaded 2-core host (buildah bud 748 s of its 963)
-# Not run here: the scale, load, crash-loop, fuzz and BuildKit stages (they test the daemon's
+# Not run here: powercut (two boots of its own, on virtual disks: kernel.sh and powercut.sh);
+# the scale, load, crash-loop, fuzz and BuildKit stages (they test the daemon's
 # own logic, which does not change with the kernel, and would not fit in TCG time).
 set -uo pipefail
 OUT="$1"
