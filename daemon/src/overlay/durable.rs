@@ -17,8 +17,10 @@
 //! a crash every copy that appeared but was not synced carries its mark. At the next mount
 //! ([`recover`]), when the flag is there, the upper layer is searched for marks: a copy marked
 //! in this boot (the daemon was killed; the page cache kept what it wrote) is synced and
-//! kept; one marked in an earlier boot (a power cut: its data may be lost) gets its lower
-//! file's content again, the content the file had before the copy-up. A user's fsync of a
+//! kept; one marked in an earlier boot (a power cut: its data may be lost) is kept if it
+//! begins with its lower file's whole content (the copy survived: what follows is the user's
+//! writes as the crash left them, as with any file), else it gets its lower file's content
+//! again, the content the file had before the copy-up. A user's fsync of a
 //! file still queued syncs it and removes its mark first ([`Syncer::fsync`]), so data a user
 //! synced is never replaced by the lower content. A clean unmount drains the queue and
 //! removes the flag.
@@ -358,6 +360,9 @@ impl Shared {
 pub(crate) struct Recovered {
     /// Copies of this boot, synced and kept.
     pub synced: usize,
+    /// Copies of an earlier boot found whole (they begin with their lower file's content),
+    /// synced and kept.
+    pub whole: usize,
     /// Copies of an earlier boot, given their lower file's content again.
     pub restored: usize,
     /// Marked copies left as they are (their lower file is gone, a bad mark, an error).
@@ -417,8 +422,9 @@ pub(crate) fn recover(
             };
             let here = path.join(&name);
             match recover_one(sys, dir.as_fd(), &name, &v, boot.as_deref(), lowers) {
-                Ok(true) => done.restored += 1,
-                Ok(false) => done.synced += 1,
+                Ok(Outcome::Synced) => done.synced += 1,
+                Ok(Outcome::Whole) => done.whole += 1,
+                Ok(Outcome::Restored) => done.restored += 1,
                 Err(e) => {
                     tracing::error!(path = ?here, error = %e, "a copy-up not synced before a crash could not be made whole: left as it is");
                     done.failed += 1;
@@ -434,9 +440,22 @@ pub(crate) fn recover(
     Ok(done)
 }
 
-/// One marked copy: synced as it is (made in this boot: false), or given the lower file's
-/// content (true). A copy that cannot be restored (its lower file is gone, a bad mark) is
-/// left as it is, its mark removed, and the error returned.
+/// What [`recover_one`] did with a marked copy.
+enum Outcome {
+    /// Made in this boot (the page cache kept it): synced as it is.
+    Synced,
+    /// Made in an earlier boot, and it begins with its lower file's whole content: synced
+    /// as it is (what follows is the user's writes, as the crash left them, as with any
+    /// file; data a `sync(2)` made durable is kept).
+    Whole,
+    /// Made in an earlier boot and damaged (empty, short, zeros where data was) or changed
+    /// within the old content: given its lower file's content again.
+    Restored,
+}
+
+/// One marked copy, synced as it is or given its lower file's content again (see
+/// [`Outcome`]). A copy that cannot be checked or restored (its lower file is gone, a bad
+/// mark) is left as it is, its mark removed, and the error returned.
 fn recover_one(
     sys: &Sys,
     dir: BorrowedFd<'_>,
@@ -444,36 +463,70 @@ fn recover_one(
     mark: &[u8],
     boot: Option<&str>,
     lowers: &[Layer],
-) -> Result<bool> {
-    let out = sys.open_at(dir, name, OFlags::WRONLY, 0)?;
-    let restored = match parse_mark(mark) {
-        Some((made, _, _)) if boot == Some(made) => Ok(false),
-        Some((_, layer, path)) => restore(sys, out.as_fd(), layer, &path, lowers).map(|()| true),
+) -> Result<Outcome> {
+    let out = sys.open_at(dir, name, OFlags::RDWR, 0)?;
+    let outcome = match parse_mark(mark) {
+        Some((made, _, _)) if boot == Some(made) => Ok(Outcome::Synced),
+        Some((_, layer, path)) => lowers
+            .get(layer as usize)
+            .ok_or(Errno::NOENT)
+            .and_then(|l| sys.open_at(l.fd.as_fd(), path.as_os_str(), OFlags::RDONLY, 0))
+            .and_then(|input| {
+                if begins_with(sys, out.as_fd(), input.as_fd())? {
+                    Ok(Outcome::Whole)
+                } else {
+                    restore(sys, out.as_fd(), input.as_fd()).map(|()| Outcome::Restored)
+                }
+            }),
         None => Err(Errno::INVAL),
     };
     sys.fsync(out.as_fd(), false)?;
     clear_mark(sys, out.as_fd());
     sys.fsync(out.as_fd(), false)?;
-    restored
+    outcome
 }
 
-/// Copy lower layer `layer`'s file at `path` into `out`, keeping `out`'s times, set-id bits
-/// and file capabilities.
-fn restore(
-    sys: &Sys,
-    out: BorrowedFd<'_>,
-    layer: u16,
-    path: &Path,
-    lowers: &[Layer],
-) -> Result<()> {
-    let lower = lowers.get(layer as usize).ok_or(Errno::NOENT)?;
-    let input = sys.open_at(lower.fd.as_fd(), path.as_os_str(), OFlags::RDONLY, 0)?;
-    let len = sys.fstat(input.as_fd())?.st_size.max(0) as u64;
+/// Whether the file `copy` begins with the whole content of `lower`.
+fn begins_with(sys: &Sys, copy: BorrowedFd<'_>, lower: BorrowedFd<'_>) -> Result<bool> {
+    let len = sys.fstat(lower)?.st_size.max(0) as u64;
+    if (sys.fstat(copy)?.st_size.max(0) as u64) < len {
+        return Ok(false);
+    }
+    const CHUNK: usize = 1 << 20;
+    let (mut a, mut b) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    let mut off = 0u64;
+    while off < len {
+        let want = ((len - off) as usize).min(CHUNK);
+        let n = read_full(sys, lower, &mut a[..want], off)?;
+        if n < want || read_full(sys, copy, &mut b[..want], off)? < want || a[..want] != b[..want] {
+            return Ok(false);
+        }
+        off += want as u64;
+    }
+    Ok(true)
+}
+
+/// `buf.len()` bytes from `off`, fewer only at the end of the file.
+fn read_full(sys: &Sys, fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match sys.pread(fd, &mut buf[done..], off + done as u64)? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    Ok(done)
+}
+
+/// Copy the lower file `input` into `out`, keeping `out`'s times, set-id bits and file
+/// capabilities.
+fn restore(sys: &Sys, out: BorrowedFd<'_>, input: BorrowedFd<'_>) -> Result<()> {
+    let len = sys.fstat(input)?.st_size.max(0) as u64;
     let before = sys.fstat(out)?;
     // Writing strips set-id bits and file capabilities: put them back after the copy.
     let caps = sys.fgetxattr(out, OsStr::new(CAPS)).ok();
     sys.ftruncate(out, 0)?;
-    copy_data(sys, input.as_fd(), out, len, true)?;
+    copy_data(sys, input, out, len, true)?;
     if before.st_mode & 0o6000 != 0 {
         sys.fchmod(out, before.st_mode & 0o7777)?;
     }

@@ -513,9 +513,10 @@ impl Overlay {
                 match durable::recover(&sys, wfd.as_fd(), ufd.as_fd(), &lowers) {
                     Ok(r) if r != durable::Recovered::default() => tracing::warn!(
                         synced = r.synced,
+                        whole = r.whole,
                         restored = r.restored,
                         failed = r.failed,
-                        "copy-ups not synced before a crash: those of this boot synced, those of an earlier boot given their lower content again"
+                        "copy-ups not synced before a crash: those of this boot synced, those of an earlier boot kept if whole, else given their lower content again"
                     ),
                     Ok(_) => {}
                     Err(e) => {

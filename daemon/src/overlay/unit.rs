@@ -684,6 +684,19 @@ fn a_mount_after_a_crash_syncs_this_boots_copies_and_restores_earlier_ones() {
     .unwrap();
     set_unsynced_mark(&l.p("upper/moved/r"), b"earlier-boot 0 d/renamed");
     let mtime = fs::metadata(l.p("upper/moved/r")).unwrap().mtime();
+    // One of an earlier boot that survived whole, with a user's write after it (made
+    // durable by a sync(2), which never reaches the daemon): kept as it is.
+    fs::write(l.p("lower/d/whole"), &lower).unwrap();
+    let mut grown = lower.clone();
+    grown.extend_from_slice(b"appended");
+    fs::write(l.p("upper/d/whole"), &grown).unwrap();
+    set_unsynced_mark(&l.p("upper/d/whole"), b"earlier-boot 0 d/whole");
+    // One changed within the old content: not whole, the lower content again.
+    fs::write(l.p("lower/d/changed"), &lower).unwrap();
+    let mut changed = lower.clone();
+    changed[1000] = 9;
+    fs::write(l.p("upper/d/changed"), &changed).unwrap();
+    set_unsynced_mark(&l.p("upper/d/changed"), b"earlier-boot 0 d/changed");
     // One whose lower file is gone: left as it is.
     fs::write(l.p("upper/d/gone"), b"partial").unwrap();
     set_unsynced_mark(&l.p("upper/d/gone"), b"earlier-boot 0 d/gone");
@@ -696,7 +709,16 @@ fn a_mount_after_a_crash_syncs_this_boots_copies_and_restores_earlier_ones() {
     let m = fs::metadata(l.p("upper/moved/r")).unwrap();
     assert_eq!((m.mode() & 0o7777, m.mtime()), (0o640, mtime));
     assert_eq!(fs::read(l.p("upper/d/gone")).unwrap(), b"partial");
-    for n in ["d/kept", "d/cut", "moved/r", "d/gone"] {
+    assert_eq!(fs::read(l.p("upper/d/whole")).unwrap(), grown);
+    assert_eq!(fs::read(l.p("upper/d/changed")).unwrap(), lower);
+    for n in [
+        "d/kept",
+        "d/cut",
+        "moved/r",
+        "d/gone",
+        "d/whole",
+        "d/changed",
+    ] {
         assert_eq!(unsynced_mark(&l.p(&format!("upper/{n}"))), None, "{n}");
     }
     assert!(!l.p("work").join(durable::UNSYNCED_FLAG).exists());
