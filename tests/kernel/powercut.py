@@ -7,7 +7,7 @@
   powercut.py check MNT SET strict|control|reference [--fsynced L]
                                    reads every file through a mount after the cut
   powercut.py marks UPPER WORKDIR  the copies the daemon has not synced yet: its flag file
-                                   (WORKDIR/rustfuse-unsynced) and the upper files with a mark
+                                   (WORKDIR/rustfuse-unsynced.PID) and the upper files with a mark
 
 Every file's content comes from its path (shake-256 of it), so the checker recomputes what
 "old" and "new" are: old is the lower file, new is old plus one appended line. The plan
@@ -265,7 +265,7 @@ MARKS = ["trusted.overlay.rustfuse.unsynced", "user.overlay.rustfuse.unsynced"]
 
 
 def marks(upper, workdir):
-    flag = os.path.lexists(os.path.join(workdir, "rustfuse-unsynced"))
+    flag = any(n.startswith("rustfuse-unsynced") for n in os.listdir(workdir))
     marked = []
     for top, _, files in os.walk(upper):
         for f in files:

@@ -26,7 +26,7 @@
 #   rootless and control, waits 3 s (journal commits: the renames into place are on disk),
 #   starts the burst and writes OUT/cut-now after a quarter of it; kernel.sh then kills qemu.
 # check (second boot): mounts the disks (the journal replays), counts each set's copies left
-#   unsynced (the flag <workdir>/rustfuse-unsynced, the upper files with a mark: what the
+#   unsynced (the flag <workdir>/rustfuse-unsynced.PID, the upper files with a mark: what the
 #   recovery has to do), mounts rustfuse again (its recovery runs), reads every file
 #   through the mount: each must read its old or its new content (a file appended to and
 #   fsynced before the cut: new), nothing empty or partial; after a clean unmount no flag and

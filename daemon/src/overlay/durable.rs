@@ -5,8 +5,9 @@
 //! copy-up of a regular file is built as before, then, instead of an fsync on the request
 //! path:
 //!
-//! 1. once per mount, the flag file `<workdir>/rustfuse-unsynced` is made: "this upper
-//!    layer may hold copies not synced yet";
+//! 1. once per mount, the flag file `<workdir>/rustfuse-unsynced.PID` is made: "this upper
+//!    layer may hold copies not synced yet" (one per daemon: a daemon still draining after
+//!    its unmount must not remove the flag of the next mount of the same layers);
 //! 2. the copy gets the mark [`UNSYNCED_XATTRS`] (`BOOT LAYER PATH`: this boot's id, and
 //!    where its data came from: the lower layer's index and the file's path in it);
 //! 3. the copy is renamed into place and the request answered; the copy's fd goes to the
@@ -49,9 +50,17 @@ pub(crate) const UNSYNCED_XATTRS: [&str; 2] = [
     "trusted.overlay.rustfuse.unsynced",
     "user.overlay.rustfuse.unsynced",
 ];
-/// `<workdir>/rustfuse-unsynced`: present while copies may be unsynced (from the first
-/// deferred copy-up of a mount to its clean end).
+/// `<workdir>/rustfuse-unsynced.PID`: present while a daemon's copies may be unsynced (from
+/// its first deferred copy-up to its clean end). Recovery acts on any name with this stem.
 pub(crate) const UNSYNCED_FLAG: &str = "rustfuse-unsynced";
+
+/// Whether a workdir entry is a flag (of any daemon).
+fn is_flag(name: &[u8]) -> bool {
+    name == UNSYNCED_FLAG.as_bytes()
+        || name
+            .strip_prefix(UNSYNCED_FLAG.as_bytes())
+            .is_some_and(|rest| rest.starts_with(b"."))
+}
 /// For tests: the syncer leaves a copy unsynced for this many milliseconds (so a test can
 /// cut the power while copies are published but not synced).
 pub const DELAY_ENV: &str = "RUSTFUSE_SYNC_DELAY_MS";
@@ -119,6 +128,8 @@ struct Shared {
     sys: Arc<Sys>,
     /// The workdir, where the flag is.
     workdir: OwnedFd,
+    /// This daemon's flag: `rustfuse-unsynced.PID`.
+    flag: OsString,
     boot: String,
     delay: Duration,
     state: Mutex<State>,
@@ -169,6 +180,7 @@ impl Syncer {
         let shared = Arc::new(Shared {
             sys,
             workdir,
+            flag: OsString::from(format!("{UNSYNCED_FLAG}.{}", std::process::id())),
             boot,
             delay,
             state: Mutex::new(State::default()),
@@ -198,7 +210,7 @@ impl Syncer {
         }
         if !st.flag {
             if let Err(e) = sh.make_flag() {
-                tracing::warn!(error = %e, "cannot make {UNSYNCED_FLAG} in the workdir: copy-ups sync on the request path");
+                tracing::warn!(flag = ?sh.flag, error = %e, "cannot make the flag in the workdir: copy-ups sync on the request path");
                 return None;
             }
             st.flag = true;
@@ -267,11 +279,12 @@ impl Drop for Syncer {
         }
         let st = sh.state.lock();
         if st.flag && !st.failed {
-            if let Err(e) = sh
-                .sys
-                .unlink_at(sh.workdir.as_fd(), OsStr::new(UNSYNCED_FLAG))
-            {
-                tracing::warn!(error = %e, "cannot remove {UNSYNCED_FLAG} from the workdir");
+            // Gone already when the next mount's recovery ran while this one drained.
+            match sh.sys.unlink_at(sh.workdir.as_fd(), &sh.flag) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(e) => {
+                    tracing::warn!(flag = ?sh.flag, error = %e, "cannot remove the flag from the workdir")
+                }
             }
         }
     }
@@ -281,12 +294,10 @@ impl Shared {
     /// The flag file (a plain mknod: no open). Not synced: a journaled filesystem commits it
     /// before the marks and renames that follow, as it commits each mark before its rename.
     fn make_flag(&self) -> Result<()> {
-        match self.sys.mknod_at(
-            self.workdir.as_fd(),
-            OsStr::new(UNSYNCED_FLAG),
-            libc::S_IFREG | 0o600,
-            0,
-        ) {
+        match self
+            .sys
+            .mknod_at(self.workdir.as_fd(), &self.flag, libc::S_IFREG | 0o600, 0)
+        {
             Ok(()) | Err(Errno::EXIST) => Ok(()),
             Err(e) => Err(e),
         }
@@ -379,10 +390,18 @@ pub(crate) fn recover(
     lowers: &[Layer],
 ) -> Result<Recovered> {
     let mut done = Recovered::default();
-    match sys.stat_at(workdir, OsStr::new(UNSYNCED_FLAG)) {
-        Ok(_) => {}
-        Err(Errno::NOENT) => return Ok(done),
-        Err(e) => return Err(e),
+    let mut flags = Vec::new();
+    {
+        let mut stream = sys.open_dir_stream(workdir)?;
+        while let Some(ent) = stream.read() {
+            let ent = ent?;
+            if is_flag(ent.file_name().to_bytes()) {
+                flags.push(OsStr::from_bytes(ent.file_name().to_bytes()).to_os_string());
+            }
+        }
+    }
+    if flags.is_empty() {
+        return Ok(done);
     }
     let boot = boot_id();
     let mut marks_left = false;
@@ -433,9 +452,15 @@ pub(crate) fn recover(
             }
         }
     }
-    // The flag stays while a mark does (the next mount tries again).
+    // The flags stay while a mark does (the next mount tries again). One may be gone
+    // already: its daemon was still draining after its unmount, and ended.
     if !marks_left {
-        sys.unlink_at(workdir, OsStr::new(UNSYNCED_FLAG))?;
+        for f in flags {
+            match sys.unlink_at(workdir, &f) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
     Ok(done)
 }
@@ -539,6 +564,25 @@ fn restore(sys: &Sys, out: BorrowedFd<'_>, input: BorrowedFd<'_>) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flags_are_told_by_their_stem() {
+        for n in [
+            "rustfuse-unsynced",
+            "rustfuse-unsynced.123",
+            "rustfuse-unsynced.x",
+        ] {
+            assert!(is_flag(n.as_bytes()), "{n}");
+        }
+        for n in [
+            "rustfuse-unsynced-1",
+            "rustfuse-unsyncedx",
+            "work",
+            "rustfuse-index",
+        ] {
+            assert!(!is_flag(n.as_bytes()), "{n}");
+        }
+    }
 
     #[test]
     fn marks_read_back() {

@@ -524,7 +524,7 @@ impl Overlay {
                             "workdir",
                             w,
                             format!(
-                                "cannot recover the copy-ups a crash left unsynced ({}): {}",
+                                "cannot recover the copy-ups a crash left unsynced ({}.*): {}",
                                 durable::UNSYNCED_FLAG,
                                 errstr(e)
                             ),

@@ -582,6 +582,16 @@ fn unsynced_mark(path: &Path) -> Option<Vec<u8>> {
     })
 }
 
+/// Whether the layers' workdir holds a flag of unsynced copies (any daemon's).
+fn has_flag(l: &Layers) -> bool {
+    fs::read_dir(l.p("work")).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(durable::UNSYNCED_FLAG)
+    })
+}
+
 fn set_unsynced_mark(path: &Path, value: &[u8]) {
     let dir = fs::File::open(path.parent().unwrap()).unwrap();
     let sys = Sys::default();
@@ -604,7 +614,7 @@ fn copy_ups_are_synced_in_the_background_and_unmarked() {
     ov.setattr(f.ino, None, chmod_only(0o600)).unwrap();
     assert_eq!(fs::read(l.p("upper/d/f")).unwrap(), b"old content");
     assert!(
-        l.p("work").join(durable::UNSYNCED_FLAG).exists(),
+        has_flag(&l),
         "the flag is there while copies may be unsynced"
     );
     ov.syncer.as_ref().unwrap().flush();
@@ -619,7 +629,7 @@ fn copy_ups_are_synced_in_the_background_and_unmarked() {
     ov.setattr(g.ino, None, chmod_only(0o600)).unwrap();
     drop(ov);
     assert_eq!(unsynced_mark(&l.p("upper/g")), None);
-    assert!(!l.p("work").join(durable::UNSYNCED_FLAG).exists());
+    assert!(!has_flag(&l));
 }
 
 #[test]
@@ -649,11 +659,11 @@ fn a_failed_background_sync_keeps_the_mark_until_the_user_syncs() {
     ov.release(h);
     drop(ov);
     assert!(
-        l.p("work").join(durable::UNSYNCED_FLAG).exists(),
+        has_flag(&l),
         "after a failed sync the flag stays for the next mount"
     );
     let _again = l.overlay();
-    assert!(!l.p("work").join(durable::UNSYNCED_FLAG).exists());
+    assert!(!has_flag(&l));
     assert_eq!(fs::read(l.p("upper/f")).unwrap(), b"old new");
 }
 
@@ -721,11 +731,38 @@ fn a_mount_after_a_crash_syncs_this_boots_copies_and_restores_earlier_ones() {
     ] {
         assert_eq!(unsynced_mark(&l.p(&format!("upper/{n}"))), None, "{n}");
     }
-    assert!(!l.p("work").join(durable::UNSYNCED_FLAG).exists());
+    assert!(!has_flag(&l));
     // Without the flag nothing is searched: a mark alone is not acted on.
     drop(ov);
     fs::write(l.p("upper/d/cut"), b"x").unwrap();
     set_unsynced_mark(&l.p("upper/d/cut"), b"earlier-boot 0 d/cut");
     let _ov = l.overlay();
     assert_eq!(fs::read(l.p("upper/d/cut")).unwrap(), b"x");
+}
+
+#[test]
+fn a_mount_recovers_beside_a_daemon_still_draining() {
+    // The daemon of the last mount of these layers may still be draining after its unmount
+    // when the next mount starts: the new mount syncs that daemon's marked copies (this
+    // boot) and removes its flag, and the old daemon's end finds its flag gone.
+    let l = Layers::new("durable-draining");
+    fs::write(l.p("lower/f"), b"lower").unwrap();
+    fs::write(l.p("lower/g"), b"g").unwrap();
+    let old = l.overlay();
+    let g = old.lookup(ROOT_INO, OsStr::new("g")).unwrap();
+    old.setattr(g.ino, None, chmod_only(0o600)).unwrap();
+    assert!(has_flag(&l));
+    // Another daemon's flag and marked copy, as a daemon that is still draining leaves them.
+    fs::write(l.p("upper/f"), b"lower+new").unwrap();
+    let boot = durable::boot_id().unwrap();
+    set_unsynced_mark(&l.p("upper/f"), format!("{boot} 0 f").as_bytes());
+    fs::write(l.p("work/rustfuse-unsynced.999999999"), b"").unwrap();
+    let new = l.overlay();
+    assert!(!has_flag(&l), "every flag seen is removed");
+    assert_eq!(unsynced_mark(&l.p("upper/f")), None);
+    assert_eq!(fs::read(l.p("upper/f")).unwrap(), b"lower+new");
+    drop(old);
+    assert!(!has_flag(&l));
+    drop(new);
+    assert_eq!(unsynced_mark(&l.p("upper/g")), None);
 }
