@@ -4,10 +4,10 @@
 //! hands a request to the reader that has waited longest. When requests come one at a time
 //! (one process doing one system call after another) that is the coldest thread, often on
 //! the other CPU: on a small VM a round trip between two processes costs ~58 us across two
-//! vCPUs against ~6 us on one, more than the request itself. The pacer keeps one reader while requests come one at a time: a
-//! thread that finishes a request while another thread already waits in read parks here
-//! instead of going back to read, so the thread that served the last request is the one the
-//! kernel wakes next. More threads come in only when they are needed:
+//! vCPUs against ~6 us on one, more than the request itself. The pacer keeps one reader while
+//! requests come one at a time: a thread that finishes a request while another thread already
+//! waits in read parks here instead of going back to read, so the thread that served the last
+//! request is the one the kernel wakes next. More threads come in only when they are needed:
 //! - a request begins while others already wait in the device queue: a parked thread (the
 //!   most recently parked, the warmest) goes back to read at once;
 //! - a request that may take long begins (a copy-up, an fsync, a large read or write) while no

@@ -351,23 +351,13 @@ impl Overlay {
         skip_data: bool,
     ) -> Result<Loc> {
         let out = upper.open(&self.sys, OFlags::WRONLY)?;
-        let before = self.sys.fstat(out.as_fd())?;
-        // Writing strips set-id bits and file capabilities: put them back after the copy.
-        let caps = upper.getxattr(&self.sys, OsStr::new(CAPS)).ok();
-        if skip_data {
-            self.sys.ftruncate(out.as_fd(), 0)?;
-        } else {
-            self.fill(st.data()?, before.st_size, out.as_fd())?;
-        }
-        if before.st_mode & 0o6000 != 0 {
-            self.sys.fchmod(out.as_fd(), before.st_mode & 0o7777)?;
-        }
-        if let Some(v) = caps {
-            self.sys.fsetxattr(out.as_fd(), OsStr::new(CAPS), &v, 0)?;
-        }
-        // Copying the data is not a change of the file: keep its times.
-        self.sys
-            .futimens(out.as_fd(), atime_of(&before), mtime_of(&before))?;
+        rewrite_data(&self.sys, out.as_fd(), |before| {
+            if skip_data {
+                self.sys.ftruncate(out.as_fd(), 0)
+            } else {
+                self.fill(st.data()?, before.st_size, out.as_fd())
+            }
+        })?;
         if self.opts.fsync {
             self.sys.fsync(out.as_fd(), false)?;
         }
@@ -571,7 +561,27 @@ fn set_first_permitted(
 }
 
 /// File capabilities, which a write clears.
-pub(crate) const CAPS: &str = "security.capability";
+const CAPS: &str = "security.capability";
+
+/// Write the data of the file open as `out` anew with `write` (given the file's stat from
+/// before), as a copy of data does: the set-id bits and file capabilities a write clears are
+/// put back, and the times kept (copying data is not a change of the file).
+pub(crate) fn rewrite_data(
+    sys: &Sys,
+    out: BorrowedFd<'_>,
+    write: impl FnOnce(&sys::Stat) -> Result<()>,
+) -> Result<()> {
+    let before = sys.fstat(out)?;
+    let caps = sys.fgetxattr(out, OsStr::new(CAPS)).ok();
+    write(&before)?;
+    if before.st_mode & 0o6000 != 0 {
+        sys.fchmod(out, before.st_mode & 0o7777)?;
+    }
+    if let Some(v) = caps {
+        sys.fsetxattr(out, OsStr::new(CAPS), &v, 0)?;
+    }
+    sys.futimens(out, atime_of(&before), mtime_of(&before))
+}
 
 /// What a copy-up brings up of a file's data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

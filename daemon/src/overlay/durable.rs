@@ -39,7 +39,8 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::Layer;
-use super::copyup::{CAPS, atime_of, copy_data, mtime_of};
+use super::copyup::{copy_data, rewrite_data};
+use super::tree;
 use super::{Errno, Result};
 use crate::sys::{FileType, OFlags, Sys};
 
@@ -390,16 +391,11 @@ pub(crate) fn recover(
     lowers: &[Layer],
 ) -> Result<Recovered> {
     let mut done = Recovered::default();
-    let mut flags = Vec::new();
-    {
-        let mut stream = sys.open_dir_stream(workdir)?;
-        while let Some(ent) = stream.read() {
-            let ent = ent?;
-            if is_flag(ent.file_name().to_bytes()) {
-                flags.push(OsStr::from_bytes(ent.file_name().to_bytes()).to_os_string());
-            }
-        }
-    }
+    let flags: Vec<OsString> = tree::list(sys, workdir)?
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| is_flag(n.as_bytes()))
+        .collect();
     if flags.is_empty() {
         return Ok(done);
     }
@@ -410,19 +406,7 @@ pub(crate) fn recover(
         PathBuf::new(),
     )];
     while let Some((dir, path)) = dirs.pop() {
-        let mut names: Vec<(OsString, FileType)> = Vec::new();
-        {
-            let mut stream = sys.open_dir_stream(dir.as_fd())?;
-            while let Some(ent) = stream.read() {
-                let ent = ent?;
-                let n = ent.file_name().to_bytes();
-                if n == b"." || n == b".." {
-                    continue;
-                }
-                names.push((OsStr::from_bytes(n).to_os_string(), ent.file_type()));
-            }
-        }
-        for (name, mut ft) in names {
+        for (name, mut ft) in tree::list(sys, dir.as_fd())? {
             if ft == FileType::Unknown {
                 ft = match sys.stat_at(dir.as_fd(), &name) {
                     Ok(s) => FileType::from_raw_mode(s.st_mode),
@@ -547,18 +531,10 @@ fn read_full(sys: &Sys, fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> Result<
 /// capabilities.
 fn restore(sys: &Sys, out: BorrowedFd<'_>, input: BorrowedFd<'_>) -> Result<()> {
     let len = sys.fstat(input)?.st_size.max(0) as u64;
-    let before = sys.fstat(out)?;
-    // Writing strips set-id bits and file capabilities: put them back after the copy.
-    let caps = sys.fgetxattr(out, OsStr::new(CAPS)).ok();
-    sys.ftruncate(out, 0)?;
-    copy_data(sys, input, out, len, true)?;
-    if before.st_mode & 0o6000 != 0 {
-        sys.fchmod(out, before.st_mode & 0o7777)?;
-    }
-    if let Some(v) = caps {
-        sys.fsetxattr(out, OsStr::new(CAPS), &v, 0)?;
-    }
-    sys.futimens(out, atime_of(&before), mtime_of(&before))
+    rewrite_data(sys, out, |_| {
+        sys.ftruncate(out, 0)?;
+        copy_data(sys, input, out, len, true).map(drop)
+    })
 }
 
 #[cfg(test)]

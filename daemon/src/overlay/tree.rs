@@ -100,25 +100,25 @@ pub(crate) fn tmp_name(n: u64) -> OsString {
     OsString::from(format!("#{:x}-{n:x}", std::process::id()))
 }
 
-/// Remove everything inside a directory (not the directory itself).
-pub(crate) fn remove_tree_contents(sys: &Sys, dir: BorrowedFd<'_>) -> Result<()> {
+/// The names in a directory (not `.` and `..`) and their types as the listing gives them
+/// (`Unknown` where the filesystem does not say).
+pub(crate) fn list(sys: &Sys, dir: BorrowedFd<'_>) -> Result<Vec<(OsString, sys::FileType)>> {
     let mut names = Vec::new();
-    {
-        let mut stream = sys.open_dir_stream(dir)?;
-        while let Some(ent) = stream.read() {
-            let ent = ent?;
-            let n = ent.file_name().to_bytes();
-            if n == b"." || n == b".." {
-                continue;
-            }
-            names.push((
-                OsStr::from_bytes(n).to_os_string(),
-                ent.file_type() == sys::FileType::Directory,
-            ));
+    let mut stream = sys.open_dir_stream(dir)?;
+    while let Some(ent) = stream.read() {
+        let ent = ent?;
+        let n = ent.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push((OsStr::from_bytes(n).to_os_string(), ent.file_type()));
         }
     }
-    for (n, is_dir) in names {
-        if is_dir {
+    Ok(names)
+}
+
+/// Remove everything inside a directory (not the directory itself).
+pub(crate) fn remove_tree_contents(sys: &Sys, dir: BorrowedFd<'_>) -> Result<()> {
+    for (n, ft) in list(sys, dir)? {
+        if ft == sys::FileType::Directory {
             let sub = sys.open_path_at(dir, &n)?;
             remove_tree_contents(sys, sub.as_fd())?;
             sys.rmdir_at(dir, &n)?;
