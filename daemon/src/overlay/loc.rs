@@ -14,6 +14,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::Mutex;
 
 use super::Result;
+use super::probe::LowerNames;
 use crate::sys::{Errno, OFlags, Stat, Sys, Timespec};
 
 /// A directory in one layer.
@@ -26,6 +27,8 @@ pub struct DirHandle {
     used: AtomicBool,
     /// The cache of the overlay this handle belongs to.
     cache: Arc<DirFdCache>,
+    /// A lower directory's kept listing (see [`LowerNames`]); never used for the upper layer.
+    pub names: LowerNames,
 }
 
 /// The directory fds one overlay holds open, within a budget; reopens go through the
@@ -105,6 +108,7 @@ impl DirHandle {
             fd: Mutex::new(Some(fd)),
             used: AtomicBool::new(true),
             cache: cache.clone(),
+            names: LowerNames::default(),
         })
     }
 
@@ -115,6 +119,7 @@ impl DirHandle {
             fd: Mutex::new(Some(Arc::new(fd))),
             used: AtomicBool::new(true),
             cache: parent.cache.clone(),
+            names: LowerNames::default(),
         });
         h.cache.insert(&h);
         h
@@ -140,6 +145,20 @@ impl DirHandle {
         drop(slot);
         self.cache.insert(self);
         Ok(fd)
+    }
+
+    /// The same directory as `other`: the same handle, or one reached the same way (the same
+    /// parent handle and name). For lower directories, which never change.
+    pub fn same_dir(self: &Arc<Self>, other: &Arc<DirHandle>) -> bool {
+        if Arc::ptr_eq(self, other) {
+            return true;
+        }
+        let a = self.origin.lock().clone();
+        let b = other.origin.lock().clone();
+        match (a, b) {
+            (Some((pa, na)), Some((pb, nb))) => Arc::ptr_eq(&pa, &pb) && na == nb,
+            _ => false,
+        }
     }
 
     /// Its path from the layer root (`""` for the root), from the names it is reached by.

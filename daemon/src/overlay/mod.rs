@@ -1005,7 +1005,7 @@ impl Overlay {
         let parts = match target {
             Target::Name(n) => {
                 return Ok(TargetStep {
-                    probe: probe::probe_lower(&self.sys, layer, dfd.as_fd(), n, hint)?,
+                    probe: probe::probe_lower(&self.sys, layer, dfd.as_fd(), &dir.names, n, hint)?,
                     dir: dir.clone(),
                     fd: dfd.clone(),
                     name: n.clone(),
@@ -1032,7 +1032,7 @@ impl Overlay {
                 target: next.clone(),
                 redirected,
             };
-            match probe::probe(&self.sys, cfd.as_fd(), part)? {
+            match probe::probe_lower(&self.sys, layer, cfd.as_fd(), &cur.names, part, None)? {
                 Probe::Entry(st) if Kind::from_mode(st.st_mode) == Kind::Dir => {}
                 Probe::Absent => return Ok(step(Probe::Absent)),
                 _ => return Ok(step(Probe::NotDir)),
@@ -1054,7 +1054,7 @@ impl Overlay {
             cur = child;
         }
         Ok(TargetStep {
-            probe: probe::probe(&self.sys, cfd.as_fd(), last)?,
+            probe: probe::probe_lower(&self.sys, layer, cfd.as_fd(), &cur.names, last, None)?,
             dir: cur,
             fd: cfd,
             name: last.clone(),
@@ -1230,7 +1230,7 @@ impl Overlay {
             if below.is_some_and(|b| layer <= b) {
                 continue;
             }
-            match probe::probe_lower(&self.sys, layer, dfd.as_fd(), name, hint)? {
+            match probe::probe_lower(&self.sys, layer, dfd.as_fd(), &lh.names, name, hint)? {
                 Probe::Entry(st) if Kind::from_mode(st.st_mode) == Kind::File => {
                     let loc = Loc::At(lh.clone(), name.to_os_string());
                     // Never a metacopy as the data (it holds none), whatever the mount says.
@@ -1272,8 +1272,8 @@ impl Overlay {
     /// Is the name visible in some lower layer under `parent` (so removing or renaming the
     /// upper entry must leave a whiteout)?
     pub(crate) fn lower_positive(&self, parent: &NodeState, name: &OsStr) -> Result<bool> {
-        for (_, _, dfd) in parent.lower_dirs()? {
-            match probe::probe(&self.sys, dfd.as_fd(), name)? {
+        for (layer, lh, dfd) in parent.lower_dirs()? {
+            match probe::probe_lower(&self.sys, layer, dfd.as_fd(), &lh.names, name, None)? {
                 Probe::Entry(_) => return Ok(true),
                 Probe::Whiteout(_) | Probe::NotDir => return Ok(false),
                 Probe::Absent => {}

@@ -90,6 +90,18 @@ impl NodeState {
     }
 }
 
+/// Two lists of a directory's lower parts name the same directories, layer by layer.
+fn same_lower_dirs(a: &[(u16, Loc)], b: &[(u16, Loc)]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|((la, a), (lb, b))| {
+            la == lb
+                && match (a.dir_handle(), b.dir_handle()) {
+                    (Some(a), Some(b)) => a.same_dir(b),
+                    _ => false,
+                }
+        })
+}
+
 pub struct Node {
     pub ino: u64,
     nlookup: AtomicU64,
@@ -205,7 +217,11 @@ impl NodeTable {
                         if s.upper.is_none() && state.upper.is_some() {
                             s.upper = state.upper;
                         }
-                        s.lowers = state.lowers;
+                        // The lower parts found again are the ones it has: they are kept,
+                        // with what they know (fds, kept listings).
+                        if !same_lower_dirs(&s.lowers, &state.lowers) {
+                            s.lowers = state.lowers;
+                        }
                         s.parent = state.parent;
                         s.name = state.name;
                     } else if !(s.upper.is_some() && state.upper.is_none()) {

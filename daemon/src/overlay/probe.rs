@@ -7,8 +7,10 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 
-use super::tree::{self, OPAQUE_FILE};
+use super::tree::{self, OPAQUE_FILE, WH_PREFIX};
 use super::{Errno, Result};
 use super::{OPAQUE_XATTRS, ORIGIN_XATTR, ORIGIN_XATTR_TRUSTED, REDIRECT_XATTRS};
 use crate::sys::{Stat, Sys};
@@ -64,13 +66,16 @@ pub(crate) fn probe(sys: &Sys, dir: BorrowedFd<'_>, name: &OsStr) -> Result<Prob
     }
 }
 
-/// [`probe`] of lower layer `layer`; with a `hint` (from a listing of the same directory),
-/// a layer that lists neither the name nor its `.wh.` file answers without a syscall what
-/// the probe would find there (lower layers never change).
+/// [`probe`] of directory `dir` of lower layer `layer`; with a `hint` (from a listing of the
+/// same directory), a layer that lists neither the name nor its `.wh.` file answers without a
+/// syscall what the probe would find there (lower layers never change). Without one, a name
+/// the directory's kept listing (`names`, see [`LowerNames`]) certainly lacks is absent
+/// without a syscall too.
 pub(crate) fn probe_lower(
     sys: &Sys,
     layer: u16,
     dir: BorrowedFd<'_>,
+    names: &LowerNames,
     name: &OsStr,
     hint: Option<&LowerHint>,
 ) -> Result<Probe> {
@@ -83,7 +88,86 @@ pub(crate) fn probe_lower(
             });
         }
     }
+    if names.absent(sys, dir, name) {
+        return Ok(Probe::Absent);
+    }
     probe(sys, dir, name)
+}
+
+/// How many probes of one lower directory go to the filesystem before its listing is read
+/// once and kept (see [`LowerNames`]).
+const LIST_AFTER: u32 = 16;
+/// A lower directory listing more names than this is never kept.
+const LIST_MAX: usize = 1 << 17;
+
+/// What one lower layer directory lists, kept once lookups have probed it [`LIST_AFTER`]
+/// times: a sorted set of 64-bit hashes of its names (8 bytes a name). Lower layers never
+/// change, so a name whose hash is not in the set, nor `.wh.NAME`'s, is absent there without
+/// a syscall (a lookup of a name in the bottom layer, or of no layer at all, probes every
+/// layer above it twice: `fstatat` of the name and of its `.wh.` file). A hash that is in
+/// the set may be another name's: the probe then goes to the filesystem as before, so the
+/// set is never wrong, only sometimes of no help. A directory that cannot be listed (no read
+/// permission) or lists more than [`LIST_MAX`] names is never kept. Only lower directories
+/// get one; the upper layer changes and is always probed.
+#[derive(Default)]
+pub(crate) struct LowerNames {
+    probes: AtomicU32,
+    set: OnceLock<Option<Box<[u64]>>>,
+}
+
+impl LowerNames {
+    /// Is `name` certainly absent from `dir` (this set's directory), with neither the name
+    /// nor `.wh.NAME` listed? False when not known (the set is not kept yet, or a hash
+    /// matches); counts the probe and, at the [`LIST_AFTER`]th, reads the listing.
+    fn absent(&self, sys: &Sys, dir: BorrowedFd<'_>, name: &OsStr) -> bool {
+        let set = match self.set.get() {
+            Some(s) => s,
+            None => {
+                if self.probes.fetch_add(1, Ordering::Relaxed) + 1 < LIST_AFTER {
+                    return false;
+                }
+                self.set.get_or_init(|| hash_listing(sys, dir))
+            }
+        };
+        let Some(set) = set else { return false };
+        let listed = |h: u64| set.binary_search(&h).is_ok();
+        !listed(name_hash(&[name.as_bytes()])) && !listed(name_hash(&[WH_PREFIX, name.as_bytes()]))
+    }
+
+    /// The set was read (tests).
+    #[cfg(test)]
+    pub(crate) fn kept(&self) -> bool {
+        self.set.get().is_some_and(Option::is_some)
+    }
+}
+
+/// FNV-1a (64-bit) of the concatenation of `parts`: one name, or `.wh.` and a name.
+fn name_hash(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in parts.iter().flat_map(|p| p.iter()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The sorted hashes of every name `dir` lists, or none (it cannot be read, or lists too many).
+fn hash_listing(sys: &Sys, dir: BorrowedFd<'_>) -> Option<Box<[u64]>> {
+    let mut stream = sys.open_dir_stream(dir).ok()?;
+    let mut set = Vec::new();
+    while let Some(ent) = stream.read() {
+        let n = ent.ok()?.file_name().to_bytes().to_vec();
+        if n == b"." || n == b".." {
+            continue;
+        }
+        if set.len() >= LIST_MAX {
+            return None;
+        }
+        set.push(name_hash(&[&n]));
+    }
+    set.sort_unstable();
+    set.dedup();
+    Some(set.into_boxed_slice())
 }
 
 /// The inode number an upper file was copied up from, from its xattr names (`names`, one

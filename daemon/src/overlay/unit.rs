@@ -427,6 +427,125 @@ fn hinted_lookups_of_a_listing_match_plain_lookups() {
     assert_eq!(listed(&hinted, sub), [".", "..", "s1", "s2"]);
 }
 
+/// Lookups enough to keep each lower directory's listing (`probe::LowerNames`) answer as
+/// the layers say: names of every layer, whiteouts of both kinds, overrides, absent names;
+/// and once kept, an absent name costs no syscall at all.
+#[test]
+fn kept_lower_listings_answer_lookups_as_the_layers_do() {
+    let l = Layers::new("kept-listings");
+    let root = &l.root;
+    for d in ["l0/d", "l1/d", "l2/d/sub"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    for i in 0..40 {
+        fs::write(root.join(format!("l2/d/f{i}")), "bottom").unwrap();
+    }
+    fs::write(root.join("l1/d/.wh.f5"), "").unwrap();
+    fs::write(root.join("l1/d/m1"), "middle").unwrap();
+    fs::write(root.join("l0/d/f7"), "top!").unwrap();
+    fs::write(root.join("l0/d/t0"), "top").unwrap();
+    // A 0/0 whiteout of f6 in the middle layer, where mknod is allowed.
+    let dev_wh = rustix::fs::mknodat(
+        rustix::fs::CWD,
+        root.join("l1/d/f6"),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::empty(),
+        0,
+    )
+    .is_ok();
+    let lowers = format!(
+        "lowerdir={}:{}:{}",
+        root.join("l0").display(),
+        root.join("l1").display(),
+        root.join("l2").display()
+    );
+    let rw = Overlay::new(
+        options::parse(&[format!(
+            "{lowers},upperdir={},workdir={}",
+            l.p("upper").display(),
+            l.p("work").display()
+        )])
+        .unwrap(),
+    )
+    .unwrap();
+    let ro = Overlay::new(options::parse(&[lowers]).unwrap()).unwrap();
+    for ov in [&rw, &ro] {
+        let d = ov.lookup(ROOT_INO, OsStr::new("d")).unwrap();
+        // Twice: the second pass runs with every listing kept.
+        for _ in 0..2 {
+            for i in 0..40 {
+                let name = format!("f{i}");
+                let got = ov.lookup(d.ino, OsStr::new(&name)).map(|a| a.size);
+                let want = match i {
+                    5 => Err(Errno::NOENT),
+                    6 if dev_wh => Err(Errno::NOENT),
+                    7 => Ok(4),
+                    _ => Ok(6),
+                };
+                assert_eq!(got, want, "{name}");
+                let absent = ov.lookup(d.ino, OsStr::new(&format!("nope{i}")));
+                assert_eq!(absent.err(), Some(Errno::NOENT));
+            }
+            assert_eq!(ov.lookup(d.ino, OsStr::new("m1")).map(|a| a.size), Ok(6));
+            assert_eq!(ov.lookup(d.ino, OsStr::new("t0")).map(|a| a.size), Ok(3));
+            assert_eq!(
+                ov.lookup(d.ino, OsStr::new("sub")).map(|a| a.kind),
+                Ok(Kind::Dir)
+            );
+            assert_eq!(
+                ov.lookup(d.ino, OsStr::new(".wh.f5")).err(),
+                Some(Errno::NOENT)
+            );
+        }
+        let node = ov.node(d.ino.0).unwrap();
+        let kept: Vec<bool> = node
+            .state()
+            .lowers
+            .iter()
+            .map(|(_, loc)| loc.dir_handle().is_some_and(|h| h.names.kept()))
+            .collect();
+        assert_eq!(
+            kept,
+            [true, true, true],
+            "every lower part of d keeps its listing"
+        );
+    }
+    // A read-only overlay probes no upper layer: with the listings kept, a lookup of a name
+    // no layer has makes no stat at all (a planned stat fault is not met).
+    let d = ro.lookup(ROOT_INO, OsStr::new("d")).unwrap();
+    ro.faults().inject("stat", 1, Errno::IO);
+    assert_eq!(
+        ro.lookup(d.ino, OsStr::new("never-there")).err(),
+        Some(Errno::NOENT)
+    );
+    // A name that is listed still goes to the filesystem, and meets the fault.
+    assert_eq!(ro.lookup(d.ino, OsStr::new("f9")).err(), Some(Errno::IO));
+    ro.faults().clear();
+    // Removing a name the middle layer hides, and renaming over a bottom name, in the
+    // read-write overlay: whiteouts where a lower layer has the name, none where none does.
+    let d = rw.lookup(ROOT_INO, OsStr::new("d")).unwrap();
+    let fh = rw
+        .create(CALLER, d.ino, OsStr::new("new"), 0o644, libc::O_WRONLY)
+        .unwrap()
+        .1;
+    rw.release(fh);
+    rw.rename(
+        d.ino,
+        OsStr::new("new"),
+        d.ino,
+        OsStr::new("f9"),
+        RenameMode::Replace,
+    )
+    .unwrap();
+    assert!(
+        fs::symlink_metadata(l.p("upper/d/new")).is_err(),
+        "no whiteout for a new name"
+    );
+    assert_eq!(rw.lookup(d.ino, OsStr::new("f9")).map(|a| a.size), Ok(0));
+    rw.unlink(d.ino, OsStr::new("f9")).unwrap();
+    assert_eq!(rw.lookup(d.ino, OsStr::new("f9")).err(), Some(Errno::NOENT));
+}
+
 fn metacopy_mark(path: &Path) -> bool {
     METACOPY_XATTRS.iter().any(|m| {
         let dir = fs::File::open(path.parent().unwrap()).unwrap();
