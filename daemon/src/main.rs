@@ -362,71 +362,23 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     sys::raise_nofile_limit();
-    if cli.foreground {
-        init_tracing(cli.debug);
-        return match run(&cli, opts, &prog, None) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(msg) => {
-                eprintln!("{prog}: {msg}");
-                ExitCode::from(1)
-            }
-        };
-    }
-    // Daemonize: the child mounts and reports over a pipe; the parent exits 0 only once the
-    // mount is live, with the child's error message otherwise.
-    let (rd, wr) = match sys::pipe() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("{prog}: pipe: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match sys::fork() {
-        Err(e) => {
-            eprintln!("{prog}: fork: {e}");
+    init_tracing(cli.foreground && cli.debug);
+    // In the background, as libfuse does: mount (and answer INIT) first, then fork; the
+    // parent exits 0 once the mount is live, or 1 with the error, and the child serves.
+    // Nothing before the fork starts a thread (the syncer's starts with the first deferred
+    // copy-up).
+    match run(&cli, opts, &prog, !cli.foreground) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("{prog}: {msg}");
             ExitCode::from(1)
-        }
-        Ok(sys::Forked::Parent { .. }) => {
-            drop(wr);
-            let msg = sys::read_to_end(rd.as_fd()).unwrap_or_default();
-            if msg == b"ok" {
-                ExitCode::SUCCESS
-            } else {
-                let m = String::from_utf8_lossy(&msg);
-                if m.is_empty() {
-                    eprintln!("{prog}: the mount process exited before the mount was live");
-                } else {
-                    eprintln!("{prog}: {m}");
-                }
-                ExitCode::from(1)
-            }
-        }
-        Ok(sys::Forked::Child) => {
-            drop(rd);
-            let _ = sys::setsid();
-            init_tracing(false);
-            match run(&cli, opts, &prog, Some(wr)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(_) => ExitCode::from(1),
-            }
         }
     }
 }
 
-/// Mount and serve until unmounted. `notify` gets "ok" once the mount is live (then stdio is
-/// detached), or the error message.
-fn run(
-    cli: &Cli,
-    opts: OverlayOptions,
-    prog: &str,
-    notify: Option<std::os::fd::OwnedFd>,
-) -> Result<(), String> {
-    let fail = |msg: String, notify: &Option<std::os::fd::OwnedFd>| {
-        if let Some(n) = notify {
-            let _ = sys::write_all(n.as_fd(), msg.as_bytes());
-        }
-        msg
-    };
+/// Mount and serve until unmounted. With `daemonize`, once the mount is live the process
+/// forks: the parent exits 0 and the child, in a new session with stdio detached, serves.
+fn run(cli: &Cli, opts: OverlayOptions, prog: &str, daemonize: bool) -> Result<(), String> {
     let threads = match opts.threaded {
         Some(false) => 1,
         _ => {
@@ -444,7 +396,7 @@ fn run(
     sys::clear_umask();
     let ov = match Overlay::with_config(config) {
         Ok(o) => o,
-        Err(e) => return Err(fail(e.to_string(), &notify)),
+        Err(e) => return Err(e.to_string()),
     };
     let mut fs = OverlayFs::new(ov, threads);
     let pacer = fs.pacer();
@@ -465,7 +417,7 @@ fn run(
             .and_then(|n| sys::own_fd(n).map_err(|e| format!("mountpoint {mp}: {e}")));
         match fd {
             Ok(fd) => fuser::Session::from_fd(fs, fd, acl, config),
-            Err(m) => return Err(fail(m, &notify)),
+            Err(m) => return Err(m),
         }
     } else {
         match mount_direct(&plan, &source, prog, &cli.mountpoint) {
@@ -474,17 +426,12 @@ fn run(
             Ok(None) => fuser::Session::new(fs, &cli.mountpoint, &config).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("{e} ({})", unprivileged_hint()))
             }),
-            Err(m) => return Err(fail(m, &notify)),
+            Err(m) => return Err(m),
         }
     };
     let session = match session {
         Ok(s) => s,
-        Err(e) => {
-            return Err(fail(
-                format!("mount {}: {e}", cli.mountpoint.display()),
-                &notify,
-            ));
-        }
+        Err(e) => return Err(format!("mount {}: {e}", cli.mountpoint.display())),
     };
     match session.as_fd().try_clone_to_owned() {
         Ok(dev) => pacer.set_device(dev),
@@ -492,10 +439,17 @@ fn run(
             tracing::debug!(error = %e, "no copy of the device fd: the pacer cannot see the queue")
         }
     }
-    if let Some(n) = notify {
-        let _ = sys::write_all(n.as_fd(), b"ok");
-        drop(n);
-        let _ = sys::detach_stdio();
+    if daemonize {
+        match sys::fork() {
+            Err(e) => return Err(format!("fork: {e}")),
+            // The mount is live and served from now on by the child: leave with no
+            // destructor run (they belong to the child's copy).
+            Ok(sys::Forked::Parent { .. }) => std::process::exit(0),
+            Ok(sys::Forked::Child) => {
+                let _ = sys::setsid();
+                let _ = sys::detach_stdio();
+            }
+        }
     }
     session
         .run()

@@ -754,31 +754,6 @@ pub fn detach_stdio() -> Result<()> {
     Ok(())
 }
 
-pub fn pipe() -> Result<(OwnedFd, OwnedFd)> {
-    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-}
-
-pub fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> Result<()> {
-    while !buf.is_empty() {
-        let n = rustix::io::write(fd, buf)?;
-        buf = &buf[n..];
-    }
-    Ok(())
-}
-
-pub fn read_to_end(fd: BorrowedFd<'_>) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match rustix::io::read(fd, &mut buf) {
-            Ok(0) => return Ok(out),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// Take ownership of an inherited fd number (`/dev/fd/N` mountpoints from mount.fuse3).
 pub fn own_fd(raw: RawFd) -> Result<OwnedFd> {
     let borrowed_ok = rustix::io::fcntl_getfd(

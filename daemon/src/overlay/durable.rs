@@ -122,15 +122,15 @@ fn read_mark(sys: &Sys, dir: BorrowedFd<'_>, name: &OsStr) -> Option<Vec<u8>> {
 /// Syncs copy-ups in the background (see the module comment).
 pub(crate) struct Syncer {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    /// The syncer thread, started with the first deferred copy-up (so a mount that copies
+    /// nothing up starts none, and the daemon can fork after the mount with one thread).
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 struct Shared {
     sys: Arc<Sys>,
     /// The workdir, where the flag is.
     workdir: OwnedFd,
-    /// This daemon's flag: `rustfuse-unsynced.PID`.
-    flag: OsString,
     boot: String,
     delay: Duration,
     state: Mutex<State>,
@@ -150,8 +150,8 @@ struct State {
     pending: HashSet<(u64, u64)>,
     /// Copies taken from the queue and not done yet.
     in_flight: usize,
-    /// The flag file was made in this mount.
-    flag: bool,
+    /// This daemon's flag (`rustfuse-unsynced.PID`), once made in this mount.
+    flag: Option<OsString>,
     /// A sync failed: the flag stays at the end, for the next mount's recovery.
     failed: bool,
     /// Sync what is queued now, delay or not ([`Syncer::flush`]).
@@ -169,7 +169,8 @@ struct Entry {
 
 impl Syncer {
     /// A syncer for the upper layer whose workdir is `workdir`; none when this boot's id
-    /// cannot be read or the workdir opened (copy-ups then sync on the request path).
+    /// cannot be read or the workdir opened (copy-ups then sync on the request path). Its
+    /// thread and this daemon's flag come with the first copy-up it defers.
     pub(crate) fn start(sys: Arc<Sys>, workdir: BorrowedFd<'_>) -> Option<Syncer> {
         let boot = boot_id()?;
         let workdir = workdir.try_clone_to_owned().ok()?;
@@ -181,7 +182,6 @@ impl Syncer {
         let shared = Arc::new(Shared {
             sys,
             workdir,
-            flag: OsString::from(format!("{UNSYNCED_FLAG}.{}", std::process::id())),
             boot,
             delay,
             state: Mutex::new(State::default()),
@@ -189,14 +189,9 @@ impl Syncer {
             idle: Condvar::new(),
             pending: AtomicUsize::new(0),
         });
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("rustfuse-sync".into())
-            .spawn(move || s.run())
-            .ok()?;
         Some(Syncer {
             shared,
-            thread: Some(thread),
+            thread: Mutex::new(None),
         })
     }
 
@@ -209,12 +204,28 @@ impl Syncer {
         if st.queue.len() + st.in_flight >= MAX_QUEUED {
             return None;
         }
-        if !st.flag {
-            if let Err(e) = sh.make_flag() {
-                tracing::warn!(flag = ?sh.flag, error = %e, "cannot make the flag in the workdir: copy-ups sync on the request path");
+        if st.flag.is_none() {
+            // The first deferred copy-up: the syncer thread, then this daemon's flag.
+            let mut thread = self.thread.lock();
+            if thread.is_none() {
+                let s = sh.clone();
+                match std::thread::Builder::new()
+                    .name("rustfuse-sync".into())
+                    .spawn(move || s.run())
+                {
+                    Ok(t) => *thread = Some(t),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start the syncer thread: copy-ups sync on the request path");
+                        return None;
+                    }
+                }
+            }
+            let flag = OsString::from(format!("{UNSYNCED_FLAG}.{}", std::process::id()));
+            if let Err(e) = sh.make_flag(&flag) {
+                tracing::warn!(?flag, error = %e, "cannot make the flag in the workdir: copy-ups sync on the request path");
                 return None;
             }
-            st.flag = true;
+            st.flag = Some(flag);
         }
         Some(v)
     }
@@ -275,16 +286,16 @@ impl Drop for Syncer {
             st.stop = true;
             sh.work.notify_one();
         }
-        if let Some(t) = self.thread.take() {
+        if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
         }
         let st = sh.state.lock();
-        if st.flag && !st.failed {
+        if let Some(flag) = st.flag.as_ref().filter(|_| !st.failed) {
             // Gone already when the next mount's recovery ran while this one drained.
-            match sh.sys.unlink_at(sh.workdir.as_fd(), &sh.flag) {
+            match sh.sys.unlink_at(sh.workdir.as_fd(), flag) {
                 Ok(()) | Err(Errno::NOENT) => {}
                 Err(e) => {
-                    tracing::warn!(flag = ?sh.flag, error = %e, "cannot remove the flag from the workdir")
+                    tracing::warn!(?flag, error = %e, "cannot remove the flag from the workdir")
                 }
             }
         }
@@ -294,10 +305,10 @@ impl Drop for Syncer {
 impl Shared {
     /// The flag file (a plain mknod: no open). Not synced: a journaled filesystem commits it
     /// before the marks and renames that follow, as it commits each mark before its rename.
-    fn make_flag(&self) -> Result<()> {
+    fn make_flag(&self, flag: &OsStr) -> Result<()> {
         match self
             .sys
-            .mknod_at(self.workdir.as_fd(), &self.flag, libc::S_IFREG | 0o600, 0)
+            .mknod_at(self.workdir.as_fd(), flag, libc::S_IFREG | 0o600, 0)
         {
             Ok(()) | Err(Errno::EXIST) => Ok(()),
             Err(e) => Err(e),
