@@ -156,14 +156,15 @@ fn hash_listing(sys: &Sys, dir: BorrowedFd<'_>) -> Option<Box<[u64]>> {
     let mut stream = sys.open_dir_stream(dir).ok()?;
     let mut set = Vec::new();
     while let Some(ent) = stream.read() {
-        let n = ent.ok()?.file_name().to_bytes().to_vec();
+        let ent = ent.ok()?;
+        let n = ent.file_name().to_bytes();
         if n == b"." || n == b".." {
             continue;
         }
         if set.len() >= LIST_MAX {
             return None;
         }
-        set.push(name_hash(&[&n]));
+        set.push(name_hash(&[n]));
     }
     set.sort_unstable();
     set.dedup();
