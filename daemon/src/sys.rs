@@ -500,6 +500,17 @@ struct XattrArgs {
     flags: u32,
 }
 
+/// A raw syscall's return: the count it gave, or errno.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn syscall_result(r: libc::c_long) -> Result<usize> {
+    match r {
+        -1 => Err(Errno::from_raw_os_error(
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+        )),
+        n => Ok(n as usize),
+    }
+}
+
 /// One `getxattrat(dir, path, flags, name)` into `buf`: the value's length.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn getxattrat_raw(
@@ -528,12 +539,7 @@ fn getxattrat_raw(
             std::mem::size_of::<XattrArgs>(),
         )
     };
-    match r {
-        -1 => Err(Errno::from_raw_os_error(
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
-        )),
-        n => Ok(n as usize),
-    }
+    syscall_result(r)
 }
 
 /// One `listxattrat(dir, path, flags)` into `buf`: the list's length.
@@ -556,12 +562,7 @@ fn listxattrat_raw(
             buf.len(),
         )
     };
-    match r {
-        -1 => Err(Errno::from_raw_os_error(
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
-        )),
-        n => Ok(n as usize),
-    }
+    syscall_result(r)
 }
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
