@@ -490,7 +490,11 @@ const XATTRAT_NO: u8 = 2;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const SYS_GETXATTRAT: libc::c_long = 464;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const SYS_SETXATTRAT: libc::c_long = 463;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const SYS_LISTXATTRAT: libc::c_long = 465;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const SYS_REMOVEXATTRAT: libc::c_long = 466;
 
 /// `struct xattr_args` of `getxattrat(2)`.
 #[repr(C)]
@@ -542,6 +546,59 @@ fn getxattrat_raw(
     syscall_result(r)
 }
 
+/// One `setxattrat(dir, path, flags, name)` of `value` (`xflags`: XATTR_CREATE, _REPLACE).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn setxattrat_raw(
+    dir: BorrowedFd<'_>,
+    path: &CStr,
+    flags: libc::c_uint,
+    name: &CStr,
+    value: &[u8],
+    xflags: u32,
+) -> Result<()> {
+    let args = XattrArgs {
+        value: value.as_ptr() as u64,
+        size: u32::try_from(value.len()).map_err(|_| Errno::TOOBIG)?,
+        flags: xflags,
+    };
+    // SAFETY: `path` and `name` are NUL-terminated and live across the call; `args` points
+    // at `value`, readable for `args.size` bytes, and its own size is passed as the struct's
+    // size; the kernel only reads.
+    let r = unsafe {
+        libc::syscall(
+            SYS_SETXATTRAT,
+            dir.as_raw_fd() as libc::c_long,
+            path.as_ptr(),
+            flags,
+            name.as_ptr(),
+            &args as *const XattrArgs,
+            std::mem::size_of::<XattrArgs>(),
+        )
+    };
+    syscall_result(r).map(|_| ())
+}
+
+/// One `removexattrat(dir, path, flags, name)`.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn removexattrat_raw(
+    dir: BorrowedFd<'_>,
+    path: &CStr,
+    flags: libc::c_uint,
+    name: &CStr,
+) -> Result<()> {
+    // SAFETY: `path` and `name` are NUL-terminated and live across the call.
+    let r = unsafe {
+        libc::syscall(
+            SYS_REMOVEXATTRAT,
+            dir.as_raw_fd() as libc::c_long,
+            path.as_ptr(),
+            flags,
+            name.as_ptr(),
+        )
+    };
+    syscall_result(r).map(|_| ())
+}
+
 /// One `listxattrat(dir, path, flags)` into `buf`: the list's length.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn listxattrat_raw(
@@ -573,6 +630,23 @@ fn getxattrat_raw(
     _: &CStr,
     _: &mut [u8],
 ) -> Result<usize> {
+    Err(Errno::NOSYS)
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+fn setxattrat_raw(
+    _: BorrowedFd<'_>,
+    _: &CStr,
+    _: libc::c_uint,
+    _: &CStr,
+    _: &[u8],
+    _: u32,
+) -> Result<()> {
+    Err(Errno::NOSYS)
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+fn removexattrat_raw(_: BorrowedFd<'_>, _: &CStr, _: libc::c_uint, _: &CStr) -> Result<()> {
     Err(Errno::NOSYS)
 }
 
@@ -668,6 +742,23 @@ impl Sys {
         let nofollow = libc::AT_SYMLINK_NOFOLLOW as libc::c_uint;
         self.xattrat(|| xattr_names(|buf| listxattrat_raw(dir, path, nofollow, buf)))
     }
+
+    fn setxattrat(
+        &self,
+        dir: BorrowedFd<'_>,
+        path: &CStr,
+        name: &CStr,
+        value: &[u8],
+        flags: i32,
+    ) -> Option<Result<()>> {
+        let nofollow = libc::AT_SYMLINK_NOFOLLOW as libc::c_uint;
+        self.xattrat(|| setxattrat_raw(dir, path, nofollow, name, value, flags as u32))
+    }
+
+    fn removexattrat(&self, dir: BorrowedFd<'_>, path: &CStr, name: &CStr) -> Option<Result<()>> {
+        let nofollow = libc::AT_SYMLINK_NOFOLLOW as libc::c_uint;
+        self.xattrat(|| removexattrat_raw(dir, path, nofollow, name))
+    }
 }
 
 impl Sys {
@@ -697,18 +788,26 @@ impl Sys {
     ) -> Result<()> {
         self.faults.check("setxattr")?;
         let name = c(name)?;
-        rustix::fs::setxattr(
-            proc_fd_path(fd).as_c_str(),
-            name.as_c_str(),
-            value,
-            rustix::fs::XattrFlags::from_bits_retain(flags as u32),
-        )
+        match self.setxattrat(fd, DOT, &name, value, flags) {
+            Some(Err(Errno::NOTDIR)) | None => rustix::fs::setxattr(
+                proc_fd_path(fd).as_c_str(),
+                name.as_c_str(),
+                value,
+                rustix::fs::XattrFlags::from_bits_retain(flags as u32),
+            ),
+            Some(r) => r,
+        }
     }
 
     pub fn fremovexattr(&self, fd: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
         self.faults.check("removexattr")?;
         let name = c(name)?;
-        rustix::fs::removexattr(proc_fd_path(fd).as_c_str(), name.as_c_str())
+        match self.removexattrat(fd, DOT, &name) {
+            Some(Err(Errno::NOTDIR)) | None => {
+                rustix::fs::removexattr(proc_fd_path(fd).as_c_str(), name.as_c_str())
+            }
+            Some(r) => r,
+        }
     }
 
     pub fn getxattr_at(&self, dir: BorrowedFd<'_>, name: &OsStr, attr: &OsStr) -> Result<Vec<u8>> {
@@ -1007,7 +1106,10 @@ impl Sys {
     pub fn removexattr_at(&self, dir: BorrowedFd<'_>, name: &OsStr, attr: &OsStr) -> Result<()> {
         self.faults.check("removexattr")?;
         let attr = c(attr)?;
-        rustix::fs::lremovexattr(proc_at_path(dir, name)?.as_c_str(), attr.as_c_str())
+        match self.removexattrat(dir, &c(name)?, &attr) {
+            Some(r) => r,
+            None => rustix::fs::lremovexattr(proc_at_path(dir, name)?.as_c_str(), attr.as_c_str()),
+        }
     }
 
     pub fn setxattr_at_flags(
@@ -1020,12 +1122,15 @@ impl Sys {
     ) -> Result<()> {
         self.faults.check("setxattr")?;
         let attr = c(attr)?;
-        rustix::fs::lsetxattr(
-            proc_at_path(dir, name)?.as_c_str(),
-            attr.as_c_str(),
-            value,
-            rustix::fs::XattrFlags::from_bits_retain(flags as u32),
-        )
+        match self.setxattrat(dir, &c(name)?, &attr, value, flags) {
+            Some(r) => r,
+            None => rustix::fs::lsetxattr(
+                proc_at_path(dir, name)?.as_c_str(),
+                attr.as_c_str(),
+                value,
+                rustix::fs::XattrFlags::from_bits_retain(flags as u32),
+            ),
+        }
     }
 
     /// chown of `name` in `dir`, not following a symlink.
@@ -1087,10 +1192,11 @@ mod tests {
     use super::*;
     use std::fs;
 
-    /// Where the kernel has `getxattrat`/`listxattrat`, they read what the /proc paths read
-    /// (the 4.18 seam never uses them): values short and long (past the first buffer),
-    /// absent ones, names of files, directories, symlinks and of nothing; and the fd calls
-    /// of a directory and of a file (which falls back to /proc).
+    /// Where the kernel has the `*xattrat` calls, they read what the /proc paths read (the
+    /// 4.18 seam never uses them): values short and long (past the first buffer), absent
+    /// ones, names of files, directories, symlinks and of nothing; the fd calls of a
+    /// directory and of a file (which falls back to /proc); and what one path sets or
+    /// removes, the other sees.
     #[test]
     fn xattrs_read_the_same_through_xattrat_and_proc() {
         let root = std::env::temp_dir().join(format!("rustfuse-sys-xattr-{}", std::process::id()));
@@ -1137,6 +1243,25 @@ mod tests {
                 slow.fgetxattr(fd.as_fd(), attr)
             );
             assert_eq!(fast.flistxattr(fd.as_fd()), slow.flistxattr(fd.as_fd()));
+        }
+        // Setting and removing: what one path writes, the other reads.
+        let (f, d) = (OsStr::new("f"), OsStr::new("d"));
+        let w = OsStr::new("user.w");
+        for (by, other) in [(&fast, &slow), (&slow, &fast)] {
+            by.setxattr_at_flags(dir, f, w, b"1", 0).unwrap();
+            assert_eq!(other.getxattr_at(dir, f, w), Ok(b"1".to_vec()));
+            assert_eq!(
+                by.setxattr_at_flags(dir, f, w, b"2", libc::XATTR_CREATE),
+                Err(Errno::EXIST)
+            );
+            by.removexattr_at(dir, f, w).unwrap();
+            assert_eq!(other.getxattr_at(dir, f, w), Err(Errno::NODATA));
+            assert_eq!(by.removexattr_at(dir, f, w), Err(Errno::NODATA));
+            let dfd = by.open_path_at(dir, d).unwrap();
+            by.fsetxattr(dfd.as_fd(), w, b"3", 0).unwrap();
+            assert_eq!(other.getxattr_at(dir, d, w), Ok(b"3".to_vec()));
+            by.fremovexattr(dfd.as_fd(), w).unwrap();
+            assert_eq!(other.fgetxattr(dfd.as_fd(), w), Err(Errno::NODATA));
         }
         assert_eq!(slow.xattrat.load(Ordering::Relaxed), XATTRAT_UNKNOWN);
         let _ = fs::remove_dir_all(&root);
