@@ -486,17 +486,32 @@ const XATTRAT_UNKNOWN: u8 = 0;
 const XATTRAT_YES: u8 = 1;
 const XATTRAT_NO: u8 = 2;
 
-/// The syscall numbers, the same on both architectures (new syscalls share one table).
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-const SYS_GETXATTRAT: libc::c_long = 464;
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-const SYS_SETXATTRAT: libc::c_long = 463;
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-const SYS_LISTXATTRAT: libc::c_long = 465;
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-const SYS_REMOVEXATTRAT: libc::c_long = 466;
+/// The `*xattrat` calls (Linux 6.13+).
+#[derive(Clone, Copy)]
+enum XattrAt {
+    Set,
+    Get,
+    List,
+    Remove,
+}
 
-/// `struct xattr_args` of `getxattrat(2)`.
+impl XattrAt {
+    /// Its syscall number, the same on both architectures (new syscalls share one table);
+    /// none elsewhere (the /proc path is taken there).
+    fn number(self) -> Option<libc::c_long> {
+        if !cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
+            return None;
+        }
+        Some(match self {
+            XattrAt::Set => 463,
+            XattrAt::Get => 464,
+            XattrAt::List => 465,
+            XattrAt::Remove => 466,
+        })
+    }
+}
+
+/// `struct xattr_args` of `getxattrat(2)` and `setxattrat(2)`.
 #[repr(C)]
 struct XattrArgs {
     value: u64,
@@ -504,9 +519,34 @@ struct XattrArgs {
     flags: u32,
 }
 
-/// A raw syscall's return: the count it gave, or errno.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn syscall_result(r: libc::c_long) -> Result<usize> {
+/// Make the raw `*xattrat` call `call` on `dir` and `path` with `flags` and the arguments
+/// that follow (unused ones 0): the count it gave, or errno (ENOSYS where it has no number).
+///
+/// # Safety
+/// The pointers in `args` must be valid for what `call` does with them.
+unsafe fn xattrat_raw(
+    call: XattrAt,
+    dir: BorrowedFd<'_>,
+    path: &CStr,
+    flags: libc::c_uint,
+    args: [usize; 3],
+) -> Result<usize> {
+    let Some(nr) = call.number() else {
+        return Err(Errno::NOSYS);
+    };
+    // SAFETY: `path` is NUL-terminated and lives across the call; the caller vouches for
+    // the pointers in `args`.
+    let r = unsafe {
+        libc::syscall(
+            nr,
+            dir.as_raw_fd() as libc::c_long,
+            path.as_ptr(),
+            flags,
+            args[0],
+            args[1],
+            args[2],
+        )
+    };
     match r {
         -1 => Err(Errno::from_raw_os_error(
             std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
@@ -516,7 +556,6 @@ fn syscall_result(r: libc::c_long) -> Result<usize> {
 }
 
 /// One `getxattrat(dir, path, flags, name)` into `buf`: the value's length.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn getxattrat_raw(
     dir: BorrowedFd<'_>,
     path: &CStr,
@@ -529,25 +568,23 @@ fn getxattrat_raw(
         size: u32::try_from(buf.len()).unwrap_or(u32::MAX),
         flags: 0,
     };
-    // SAFETY: `path` and `name` are NUL-terminated and live across the call; `args` points
-    // at `buf`, writable for `args.size` bytes (never more than its length), and its own
-    // size is passed as the struct's size; the kernel writes nothing else.
-    let r = unsafe {
-        libc::syscall(
-            SYS_GETXATTRAT,
-            dir.as_raw_fd() as libc::c_long,
-            path.as_ptr(),
+    let a = &mut args as *mut XattrArgs as usize;
+    let size = std::mem::size_of::<XattrArgs>();
+    // SAFETY: `name` is NUL-terminated and lives across the call; `args` points at `buf`,
+    // writable for `args.size` bytes (never more than its length), and its own size is
+    // passed as the struct's size; the kernel writes nothing else.
+    unsafe {
+        xattrat_raw(
+            XattrAt::Get,
+            dir,
+            path,
             flags,
-            name.as_ptr(),
-            &mut args as *mut XattrArgs,
-            std::mem::size_of::<XattrArgs>(),
+            [name.as_ptr() as usize, a, size],
         )
-    };
-    syscall_result(r)
+    }
 }
 
 /// One `setxattrat(dir, path, flags, name)` of `value` (`xflags`: XATTR_CREATE, _REPLACE).
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn setxattrat_raw(
     dir: BorrowedFd<'_>,
     path: &CStr,
@@ -561,98 +598,53 @@ fn setxattrat_raw(
         size: u32::try_from(value.len()).map_err(|_| Errno::TOOBIG)?,
         flags: xflags,
     };
-    // SAFETY: `path` and `name` are NUL-terminated and live across the call; `args` points
-    // at `value`, readable for `args.size` bytes, and its own size is passed as the struct's
-    // size; the kernel only reads.
-    let r = unsafe {
-        libc::syscall(
-            SYS_SETXATTRAT,
-            dir.as_raw_fd() as libc::c_long,
-            path.as_ptr(),
+    let a = &args as *const XattrArgs as usize;
+    let size = std::mem::size_of::<XattrArgs>();
+    // SAFETY: `name` is NUL-terminated and lives across the call; `args` points at `value`,
+    // readable for `args.size` bytes, and its own size is passed as the struct's size; the
+    // kernel only reads.
+    unsafe {
+        xattrat_raw(
+            XattrAt::Set,
+            dir,
+            path,
             flags,
-            name.as_ptr(),
-            &args as *const XattrArgs,
-            std::mem::size_of::<XattrArgs>(),
+            [name.as_ptr() as usize, a, size],
         )
-    };
-    syscall_result(r).map(|_| ())
+    }
+    .map(drop)
 }
 
 /// One `removexattrat(dir, path, flags, name)`.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn removexattrat_raw(
     dir: BorrowedFd<'_>,
     path: &CStr,
     flags: libc::c_uint,
     name: &CStr,
 ) -> Result<()> {
-    // SAFETY: `path` and `name` are NUL-terminated and live across the call.
-    let r = unsafe {
-        libc::syscall(
-            SYS_REMOVEXATTRAT,
-            dir.as_raw_fd() as libc::c_long,
-            path.as_ptr(),
+    // SAFETY: `name` is NUL-terminated and lives across the call.
+    unsafe {
+        xattrat_raw(
+            XattrAt::Remove,
+            dir,
+            path,
             flags,
-            name.as_ptr(),
+            [name.as_ptr() as usize, 0, 0],
         )
-    };
-    syscall_result(r).map(|_| ())
+    }
+    .map(drop)
 }
 
 /// One `listxattrat(dir, path, flags)` into `buf`: the list's length.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn listxattrat_raw(
     dir: BorrowedFd<'_>,
     path: &CStr,
     flags: libc::c_uint,
     buf: &mut [u8],
 ) -> Result<usize> {
-    // SAFETY: `path` is NUL-terminated and lives across the call; `buf` is writable for the
-    // length passed.
-    let r = unsafe {
-        libc::syscall(
-            SYS_LISTXATTRAT,
-            dir.as_raw_fd() as libc::c_long,
-            path.as_ptr(),
-            flags,
-            buf.as_mut_ptr(),
-            buf.len(),
-        )
-    };
-    syscall_result(r)
-}
-
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-fn getxattrat_raw(
-    _: BorrowedFd<'_>,
-    _: &CStr,
-    _: libc::c_uint,
-    _: &CStr,
-    _: &mut [u8],
-) -> Result<usize> {
-    Err(Errno::NOSYS)
-}
-
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-fn setxattrat_raw(
-    _: BorrowedFd<'_>,
-    _: &CStr,
-    _: libc::c_uint,
-    _: &CStr,
-    _: &[u8],
-    _: u32,
-) -> Result<()> {
-    Err(Errno::NOSYS)
-}
-
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-fn removexattrat_raw(_: BorrowedFd<'_>, _: &CStr, _: libc::c_uint, _: &CStr) -> Result<()> {
-    Err(Errno::NOSYS)
-}
-
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-fn listxattrat_raw(_: BorrowedFd<'_>, _: &CStr, _: libc::c_uint, _: &mut [u8]) -> Result<usize> {
-    Err(Errno::NOSYS)
+    let b = buf.as_mut_ptr() as usize;
+    // SAFETY: `buf` is writable for the length passed.
+    unsafe { xattrat_raw(XattrAt::List, dir, path, flags, [b, buf.len(), 0]) }
 }
 
 /// An xattr value read with `get(buf)` (the value's length, ERANGE when `buf` is short; an
@@ -691,11 +683,10 @@ fn xattr_names(mut list: impl FnMut(&mut [u8]) -> Result<usize>) -> Result<Vec<O
         .collect())
 }
 
-fn xattr_get_path(path: &CStr, follow: bool, name: &OsStr) -> Result<Vec<u8>> {
-    let name = c(name)?;
+fn xattr_get_path(path: &CStr, follow: bool, name: &CStr) -> Result<Vec<u8>> {
     xattr_value(|buf| match follow {
-        true => rustix::fs::getxattr(path, name.as_c_str(), buf),
-        false => rustix::fs::lgetxattr(path, name.as_c_str(), buf),
+        true => rustix::fs::getxattr(path, name, buf),
+        false => rustix::fs::lgetxattr(path, name, buf),
     })
 }
 
@@ -766,7 +757,7 @@ impl Sys {
         self.faults.check("getxattr")?;
         let cname = c(name)?;
         match self.getxattrat(fd, DOT, &cname) {
-            Some(Err(Errno::NOTDIR)) | None => xattr_get_path(&proc_fd_path(fd), true, name),
+            Some(Err(Errno::NOTDIR)) | None => xattr_get_path(&proc_fd_path(fd), true, &cname),
             Some(r) => r,
         }
     }
@@ -815,7 +806,7 @@ impl Sys {
         let (cname, cattr) = (c(name)?, c(attr)?);
         match self.getxattrat(dir, &cname, &cattr) {
             Some(r) => r,
-            None => xattr_get_path(&proc_at_path(dir, name)?, false, attr),
+            None => xattr_get_path(&proc_at_path(dir, name)?, false, &cattr),
         }
     }
 

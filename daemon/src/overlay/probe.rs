@@ -153,18 +153,10 @@ fn name_hash(parts: &[&[u8]]) -> u64 {
 
 /// The sorted hashes of every name `dir` lists, or none (it cannot be read, or lists too many).
 fn hash_listing(sys: &Sys, dir: BorrowedFd<'_>) -> Option<Box<[u64]>> {
-    let mut stream = sys.open_dir_stream(dir).ok()?;
     let mut set = Vec::new();
-    while let Some(ent) = stream.read() {
-        let ent = ent.ok()?;
-        let n = ent.file_name().to_bytes();
-        if n == b"." || n == b".." {
-            continue;
-        }
-        if set.len() >= LIST_MAX {
-            return None;
-        }
-        set.push(name_hash(&[n]));
+    tree::each_entry(sys, dir, |n, _| set.push(name_hash(&[n]))).ok()?;
+    if set.len() > LIST_MAX {
+        return None;
     }
     set.sort_unstable();
     set.dedup();

@@ -100,18 +100,30 @@ pub(crate) fn tmp_name(n: u64) -> OsString {
     OsString::from(format!("#{:x}-{n:x}", std::process::id()))
 }
 
-/// The names in a directory (not `.` and `..`) and their types as the listing gives them
-/// (`Unknown` where the filesystem does not say).
-pub(crate) fn list(sys: &Sys, dir: BorrowedFd<'_>) -> Result<Vec<(OsString, sys::FileType)>> {
-    let mut names = Vec::new();
+/// Call `f` with each name in a directory (not `.` and `..`) and its type as the listing
+/// gives it (`Unknown` where the filesystem does not say).
+pub(crate) fn each_entry(
+    sys: &Sys,
+    dir: BorrowedFd<'_>,
+    mut f: impl FnMut(&[u8], sys::FileType),
+) -> Result<()> {
     let mut stream = sys.open_dir_stream(dir)?;
     while let Some(ent) = stream.read() {
         let ent = ent?;
         let n = ent.file_name().to_bytes();
         if n != b"." && n != b".." {
-            names.push((OsStr::from_bytes(n).to_os_string(), ent.file_type()));
+            f(n, ent.file_type());
         }
     }
+    Ok(())
+}
+
+/// The names in a directory and their types (see [`each_entry`]).
+pub(crate) fn list(sys: &Sys, dir: BorrowedFd<'_>) -> Result<Vec<(OsString, sys::FileType)>> {
+    let mut names = Vec::new();
+    each_entry(sys, dir, |n, ft| {
+        names.push((OsStr::from_bytes(n).to_os_string(), ft))
+    })?;
     Ok(names)
 }
 
