@@ -327,14 +327,24 @@ fn config(opts: OverlayOptions) -> overlay::Config {
 }
 
 fn init_tracing(debug: bool) {
-    let filter = std::env::var("RUSTFUSE_LOG")
-        .unwrap_or_else(|_| if debug { "debug".into() } else { "warn".into() });
     // Colour codes only for a terminal: a detached daemon's stderr is a log.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+    let fmt = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // RUSTFUSE_LOG takes filter directives; without it a plain level, which spares every
+    // mount the directive parser's set-up.
+    let _ = match std::env::var("RUSTFUSE_LOG") {
+        Ok(filter) => fmt
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .try_init(),
+        Err(_) => fmt
+            .with_max_level(if debug {
+                tracing::Level::DEBUG
+            } else {
+                tracing::Level::WARN
+            })
+            .try_init(),
+    };
 }
 
 fn main() -> ExitCode {
@@ -381,13 +391,7 @@ fn main() -> ExitCode {
 fn run(cli: &Cli, opts: OverlayOptions, prog: &str, daemonize: bool) -> Result<(), String> {
     let threads = match opts.threaded {
         Some(false) => 1,
-        _ => {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2)
-                .clamp(2, 8)
-                * 2
-        }
+        _ => sys::cpus_allowed().clamp(2, 8) * 2,
     };
     let source = cli.source.clone().unwrap_or_else(|| prog.to_string());
     let plan = mount_plan(&opts, &source, prog);

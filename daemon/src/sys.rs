@@ -205,29 +205,52 @@ impl Compat {
     }
 }
 
+/// The text of a small kernel file (`/proc`, `/sys`): one open, reads into a 4 KiB buffer,
+/// one close (`std::fs::read_to_string` adds a stat and a growing buffer). None when it
+/// cannot be read, is longer than the buffer or is not UTF-8.
+pub fn read_small(path: &str) -> Option<String> {
+    let fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
+    let mut buf = [0u8; 4096];
+    let mut len = 0;
+    while len < buf.len() {
+        match rustix::io::read(&fd, &mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(Errno::INTR) => {}
+            Err(_) => return None,
+        }
+    }
+    if len == buf.len() {
+        return None;
+    }
+    String::from_utf8(buf[..len].to_vec()).ok()
+}
+
 /// Are we in a user namespace other than the initial one?
 pub fn in_user_namespace() -> bool {
-    std::fs::read_to_string("/proc/self/uid_map")
-        .map(|m| m.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"])
-        .unwrap_or(false)
+    read_small("/proc/self/uid_map")
+        .is_some_and(|m| m.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"])
+}
+
+/// The CPUs this process may run on (its affinity mask; 1 if it cannot be read). Unlike
+/// `std::thread::available_parallelism` it does not read the cgroup's CPU quota (four
+/// `/proc` and `/sys` files at every start): a quota limits CPU time, not how many requests
+/// may wait on the disk at once, and libfuse's thread pool does not look at it either.
+pub fn cpus_allowed() -> usize {
+    rustix::thread::sched_getaffinity(None).map_or(1, |set| (set.count() as usize).max(1))
 }
 
 /// May this process register backing files for FUSE passthrough? The kernel wants
 /// CAP_SYS_ADMIN in the initial user namespace (`FUSE_DEV_IOC_BACKING_OPEN`); a daemon in a
 /// user namespace (rootless) is refused.
 pub fn may_open_backing() -> bool {
-    const CAP_SYS_ADMIN: u32 = 21;
     if in_user_namespace() {
         return false;
     }
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
+    rustix::thread::capabilities(None).is_ok_and(|c| {
+        c.effective
+            .contains(rustix::thread::CapabilitySet::SYS_ADMIN)
+    })
 }
 
 fn c(name: &OsStr) -> Result<CString> {
@@ -366,6 +389,20 @@ impl Sys {
         }
         let ft = FileType::from_raw_mode(mode);
         rustix::fs::mknodat(dir, name, ft, Mode::from_raw_mode(mode & 0o7777), rdev)
+    }
+
+    /// Can whiteouts be 0/0 character devices in `dir`? Makes and removes `name` there. Not
+    /// in the fault plan: this is a question about the filesystem, asked once per mount at
+    /// the first whiteout, and a planned `mknod` or `unlink` fault belongs to that whiteout.
+    pub fn dev_whiteouts_work(&self, dir: BorrowedFd<'_>, name: &OsStr) -> bool {
+        if self.compat.whiteouts_refused() {
+            return false;
+        }
+        let _ = rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty());
+        let ok =
+            rustix::fs::mknodat(dir, name, FileType::CharacterDevice, Mode::empty(), 0).is_ok();
+        let _ = rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty());
+        ok
     }
 
     pub fn symlink_at(&self, target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
@@ -910,9 +947,7 @@ impl Sys {
 pub fn raise_nofile_limit() {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let lim = getrlimit(Resource::Nofile);
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok());
+    let nr_open = read_small("/proc/sys/fs/nr_open").and_then(|s| s.trim().parse::<u64>().ok());
     if let (Some(nr), Some(max)) = (nr_open, lim.maximum) {
         if nr > max {
             let _ = setrlimit(

@@ -72,7 +72,7 @@ const BATCH: usize = 256;
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`).
 pub(crate) fn boot_id() -> Option<String> {
-    let s = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let s = crate::sys::read_small("/proc/sys/kernel/random/boot_id")?;
     let s = s.trim();
     (!s.is_empty() && !s.contains(' ')).then(|| s.to_string())
 }
@@ -131,7 +131,9 @@ struct Shared {
     sys: Arc<Sys>,
     /// The workdir, where the flag is.
     workdir: OwnedFd,
-    boot: String,
+    /// This boot's id, read at the first copy-up to mark (none: every copy-up syncs on the
+    /// request path).
+    boot: std::sync::OnceLock<Option<String>>,
     delay: Duration,
     state: Mutex<State>,
     /// Wakes the syncer.
@@ -168,11 +170,11 @@ struct Entry {
 }
 
 impl Syncer {
-    /// A syncer for the upper layer whose workdir is `workdir`; none when this boot's id
-    /// cannot be read or the workdir opened (copy-ups then sync on the request path). Its
-    /// thread and this daemon's flag come with the first copy-up it defers.
+    /// A syncer for the upper layer whose workdir is `workdir`; none when the workdir
+    /// cannot be opened (copy-ups then sync on the request path). Its thread and this
+    /// daemon's flag come with the first copy-up it defers, and so does the read of this
+    /// boot's id (without it too, copy-ups sync on the request path).
     pub(crate) fn start(sys: Arc<Sys>, workdir: BorrowedFd<'_>) -> Option<Syncer> {
-        let boot = boot_id()?;
         let workdir = workdir.try_clone_to_owned().ok()?;
         let delay = std::env::var(DELAY_ENV)
             .ok()
@@ -182,7 +184,7 @@ impl Syncer {
         let shared = Arc::new(Shared {
             sys,
             workdir,
-            boot,
+            boot: Default::default(),
             delay,
             state: Mutex::new(State::default()),
             work: Condvar::new(),
@@ -199,7 +201,7 @@ impl Syncer {
     /// be synced later: the queue has room and the flag is made. None: sync it now.
     pub(crate) fn mark_for(&self, layer: u16, path: &Path) -> Option<Vec<u8>> {
         let sh = &self.shared;
-        let v = mark(&sh.boot, layer, path)?;
+        let v = mark(sh.boot.get_or_init(boot_id).as_deref()?, layer, path)?;
         let mut st = sh.state.lock();
         if st.queue.len() + st.in_flight >= MAX_QUEUED {
             return None;

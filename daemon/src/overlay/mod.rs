@@ -395,12 +395,15 @@ pub struct Overlay {
     /// Devices of lower layers whose files the upper layer's filesystem cannot FICLONE:
     /// their copy-ups go straight to copy_file_range (decided per layer, never for all).
     pub(crate) no_clone_from: parking_lot::RwLock<std::collections::HashSet<u64>>,
-    /// Whiteouts can be 0/0 character devices (mknod works in the workdir).
-    pub(crate) dev_whiteouts: bool,
+    /// Whiteouts can be 0/0 character devices (mknod works in the workdir): asked at the
+    /// first whiteout ([`Overlay::dev_whiteouts`]); false from the start with
+    /// `no_dev_whiteouts` or without a workdir.
+    dev_whiteouts: std::sync::OnceLock<bool>,
     /// Inode numbers come from more than one filesystem: tag them by layer device.
     devs: Vec<u64>,
-    overflow_uid: u32,
-    overflow_gid: u32,
+    /// The ids shown for ids outside the maps (`/proc/sys/kernel/overflow{u,g}id`), read
+    /// when first needed.
+    overflow_ids: std::sync::OnceLock<(u32, u32)>,
     pub(crate) override_xattr: Option<&'static str>,
     /// No upper layer, or `ro`: every change answers EROFS and nothing is written.
     read_only: bool,
@@ -459,7 +462,7 @@ impl Overlay {
         let mut upper = None;
         let mut work = None;
         let mut index = None;
-        let mut dev_whiteouts = false;
+        let dev_whiteouts = std::sync::OnceLock::new();
         let mut syncer = None;
         // A read-only mount (`ro`, BuildKit's and containerd's read-only mounts of an active
         // snapshot) shows the upper layer too, and writes nothing anywhere: the workdir is
@@ -507,7 +510,9 @@ impl Overlay {
                 let wk = prepare_workdir(&sys, wfd.as_fd()).map_err(|e| {
                     path_err("workdir", w, format!("cannot prepare work/: {}", errstr(e)))
                 })?;
-                dev_whiteouts = !no_dev_whiteouts && probe_dev_whiteout(&sys, wk.as_fd());
+                if no_dev_whiteouts {
+                    let _ = dev_whiteouts.set(false);
+                }
                 work = Some(Arc::new(wk));
                 // Copies a crash left unsynced are made whole before anything is served.
                 match durable::recover(&sys, wfd.as_fd(), ufd.as_fd(), &lowers) {
@@ -587,8 +592,7 @@ impl Overlay {
             no_clone_from: Default::default(),
             dev_whiteouts,
             devs,
-            overflow_uid: read_overflow("/proc/sys/kernel/overflowuid"),
-            overflow_gid: read_overflow("/proc/sys/kernel/overflowgid"),
+            overflow_ids: Default::default(),
             override_xattr,
             read_only,
             index,
@@ -602,6 +606,27 @@ impl Overlay {
         ov.make_root()
             .map_err(|e| path_err("lowerdir", Path::new(""), format!("root: {}", errstr(e))))?;
         Ok(ov)
+    }
+
+    /// May whiteouts be 0/0 character devices? Asked of the workdir once, at the first
+    /// whiteout (a mount that never removes a lower name never makes the probe).
+    pub(crate) fn dev_whiteouts(&self) -> bool {
+        *self.dev_whiteouts.get_or_init(|| {
+            self.work.as_ref().is_some_and(|w| {
+                self.sys
+                    .dev_whiteouts_work(w.as_fd(), OsStr::new(".rustfuse-whiteout-probe"))
+            })
+        })
+    }
+
+    /// The uid and gid shown for ids outside the maps, read at the first such id.
+    fn overflow_ids(&self) -> (u32, u32) {
+        *self.overflow_ids.get_or_init(|| {
+            (
+                read_overflow("/proc/sys/kernel/overflowuid"),
+                read_overflow("/proc/sys/kernel/overflowgid"),
+            )
+        })
     }
 
     fn make_root(&self) -> Result<()> {
@@ -1362,14 +1387,20 @@ impl Overlay {
         } else if let Some(u) = self.opts.squash_to_uid {
             u
         } else {
-            self.opts.uid_map.to_shown(uid).unwrap_or(self.overflow_uid)
+            self.opts
+                .uid_map
+                .to_shown(uid)
+                .unwrap_or_else(|| self.overflow_ids().0)
         };
         let gid = if self.opts.squash_to_root {
             0
         } else if let Some(g) = self.opts.squash_to_gid {
             g
         } else {
-            self.opts.gid_map.to_shown(gid).unwrap_or(self.overflow_gid)
+            self.opts
+                .gid_map
+                .to_shown(gid)
+                .unwrap_or_else(|| self.overflow_ids().1)
         };
         let mut nlink = stat.st_nlink as u32;
         if st.index_key.is_some() && kind != Kind::Dir {
@@ -1835,8 +1866,7 @@ pub(crate) fn errstr(e: Errno) -> String {
 }
 
 fn read_overflow(path: &str) -> u32 {
-    std::fs::read_to_string(path)
-        .ok()
+    crate::sys::read_small(path)
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(65534)
 }
@@ -1891,14 +1921,6 @@ pub(crate) fn parse_nlink(v: &[u8]) -> Option<(i64, OsString)> {
         return None;
     }
     Some((d.parse().ok()?, OsString::from(k)))
-}
-
-fn probe_dev_whiteout(sys: &Sys, work: BorrowedFd<'_>) -> bool {
-    let name = OsStr::new(".rustfuse-whiteout-probe");
-    let _ = sys.unlink_at(work, name);
-    let ok = sys.mknod_at(work, name, libc::S_IFCHR, 0).is_ok();
-    let _ = sys.unlink_at(work, name);
-    ok
 }
 
 /// An override_stat value: `uid:gid:octalmode[:type]`.

@@ -190,7 +190,7 @@ fn failed_create_and_unlink_keep_the_view() {
     let _a = ov.lookup(ROOT_INO, OsStr::new("a")).unwrap();
     // The whiteout is a 0/0 device where mknod works, else a `.wh.` file (an open).
     ov.faults().inject(
-        if ov.dev_whiteouts { "mknod" } else { "open" },
+        if ov.dev_whiteouts() { "mknod" } else { "open" },
         1,
         Errno::NOSPC,
     );

@@ -445,7 +445,7 @@ impl Overlay {
                 self.sys.unlink_at(pu.as_fd(), name)?;
             }
         } else {
-            tree::make_whiteout(&self.sys, self.dev_whiteouts, pu.as_fd(), name)?;
+            tree::make_whiteout(&self.sys, self.dev_whiteouts(), pu.as_fd(), name)?;
         }
         pinned.done();
         self.name_removed(&node, parent, name, has_upper)?;
@@ -507,9 +507,9 @@ impl Overlay {
     /// Replace the upper entry at `name` with a whiteout, atomically where mknod works.
     fn replace_with_whiteout(&self, pu: BorrowedFd<'_>, name: &OsStr, kind: Kind) -> Result<()> {
         let work = self.work_fd()?;
-        if self.dev_whiteouts {
+        if self.dev_whiteouts() {
             let tmp = self.tmp_name();
-            tree::make_whiteout(&self.sys, self.dev_whiteouts, work.as_fd(), &tmp)?;
+            tree::make_whiteout(&self.sys, self.dev_whiteouts(), work.as_fd(), &tmp)?;
             if kind == Kind::Dir {
                 if let Err(e) =
                     self.sys
@@ -584,7 +584,7 @@ impl Overlay {
                 }
             }
         } else {
-            tree::make_whiteout(&self.sys, self.dev_whiteouts, pu.as_fd(), name)?;
+            tree::make_whiteout(&self.sys, self.dev_whiteouts(), pu.as_fd(), name)?;
         }
         node.update(|s| s.unlinked = true);
         Ok(())
@@ -895,7 +895,7 @@ impl Overlay {
                 .rename_at(old_dir, old, new_dir, new, RenameFlags::empty())
                 .map(Ok);
         }
-        if self.dev_whiteouts {
+        if self.dev_whiteouts() {
             match self
                 .sys
                 .rename_at(old_dir, old, new_dir, new, RenameFlags::WHITEOUT)
@@ -908,7 +908,7 @@ impl Overlay {
             // failing to make it changes nothing, and put at the old name once that is free.
             let work = self.work_fd()?;
             let tmp = self.tmp_name();
-            tree::make_whiteout(&self.sys, self.dev_whiteouts, work.as_fd(), &tmp)?;
+            tree::make_whiteout(&self.sys, self.dev_whiteouts(), work.as_fd(), &tmp)?;
             if let Err(e) = self
                 .sys
                 .rename_at(old_dir, old, new_dir, new, RenameFlags::empty())
