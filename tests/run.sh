@@ -44,6 +44,9 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo build"
 cargo build --workspace --locked
+echo "== cargo build: the mount program as README's set-up installs it (static, release)"
+host="$(rustc --print host-tuple)"
+RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --locked -p rustfuse --target "$host"
 echo "== cargo build: the daemon with fault injection (tests/tests/injected.rs)"
 cargo build -p rustfuse --locked --features fault-injection --target-dir target/fault-injection
 echo "== cargo test"
@@ -52,6 +55,11 @@ RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}" cargo test --workspace --locked --no
 echo "== differential tests again, rustfuse behaving as on Linux 4.18 (FUSE 7.27, no newer syscalls)"
 RUSTFUSE_COMPAT_4_18=1 cargo test -p rustfuse-tests --locked --test differential
 RUSTFUSE_COMPAT_4_18=1 cargo test -p rustfuse-snapshotter --locked --test conformance fuse::
+echo "== the installed build (static, release): CLI, lifecycle, differential tests, BuildKit running it as fuse-overlayfs"
+RUSTFUSE_BIN="$PWD/target/$host/release/rustfuse" RUSTFUSE_SNAPSHOTTER_BIN="$PWD/target/debug/rustfuse-snapshotter" \
+  cargo test -p rustfuse-tests --locked --test cli --test lifecycle --test differential
+RUSTFUSE_BIN="$PWD/target/$host/release/rustfuse" RUSTFUSE_SNAPSHOTTER_BIN="$PWD/target/debug/rustfuse-snapshotter" \
+  cargo test -p rustfuse-tests --locked --test buildkit builtin_fuse_overlayfs_is_rustfuse_v0_34_2
 echo "== fuzz: a short run of every cargo-fuzz target"
 FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash tests/fuzz.sh
 echo "== Linux 5.10 booted under qemu: the kernel-facing tests there (tests/kernel.sh)"
