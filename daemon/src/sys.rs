@@ -205,25 +205,22 @@ impl Compat {
     }
 }
 
-/// The text of a small kernel file (`/proc`, `/sys`): one open, reads into a 4 KiB buffer,
-/// one close (`std::fs::read_to_string` adds a stat and a growing buffer). None when it
-/// cannot be read, is longer than the buffer or is not UTF-8.
+/// The text of a kernel file (`/proc`, `/sys`): one open, reads of 4 KiB until the end, one
+/// close (`std::fs::read_to_string` adds a stat, which tells nothing for these files). None
+/// when it cannot be read or is not UTF-8.
 pub fn read_small(path: &str) -> Option<String> {
     let fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
+    let mut text = Vec::new();
     let mut buf = [0u8; 4096];
-    let mut len = 0;
-    while len < buf.len() {
-        match rustix::io::read(&fd, &mut buf[len..]) {
+    loop {
+        match rustix::io::read(&fd, &mut buf) {
             Ok(0) => break,
-            Ok(n) => len += n,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
             Err(Errno::INTR) => {}
             Err(_) => return None,
         }
     }
-    if len == buf.len() {
-        return None;
-    }
-    String::from_utf8(buf[..len].to_vec()).ok()
+    String::from_utf8(text).ok()
 }
 
 /// Are we in a user namespace other than the initial one?
@@ -1217,6 +1214,23 @@ pub fn release_free_memory() {
 mod tests {
     use super::*;
     use std::fs;
+
+    /// `read_small` reads what `read_to_string` reads: a /proc file generated as it is read,
+    /// a file longer than its 4 KiB reads (a uid_map may hold 340 lines), an empty one; a
+    /// missing file is none.
+    #[test]
+    fn read_small_reads_whole_files() {
+        let p = std::env::temp_dir().join(format!("rustfuse-sys-read-{}", std::process::id()));
+        let long: String = (0..1000).map(|i| format!("{i:>10} {i:>10} 1\n")).collect();
+        for text in [long.as_str(), "", "0 0 4294967295\n"] {
+            fs::write(&p, text).unwrap();
+            assert_eq!(read_small(p.to_str().unwrap()).as_deref(), Some(text));
+        }
+        fs::remove_file(&p).unwrap();
+        assert_eq!(read_small(p.to_str().unwrap()), None);
+        let status = read_small("/proc/self/status").unwrap();
+        assert!(status.starts_with("Name:") && status.contains("\nCapEff:"));
+    }
 
     /// Where the kernel has the `*xattrat` calls, they read what the /proc paths read (the
     /// 4.18 seam never uses them): values short and long (past the first buffer), absent
