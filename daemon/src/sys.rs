@@ -381,6 +381,17 @@ impl Sys {
 
     pub fn mknod_at(&self, dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> Result<()> {
         self.faults.check("mknod")?;
+        self.mknod_unplanned(dir, name, mode, rdev)
+    }
+
+    /// mknodat as this seam's kernel answers it, outside the fault plan.
+    fn mknod_unplanned(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        mode: u32,
+        rdev: u64,
+    ) -> Result<()> {
         if self.compat.whiteouts_refused() && mode & libc::S_IFMT == libc::S_IFCHR {
             return Err(Errno::PERM);
         }
@@ -392,12 +403,8 @@ impl Sys {
     /// in the fault plan: this is a question about the filesystem, asked once per mount at
     /// the first whiteout, and a planned `mknod` or `unlink` fault belongs to that whiteout.
     pub fn dev_whiteouts_work(&self, dir: BorrowedFd<'_>, name: &OsStr) -> bool {
-        if self.compat.whiteouts_refused() {
-            return false;
-        }
         let _ = rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty());
-        let ok =
-            rustix::fs::mknodat(dir, name, FileType::CharacterDevice, Mode::empty(), 0).is_ok();
+        let ok = self.mknod_unplanned(dir, name, libc::S_IFCHR, 0).is_ok();
         let _ = rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty());
         ok
     }
