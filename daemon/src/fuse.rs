@@ -22,7 +22,7 @@ use crate::overlay::{
     Attr, Caller, Fh, Ino, Kind, Overlay, ROOT_INO, RenameMode, SetAttr, SetTime,
 };
 use crate::pacer::{Cost, Pacer};
-use crate::sys::Errno;
+use crate::sys::{Errno, SplicePipe, Spliced};
 
 /// The one errno map from overlay errors to FUSE replies. Every errno passes through as
 /// itself; a zero (no errno known) becomes EIO, never EINVAL.
@@ -246,6 +246,8 @@ pub struct OverlayFs {
     writeback: bool,
     /// Which session thread reads the next request (see [`crate::pacer`]).
     pace: Arc<Pacer>,
+    /// Pipes for read replies by splice, one taken per READ being answered.
+    pipes: parking_lot::Mutex<Vec<SplicePipe>>,
     pub(crate) negotiated: std::sync::Arc<parking_lot::Mutex<Option<InitFlags>>>,
 }
 
@@ -266,6 +268,7 @@ impl OverlayFs {
             limit: None,
             writeback,
             pace: Pacer::new(threads),
+            pipes: Default::default(),
             negotiated: Default::default(),
         }
     }
@@ -282,6 +285,34 @@ impl OverlayFs {
     /// The pacing of the session threads; give it the session's device once there is one.
     pub fn pacer(&self) -> Arc<Pacer> {
         self.pace.clone()
+    }
+
+    /// Answers a READ of `len` bytes at `off` by splice (see [`Sys::splice_read_reply`]) when
+    /// the session's device is known and a pipe has room for it.
+    fn splice_read(&self, unique: u64, fh: Fh, off: u64, len: usize) -> SpliceRead {
+        let Some(dev) = self.pace.device() else {
+            return SpliceRead::Copy;
+        };
+        let pipe = self.pipes.lock().pop();
+        let Some(mut pipe) = pipe.or_else(|| SplicePipe::new(SPLICE_PIPE_BYTES).ok()) else {
+            return SpliceRead::Copy;
+        };
+        if !pipe.fits(off, len) {
+            self.pipes.lock().push(pipe);
+            return SpliceRead::Copy;
+        }
+        let sent = self.ov.with_data_fd(fh, |sys, fd| {
+            sys.splice_read_reply(dev, &mut pipe, unique, fd, off, len)
+        });
+        if !pipe.broken() {
+            self.pipes.lock().push(pipe);
+        }
+        match sent {
+            Ok(Ok(Spliced::Sent(_))) => SpliceRead::Sent,
+            Ok(Ok(Spliced::AtEnd)) => SpliceRead::AtEnd,
+            Ok(Ok(Spliced::NotSent)) => SpliceRead::Copy,
+            Ok(Err(e)) | Err(e) => SpliceRead::Failed(e),
+        }
     }
 
     fn fattr(&self, a: &Attr) -> FileAttr {
@@ -404,6 +435,32 @@ reply_error!(
 
 /// The one way to answer a request: `ok` with the overlay's value, or its error through the
 /// one errno map (and in the request's span).
+/// READs of at least this many bytes are answered by splice: below it a copy costs less than
+/// the extra system call.
+const SPLICE_MIN: usize = 16 << 10;
+/// The pipe size asked for: the default `/proc/sys/fs/pipe-max-size`, which every user may
+/// have; room for replies up to 1 MiB less two pages (the header's buffer, a misaligned
+/// start). The kernel's readahead asks for 128 KiB at a time.
+const SPLICE_PIPE_BYTES: usize = 1 << 20;
+
+/// How a READ was answered by [`OverlayFs::splice_read`], or is to be.
+enum SpliceRead {
+    Sent,
+    /// Nothing to send: the file ends at or before the offset.
+    AtEnd,
+    /// Answer it the copying way.
+    Copy,
+    Failed(Errno),
+}
+
+/// A READ answered by splice has had its reply: fuser 0.18 has no way to be told so, and its
+/// reply would send EIO when dropped unused. Forgetting it sends nothing and keeps one
+/// reference count of the session's channel (no memory, nothing left open that would not be
+/// anyway).
+fn sent_by_splice(reply: ReplyData) {
+    std::mem::forget(reply);
+}
+
 fn answer<T, R: ReplyError>(r: Result<T, Errno>, reply: R, ok: impl FnOnce(R, T)) {
     match r {
         Ok(v) => ok(reply, v),
@@ -729,7 +786,7 @@ impl Filesystem for OverlayFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -740,6 +797,17 @@ impl Filesystem for OverlayFs {
     ) {
         let _turn = self.pace.begin(Cost::MayBlock);
         let _s = debug_span!("read", fh = fh.0, offset, size).entered();
+        if size as usize >= SPLICE_MIN {
+            match self.splice_read(req.unique().0, Fh(fh.0), offset, size as usize) {
+                SpliceRead::Sent => return sent_by_splice(reply),
+                SpliceRead::AtEnd => return reply.data(&[]),
+                SpliceRead::Failed(e) => {
+                    trace!(error = %e, "error");
+                    return reply.error(fuse_errno(e));
+                }
+                SpliceRead::Copy => {}
+            }
+        }
         answer(self.ov.read(Fh(fh.0), offset, size), reply, |reply, d| {
             reply.data(&d)
         });

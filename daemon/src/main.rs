@@ -402,6 +402,14 @@ fn run(cli: &Cli, opts: OverlayOptions, prog: &str, daemonize: bool) -> Result<(
         Ok(o) => o,
         Err(e) => return Err(e.to_string()),
     };
+    if cfg!(feature = "fault-injection") {
+        // A fault planned from the start, for mounts whose xattrs cannot be set (read-only).
+        if let Some(v) = std::env::var_os("RUSTFUSE_FAULT") {
+            if ov.faults().plan(v.as_encoded_bytes()).is_err() {
+                return Err(format!("RUSTFUSE_FAULT={v:?}: not OP:NTH:ERRNO or off"));
+            }
+        }
+    }
     let mut fs = OverlayFs::new(ov, threads);
     let pacer = fs.pacer();
     if kernel_4_18 {
@@ -412,7 +420,9 @@ fn run(cli: &Cli, opts: OverlayOptions, prog: &str, daemonize: bool) -> Result<(
     config.mount_options = plan.fuser_opts.clone();
     config.acl = acl;
     config.n_threads = Some(threads);
-    config.clone_fd = true;
+    // One device fd for every thread: a reply must reach the fd its request was read from,
+    // and READs answered by splice write to the pacer's copy of the session's fd.
+    config.clone_fd = false;
     let mp = cli.mountpoint.to_string_lossy();
     let session = if let Some(n) = mp.strip_prefix("/dev/fd/") {
         let fd = n

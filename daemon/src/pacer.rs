@@ -33,7 +33,7 @@
 #![forbid(unsafe_code)]
 
 use std::cell::RefCell;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::thread::Thread;
@@ -169,6 +169,12 @@ impl Pacer {
     /// brings in a parked thread for every request that may block, and never for a queue.
     pub fn set_device(&self, dev: OwnedFd) {
         let _ = self.dev.set(dev);
+    }
+
+    /// The session's device once given ([`Pacer::set_device`]): a copy of the fd every
+    /// session thread reads from, so a reply written to it finds its request.
+    pub fn device(&self) -> Option<BorrowedFd<'_>> {
+        self.dev.get().map(|d| d.as_fd())
     }
 
     fn queue(&self) -> FuseQueue {

@@ -876,6 +876,33 @@ impl Sys {
         rustix::io::pread(fd, buf, off)
     }
 
+    /// Answers FUSE request `unique` on `dev` with up to `len` bytes of `file` at `off`,
+    /// moved by splice(2) through `pipe`: the page cache's pages go to the device without a
+    /// copy through this process (the device copies them once into the request's pages).
+    /// The reply carries what a `pread` would have returned. `len` must fit
+    /// [`SplicePipe::fits`]. An error is only a planned fault (as [`Sys::pread`] meets one);
+    /// any other failure is [`Spliced::NotSent`], for the caller to answer the copying way.
+    pub fn splice_read_reply(
+        &self,
+        dev: BorrowedFd<'_>,
+        pipe: &mut SplicePipe,
+        unique: u64,
+        file: BorrowedFd<'_>,
+        off: u64,
+        len: usize,
+    ) -> Result<Spliced> {
+        self.faults.check("read")?;
+        Ok(match splice_reply(dev, pipe, unique, file, off, len) {
+            Ok(0) => Spliced::AtEnd,
+            Ok(n) => Spliced::Sent(n),
+            Err(e) => {
+                pipe.broken = true;
+                tracing::debug!(error = %e, "splice read reply not sent");
+                Spliced::NotSent
+            }
+        })
+    }
+
     pub fn pwrite(&self, fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<usize> {
         self.faults.check("write")?;
         rustix::io::pwrite(fd, buf, off)
@@ -1064,6 +1091,191 @@ pub fn borrow<F: AsFd>(f: &F) -> BorrowedFd<'_> {
     f.as_fd()
 }
 
+// ---------------------------------------------------------------- read replies by splice
+
+/// What [`Sys::splice_read_reply`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spliced {
+    /// The reply went with this many bytes (fewer than asked: the file ends there).
+    Sent(usize),
+    /// The offset is at or past the end of the file: nothing was sent.
+    AtEnd,
+    /// Nothing was sent (the file cannot be spliced, a pipe or device error); the pipe is
+    /// [`SplicePipe::broken`].
+    NotSent,
+}
+
+/// A pipe (and, made at its first use, a second one for replies cut short by the end of a
+/// file) that carries FUSE read replies from a file to the device: see
+/// [`Sys::splice_read_reply`].
+#[derive(Debug)]
+pub struct SplicePipe {
+    data: (OwnedFd, OwnedFd),
+    staging: Option<(OwnedFd, OwnedFd)>,
+    /// Pages the pipe holds (one per buffer).
+    slots: usize,
+    broken: bool,
+}
+
+impl SplicePipe {
+    /// A pipe with room for a reply of `bytes`, or as close to it as this user may have
+    /// (`/proc/sys/fs/pipe-max-size` bounds an unprivileged user; [`SplicePipe::fits`] tells
+    /// which replies it can carry).
+    pub fn new(bytes: usize) -> Result<SplicePipe> {
+        let data = SplicePipe::pipe_sized(bytes)?;
+        let slots = rustix::pipe::fcntl_getpipe_size(&data.1)? / page_size();
+        Ok(SplicePipe {
+            data,
+            staging: None,
+            slots,
+            broken: false,
+        })
+    }
+
+    fn pipe_sized(bytes: usize) -> Result<(OwnedFd, OwnedFd)> {
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        // Refused (over this user's limits): the pipe keeps the size it has.
+        let _ = rustix::pipe::fcntl_setpipe_size(&w, bytes);
+        Ok((r, w))
+    }
+
+    /// Whether a reply of `len` bytes of a file at `off` fits: one buffer per page the range
+    /// touches, and one more for the header.
+    pub fn fits(&self, off: u64, len: usize) -> bool {
+        let page = page_size();
+        let first = (off % page as u64) as usize;
+        (first + len).div_ceil(page) < self.slots
+    }
+
+    /// Whether the pipe may hold part of a reply that was not sent: drop it.
+    pub fn broken(&self) -> bool {
+        self.broken
+    }
+}
+
+fn page_size() -> usize {
+    rustix::param::page_size()
+}
+
+/// The size of `struct fuse_out_header` (len, error, unique).
+const FUSE_OUT_HEADER: usize = 16;
+
+fn fuse_out_header(unique: u64, payload: usize) -> [u8; FUSE_OUT_HEADER] {
+    let mut h = [0u8; FUSE_OUT_HEADER];
+    h[0..4].copy_from_slice(&((FUSE_OUT_HEADER + payload) as u32).to_ne_bytes());
+    h[8..16].copy_from_slice(&unique.to_ne_bytes());
+    h
+}
+
+/// [`Sys::splice_read_reply`]'s work: the bytes sent (0: none, the file ends before `off`).
+fn splice_reply(
+    dev: BorrowedFd<'_>,
+    pipe: &mut SplicePipe,
+    unique: u64,
+    file: BorrowedFd<'_>,
+    off: u64,
+    len: usize,
+) -> Result<usize> {
+    use rustix::pipe::{SpliceFlags, splice};
+    // The header goes in first, for the whole length asked: a pipe is a queue, and nearly
+    // every read gets all it asked for.
+    write_all(pipe.data.1.as_fd(), &fuse_out_header(unique, len))?;
+    let mut o = off;
+    let mut n = 0;
+    while n < len {
+        // NONBLOCK concerns the pipe only (it has room for all of `len`): the file is read as
+        // read(2) reads it, waiting for the disk.
+        match splice(
+            file,
+            Some(&mut o),
+            &pipe.data.1,
+            None,
+            len - n,
+            SpliceFlags::NONBLOCK,
+        ) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if n == len {
+        splice_to_device(pipe.data.0.as_fd(), dev, FUSE_OUT_HEADER + len)?;
+        return Ok(n);
+    }
+    // Cut short by the end of the file: take the header back out (it was written alone, so it
+    // is a buffer of its own); the data goes behind the right header in the staging pipe
+    // (buffers move between pipes by reference, no copy).
+    let mut stale = [0u8; FUSE_OUT_HEADER];
+    read_exact(pipe.data.0.as_fd(), &mut stale)?;
+    if n == 0 {
+        return Ok(0);
+    }
+    let staging = match &pipe.staging {
+        Some(s) => s,
+        None => pipe
+            .staging
+            .insert(SplicePipe::pipe_sized(pipe.slots * page_size())?),
+    };
+    write_all(staging.1.as_fd(), &fuse_out_header(unique, n))?;
+    let mut moved = 0;
+    while moved < n {
+        match splice(
+            &pipe.data.0,
+            None,
+            &staging.1,
+            None,
+            n - moved,
+            SpliceFlags::NONBLOCK,
+        ) {
+            Ok(0) => return Err(Errno::IO),
+            Ok(k) => moved += k,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    splice_to_device(staging.0.as_fd(), dev, FUSE_OUT_HEADER + n)?;
+    Ok(n)
+}
+
+fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> Result<()> {
+    while !buf.is_empty() {
+        match rustix::io::write(fd, buf) {
+            Ok(0) => return Err(Errno::IO),
+            Ok(n) => buf = &buf[n..],
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn read_exact(fd: BorrowedFd<'_>, mut buf: &mut [u8]) -> Result<()> {
+    while !buf.is_empty() {
+        match rustix::io::read(fd, &mut *buf) {
+            Ok(0) => return Err(Errno::IO),
+            Ok(n) => buf = &mut buf[n..],
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Moves one whole reply of `len` bytes from `pipe` to the FUSE device, which takes a reply
+/// in one write or not at all.
+fn splice_to_device(pipe: BorrowedFd<'_>, dev: BorrowedFd<'_>, len: usize) -> Result<()> {
+    use rustix::pipe::{SpliceFlags, splice};
+    loop {
+        match splice(pipe, None, dev, None, len, SpliceFlags::empty()) {
+            Ok(n) if n == len => return Ok(()),
+            Ok(_) => return Err(Errno::IO),
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 // ---------------------------------------------------------------- mounting
 
 /// Open `/dev/fuse` for a new connection.
@@ -1221,6 +1433,73 @@ pub fn release_free_memory() {
 mod tests {
     use super::*;
     use std::fs;
+
+    /// A read reply by splice is what the FUSE device takes: a header naming the whole length
+    /// and the request, then what `pread` returns (here a pipe stands for the device). A reply
+    /// cut short by the end of the file says so in its header; at or past the end nothing
+    /// goes; a file that cannot be spliced sends nothing and marks the pipe broken; a planned
+    /// read fault is the answer, as for `pread`. The pipe serves the next reply after each.
+    #[test]
+    fn splice_read_replies_carry_what_pread_reads() {
+        let p = std::env::temp_dir().join(format!("rustfuse-sys-splice-{}", std::process::id()));
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let file = std::fs::File::open(&p).unwrap();
+        let _ = std::fs::remove_file(&p);
+        let (dev_r, dev_w) = rustix::pipe::pipe().unwrap();
+        rustix::pipe::fcntl_setpipe_size(&dev_w, 1 << 20).unwrap();
+        let sys = Sys::default();
+        let mut pipe = SplicePipe::new(1 << 20).unwrap();
+        let take = |n: usize| {
+            let mut b = vec![0u8; n];
+            read_exact(dev_r.as_fd(), &mut b).unwrap();
+            b
+        };
+        for (unique, off, len, want) in [
+            (7u64, 0u64, 16_384usize, Spliced::Sent(16_384)),
+            (8, 4_097, 16_384, Spliced::Sent(15_903)),
+            (9, 16_384, 16_384, Spliced::Sent(3_616)),
+            (10, 20_000, 16_384, Spliced::AtEnd),
+            (11, 30_000, 16_384, Spliced::AtEnd),
+            (12, 1, 19_999, Spliced::Sent(19_999)),
+        ] {
+            assert!(pipe.fits(off, len));
+            let got = sys
+                .splice_read_reply(dev_w.as_fd(), &mut pipe, unique, file.as_fd(), off, len)
+                .unwrap();
+            assert_eq!(got, want, "read of {len} at {off}");
+            assert!(!pipe.broken());
+            if let Spliced::Sent(n) = got {
+                let h = take(FUSE_OUT_HEADER);
+                assert_eq!(h, fuse_out_header(unique, n), "header of the read at {off}");
+                let o = off as usize;
+                assert!(take(n) == data[o..o + n], "data of the read at {off}");
+            }
+        }
+        assert_eq!(waiting(&dev_r), 0, "nothing more was sent");
+
+        sys.faults().inject("read", 1, Errno::IO);
+        let r = sys.splice_read_reply(dev_w.as_fd(), &mut pipe, 13, file.as_fd(), 0, 16_384);
+        assert_eq!(r, Err(Errno::IO));
+        assert!(!pipe.broken());
+        assert_eq!(waiting(&dev_r), 0);
+
+        let dir = std::fs::File::open(std::env::temp_dir()).unwrap();
+        let r = sys.splice_read_reply(dev_w.as_fd(), &mut pipe, 14, dir.as_fd(), 0, 16_384);
+        assert_eq!(r, Ok(Spliced::NotSent));
+        assert!(pipe.broken());
+        assert_eq!(waiting(&dev_r), 0);
+
+        assert!(
+            !pipe.fits(0, 1 << 20),
+            "a 1 MiB reply and its header need 257 pages"
+        );
+    }
+
+    /// Bytes waiting in pipe `r`.
+    fn waiting(r: &OwnedFd) -> u64 {
+        rustix::io::ioctl_fionread(r).unwrap()
+    }
 
     /// `read_small` reads what `read_to_string` reads: a /proc file generated as it is read,
     /// a file longer than its 4 KiB reads (a uid_map may hold 340 lines), an empty one; a

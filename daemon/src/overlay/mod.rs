@@ -1662,6 +1662,17 @@ impl Overlay {
     }
 
     /// Up to `size` bytes of open file `fh` at `off` (fewer only at the end of the file).
+    /// Hands `f` this mount's seam and the descriptor a read of open file `fh` reads from
+    /// (the copy once the file was copied up, as [`Overlay::read`]), for a caller that moves
+    /// the data itself.
+    pub fn with_data_fd<R>(&self, fh: Fh, f: impl FnOnce(&Sys, BorrowedFd<'_>) -> R) -> Result<R> {
+        let h = self.file_handle(fh)?;
+        let Handle::File(file) = &*h else {
+            unreachable!()
+        };
+        Ok(f(&self.sys, file.fd_following_copy_up(&self.sys)))
+    }
+
     pub fn read(&self, fh: Fh, off: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.file_handle(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };

@@ -1,0 +1,186 @@
+//! Reads give the layer's bytes, whichever way the daemon answers them (a copy through its
+//! memory for short READs, splice(2) from the file to the device from 16 KiB up): whole-file
+//! reads through the page cache of files whose sizes sit around the shapes a reply takes
+//! (16 KiB, the kernel's 128 KiB readahead requests, 1 MiB, a file end inside a request),
+//! and O_DIRECT reads, which reach the daemon as READs of exactly the range asked for
+//! (unaligned offsets, lengths across the end of the file, offsets past it). On lower files,
+//! then on their copies after a copy-up, through handles opened before it too (they follow the
+//! copy, as on kernel overlayfs); served by the pool of threads and by one thread.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use rustfuse_tests::env::{self, bin_under_test, scratch, with_deadline};
+use rustfuse_tests::layers::{Layer, Materialized, Tree};
+use rustfuse_tests::mount::Mount;
+use rustfuse_tests::rng::Rng;
+
+const SIZES: &[usize] = &[
+    0, 1, 4095, 16383, 16384, 16385, 100_000, 131_072, 131_073, 1_048_579, 3_000_001,
+];
+const LENGTHS: &[usize] = &[
+    1,
+    4096,
+    16383,
+    16384,
+    20_000,
+    65_536,
+    131_072,
+    300_000,
+    1 << 20,
+];
+const TAIL: &[u8] = b"+appended";
+
+fn content(size: usize) -> Vec<u8> {
+    let mut r = Rng::new(size as u64 + 1);
+    (0..size).map(|_| r.next_u64() as u8).collect()
+}
+
+fn name(size: usize) -> String {
+    format!("f{size}")
+}
+
+fn direct(p: &Path) -> std::io::Result<fs::File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+        .open(p)
+}
+
+/// O_DIRECT reads of `f` at offsets and lengths from `rng`: each must return the bytes of
+/// `want` in that range, all of them in one call.
+fn check_direct(f: &fs::File, want: &[u8], rng: &mut Rng, what: &str, problems: &mut Vec<String>) {
+    for i in 0..40 {
+        let off = match i % 4 {
+            0 => rng.below(want.len() + 1) / 4096 * 4096,
+            1 => want.len().saturating_sub(rng.below(20_000)),
+            2 => want.len() + rng.below(3),
+            _ => rng.below(want.len() + 1),
+        };
+        let len = *rng.pick(LENGTHS);
+        let mut buf = vec![0u8; len];
+        let end = (off + len).min(want.len()).max(off.min(want.len()));
+        let expect = &want[off.min(want.len())..end];
+        match f.read_at(&mut buf, off as u64) {
+            Ok(n) if &buf[..n] == expect => {}
+            Ok(n) => {
+                let at = buf[..n].iter().zip(expect).position(|(a, b)| a != b);
+                problems.push(format!(
+                    "{what}: O_DIRECT read of {len} at {off}: {n} bytes (want {}), first difference at {at:?}",
+                    expect.len()
+                ));
+            }
+            Err(e) => problems.push(format!("{what}: O_DIRECT read of {len} at {off}: {e}")),
+        }
+    }
+}
+
+fn check_all(root: &Path, tail: bool, rng: &mut Rng, side: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    for &size in SIZES {
+        let mut want = content(size);
+        if tail {
+            want.extend_from_slice(TAIL);
+        }
+        let p = root.join(name(size));
+        let what = format!("{side}, {} ({} bytes)", name(size), want.len());
+        match fs::read(&p) {
+            Ok(got) if got == want => {}
+            Ok(got) => problems.push(format!(
+                "{what}: read gave {} bytes, not the file",
+                got.len()
+            )),
+            Err(e) => problems.push(format!("{what}: read: {e}")),
+        }
+        match direct(&p) {
+            Ok(f) => check_direct(&f, &want, rng, &what, &mut problems),
+            Err(e) => problems.push(format!("{what}: open O_DIRECT: {e}")),
+        }
+    }
+    problems
+}
+
+fn pipe_count(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| {
+        d.flatten()
+            .filter(|e| {
+                fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("pipe:"))
+            })
+            .count()
+    })
+}
+
+#[test]
+fn reads_of_every_shape_give_the_layer_bytes_before_and_after_copy_up() {
+    if !env::require_bin_under_test() {
+        return;
+    }
+    let mut problems = Vec::new();
+    for opts in [&[][..], &["threaded=0"][..]] {
+        let side = if opts.is_empty() {
+            "pool"
+        } else {
+            "one thread"
+        };
+        let s = scratch("reads");
+        let mut layer = Layer::new();
+        for &size in SIZES {
+            layer = layer.file(&name(size), content(size));
+        }
+        let Materialized { stack, mnt } = Tree::new().lower(layer).materialize(s.path()).unwrap();
+        let m = Mount::fuse(&bin_under_test(), &stack, opts, &mnt)
+            .unwrap_or_else(|e| panic!("mount ({side}): {e}"));
+        let root = m.root().to_path_buf();
+        let pid = m.daemon_pid().expect("daemon pid");
+        let side = side.to_string();
+        problems.extend(with_deadline(
+            Duration::from_secs(120),
+            "reads",
+            move || {
+                let mut rng = Rng::new(7);
+                let mut problems = check_all(&root, false, &mut rng, &format!("{side}, lower"));
+                // The pipes of the splice replies are made once per thread, not per read.
+                let pipes = pipe_count(pid);
+                // Handles opened before the copy-up, read after it: they follow the copy.
+                let before: Vec<_> = SIZES.iter().map(|&s| direct(&root.join(name(s)))).collect();
+                for &size in SIZES {
+                    let appended = fs::OpenOptions::new()
+                        .append(true)
+                        .open(root.join(name(size)))
+                        .and_then(|mut f| f.write_all(TAIL));
+                    if let Err(e) = appended {
+                        problems.push(format!("{side}: append to {}: {e}", name(size)));
+                    }
+                }
+                for (&size, f) in SIZES.iter().zip(&before) {
+                    let mut want = content(size);
+                    want.extend_from_slice(TAIL);
+                    let what = format!("{side}, {} opened before the copy-up", name(size));
+                    match f {
+                        Ok(f) => check_direct(f, &want, &mut rng, &what, &mut problems),
+                        Err(e) => problems.push(format!("{what}: open O_DIRECT: {e}")),
+                    }
+                }
+                problems.extend(check_all(
+                    &root,
+                    true,
+                    &mut rng,
+                    &format!("{side}, copied up"),
+                ));
+                drop(before);
+                if pipe_count(pid) > pipes {
+                    problems.push(format!(
+                    "{side}: the daemon's pipes grew from {pipes} to {} over the same reads again",
+                    pipe_count(pid)
+                ));
+                }
+                problems
+            },
+        ));
+        drop(m);
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
