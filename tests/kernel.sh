@@ -77,7 +77,7 @@ case "$VERSION" in
     # mount program's, root and rootless, and doctor; about 5 minutes in all under TCG on a
     # loaded 2-core host. conformance (10+ minutes) and containerd (4) run on 5.10 already and
     # would not fit in the stage's ~6 minutes of CI.
-    : "${KERNEL_STEPS:=differential options rootless lifecycle fusermount3 doctor}"
+    : "${KERNEL_STEPS:=differential reads options rootless lifecycle fusermount3 doctor}"
     ;;
   5.4)
     # Ubuntu 20.04's (focal) Linux 5.4.0-NNN-generic, FUSE protocol 7.31: a kernel of the
@@ -90,7 +90,7 @@ case "$VERSION" in
     SUITE="focal focal-updates focal-security"
     PATTERN='^linux-image-5\.4\.0-[0-9]+-generic$'
     KERNEL_PIN="linux-image-5.4.0-216-generic=5.4.0-216.236"
-    : "${KERNEL_STEPS:=differential options rootless lifecycle fusermount3 doctor}"
+    : "${KERNEL_STEPS:=differential reads options rootless lifecycle fusermount3 doctor}"
     ;;
   *) die "unknown kernel VERSION '$VERSION' (known: 5.10, 4.15, 5.4)" ;;
 esac
@@ -212,7 +212,7 @@ say "building the binaries and test executables (cargo test --no-run)"
 cargo build --workspace --locked -q
 json=$(mktemp)
 cargo test --locked --no-run --message-format=json \
-  -p rustfuse-tests --test differential --test rootless --test options --test lifecycle \
+  -p rustfuse-tests --test differential --test reads --test rootless --test options --test lifecycle \
   --test rootless_snapshotter --test rootless_build \
   -p rustfuse-snapshotter --test conformance --test containerd_e2e >"$json"
 BINS="$KDIR/bins.env"
@@ -227,7 +227,7 @@ for line in open(sys.argv[1]):
         print(f"TEST_BIN_{m['target']['name']}={m['executable']}")
 EOF
 rm -f "$json"
-for t in differential rootless options lifecycle rootless_snapshotter rootless_build conformance containerd_e2e; do
+for t in differential reads rootless options lifecycle rootless_snapshotter rootless_build conformance containerd_e2e; do
   grep -q "^TEST_BIN_$t=" "$BINS" || die "cargo test --no-run gave no executable for $t"
 done
 # Private copies of everything the guest runs, taken under cargo's lock of target/debug: the

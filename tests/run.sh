@@ -52,12 +52,12 @@ cargo build -p rustfuse --locked --features fault-injection --target-dir target/
 echo "== cargo test"
 # One test binary at a time runs its mount tests in parallel threads; keep that bounded.
 RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}" cargo test --workspace --locked --no-fail-fast -- --nocapture
-echo "== differential tests again, rustfuse behaving as on Linux 4.18 (FUSE 7.27, no newer syscalls)"
-RUSTFUSE_COMPAT_4_18=1 cargo test -p rustfuse-tests --locked --test differential
+echo "== differential and read tests again, rustfuse behaving as on Linux 4.18 (FUSE 7.27, no newer syscalls)"
+RUSTFUSE_COMPAT_4_18=1 cargo test -p rustfuse-tests --locked --test differential --test reads
 RUSTFUSE_COMPAT_4_18=1 cargo test -p rustfuse-snapshotter --locked --test conformance fuse::
-echo "== the installed build (static, release): CLI, lifecycle, differential tests, BuildKit running it as fuse-overlayfs"
+echo "== the installed build (static, release): CLI, lifecycle, differential, read tests, BuildKit running it as fuse-overlayfs"
 RUSTFUSE_BIN="$PWD/target/$host/release/rustfuse" RUSTFUSE_SNAPSHOTTER_BIN="$PWD/target/debug/rustfuse-snapshotter" \
-  cargo test -p rustfuse-tests --locked --test cli --test lifecycle --test differential
+  cargo test -p rustfuse-tests --locked --test cli --test lifecycle --test differential --test reads
 RUSTFUSE_BIN="$PWD/target/$host/release/rustfuse" RUSTFUSE_SNAPSHOTTER_BIN="$PWD/target/debug/rustfuse-snapshotter" \
   cargo test -p rustfuse-tests --locked --test buildkit builtin_fuse_overlayfs_is_rustfuse_v0_34_2
 echo "== fuzz: a short run of every cargo-fuzz target"

@@ -10,6 +10,8 @@
 # and the stage must stay under ~25 minutes), every one with CI=true so nothing can skip:
 #   differential   the mount program against the guest kernel's own overlayfs as the oracle,
 #                  as root: every FUSE opcode and errno path, as 5.10 serves them (FUSE 7.32)
+#   reads          reads of every shape give the layer's bytes (tests/tests/reads.rs): the
+#                  splice(2) replies as this kernel's splice and /dev/fuse take them
 #   options        every fuse-overlayfs option, as root (uid/gid mapping, noxattrs, timeout,
 #                  xattr_permissions, ...): INIT flags and attribute caching of this kernel
 #   rootless       a non-root user mounting inside `unshare -Urm` (FUSE in a user namespace)
@@ -43,7 +45,7 @@
 set -uo pipefail
 OUT="$1"
 BINS="$2"
-DEFAULT_STEPS="differential options rootless lifecycle fusermount3 doctor conformance containerd buildah"
+DEFAULT_STEPS="differential reads options rootless lifecycle fusermount3 doctor conformance containerd buildah"
 case "${3:-}" in
   "") STEPS=$DEFAULT_STEPS ;;
   all) STEPS="$DEFAULT_STEPS buildah-small" ;;
@@ -156,6 +158,7 @@ step() { # step NAME SECONDS COMMAND...: runs COMMAND with a deadline, logs to O
 # ---------------------------------------------------------------- the steps
 
 step differential 900 "$TEST_BIN_differential" --test-threads=2
+step reads 300 "$TEST_BIN_reads" --test-threads=2
 step options 300 "$TEST_BIN_options" --test-threads=2
 step rootless 300 "$TEST_BIN_rootless" --test-threads=2
 step lifecycle 300 "$TEST_BIN_lifecycle" --test-threads=2
