@@ -246,7 +246,7 @@ pub struct OverlayFs {
     writeback: bool,
     /// Which session thread reads the next request (see [`crate::pacer`]).
     pace: Arc<Pacer>,
-    /// Pipes for read replies by splice, one taken per READ being answered.
+    /// Pipes for read replies by splice, one pair taken per READ being answered.
     pipes: parking_lot::Mutex<Vec<SplicePipe>>,
     pub(crate) negotiated: std::sync::Arc<parking_lot::Mutex<Option<InitFlags>>>,
 }
@@ -433,10 +433,8 @@ reply_error!(
     ReplyXattr,
 );
 
-/// The one way to answer a request: `ok` with the overlay's value, or its error through the
-/// one errno map (and in the request's span).
-/// READs of at least this many bytes are answered by splice: below it a copy costs less than
-/// the extra system call.
+/// READs of at least this many bytes are answered by splice (four system calls); shorter ones
+/// by a copy (two), which costs little for a few pages.
 const SPLICE_MIN: usize = 16 << 10;
 /// The pipe size asked for: the default `/proc/sys/fs/pipe-max-size`, which every user may
 /// have; room for replies up to 1 MiB less two pages (the header's buffer, a misaligned
@@ -461,6 +459,8 @@ fn sent_by_splice(reply: ReplyData) {
     std::mem::forget(reply);
 }
 
+/// The one way to answer a request: `ok` with the overlay's value, or its error through the
+/// one errno map (and in the request's span).
 fn answer<T, R: ReplyError>(r: Result<T, Errno>, reply: R, ok: impl FnOnce(R, T)) {
     match r {
         Ok(v) => ok(reply, v),

@@ -1105,28 +1105,32 @@ pub enum Spliced {
     NotSent,
 }
 
-/// A pipe (and, made at its first use, a second one for replies cut short by the end of a
-/// file) that carries FUSE read replies from a file to the device: see
+/// The two pipes that carry FUSE read replies from a file to the device: see
 /// [`Sys::splice_read_reply`].
 #[derive(Debug)]
 pub struct SplicePipe {
+    /// The file's pages, as spliced from it.
     data: (OwnedFd, OwnedFd),
-    staging: Option<(OwnedFd, OwnedFd)>,
-    /// Pages the pipe holds (one per buffer).
+    /// The reply: its header, then the data moved in behind it.
+    reply: (OwnedFd, OwnedFd),
+    /// Pages the smaller pipe holds (one per buffer).
     slots: usize,
     broken: bool,
 }
 
 impl SplicePipe {
-    /// A pipe with room for a reply of `bytes`, or as close to it as this user may have
+    /// Pipes with room for a reply of `bytes`, or as close to it as this user may have
     /// (`/proc/sys/fs/pipe-max-size` bounds an unprivileged user; [`SplicePipe::fits`] tells
-    /// which replies it can carry).
+    /// which replies they can carry).
     pub fn new(bytes: usize) -> Result<SplicePipe> {
         let data = SplicePipe::pipe_sized(bytes)?;
-        let slots = rustix::pipe::fcntl_getpipe_size(&data.1)? / page_size();
+        let reply = SplicePipe::pipe_sized(bytes)?;
+        let slots = rustix::pipe::fcntl_getpipe_size(&data.1)?
+            .min(rustix::pipe::fcntl_getpipe_size(&reply.1)?)
+            / page_size();
         Ok(SplicePipe {
             data,
-            staging: None,
+            reply,
             slots,
             broken: false,
         })
@@ -1147,7 +1151,7 @@ impl SplicePipe {
         (first + len).div_ceil(page) < self.slots
     }
 
-    /// Whether the pipe may hold part of a reply that was not sent: drop it.
+    /// Whether the pipes may hold part of a reply that was not sent: drop them.
     pub fn broken(&self) -> bool {
         self.broken
     }
@@ -1168,6 +1172,9 @@ fn fuse_out_header(unique: u64, payload: usize) -> [u8; FUSE_OUT_HEADER] {
 }
 
 /// [`Sys::splice_read_reply`]'s work: the bytes sent (0: none, the file ends before `off`).
+/// The data goes into its own pipe first, so that the header, written next into the reply
+/// pipe, names the length the file gave; the data's buffers then move behind it (between
+/// pipes by reference, no copy).
 fn splice_reply(
     dev: BorrowedFd<'_>,
     pipe: &mut SplicePipe,
@@ -1176,19 +1183,39 @@ fn splice_reply(
     off: u64,
     len: usize,
 ) -> Result<usize> {
-    use rustix::pipe::{SpliceFlags, splice};
-    // The header goes in first, for the whole length asked: a pipe is a queue, and nearly
-    // every read gets all it asked for.
-    write_all(pipe.data.1.as_fd(), &fuse_out_header(unique, len))?;
     let mut o = off;
+    let n = splice_up_to(file, Some(&mut o), pipe.data.1.as_fd(), len)?;
+    if n == 0 {
+        return Ok(0);
+    }
+    write_all(pipe.reply.1.as_fd(), &fuse_out_header(unique, n))?;
+    if splice_up_to(pipe.data.0.as_fd(), None, pipe.reply.1.as_fd(), n)? < n {
+        return Err(Errno::IO);
+    }
+    // The device takes a reply in one write or not at all.
+    let all = FUSE_OUT_HEADER + n;
+    if splice_up_to(pipe.reply.0.as_fd(), None, dev, all)? < all {
+        return Err(Errno::IO);
+    }
+    Ok(n)
+}
+
+/// Splices from `from` (at `off`, a file) to `to` until `len` bytes went or `from` has no
+/// more (the end of a file); the bytes that went. NONBLOCK concerns pipes only (they have
+/// room for all of `len`): a file is read as read(2) reads it, waiting for the disk.
+fn splice_up_to(
+    from: BorrowedFd<'_>,
+    mut off: Option<&mut u64>,
+    to: BorrowedFd<'_>,
+    len: usize,
+) -> Result<usize> {
+    use rustix::pipe::{SpliceFlags, splice};
     let mut n = 0;
     while n < len {
-        // NONBLOCK concerns the pipe only (it has room for all of `len`): the file is read as
-        // read(2) reads it, waiting for the disk.
         match splice(
-            file,
-            Some(&mut o),
-            &pipe.data.1,
+            from,
+            off.as_deref_mut(),
+            to,
             None,
             len - n,
             SpliceFlags::NONBLOCK,
@@ -1199,42 +1226,6 @@ fn splice_reply(
             Err(e) => return Err(e),
         }
     }
-    if n == len {
-        splice_to_device(pipe.data.0.as_fd(), dev, FUSE_OUT_HEADER + len)?;
-        return Ok(n);
-    }
-    // Cut short by the end of the file: take the header back out (it was written alone, so it
-    // is a buffer of its own); the data goes behind the right header in the staging pipe
-    // (buffers move between pipes by reference, no copy).
-    let mut stale = [0u8; FUSE_OUT_HEADER];
-    read_exact(pipe.data.0.as_fd(), &mut stale)?;
-    if n == 0 {
-        return Ok(0);
-    }
-    let staging = match &pipe.staging {
-        Some(s) => s,
-        None => pipe
-            .staging
-            .insert(SplicePipe::pipe_sized(pipe.slots * page_size())?),
-    };
-    write_all(staging.1.as_fd(), &fuse_out_header(unique, n))?;
-    let mut moved = 0;
-    while moved < n {
-        match splice(
-            &pipe.data.0,
-            None,
-            &staging.1,
-            None,
-            n - moved,
-            SpliceFlags::NONBLOCK,
-        ) {
-            Ok(0) => return Err(Errno::IO),
-            Ok(k) => moved += k,
-            Err(Errno::INTR) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    splice_to_device(staging.0.as_fd(), dev, FUSE_OUT_HEADER + n)?;
     Ok(n)
 }
 
@@ -1248,32 +1239,6 @@ fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn read_exact(fd: BorrowedFd<'_>, mut buf: &mut [u8]) -> Result<()> {
-    while !buf.is_empty() {
-        match rustix::io::read(fd, &mut *buf) {
-            Ok(0) => return Err(Errno::IO),
-            Ok(n) => buf = &mut buf[n..],
-            Err(Errno::INTR) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Moves one whole reply of `len` bytes from `pipe` to the FUSE device, which takes a reply
-/// in one write or not at all.
-fn splice_to_device(pipe: BorrowedFd<'_>, dev: BorrowedFd<'_>, len: usize) -> Result<()> {
-    use rustix::pipe::{SpliceFlags, splice};
-    loop {
-        match splice(pipe, None, dev, None, len, SpliceFlags::empty()) {
-            Ok(n) if n == len => return Ok(()),
-            Ok(_) => return Err(Errno::IO),
-            Err(Errno::INTR) => {}
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 // ---------------------------------------------------------------- mounting
@@ -1494,6 +1459,17 @@ mod tests {
             !pipe.fits(0, 1 << 20),
             "a 1 MiB reply and its header need 257 pages"
         );
+    }
+
+    fn read_exact(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<()> {
+        let mut n = 0;
+        while n < buf.len() {
+            match rustix::io::read(fd, &mut buf[n..])? {
+                0 => return Err(Errno::IO),
+                k => n += k,
+            }
+        }
+        Ok(())
     }
 
     /// Bytes waiting in pipe `r`.

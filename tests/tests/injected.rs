@@ -184,8 +184,8 @@ fn clones_files(dir: &Path) -> bool {
     cloned
 }
 
-/// Nor its pipes: a pipe or two per thread answering reads by splice, made at the first such
-/// read (`reads.rs` checks that they do not grow in number).
+/// Nor its pipes: a pair per READ answered by splice at once, made at the first such READ
+/// and kept (`reads.rs` checks that they do not grow in number).
 fn fd_count(pid: i32) -> usize {
     fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| {
         d.flatten()

@@ -142,7 +142,7 @@ fn reads_of_every_shape_give_the_layer_bytes_before_and_after_copy_up() {
             move || {
                 let mut rng = Rng::new(7);
                 let mut problems = check_all(&root, false, &mut rng, &format!("{side}, lower"));
-                // The pipes of the splice replies are made once per thread, not per read.
+                // The pipes of the splice replies are kept and used again, not made per read.
                 let pipes = pipe_count(pid);
                 // Handles opened before the copy-up, read after it: they follow the copy.
                 let before: Vec<_> = SIZES.iter().map(|&s| direct(&root.join(name(s)))).collect();
@@ -173,7 +173,7 @@ fn reads_of_every_shape_give_the_layer_bytes_before_and_after_copy_up() {
                 drop(before);
                 if pipe_count(pid) > pipes {
                     problems.push(format!(
-                    "{side}: the daemon's pipes grew from {pipes} to {} over the same reads again",
+                    "{side}: the daemon's pipes grew from {pipes} to {} over more reads of the same kinds",
                     pipe_count(pid)
                 ));
                 }

@@ -1661,7 +1661,6 @@ impl Overlay {
         }
     }
 
-    /// Up to `size` bytes of open file `fh` at `off` (fewer only at the end of the file).
     /// Hands `f` this mount's seam and the descriptor a read of open file `fh` reads from
     /// (the copy once the file was copied up, as [`Overlay::read`]), for a caller that moves
     /// the data itself.
@@ -1673,6 +1672,7 @@ impl Overlay {
         Ok(f(&self.sys, file.fd_following_copy_up(&self.sys)))
     }
 
+    /// Up to `size` bytes of open file `fh` at `off` (fewer only at the end of the file).
     pub fn read(&self, fh: Fh, off: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.file_handle(fh)?;
         let Handle::File(f) = &*h else { unreachable!() };
