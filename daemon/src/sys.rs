@@ -1192,17 +1192,26 @@ fn splice_reply(
     if splice_up_to(pipe.data.0.as_fd(), None, pipe.reply.1.as_fd(), n)? < n {
         return Err(Errno::IO);
     }
-    // The device takes a reply in one write or not at all.
+    // The device takes a reply in one write or not at all: one call, never a second one
+    // that it would read as another reply.
     let all = FUSE_OUT_HEADER + n;
-    if splice_up_to(pipe.reply.0.as_fd(), None, dev, all)? < all {
+    let sent = loop {
+        use rustix::pipe::{SpliceFlags, splice};
+        match splice(&pipe.reply.0, None, dev, None, all, SpliceFlags::NONBLOCK) {
+            Err(Errno::INTR) => {}
+            r => break r?,
+        }
+    };
+    if sent < all {
         return Err(Errno::IO);
     }
     Ok(n)
 }
 
-/// Splices from `from` (at `off`, a file) to `to` until `len` bytes went or `from` has no
-/// more (the end of a file); the bytes that went. NONBLOCK concerns pipes only (they have
-/// room for all of `len`): a file is read as read(2) reads it, waiting for the disk.
+/// Splices from `from` (at `off`, a file; or a pipe) into pipe `to` until `len` bytes went or
+/// `from` has no more (the end of a file); the bytes that went. NONBLOCK concerns pipes only
+/// (they have room for all of `len`): a file is read as read(2) reads it, waiting for the
+/// disk.
 fn splice_up_to(
     from: BorrowedFd<'_>,
     mut off: Option<&mut u64>,
