@@ -166,8 +166,6 @@ fn plan(root: &Path, spec: &str) -> std::io::Result<()> {
     .map_err(Into::into)
 }
 
-/// The daemon's descriptors other than directories (it keeps handles of the directories it
-/// has seen, a bounded cache; new ones come with the directories the cases make).
 /// Whether FICLONE works in `dir` (btrfs, XFS; the layers are there): copy-up then never
 /// calls copy_file_range.
 fn clones_files(dir: &Path) -> bool {
@@ -184,8 +182,10 @@ fn clones_files(dir: &Path) -> bool {
     cloned
 }
 
-/// Nor its pipes: a pair per READ answered by splice at once, made at the first such READ
-/// and kept (`reads.rs` checks that they do not grow in number).
+/// The daemon's descriptors other than directories (it keeps handles of the directories it
+/// has seen, a bounded cache; new ones come with the directories the cases make) and pipes (a
+/// pair per READ answered by splice at once, made at the first such READ and kept: `reads.rs`
+/// checks there are no more than a pair per thread).
 fn fd_count(pid: i32) -> usize {
     fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| {
         d.flatten()
