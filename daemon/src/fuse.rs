@@ -436,10 +436,12 @@ reply_error!(
 /// READs of at least this many bytes are answered by splice (four system calls); shorter ones
 /// by a copy (two), which costs little for a few pages.
 const SPLICE_MIN: usize = 16 << 10;
-/// The pipe size asked for: the default `/proc/sys/fs/pipe-max-size`, which every user may
-/// have; room for replies up to 1 MiB less two pages (the header's buffer, a misaligned
-/// start). The kernel's readahead asks for 128 KiB at a time.
-const SPLICE_PIPE_BYTES: usize = 1 << 20;
+/// The size asked for each pipe: room for replies up to 248 KiB (a buffer per page, one for the
+/// header, one for a misaligned start); the kernel's readahead asks for 128 KiB at a time
+/// unless root raised the mount's `read_ahead_kb`, and larger READs are copied. Not more: the
+/// size of a user's pipes counts against `/proc/sys/fs/pipe-user-pages-soft` (64 MiB), past
+/// which every new pipe of that user gets two pages, and a rootless user may run many mounts.
+const SPLICE_PIPE_BYTES: usize = 256 << 10;
 
 /// How a READ was answered by [`OverlayFs::splice_read`], or is to be.
 enum SpliceRead {
