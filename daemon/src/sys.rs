@@ -892,7 +892,7 @@ impl Sys {
         len: usize,
     ) -> Result<Spliced> {
         self.faults.check("read")?;
-        Ok(match splice_reply(dev, pipe, unique, file, off, len) {
+        Ok(match pipe.send_read_reply(dev, unique, file, off, len) {
             Ok(0) => Spliced::AtEnd,
             Ok(n) => Spliced::Sent(n),
             Err(e) => {
@@ -1100,7 +1100,7 @@ pub enum Spliced {
     Sent(usize),
     /// The offset is at or past the end of the file: nothing was sent.
     AtEnd,
-    /// Nothing was sent (the file cannot be spliced, a pipe or device error); the pipe is
+    /// Nothing was sent (the file cannot be spliced, a pipe or device error); the pipes are
     /// [`SplicePipe::broken`].
     NotSent,
 }
@@ -1155,6 +1155,43 @@ impl SplicePipe {
     pub fn broken(&self) -> bool {
         self.broken
     }
+
+    /// [`Sys::splice_read_reply`]'s work: the bytes sent (0: none, the file ends before `off`).
+    /// The data goes into its own pipe first, so that the header, written next into the reply
+    /// pipe, names the length the file gave; the data's buffers then move behind it (between
+    /// pipes by reference, no copy).
+    fn send_read_reply(
+        &self,
+        dev: BorrowedFd<'_>,
+        unique: u64,
+        file: BorrowedFd<'_>,
+        off: u64,
+        len: usize,
+    ) -> Result<usize> {
+        let mut o = off;
+        let n = splice_up_to(file, Some(&mut o), self.data.1.as_fd(), len)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        write_all(self.reply.1.as_fd(), &fuse_out_header(unique, n))?;
+        if splice_up_to(self.data.0.as_fd(), None, self.reply.1.as_fd(), n)? < n {
+            return Err(Errno::IO);
+        }
+        // The device takes a reply in one write or not at all: one call, never a second one
+        // that it would read as another reply.
+        let all = FUSE_OUT_HEADER + n;
+        let sent = loop {
+            use rustix::pipe::{SpliceFlags, splice};
+            match splice(&self.reply.0, None, dev, None, all, SpliceFlags::NONBLOCK) {
+                Err(Errno::INTR) => {}
+                r => break r?,
+            }
+        };
+        if sent < all {
+            return Err(Errno::IO);
+        }
+        Ok(n)
+    }
 }
 
 fn page_size() -> usize {
@@ -1169,43 +1206,6 @@ fn fuse_out_header(unique: u64, payload: usize) -> [u8; FUSE_OUT_HEADER] {
     h[0..4].copy_from_slice(&((FUSE_OUT_HEADER + payload) as u32).to_ne_bytes());
     h[8..16].copy_from_slice(&unique.to_ne_bytes());
     h
-}
-
-/// [`Sys::splice_read_reply`]'s work: the bytes sent (0: none, the file ends before `off`).
-/// The data goes into its own pipe first, so that the header, written next into the reply
-/// pipe, names the length the file gave; the data's buffers then move behind it (between
-/// pipes by reference, no copy).
-fn splice_reply(
-    dev: BorrowedFd<'_>,
-    pipe: &mut SplicePipe,
-    unique: u64,
-    file: BorrowedFd<'_>,
-    off: u64,
-    len: usize,
-) -> Result<usize> {
-    let mut o = off;
-    let n = splice_up_to(file, Some(&mut o), pipe.data.1.as_fd(), len)?;
-    if n == 0 {
-        return Ok(0);
-    }
-    write_all(pipe.reply.1.as_fd(), &fuse_out_header(unique, n))?;
-    if splice_up_to(pipe.data.0.as_fd(), None, pipe.reply.1.as_fd(), n)? < n {
-        return Err(Errno::IO);
-    }
-    // The device takes a reply in one write or not at all: one call, never a second one
-    // that it would read as another reply.
-    let all = FUSE_OUT_HEADER + n;
-    let sent = loop {
-        use rustix::pipe::{SpliceFlags, splice};
-        match splice(&pipe.reply.0, None, dev, None, all, SpliceFlags::NONBLOCK) {
-            Err(Errno::INTR) => {}
-            r => break r?,
-        }
-    };
-    if sent < all {
-        return Err(Errno::IO);
-    }
-    Ok(n)
 }
 
 /// Splices from `from` (at `off`, a file; or a pipe) into pipe `to` until `len` bytes went or

@@ -1662,7 +1662,7 @@ impl Overlay {
     }
 
     /// Hands `f` this mount's seam and the descriptor a read of open file `fh` reads from
-    /// (the copy once the file was copied up, as [`Overlay::read`]), for a caller that moves
+    /// (the copy once the file was copied up): [`Overlay::read`]'s, and a caller's that moves
     /// the data itself.
     pub fn with_data_fd<R>(&self, fh: Fh, f: impl FnOnce(&Sys, BorrowedFd<'_>) -> R) -> Result<R> {
         let h = self.file_handle(fh)?;
@@ -1674,22 +1674,19 @@ impl Overlay {
 
     /// Up to `size` bytes of open file `fh` at `off` (fewer only at the end of the file).
     pub fn read(&self, fh: Fh, off: u64, size: u32) -> Result<Vec<u8>> {
-        let h = self.file_handle(fh)?;
-        let Handle::File(f) = &*h else { unreachable!() };
-        let fd = f.fd_following_copy_up(&self.sys);
-        let mut buf = vec![0u8; size as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            let n = self
-                .sys
-                .pread(fd.as_fd(), &mut buf[done..], off + done as u64)?;
-            if n == 0 {
-                break;
+        self.with_data_fd(fh, |sys, fd| {
+            let mut buf = vec![0u8; size as usize];
+            let mut done = 0;
+            while done < buf.len() {
+                let n = sys.pread(fd, &mut buf[done..], off + done as u64)?;
+                if n == 0 {
+                    break;
+                }
+                done += n;
             }
-            done += n;
-        }
-        buf.truncate(done);
-        Ok(buf)
+            buf.truncate(done);
+            Ok(buf)
+        })?
     }
 
     /// Writes `data` to open file `fh` at `off`; returns how much was written (short only
