@@ -1692,25 +1692,21 @@ impl Overlay {
     /// Writes `data` to open file `fh` at `off`; returns how much was written (short only
     /// when a later part failed, as write(2)), the error only when nothing was.
     pub fn write(&self, fh: Fh, off: u64, data: &[u8]) -> Result<u32> {
-        let h = self.file_handle(fh)?;
-        let Handle::File(f) = &*h else { unreachable!() };
-        let fd = f.fd_following_copy_up(&self.sys);
-        // A write that stops part way (ENOSPC, EFBIG, EDQUOT) reports what it wrote, as
-        // write(2) does; its error is the answer to the next write.
-        let mut done = 0;
-        while done < data.len() {
-            match self
-                .sys
-                .pwrite(fd.as_fd(), &data[done..], off + done as u64)
-            {
-                Ok(0) if done == 0 => return Err(Errno::IO),
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if done == 0 => return Err(e),
-                Err(_) => break,
+        self.with_data_fd(fh, |sys, fd| {
+            // A write that stops part way (ENOSPC, EFBIG, EDQUOT) reports what it wrote, as
+            // write(2) does; its error is the answer to the next write.
+            let mut done = 0;
+            while done < data.len() {
+                match sys.pwrite(fd, &data[done..], off + done as u64) {
+                    Ok(0) if done == 0 => return Err(Errno::IO),
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if done == 0 => return Err(e),
+                    Err(_) => break,
+                }
             }
-        }
-        Ok(done as u32)
+            Ok(done as u32)
+        })?
     }
 
     /// Flushes open file `fh` to disk (its data only with `datasync`); ENOSYS with `fsync=0`.
@@ -1718,13 +1714,10 @@ impl Overlay {
         if !self.opts.fsync {
             return Err(Errno::NOSYS);
         }
-        let h = self.file_handle(fh)?;
-        let Handle::File(f) = &*h else { unreachable!() };
-        let fd = f.fd_following_copy_up(&self.sys);
-        match &self.syncer {
-            Some(s) => s.fsync(fd.as_fd(), datasync),
-            None => self.sys.fsync(fd.as_fd(), datasync),
-        }
+        self.with_data_fd(fh, |sys, fd| match &self.syncer {
+            Some(s) => s.fsync(fd, datasync),
+            None => sys.fsync(fd, datasync),
+        })?
     }
 
     /// Flushes the upper directory of `ino` to disk, if it has one; ENOSYS with `fsync=0`.
@@ -1743,18 +1736,12 @@ impl Overlay {
 
     /// `fallocate(2)` on open file `fh` (mode bits passed through).
     pub fn fallocate(&self, fh: Fh, off: u64, len: u64, mode: i32) -> Result<()> {
-        let h = self.file_handle(fh)?;
-        let Handle::File(f) = &*h else { unreachable!() };
-        let fd = f.fd_following_copy_up(&self.sys);
-        self.sys.fallocate(fd.as_fd(), mode, off, len)
+        self.with_data_fd(fh, |sys, fd| sys.fallocate(fd, mode, off, len))?
     }
 
     /// The offset `lseek(2)` gives on open file `fh` (SEEK_DATA and SEEK_HOLE included).
     pub fn lseek(&self, fh: Fh, off: i64, whence: i32) -> Result<i64> {
-        let h = self.file_handle(fh)?;
-        let Handle::File(f) = &*h else { unreachable!() };
-        let fd = f.fd_following_copy_up(&self.sys);
-        sys::lseek(fd.as_fd(), off, whence).map(|o| o as i64)
+        self.with_data_fd(fh, |_, fd| sys::lseek(fd, off, whence).map(|o| o as i64))?
     }
 
     /// Copies up to `len` bytes between two open files in the kernel; returns how many were
@@ -1767,19 +1754,13 @@ impl Overlay {
         mut off_out: u64,
         len: u64,
     ) -> Result<u32> {
-        let hi = self.file_handle(fh_in)?;
-        let ho = self.file_handle(fh_out)?;
-        let (Handle::File(fi), Handle::File(fo)) = (&*hi, &*ho) else {
-            unreachable!()
-        };
-        let (fi, fo) = (
-            fi.fd_following_copy_up(&self.sys),
-            fo.fd_following_copy_up(&self.sys),
-        );
         let len = len.min(u32::MAX as u64 & !0xfff) as usize;
-        self.sys
-            .copy_file_range(fi.as_fd(), &mut off_in, fo.as_fd(), &mut off_out, len)
-            .map(|n| n as u32)
+        self.with_data_fd(fh_in, |sys, fi| {
+            self.with_data_fd(fh_out, |_, fo| {
+                sys.copy_file_range(fi, &mut off_in, fo, &mut off_out, len)
+                    .map(|n| n as u32)
+            })?
+        })?
     }
 
     // ------------------------------------------------------------ xattrs
