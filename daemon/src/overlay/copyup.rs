@@ -400,10 +400,14 @@ impl Overlay {
             return Ok(());
         }
         let input = src.open(&self.sys, OFlags::RDONLY)?;
-        let dev = self.sys.fstat(input.as_fd())?.st_dev;
-        let clone = !self.no_clone_from.read().contains(&dev);
-        if copy_data(&self.sys, input.as_fd(), out, len as u64, clone)? == Reflink::Refused {
-            self.no_clone_from.write().insert(dev);
+        let st = self.sys.fstat(input.as_fd())?;
+        let clone = !self.no_clone_from.read().contains(&st.st_dev);
+        // Blocks for every byte: no hole to look for (a file with blocks past its end or
+        // holes made up by metadata blocks is copied whole, zeros and all: same content).
+        let dense = st.st_blocks.saturating_mul(512) >= len;
+        let done = copy_data(&self.sys, input.as_fd(), out, len as u64, clone, dense)?;
+        if done == Reflink::Refused {
+            self.no_clone_from.write().insert(st.st_dev);
         }
         Ok(())
     }
@@ -482,13 +486,20 @@ impl Overlay {
                     .mknod_at(work, tmp, kind.mode_bits() | 0o600, stat.st_rdev)?;
             }
         }
-        let fd = self.sys.open_path_at(work, tmp)?;
-        self.sys
-            .fchown(fd.as_fd(), Some(stat.st_uid), Some(stat.st_gid))?;
+        // A regular file's own fd serves; anything else is reached by an O_PATH handle.
+        let path_fd;
+        let fd = match &file {
+            Some(out) => out.as_fd(),
+            None => {
+                path_fd = self.sys.open_path_at(work, tmp)?;
+                path_fd.as_fd()
+            }
+        };
+        self.sys.fchown(fd, Some(stat.st_uid), Some(stat.st_gid))?;
         if kind != Kind::Symlink {
-            self.sys.fchmod(fd.as_fd(), mode)?;
+            self.sys.fchmod(fd, mode)?;
         }
-        self.copy_xattrs(src, fd.as_fd(), kind)?;
+        self.copy_xattrs(src, fd, kind)?;
         self.sys
             .utimens_at(work, tmp, atime_of(stat), mtime_of(stat))?;
         Ok(file)
@@ -605,13 +616,14 @@ pub(crate) enum Reflink {
 }
 
 /// Copy `len` bytes: FICLONE (when `clone`), else copy_file_range, else read/write. Holes
-/// stay holes where the source reports them.
+/// stay holes where the source reports them, unless the caller knows it has none (`dense`).
 pub(crate) fn copy_data(
     sys: &Sys,
     input: BorrowedFd<'_>,
     out: BorrowedFd<'_>,
     len: u64,
     clone: bool,
+    dense: bool,
 ) -> Result<Reflink> {
     let mut outcome = Reflink::Copied;
     if clone {
@@ -628,18 +640,22 @@ pub(crate) fn copy_data(
     let mut use_cfr = true;
     while off_in < len {
         // Skip holes.
-        match sys::lseek(input, off_in as i64, libc::SEEK_DATA) {
-            Ok(d) if d >= len => break,
-            Ok(d) => {
-                off_in = d;
-                off_out = d;
+        let end = if dense {
+            len
+        } else {
+            match sys::lseek(input, off_in as i64, libc::SEEK_DATA) {
+                Ok(d) if d >= len => break,
+                Ok(d) => {
+                    off_in = d;
+                    off_out = d;
+                }
+                Err(Errno::NXIO) => break,
+                Err(_) => {}
             }
-            Err(Errno::NXIO) => break,
-            Err(_) => {}
-        }
-        let end = match sys::lseek(input, off_in as i64, libc::SEEK_HOLE) {
-            Ok(h) => h.min(len),
-            Err(_) => len,
+            match sys::lseek(input, off_in as i64, libc::SEEK_HOLE) {
+                Ok(h) => h.min(len),
+                Err(_) => len,
+            }
         };
         while off_in < end {
             let chunk = (end - off_in).min(1 << 30) as usize;
@@ -669,8 +685,10 @@ pub(crate) fn copy_data(
             off_out += n as u64;
         }
     }
-    // A trailing hole: set the size.
-    sys.ftruncate(out, len)?;
+    // A trailing hole (or a source shorter than `len`): set the size.
+    if off_out != len {
+        sys.ftruncate(out, len)?;
+    }
     Ok(outcome)
 }
 

@@ -546,7 +546,7 @@ fn restore(sys: &Sys, out: BorrowedFd<'_>, input: BorrowedFd<'_>) -> Result<()> 
     let len = sys.fstat(input)?.st_size.max(0) as u64;
     rewrite_data(sys, out, |_| {
         sys.ftruncate(out, 0)?;
-        copy_data(sys, input, out, len, true).map(drop)
+        copy_data(sys, input, out, len, true, false).map(drop)
     })
 }
 
