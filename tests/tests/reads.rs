@@ -6,7 +6,8 @@
 //! (unaligned offsets, lengths across the end of the file, offsets past it). On lower files,
 //! then on their copies after a copy-up, through handles opened before it too (they follow the
 //! copy, as on kernel overlayfs); served by the pool of threads and by one thread. After it
-//! all the daemon holds no more pipes than a pair per thread.
+//! all the daemon holds no more pipes than a pair per thread. Sparse lower files read the same
+//! after their copy-up, which keeps their holes.
 
 use std::fs;
 use std::io::Write;
@@ -188,5 +189,88 @@ fn reads_of_every_shape_give_the_layer_bytes_before_and_after_copy_up() {
         ));
         drop(m);
     }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// A lower file's holes: `(name, [(offset, length) of data], size)`.
+const HOLEY: &[(&str, &[(u64, usize)], u64)] = &[
+    ("mid", &[(0, 4096), (5_000_000, 100)], 9_000_000),
+    ("lead", &[(1 << 20, 10)], (1 << 20) + 10),
+    ("tail", &[(0, 4096)], 10 << 20),
+    ("all", &[], 100),
+    ("dense", &[(0, 300_000)], 300_000),
+];
+
+/// Sparse lower files copied up (a chmod) read as before, zeros in their holes, with their
+/// size; the copies keep the holes (no more blocks than the lower file, give or take a few)
+/// and a file without holes is copied whole.
+#[test]
+fn sparse_lower_files_copy_up_with_their_holes() {
+    if !env::require_bin_under_test() {
+        return;
+    }
+    let s = scratch("sparse");
+    let Materialized { stack, mnt } = Tree::new()
+        .lower(Layer::new().file("keep", "x"))
+        .materialize(s.path())
+        .unwrap();
+    let lower = stack.lowers[0].join("holes");
+    fs::create_dir(&lower).unwrap();
+    let mut want = Vec::new();
+    for &(name, data, size) in HOLEY {
+        let f = fs::File::create(lower.join(name)).unwrap();
+        let mut bytes = vec![0u8; size as usize];
+        for &(off, len) in data {
+            let chunk = content(len + off as usize % 251);
+            f.write_all_at(&chunk[..len], off).unwrap();
+            bytes[off as usize..off as usize + len].copy_from_slice(&chunk[..len]);
+        }
+        f.set_len(size).unwrap();
+        want.push(bytes);
+    }
+    let m = Mount::fuse(&bin_under_test(), &stack, &[], &mnt).expect("mount");
+    let root = m.root().to_path_buf();
+    let upper = stack.upper.clone().expect("upper").join("holes");
+    let problems = with_deadline(Duration::from_secs(60), "sparse", move || {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let mut problems = Vec::new();
+        for (&(name, _, size), want) in HOLEY.iter().zip(&want) {
+            let p = root.join("holes").join(name);
+            if let Err(e) = fs::set_permissions(&p, fs::Permissions::from_mode(0o640)) {
+                problems.push(format!("chmod {name}: {e}"));
+                continue;
+            }
+            match fs::read(&p) {
+                Ok(got) if &got == want => {}
+                Ok(got) => problems.push(format!(
+                    "{name}: read {} bytes after the copy-up, not the lower file's {size}",
+                    got.len()
+                )),
+                Err(e) => problems.push(format!("{name}: read: {e}")),
+            }
+            let (Ok(low), Ok(up)) = (
+                fs::metadata(lower.join(name)),
+                fs::metadata(upper.join(name)),
+            ) else {
+                problems.push(format!("{name}: no copy in the upper layer"));
+                continue;
+            };
+            if up.len() != size {
+                problems.push(format!(
+                    "{name}: the copy has {} bytes, not {size}",
+                    up.len()
+                ));
+            }
+            if up.blocks() > low.blocks() + 64 {
+                problems.push(format!(
+                    "{name}: the copy has {} blocks against the lower file's {}: holes filled",
+                    up.blocks(),
+                    low.blocks()
+                ));
+            }
+        }
+        problems
+    });
+    drop(m);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
