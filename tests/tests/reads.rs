@@ -192,8 +192,10 @@ fn reads_of_every_shape_give_the_layer_bytes_before_and_after_copy_up() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-/// A lower file's holes: `(name, [(offset, length) of data], size)`.
-const HOLEY: &[(&str, &[(u64, usize)], u64)] = &[
+/// A sparse lower file: its name, where its data is (offset, length), its size.
+type Holey = (&'static str, &'static [(u64, usize)], u64);
+
+const HOLEY: &[Holey] = &[
     ("mid", &[(0, 4096), (5_000_000, 100)], 9_000_000),
     ("lead", &[(1 << 20, 10)], (1 << 20) + 10),
     ("tail", &[(0, 4096)], 10 << 20),
