@@ -1661,9 +1661,9 @@ impl Overlay {
         }
     }
 
-    /// Hands `f` this mount's seam and the descriptor a read of open file `fh` reads from
-    /// (the copy once the file was copied up): [`Overlay::read`]'s, and a caller's that moves
-    /// the data itself.
+    /// Hands `f` this mount's seam and the descriptor I/O on open file `fh` goes to (the copy
+    /// once the file was copied up): for reads, writes, fsync, fallocate, lseek,
+    /// copy_file_range, and a caller that moves the data itself.
     pub fn with_data_fd<R>(&self, fh: Fh, f: impl FnOnce(&Sys, BorrowedFd<'_>) -> R) -> Result<R> {
         let h = self.file_handle(fh)?;
         let Handle::File(file) = &*h else {
