@@ -308,10 +308,10 @@ impl OverlayFs {
             self.pipes.lock().push(pipe);
         }
         match sent {
-            Ok(Ok(Spliced::Sent(_))) => SpliceRead::Sent,
-            Ok(Ok(Spliced::AtEnd)) => SpliceRead::AtEnd,
-            Ok(Ok(Spliced::NotSent)) => SpliceRead::Copy,
-            Ok(Err(e)) | Err(e) => SpliceRead::Failed(e),
+            Ok(Spliced::Sent(_)) => SpliceRead::Sent,
+            Ok(Spliced::AtEnd) => SpliceRead::AtEnd,
+            Ok(Spliced::NotSent) => SpliceRead::Copy,
+            Err(e) => SpliceRead::Failed(e),
         }
     }
 

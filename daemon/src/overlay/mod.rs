@@ -1664,12 +1664,16 @@ impl Overlay {
     /// Hands `f` this mount's seam and the descriptor I/O on open file `fh` goes to (the copy
     /// once the file was copied up): for reads, writes, fsync, fallocate, lseek,
     /// copy_file_range, and a caller that moves the data itself.
-    pub fn with_data_fd<R>(&self, fh: Fh, f: impl FnOnce(&Sys, BorrowedFd<'_>) -> R) -> Result<R> {
+    pub fn with_data_fd<T>(
+        &self,
+        fh: Fh,
+        f: impl FnOnce(&Sys, BorrowedFd<'_>) -> Result<T>,
+    ) -> Result<T> {
         let h = self.file_handle(fh)?;
         let Handle::File(file) = &*h else {
             unreachable!()
         };
-        Ok(f(&self.sys, file.fd_following_copy_up(&self.sys)))
+        f(&self.sys, file.fd_following_copy_up(&self.sys))
     }
 
     /// Up to `size` bytes of open file `fh` at `off` (fewer only at the end of the file).
@@ -1686,7 +1690,7 @@ impl Overlay {
             }
             buf.truncate(done);
             Ok(buf)
-        })?
+        })
     }
 
     /// Writes `data` to open file `fh` at `off`; returns how much was written (short only
@@ -1706,7 +1710,7 @@ impl Overlay {
                 }
             }
             Ok(done as u32)
-        })?
+        })
     }
 
     /// Flushes open file `fh` to disk (its data only with `datasync`); ENOSYS with `fsync=0`.
@@ -1717,7 +1721,7 @@ impl Overlay {
         self.with_data_fd(fh, |sys, fd| match &self.syncer {
             Some(s) => s.fsync(fd, datasync),
             None => sys.fsync(fd, datasync),
-        })?
+        })
     }
 
     /// Flushes the upper directory of `ino` to disk, if it has one; ENOSYS with `fsync=0`.
@@ -1736,12 +1740,12 @@ impl Overlay {
 
     /// `fallocate(2)` on open file `fh` (mode bits passed through).
     pub fn fallocate(&self, fh: Fh, off: u64, len: u64, mode: i32) -> Result<()> {
-        self.with_data_fd(fh, |sys, fd| sys.fallocate(fd, mode, off, len))?
+        self.with_data_fd(fh, |sys, fd| sys.fallocate(fd, mode, off, len))
     }
 
     /// The offset `lseek(2)` gives on open file `fh` (SEEK_DATA and SEEK_HOLE included).
     pub fn lseek(&self, fh: Fh, off: i64, whence: i32) -> Result<i64> {
-        self.with_data_fd(fh, |_, fd| sys::lseek(fd, off, whence).map(|o| o as i64))?
+        self.with_data_fd(fh, |_, fd| sys::lseek(fd, off, whence).map(|o| o as i64))
     }
 
     /// Copies up to `len` bytes between two open files in the kernel; returns how many were
@@ -1759,8 +1763,8 @@ impl Overlay {
             self.with_data_fd(fh_out, |_, fo| {
                 sys.copy_file_range(fi, &mut off_in, fo, &mut off_out, len)
                     .map(|n| n as u32)
-            })?
-        })?
+            })
+        })
     }
 
     // ------------------------------------------------------------ xattrs
