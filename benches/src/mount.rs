@@ -274,6 +274,10 @@ impl Mount {
             return Ok(());
         }
         self.mounted = false;
+        // A FUSE daemon may still be at work after the unmount (rustfuse syncs the copy-ups
+        // it had not synced yet): wait for it below, so that work is not measured as part of
+        // the next workload, whichever filesystem that runs on.
+        let daemon = self.conn.and_then(|_| self.daemon_pid());
         let r = run::run(Command::new("umount").arg(&self.mnt), UMOUNT_TIMEOUT);
         let clean = matches!(&r, Ok(d) if d.status.success());
         if !clean || find_mount(&self.mnt).is_some() {
@@ -292,6 +296,9 @@ impl Mount {
                     Ok(None) => std::thread::sleep(Duration::from_millis(2)),
                 }
             }
+        }
+        if let Some(pid) = daemon {
+            wait_for_exit(pid, DAEMON_EXIT_TIMEOUT);
         }
         match r {
             Ok(d) if d.status.success() => Ok(()),
@@ -321,6 +328,35 @@ impl Drop for Mount {
         }
         if let Some(mut c) = self.child.take() {
             let _ = c.try_wait();
+        }
+    }
+}
+
+/// How long a FUSE daemon may take to end after its unmount before the run goes on.
+const DAEMON_EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Wait until process `pid` is gone (or a zombie), `timeout` at most; a warning if not.
+fn wait_for_exit(pid: i32, timeout: Duration) {
+    let stat = PathBuf::from(format!("/proc/{pid}/stat"));
+    let deadline = Instant::now() + timeout;
+    loop {
+        match fs::read_to_string(&stat) {
+            Err(_) => return,
+            // The state follows the command's closing parenthesis: Z, a zombie, has ended.
+            Ok(s)
+                if s.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('Z')) =>
+            {
+                return;
+            }
+            Ok(_) if Instant::now() > deadline || run::interrupted() => {
+                eprintln!(
+                    "warning: the daemon (pid {pid}) was still running {}s after its unmount",
+                    timeout.as_secs()
+                );
+                return;
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     }
 }
