@@ -515,6 +515,10 @@ fn real_main(argv: &[String]) -> Result<()> {
             (true, true) => "rootless, metacopy=on (rustfuse only: not with userxattr)",
         },
     );
+    // Every run starts alike: the trash an interrupted run left removed, the caches dropped
+    // (see `Ctx::trash`), the layers read once.
+    eprintln!("dropping the caches, reading the layers");
+    ctx.fresh_start()?;
     let total: usize = selected.iter().map(|w| a.reps * runnable(w).len()).sum();
     let mut done = 0;
     let started = Instant::now();
@@ -550,6 +554,7 @@ fn real_main(argv: &[String]) -> Result<()> {
         eprintln!("\r\x1b[K{}", results.summary_line(wi));
     }
     eprintln!("\r\x1b[Kdone in {:.0}s", started.elapsed().as_secs_f64());
+    ctx.remove_trash()?;
     let out = a.out.clone().unwrap_or(workdir.clone());
     std::fs::create_dir_all(&out)?;
     print!("{}", results.table());
