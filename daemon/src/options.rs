@@ -119,6 +119,12 @@ pub struct OverlayOptions {
     pub noacl: bool,
     /// `fsync=0` or `volatile`: fsync answers ENOSYS and nothing is synced.
     pub fsync: bool,
+    /// `background_sync=0|1`: copy-ups synced after they are answered, by a background
+    /// thread (`1`), or before, on the request path as kernel overlayfs does (`0`). Unset:
+    /// in the background where the upper layer's filesystem writes its metadata back in
+    /// order (a journal, copy-on-write; see `sys::metadata_order`), which the crash recovery
+    /// needs, else on the request path.
+    pub background_sync: Option<bool>,
     pub threaded: Option<bool>,
     pub writeback: Option<bool>,
     /// `passthrough=0|1`: FUSE passthrough of upper files' reads and writes (on by default
@@ -158,6 +164,7 @@ impl Default for OverlayOptions {
             static_nlink: false,
             noacl: false,
             fsync: true,
+            background_sync: None,
             threaded: None,
             writeback: None,
             passthrough: None,
@@ -365,6 +372,7 @@ pub fn parse<S: AsRef<str>>(option_strings: &[S]) -> Result<OverlayOptions, Opti
             "noacl" => o.noacl = parse_bool(key, value)?,
             "fsync" => o.fsync = parse_bool(key, value)?,
             "volatile" => o.fsync = false,
+            "background_sync" => o.background_sync = Some(parse_bool(key, value)?),
             "threaded" => o.threaded = Some(parse_bool(key, value)?),
             "writeback" => o.writeback = Some(parse_bool(key, value)?),
             "passthrough" => o.passthrough = Some(parse_bool(key, value)?),
@@ -467,6 +475,19 @@ mod tests {
         );
         assert_eq!(o.upperdir, Some(PathBuf::from("/u")));
         assert!(!o.fsync);
+    }
+
+    #[test]
+    fn background_sync_is_unset_on_or_off() {
+        let base = "lowerdir=/l,upperdir=/u,workdir=/w";
+        assert_eq!(parse(&[base]).unwrap().background_sync, None);
+        let on = format!("{base},background_sync=1");
+        assert_eq!(parse(&[on.as_str()]).unwrap().background_sync, Some(true));
+        let off = format!("{base},background_sync=0");
+        assert_eq!(parse(&[off.as_str()]).unwrap().background_sync, Some(false));
+        let bad = format!("{base},background_sync=later");
+        let e = parse(&[bad.as_str()]).unwrap_err().to_string();
+        assert!(e.contains("background_sync"), "{e}");
     }
 
     #[test]

@@ -1024,6 +1024,64 @@ impl Sys {
     }
 }
 
+/// What writes the metadata of the filesystem `fd` is on to disk in the order it was
+/// changed (a journal, copy-on-write transactions, checkpoints), so that after a power cut a
+/// change is only there if every change made before it is there too, or why that is not
+/// so or cannot be told. `statfs`'s filesystem type; for ext2/3/4 whether it has a journal:
+/// jbd2 lists each journal in `/proc/fs/jbd2/` as `DEVICE-INODE`, and the device's name is
+/// the target of `/sys/dev/block/MAJOR:MINOR`.
+pub fn metadata_order(fd: BorrowedFd<'_>) -> std::result::Result<&'static str, String> {
+    const EXT: u64 = 0xef53;
+    const XFS: u64 = 0x5846_5342;
+    const BTRFS: u64 = 0x9123_683e;
+    const BCACHEFS: u64 = 0xca45_1a4e;
+    const F2FS: u64 = 0xf2f5_2010;
+    const ZFS: u64 = 0x2fc1_2fc1;
+    const TMPFS: u64 = 0x0102_1994;
+    const RAMFS: u64 = 0x8584_58f6;
+    let st = fstatfs(fd).map_err(|e| format!("statfs failed: {e}"))?;
+    match st.f_type as u64 & 0xffff_ffff {
+        XFS => Ok("xfs's log"),
+        BTRFS => Ok("btrfs's transactions"),
+        BCACHEFS => Ok("bcachefs's journal"),
+        F2FS => Ok("f2fs's checkpoints"),
+        ZFS => Ok("zfs's transaction groups"),
+        TMPFS | RAMFS => Ok("nothing on it outlives a power cut"),
+        EXT => {
+            let dev = rustix::fs::fstat(fd)
+                .map_err(|e| format!("stat failed: {e}"))?
+                .st_dev;
+            let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+            let link = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}"))
+                .map_err(|e| {
+                    format!("an ext2/3/4 whose journal cannot be found (/sys/dev/block/{major}:{minor}: {e})")
+                })?;
+            let name = link.file_name().unwrap_or_default().to_string_lossy();
+            let prefix = format!("{name}-");
+            let journaled = std::fs::read_dir("/proc/fs/jbd2")
+                .map(|d| {
+                    d.flatten().any(|e| {
+                        e.file_name()
+                            .to_str()
+                            .and_then(|n| n.strip_prefix(&prefix))
+                            .is_some_and(|ino| {
+                                !ino.is_empty() && ino.bytes().all(|b| b.is_ascii_digit())
+                            })
+                    })
+                })
+                .unwrap_or(false);
+            if journaled {
+                Ok("ext4's journal")
+            } else {
+                Err(format!(
+                    "an ext2/3/4 without a journal (no {name}-* in /proc/fs/jbd2)"
+                ))
+            }
+        }
+        other => Err(format!("a filesystem of type {other:#x}")),
+    }
+}
+
 /// The soft RLIMIT_NOFILE.
 pub fn nofile_limit() -> u64 {
     rustix::process::getrlimit(rustix::process::Resource::Nofile)

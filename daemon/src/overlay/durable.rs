@@ -15,7 +15,9 @@
 //!    and fsyncs again (so the removal is on disk before the copy counts as synced).
 //!
 //! A journaled filesystem commits the flag, the mark and the rename in that order, so after
-//! a crash every copy that appeared but was not synced carries its mark. At the next mount
+//! a crash every copy that appeared but was not synced carries its mark. Where the upper
+//! layer's filesystem is not known to keep that order ([`may_sync_later`]), copy-ups are
+//! synced before they are answered instead, as kernel overlayfs syncs them. At the next mount
 //! ([`recover`]), when the flag is there, the upper layer is searched for marks: a copy marked
 //! in this boot (the daemon was killed; the page cache kept what it wrote) is synced and
 //! kept; one marked in an earlier boot (a power cut: its data may be lost) is kept if it
@@ -69,6 +71,32 @@ pub const DELAY_ENV: &str = "RUSTFUSE_SYNC_DELAY_MS";
 const MAX_QUEUED: usize = 1024;
 /// Copies synced per round of the syncer.
 const BATCH: usize = 256;
+
+/// Whether copy-ups of the upper layer open as `upper` (at `path`) may be synced in the
+/// background: as `background_sync=0|1` says, else where its filesystem writes metadata
+/// back in the order it was changed. The recovery relies on that order (the flag, then each
+/// copy's mark, then its rename into place: see the module comment); an ext4 without a
+/// journal writes them back in any order, and a power cut could leave a copy in place,
+/// unmarked and without its data. There copy-ups are synced before they are answered, as
+/// kernel overlayfs syncs them everywhere.
+pub(crate) fn may_sync_later(setting: Option<bool>, upper: BorrowedFd<'_>, path: &Path) -> bool {
+    if let Some(b) = setting {
+        return b;
+    }
+    match crate::sys::metadata_order(upper) {
+        Ok(by) => {
+            tracing::debug!(upper = %path.display(), kept_by = by, "copy-ups synced in the background");
+            true
+        }
+        Err(why) => {
+            tracing::info!(
+                upper = %path.display(),
+                "copy-ups are synced before they are answered (background_sync=1 syncs them later all the same): the upper layer is on {why}, not known to write its metadata back in order"
+            );
+            false
+        }
+    }
+}
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`).
 pub(crate) fn boot_id() -> Option<String> {

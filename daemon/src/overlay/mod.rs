@@ -536,7 +536,7 @@ impl Overlay {
                         ));
                     }
                 }
-                if opts.fsync {
+                if opts.fsync && durable::may_sync_later(opts.background_sync, ufd.as_fd(), u) {
                     syncer = durable::Syncer::start(sys.clone(), wfd.as_fd());
                 }
             }

@@ -95,20 +95,23 @@ fn listed(ov: &Overlay, ino: Ino) -> Vec<String> {
 fn failed_copy_up_leaves_nothing_half_done() {
     // Each step of a copy-up, failing in turn (on a fresh layer set each time). FICLONE
     // failing is not an error: the data is copied another way.
-    for (op, errno, must_fail) in [
-        ("mkdir", Errno::NOSPC, true),
-        ("ficlone", Errno::IO, false),
-        ("copy_file_range", Errno::NOSPC, true),
-        ("chown", Errno::PERM, true),
-        ("utimens", Errno::IO, true),
-        // The copy's own fsync is off the request path (see `durable`).
-        ("fsync", Errno::IO, false),
-        ("rename", Errno::NOSPC, true),
+    const LATER: &str = "background_sync=1";
+    for (op, errno, must_fail, sync) in [
+        ("mkdir", Errno::NOSPC, true, LATER),
+        ("ficlone", Errno::IO, false, LATER),
+        ("copy_file_range", Errno::NOSPC, true, LATER),
+        ("chown", Errno::PERM, true, LATER),
+        ("utimens", Errno::IO, true, LATER),
+        // The copy's own fsync is off the request path (see `durable`)...
+        ("fsync", Errno::IO, false, LATER),
+        // ... unless copy-ups sync before they are answered.
+        ("fsync", Errno::IO, true, "background_sync=0"),
+        ("rename", Errno::NOSPC, true, LATER),
     ] {
-        let l = Layers::new(&format!("copyup-fault-{op}"));
+        let l = Layers::new(&format!("copyup-fault-{op}-{sync}"));
         fs::create_dir_all(l.p("lower/d")).unwrap();
         fs::write(l.p("lower/d/f"), vec![7u8; 1 << 20]).unwrap();
-        let ov = l.overlay();
+        let ov = l.overlay_with(&[sync]);
         let d = ov.lookup(ROOT_INO, OsStr::new("d")).unwrap();
         let f = ov.lookup(d.ino, OsStr::new("f")).unwrap();
         let fds = open_fds(&l.root);
@@ -727,7 +730,8 @@ fn copy_ups_are_synced_in_the_background_and_unmarked() {
     let l = Layers::new("durable-background");
     fs::create_dir_all(l.p("lower/d")).unwrap();
     fs::write(l.p("lower/d/f"), b"old content").unwrap();
-    let ov = l.overlay();
+    // In the background whatever the machine's filesystem (see `durable::may_sync_later`).
+    let ov = l.overlay_with(&["background_sync=1"]);
     let d = ov.lookup(ROOT_INO, OsStr::new("d")).unwrap();
     let f = ov.lookup(d.ino, OsStr::new("f")).unwrap();
     ov.setattr(f.ino, None, chmod_only(0o600)).unwrap();
@@ -755,7 +759,8 @@ fn copy_ups_are_synced_in_the_background_and_unmarked() {
 fn a_failed_background_sync_keeps_the_mark_until_the_user_syncs() {
     let l = Layers::new("durable-failed-sync");
     fs::write(l.p("lower/f"), b"old").unwrap();
-    let ov = l.overlay();
+    // In the background whatever the machine's filesystem (see `durable::may_sync_later`).
+    let ov = l.overlay_with(&["background_sync=1"]);
     let f = ov.lookup(ROOT_INO, OsStr::new("f")).unwrap();
     // The syncer's fsync of the copy.
     ov.faults().inject("fsync", 1, Errno::IO);
@@ -867,7 +872,7 @@ fn a_mount_recovers_beside_a_daemon_still_draining() {
     let l = Layers::new("durable-draining");
     fs::write(l.p("lower/f"), b"lower").unwrap();
     fs::write(l.p("lower/g"), b"g").unwrap();
-    let old = l.overlay();
+    let old = l.overlay_with(&["background_sync=1"]);
     let g = old.lookup(ROOT_INO, OsStr::new("g")).unwrap();
     old.setattr(g.ino, None, chmod_only(0o600)).unwrap();
     assert!(has_flag(&l));
