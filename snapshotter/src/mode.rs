@@ -60,6 +60,9 @@ pub struct Findings {
     /// With a working kernel mode: the trial of it with `redirect_dir=follow`, which passes
     /// only when the merged view shows a redirected directory's lower content.
     pub follow_trial: Option<Trial>,
+    /// What keeps the root's filesystem's metadata in order (rustfuse then syncs copy-ups in
+    /// the background), or why it is not known to (it syncs them before answering).
+    pub metadata_order: std::result::Result<&'static str, String>,
 }
 
 impl Findings {
@@ -122,6 +125,9 @@ pub fn probe(root: &Path) -> Findings {
         trials: Vec::new(),
         kernel_overlay: None,
         follow_trial: None,
+        metadata_order: std::fs::File::open(root)
+            .map_err(|e| format!("{}: {e}", root.display()))
+            .and_then(|d| rustfuse::sys::metadata_order(std::os::fd::AsFd::as_fd(&d))),
     };
     // In a user namespace only with userxattr: the trusted.* xattrs of opaque directories and
     // redirects cannot be written there. A kernel without the option (before 5.11) that still
@@ -371,6 +377,13 @@ pub fn report(
         };
         let _ = writeln!(out, "trial follow mount:   [{}] {r}", t.options);
     }
+    let sync = match &f.metadata_order {
+        Ok(by) => format!("in the background ({by} keeps the order of the root's metadata)"),
+        Err(why) => format!(
+            "before answering each copy-up, as kernel overlayfs (the root is on {why}, not known to keep its metadata in order)"
+        ),
+    };
+    let _ = writeln!(out, "FUSE copy-up syncs:   {sync}");
     let none = Vec::new();
     let held = match holders {
         Ok(h) if h.is_empty() => {
@@ -456,6 +469,7 @@ mod tests {
                 userxattr,
                 redirect_follow: false,
             }),
+            metadata_order: Ok("ext4's journal"),
             follow_trial: follow.map(|ok| {
                 trial(
                     ok,
@@ -549,6 +563,17 @@ mod tests {
             &Ok(held()),
         );
         assert!(r.contains("redirect_dir:         on (FUSE mode"), "{r}");
+        assert!(
+            r.contains("FUSE copy-up syncs:   in the background (ext4's journal keeps"),
+            "{r}"
+        );
+        let mut f = findings(Some(true), Some(true));
+        f.metadata_order = Err("an ext2/3/4 without a journal".into());
+        let r = report(root, &f, ModeChoice::Fuse, &Ok(held()));
+        assert!(
+            r.contains("FUSE copy-up syncs:   before answering each copy-up, as kernel overlayfs (the root is on an ext2/3/4 without a journal"),
+            "{r}"
+        );
         assert!(
             r.contains("redirected layers:    2 snapshot(s): \"ns/1/sha256:aaa\""),
             "{r}"
