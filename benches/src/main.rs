@@ -438,6 +438,11 @@ fn real_main(argv: &[String]) -> Result<()> {
     std::fs::create_dir_all(&a.workdir)?;
     let workdir = std::path::absolute(&a.workdir)?;
     let ctx = make_ctx(&a, false)?;
+    eprintln!(
+        "rustfuse's copy-ups in {}: synced {}",
+        workdir.display(),
+        report::workdir_copy_up_syncs(&workdir)
+    );
     if fss.iter().any(|f| f.id == "floor" && f.missing.is_none()) {
         let t0 = Instant::now();
         let tree = floor::flatten(&ctx.layers)?;
@@ -566,7 +571,7 @@ fn real_main(argv: &[String]) -> Result<()> {
     );
     let json = out.join(format!("{stem}.json"));
     let svg = out.join(format!("{stem}.svg"));
-    std::fs::write(&json, results.json(&report::machine()))
+    std::fs::write(&json, results.json(&report::machine(&workdir)))
         .with_context(|| format!("write {}", json.display()))?;
     std::fs::write(&svg, results.svg()).with_context(|| format!("write {}", svg.display()))?;
     eprintln!("wrote {} and {}", json.display(), svg.display());

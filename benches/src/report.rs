@@ -78,7 +78,7 @@ fn xml(s: &str) -> String {
 }
 
 /// The machine the run is on, for the JSON and the docs.
-pub fn machine() -> Vec<(&'static str, String)> {
+pub fn machine(workdir: &std::path::Path) -> Vec<(&'static str, String)> {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -106,7 +106,20 @@ pub fn machine() -> Vec<(&'static str, String)> {
         ("cpu_model", cpu_model),
         ("memory", mem),
         ("kernel", u.release().to_string_lossy().into_owned()),
+        ("workdir_copy_up_syncs", workdir_copy_up_syncs(workdir)),
     ]
+}
+
+/// When rustfuse (by default) syncs the copy-ups of an upper layer in `workdir`: in the
+/// background where that filesystem keeps its metadata in order, else before answering.
+pub fn workdir_copy_up_syncs(workdir: &std::path::Path) -> String {
+    let order = std::fs::File::open(workdir)
+        .map_err(|e| e.to_string())
+        .and_then(|d| rustfuse::sys::metadata_order(std::os::fd::AsFd::as_fd(&d)));
+    match order {
+        Ok(by) => format!("in the background ({by} keeps the metadata in order)"),
+        Err(why) => format!("before answering ({why})"),
+    }
 }
 
 impl<'a> Results<'a> {
