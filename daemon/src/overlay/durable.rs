@@ -12,7 +12,9 @@
 //!    where its data came from: the lower layer's index and the file's path in it);
 //! 3. the copy is renamed into place and the request answered; the copy's fd goes to the
 //!    [`Syncer`], a thread that fsyncs queued copies in batches, then removes their marks
-//!    and fsyncs again (so the removal is on disk before the copy counts as synced).
+//!    and fsyncs again (so the removal is on disk before the copy counts as synced). It
+//!    starts once copy-ups pause ([`QUIET`]), or after [`MAX_AGE`], or with its queue half
+//!    full: fsyncs while copy-ups go on would slow them down.
 //!
 //! A journaled filesystem commits the flag, the mark and the rename in that order, so after
 //! a crash every copy that appeared but was not synced carries its mark. Where the upper
@@ -65,10 +67,20 @@ fn is_flag(name: &[u8]) -> bool {
             .is_some_and(|rest| rest.starts_with(b"."))
 }
 /// For tests: the syncer leaves a copy unsynced for this many milliseconds (so a test can
-/// cut the power while copies are published but not synced).
+/// cut the power while copies are published but not synced), instead of [`QUIET`] and
+/// [`MAX_AGE`].
 pub const DELAY_ENV: &str = "RUSTFUSE_SYNC_DELAY_MS";
-/// Copies queued at most; past that a copy-up syncs on the request path again.
-const MAX_QUEUED: usize = 1024;
+/// The syncer starts once no copy was queued for this long (a burst of copy-ups, a
+/// `chmod -R`, is over) ...
+const QUIET: Duration = Duration::from_millis(200);
+/// ... or once the oldest queued copy is this old, or the queue half full. Syncing while
+/// copy-ups go on slows them: each fsync commits the journal, which the copy-ups write to
+/// (a `chmod -R` of 1,350 lower files on a journaled ext4: 382 ms syncing at once, 300
+/// with the syncs after it, 232 with none).
+const MAX_AGE: Duration = Duration::from_secs(2);
+/// Copies queued at most (each holds a descriptor); past that a copy-up syncs on the
+/// request path again. A quarter of the descriptors the daemon may open, within these.
+const MAX_QUEUED: (usize, usize) = (256, 8192);
 /// Copies synced per round of the syncer.
 const BATCH: usize = 256;
 
@@ -162,7 +174,10 @@ struct Shared {
     /// This boot's id, read at the first copy-up to mark (none: every copy-up syncs on the
     /// request path).
     boot: std::sync::OnceLock<Option<String>>,
-    delay: Duration,
+    /// [`DELAY_ENV`]'s delay, if set.
+    delay: Option<Duration>,
+    /// Copies queued at most (see [`MAX_QUEUED`]).
+    max_queued: usize,
     state: Mutex<State>,
     /// Wakes the syncer.
     work: Condvar,
@@ -207,13 +222,15 @@ impl Syncer {
         let delay = std::env::var(DELAY_ENV)
             .ok()
             .and_then(|v| v.parse().ok())
-            .map(Duration::from_millis)
-            .unwrap_or_default();
+            .map(Duration::from_millis);
+        let max_queued =
+            ((crate::sys::nofile_limit() / 4) as usize).clamp(MAX_QUEUED.0, MAX_QUEUED.1);
         let shared = Arc::new(Shared {
             sys,
             workdir,
             boot: Default::default(),
             delay,
+            max_queued,
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             idle: Condvar::new(),
@@ -231,7 +248,7 @@ impl Syncer {
         let sh = &self.shared;
         let v = mark(sh.boot.get_or_init(boot_id).as_deref()?, layer, path)?;
         let mut st = sh.state.lock();
-        if st.queue.len() + st.in_flight >= MAX_QUEUED {
+        if st.queue.len() + st.in_flight >= sh.max_queued {
             return None;
         }
         if st.flag.is_none() {
@@ -276,7 +293,11 @@ impl Syncer {
             at: Instant::now(),
             path,
         });
-        sh.work.notify_one();
+        // The syncer waits for a first copy, else until a time it works out again when it
+        // comes (see `next_batch`): woken only for the first copy or a half full queue.
+        if st.queue.len() == 1 || sh.half_full(&st) {
+            sh.work.notify_one();
+        }
     }
 
     /// A user's fsync of the file open as `fd`: a copy not synced yet is synced and its mark
@@ -351,14 +372,27 @@ impl Shared {
         }
     }
 
-    /// The next copies to sync, once the oldest is due; none when stopped with nothing left.
+    /// Whether the queue is half full (then it is synced at once, so that copy-ups do not
+    /// come to sync on the request path), unless [`DELAY_ENV`] holds copies.
+    fn half_full(&self, st: &State) -> bool {
+        self.delay.is_none() && st.queue.len() + st.in_flight >= self.max_queued / 2
+    }
+
+    /// The next copies to sync, once they are due (see [`QUIET`], [`MAX_AGE`]); none when
+    /// stopped with nothing left.
     fn next_batch(&self) -> Option<Vec<Entry>> {
         let mut st = self.state.lock();
         loop {
             if let Some(first) = st.queue.front() {
-                let due = first.at + self.delay;
+                let due = match self.delay {
+                    Some(d) => first.at + d,
+                    None => {
+                        let last = st.queue.back().map_or(first.at, |e| e.at);
+                        (last + QUIET).min(first.at + MAX_AGE)
+                    }
+                };
                 let now = Instant::now();
-                if st.stop || st.hurry || now >= due {
+                if st.stop || st.hurry || now >= due || self.half_full(&st) {
                     let n = st.queue.len().min(BATCH);
                     st.in_flight += n;
                     return Some(st.queue.drain(..n).collect());

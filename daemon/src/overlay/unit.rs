@@ -730,6 +730,11 @@ fn copy_ups_are_synced_in_the_background_and_unmarked() {
     let l = Layers::new("durable-background");
     fs::create_dir_all(l.p("lower/d")).unwrap();
     fs::write(l.p("lower/d/f"), b"old content").unwrap();
+    let burst: Vec<String> = (0..20).map(|i| format!("b{i}")).collect();
+    for n in &burst {
+        fs::write(l.p("lower").join(n), n).unwrap();
+    }
+    fs::write(l.p("lower/g"), b"g").unwrap();
     // In the background whatever the machine's filesystem (see `durable::may_sync_later`).
     let ov = l.overlay_with(&["background_sync=1"]);
     let d = ov.lookup(ROOT_INO, OsStr::new("d")).unwrap();
@@ -746,8 +751,23 @@ fn copy_ups_are_synced_in_the_background_and_unmarked() {
         None,
         "synced: mark removed"
     );
+    // Unasked: the syncer syncs once copy-ups pause (a burst of them, then a pause).
+    for n in &burst {
+        let b = ov.lookup(ROOT_INO, OsStr::new(n)).unwrap();
+        ov.setattr(b.ino, None, chmod_only(0o600)).unwrap();
+    }
+    let t0 = std::time::Instant::now();
+    while burst
+        .iter()
+        .any(|n| unsynced_mark(&l.p("upper").join(n)).is_some())
+    {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "copies still unsynced 10 s after a burst of copy-ups"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     // A file of a mount that ends at once: the end syncs it and removes the flag.
-    fs::write(l.p("lower/g"), b"g").unwrap();
     let g = ov.lookup(ROOT_INO, OsStr::new("g")).unwrap();
     ov.setattr(g.ino, None, chmod_only(0o600)).unwrap();
     drop(ov);
