@@ -85,17 +85,6 @@ fn daemon_fds(pid: i32, under: &Path) -> (usize, Vec<PathBuf>) {
     (total, files)
 }
 
-/// Where each of the daemon's descriptors points, for messages.
-fn fd_targets(pid: i32) -> Vec<PathBuf> {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| fs::read_link(e.path()).ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The daemon holds at most `limit` descriptors and none for a file under `t` other than
 /// `fill` (which the test holds open). Polled for a while: the kernel releases a closed file
 /// asynchronously.
@@ -105,9 +94,14 @@ fn assert_fds_within(pid: i32, t: &Path, limit: usize, what: &str) {
         n <= limit && files.iter().all(|f| f.ends_with("upper/fill"))
     };
     if !env::poll_until(Duration::from_secs(5), check) {
+        let (n, files) = daemon_fds(pid, t);
         panic!(
-            "{what}: daemon descriptors grew from {limit} to {:?}",
-            fd_targets(pid)
+            "{what}: the daemon holds {n} descriptors (at most {limit} expected), files under {} other than upper/fill among them: {:?}",
+            t.display(),
+            files
+                .iter()
+                .filter(|f| !f.ends_with("upper/fill"))
+                .collect::<Vec<_>>()
         );
     }
 }
