@@ -488,17 +488,11 @@ fn real_main(argv: &[String]) -> Result<()> {
         }
         // The unprivileged user opens /dev/fuse: 0666 as Debian's udev rule makes it (a
         // machine without udev has devtmpfs's 0600, and every FUSE mount would fail).
-        let md = std::fs::metadata("/dev/fuse").context("/dev/fuse")?;
-        if md.mode() & 0o006 != 0o006 {
-            use std::os::unix::fs::PermissionsExt;
-            eprintln!(
-                "/dev/fuse is {:o}; setting it to 0666 (Debian's default) for uid {}",
-                md.mode() & 0o777,
-                rootless::UID
-            );
-            std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(0o666))
-                .context("chmod 0666 /dev/fuse for the rootless runs")?;
-        }
+        rustfuse_tests::env::dev_fuse_for_everyone(&format!(
+            "uid {} in the rootless runs",
+            rootless::UID
+        ))
+        .map_err(anyhow::Error::msg)?;
     }
     let runnable = |w: &Workload| -> Vec<&Fs> {
         fss.iter()

@@ -337,27 +337,14 @@ const DAEMON_EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Wait until process `pid` is gone (or a zombie), `timeout` at most; a warning if not.
 fn wait_for_exit(pid: i32, timeout: Duration) {
-    let stat = PathBuf::from(format!("/proc/{pid}/stat"));
-    let deadline = Instant::now() + timeout;
-    loop {
-        match fs::read_to_string(&stat) {
-            Err(_) => return,
-            // The state follows the command's closing parenthesis: Z, a zombie, has ended.
-            Ok(s)
-                if s.rsplit_once(") ")
-                    .is_some_and(|(_, rest)| rest.starts_with('Z')) =>
-            {
-                return;
-            }
-            Ok(_) if Instant::now() > deadline || run::interrupted() => {
-                eprintln!(
-                    "warning: the daemon (pid {pid}) was still running {}s after its unmount",
-                    timeout.as_secs()
-                );
-                return;
-            }
-            Ok(_) => std::thread::sleep(Duration::from_millis(5)),
-        }
+    let ended = rustfuse_tests::env::poll_until(timeout, || {
+        !rustfuse_tests::mount::process_alive(pid) || run::interrupted()
+    });
+    if !ended {
+        eprintln!(
+            "warning: the daemon (pid {pid}) was still running {}s after its unmount",
+            timeout.as_secs()
+        );
     }
 }
 
