@@ -89,19 +89,21 @@ fn daemon_fds(pid: i32, under: &Path) -> (usize, Vec<PathBuf>) {
 /// `fill` (which the test holds open). Polled for a while: the kernel releases a closed file
 /// asynchronously.
 fn assert_fds_within(pid: i32, t: &Path, limit: usize, what: &str) {
+    // The daemon's descriptor count and the files under `t` it holds other than `fill`.
+    let held = || {
+        let (n, mut files) = daemon_fds(pid, t);
+        files.retain(|f| !f.ends_with("upper/fill"));
+        (n, files)
+    };
     let check = || {
-        let (n, files) = daemon_fds(pid, t);
-        n <= limit && files.iter().all(|f| f.ends_with("upper/fill"))
+        let (n, files) = held();
+        n <= limit && files.is_empty()
     };
     if !env::poll_until(Duration::from_secs(5), check) {
-        let (n, files) = daemon_fds(pid, t);
+        let (n, files) = held();
         panic!(
-            "{what}: the daemon holds {n} descriptors (at most {limit} expected), files under {} other than upper/fill among them: {:?}",
+            "{what}: the daemon holds {n} descriptors (at most {limit} expected), files under {} other than upper/fill among them: {files:?}",
             t.display(),
-            files
-                .iter()
-                .filter(|f| !f.ends_with("upper/fill"))
-                .collect::<Vec<_>>()
         );
     }
 }
