@@ -465,12 +465,16 @@ impl Overlay {
     ) -> Result<()> {
         let dir_ino = dir_ino.0;
         let s = self.stream(fh, dir_ino, offset)?;
+        // Whether this answer holds an entry yet: entries given to `add` reach the kernel
+        // only with a successful answer.
+        let mut given = false;
         for (i, e) in s.entries.iter().enumerate().skip(s.start) {
             let off = s.offset(i);
             if e.name == "." || e.name == ".." {
                 if add(e, off, None) {
                     break;
                 }
+                given = true;
                 continue;
             }
             let attr = match self.lookup_hinted(dir_ino, &e.name, e.hint.as_ref()) {
@@ -485,8 +489,13 @@ impl Overlay {
                     if add(e, off, None) {
                         break;
                     }
+                    given = true;
                     continue;
                 }
+                // The entries given so far are answered (their lookups are counted: an
+                // error answer would drop them in the kernel, never to be forgotten); the
+                // next READDIRPLUS starts at this entry and gets the error.
+                Err(_) if given => break,
                 Err(e) => return Err(e),
             };
             let shown = DirEntry {
@@ -499,6 +508,7 @@ impl Overlay {
                 self.forget(attr.ino, 1);
                 break;
             }
+            given = true;
         }
         Ok(())
     }
