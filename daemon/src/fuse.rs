@@ -588,7 +588,11 @@ impl Filesystem for OverlayFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let _turn = self.pace.begin(Cost::Quick);
+        // No turn of the pacer: the end of a turn may park the thread (see [`crate::pacer`]),
+        // and fuser serves a BATCH_FORGET by calling this once per node, so a thread parked
+        // part way through a batch kept the rest (pins of removed files among them, and
+        // those files' space) until its next wake-up. A FORGET has no answer to wait for;
+        // the thread goes back to read when the batch is done.
         let _s = debug_span!("forget", ino = ino.0, nlookup).entered();
         self.ov.forget(Ino(ino.0), nlookup);
     }

@@ -23,6 +23,9 @@
 //! so no thread parks before every thread has served one: until then the session runs as
 //! fuser's loop does. A quiet mount's parked threads sleep with no timer at all.
 //!
+//! FORGETs take no turn: fuser serves a BATCH_FORGET with one call per node, and a thread
+//! parked between two of them would keep the rest of the batch waiting.
+//!
 //! On an idle small VM the kernel wakes a sleeping thread on an idle CPU rather than on the
 //! waker's, so even the one hot thread would pay the cross-CPU wake-up for every lone
 //! request. So the only reader, once it has answered, spins for the next request for a short

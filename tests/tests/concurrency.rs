@@ -1,7 +1,8 @@
 //! Concurrency as a user sees it: readers racing a 64 MiB copy-up see the whole old or the
 //! whole new file, never a partial one, and never a temporary name; four threads doing random
 //! creates/renames/unlinks in their own directories get exactly the answers a model predicts,
-//! without hanging, and the result survives a remount.
+//! without hanging, and the result survives a remount; files removed while open by several
+//! threads at once give their space back once closed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -578,4 +579,77 @@ fn interleaved_directory_readers_see_every_name_once() {
     });
     mounted.unmount().unwrap();
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// The daemon's descriptors for removed files under `upper`: while it holds one, the file's
+/// space stays used.
+fn held_removed(pid: i32, upper: &Path) -> Vec<PathBuf> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| fs::read_link(fd.path()).ok())
+        .filter(|t| t.starts_with(upper) && t.to_string_lossy().ends_with(" (deleted)"))
+        .collect()
+}
+
+/// Files removed while open give their space back once closed, also when many close at once:
+/// the kernel then forgets their inodes in batches (BATCH_FORGET), and each node of a batch
+/// must be let go right away (a thread that paused part way through a batch, as it may
+/// between two requests, kept the rest, and their files' space, until the mount's next busy
+/// moment).
+#[test]
+fn files_removed_while_open_let_go_of_their_space_once_closed_in_a_burst() {
+    if !env::require_bin_under_test() {
+        return;
+    }
+    const THREADS: usize = 4;
+    const FILES: usize = 100;
+    const ROUNDS: usize = 5;
+    let s = scratch("conc-forget-burst");
+    let mut m = Tree::new()
+        .lower(Layer::new().file("keep", "x"))
+        .materialize(s.path())
+        .unwrap();
+    m.mnt = m.mnt.canonicalize().unwrap();
+    let upper = m.stack.upper.clone().unwrap().canonicalize().unwrap();
+    let g = mount(&m);
+    let pid = g.daemon_pid().expect("daemon pid");
+    let root = m.mnt.clone();
+    with_deadline(Duration::from_secs(90), "bursts of closes", move || {
+        for round in 0..ROUNDS {
+            // Each thread creates its files, keeps them open, removes them, then closes them all.
+            let hs: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let root = root.clone();
+                    std::thread::spawn(move || {
+                        let open: Vec<fs::File> = (0..FILES)
+                            .map(|i| {
+                                let p = root.join(format!("r{round}-t{t}-{i}"));
+                                let mut f = fs::File::create(&p).unwrap();
+                                f.write_all(&[7u8; 4096]).unwrap();
+                                fs::remove_file(&p).unwrap();
+                                f
+                            })
+                            .collect();
+                        drop(open);
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join().expect("worker panicked");
+            }
+            // The kernel releases closed files and forgets their inodes asynchronously.
+            if !env::poll_until(Duration::from_secs(5), || {
+                held_removed(pid, &upper).is_empty()
+            }) {
+                let held = held_removed(pid, &upper);
+                panic!(
+                    "round {round}: 5 s after the last close the daemon still holds {} removed files, e.g. {:?}",
+                    held.len(),
+                    &held[..held.len().min(5)]
+                );
+            }
+        }
+    });
+    g.unmount().unwrap();
 }
