@@ -465,16 +465,15 @@ impl Overlay {
     ) -> Result<()> {
         let dir_ino = dir_ino.0;
         let s = self.stream(fh, dir_ino, offset)?;
-        // Whether this answer holds an entry yet: entries given to `add` reach the kernel
-        // only with a successful answer.
-        let mut given = false;
+        // The nodes this answer holds a lookup reference of: entries given to `add` reach
+        // the kernel only with a successful answer.
+        let mut counted = Vec::new();
         for (i, e) in s.entries.iter().enumerate().skip(s.start) {
             let off = s.offset(i);
             if e.name == "." || e.name == ".." {
                 if add(e, off, None) {
                     break;
                 }
-                given = true;
                 continue;
             }
             let attr = match self.lookup_hinted(dir_ino, &e.name, e.hint.as_ref()) {
@@ -489,14 +488,16 @@ impl Overlay {
                     if add(e, off, None) {
                         break;
                     }
-                    given = true;
                     continue;
                 }
-                // The entries given so far are answered (their lookups are counted: an
-                // error answer would drop them in the kernel, never to be forgotten); the
-                // next READDIRPLUS starts at this entry and gets the error.
-                Err(_) if given => break,
-                Err(e) => return Err(e),
+                Err(err) => {
+                    // The kernel drops the entries of an error answer: their lookups are
+                    // given back here, or they would never be forgotten.
+                    for ino in counted {
+                        self.forget(ino, 1);
+                    }
+                    return Err(err);
+                }
             };
             let shown = DirEntry {
                 name: e.name.clone(),
@@ -508,7 +509,7 @@ impl Overlay {
                 self.forget(attr.ino, 1);
                 break;
             }
-            given = true;
+            counted.push(attr.ino);
         }
         Ok(())
     }
