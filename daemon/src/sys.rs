@@ -521,7 +521,9 @@ pub const UTIME_OMIT: i64 = libc::UTIME_OMIT;
 // `listxattrat` (6.13+), entries of a directory and directories themselves are reached from
 // the fd with no /proc path to resolve (1.3 us against 8 us a call here); whether it has them
 // is learnt from the first call (ENOSYS, or EPERM from a seccomp filter that does not know
-// them: the /proc path from then on).
+// them: the /proc path from then on). An fd the `*xattrat` calls refuse (ENOTDIR: not a
+// directory) takes the `f*` call, which a file opened for I/O answers itself (a copy-up's
+// xattrs, the syncer's marks); an `O_PATH` one refuses it (EBADF) and goes through /proc.
 
 const XATTRAT_UNKNOWN: u8 = 0;
 const XATTRAT_YES: u8 = 1;
@@ -798,7 +800,12 @@ impl Sys {
         self.faults.check("getxattr")?;
         let cname = c(name)?;
         match self.getxattrat(fd, DOT, &cname) {
-            Some(Err(Errno::NOTDIR)) | None => xattr_get_path(&proc_fd_path(fd), true, &cname),
+            Some(Err(Errno::NOTDIR)) | None => {
+                match xattr_value(|buf| rustix::fs::fgetxattr(fd, &cname, buf)) {
+                    Err(Errno::BADF) => xattr_get_path(&proc_fd_path(fd), true, &cname),
+                    r => r,
+                }
+            }
             Some(r) => r,
         }
     }
@@ -806,7 +813,12 @@ impl Sys {
     pub fn flistxattr(&self, fd: BorrowedFd<'_>) -> Result<Vec<OsString>> {
         self.faults.check("listxattr")?;
         match self.listxattrat(fd, DOT) {
-            Some(Err(Errno::NOTDIR)) | None => xattr_list_path(&proc_fd_path(fd), true),
+            Some(Err(Errno::NOTDIR)) | None => {
+                match xattr_names(|buf| rustix::fs::flistxattr(fd, buf)) {
+                    Err(Errno::BADF) => xattr_list_path(&proc_fd_path(fd), true),
+                    r => r,
+                }
+            }
             Some(r) => r,
         }
     }
@@ -820,13 +832,19 @@ impl Sys {
     ) -> Result<()> {
         self.faults.check("setxattr")?;
         let name = c(name)?;
+        let xflags = rustix::fs::XattrFlags::from_bits_retain(flags as u32);
         match self.setxattrat(fd, DOT, &name, value, flags) {
-            Some(Err(Errno::NOTDIR)) | None => rustix::fs::setxattr(
-                proc_fd_path(fd).as_c_str(),
-                name.as_c_str(),
-                value,
-                rustix::fs::XattrFlags::from_bits_retain(flags as u32),
-            ),
+            Some(Err(Errno::NOTDIR)) | None => {
+                match rustix::fs::fsetxattr(fd, name.as_c_str(), value, xflags) {
+                    Err(Errno::BADF) => rustix::fs::setxattr(
+                        proc_fd_path(fd).as_c_str(),
+                        name.as_c_str(),
+                        value,
+                        xflags,
+                    ),
+                    r => r,
+                }
+            }
             Some(r) => r,
         }
     }
@@ -836,7 +854,12 @@ impl Sys {
         let name = c(name)?;
         match self.removexattrat(fd, DOT, &name) {
             Some(Err(Errno::NOTDIR)) | None => {
-                rustix::fs::removexattr(proc_fd_path(fd).as_c_str(), name.as_c_str())
+                match rustix::fs::fremovexattr(fd, name.as_c_str()) {
+                    Err(Errno::BADF) => {
+                        rustix::fs::removexattr(proc_fd_path(fd).as_c_str(), name.as_c_str())
+                    }
+                    r => r,
+                }
             }
             Some(r) => r,
         }
