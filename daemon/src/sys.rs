@@ -319,6 +319,18 @@ impl Sys {
         )
     }
 
+    /// Whether an anonymous file (O_TMPFILE) can be made in directory `dir`: one is opened and
+    /// closed, outside the fault plan (a probe, not a step of anything).
+    pub fn tmpfile_works(&self, dir: BorrowedFd<'_>) -> Result<()> {
+        rustix::fs::openat(
+            dir,
+            ".",
+            OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map(drop)
+    }
+
     /// Reopen the file an `O_PATH` fd points at with real access flags.
     pub fn reopen(&self, fd: BorrowedFd<'_>, flags: OFlags) -> Result<OwnedFd> {
         self.faults.check("open")?;

@@ -206,7 +206,16 @@ fn eio_at_each_step_changes_nothing_and_the_mount_stays_up() {
     let Materialized { stack, mnt } = tree().materialize(s.path()).unwrap();
     let work = stack.work.clone().unwrap();
     // passthrough=0: reads and writes must reach the daemon, where the faults are.
-    let m = Mount::fuse(&fault_injection_bin(), &stack, &["passthrough=0"], &mnt).unwrap();
+    // background_sync=1: a copy is built under a name in work/ and renamed into place on any
+    // host (copies synced before they are answered are anonymous files linked into place;
+    // the daemon's unit tests fail each of those steps).
+    let m = Mount::fuse(
+        &fault_injection_bin(),
+        &stack,
+        &["passthrough=0", "background_sync=1"],
+        &mnt,
+    )
+    .unwrap();
     let root = m.root().to_path_buf();
     let pid = m.daemon_pid().expect("daemon pid");
     // Upper-only entries for the cases that need them.

@@ -1,5 +1,6 @@
 //! Copy-up: a lower file or directory gets its upper copy, built in `work/` and renamed into
-//! place, so a reader never sees a partial file.
+//! place (a regular file synced before it is answered: built as an anonymous file and linked
+//! into place), so a reader never sees a partial file.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -150,9 +151,23 @@ impl Overlay {
                 .and_then(|(layer, path)| s.mark_for(layer, &path)),
             _ => None,
         };
+        // Synced here instead: built as an anonymous file (O_TMPFILE) and linked into place,
+        // as kernel overlayfs builds its copies. Its fsync then writes the file alone: a copy
+        // built under a name in work/ is a new entry, and on an ext4 without a journal the
+        // fsync of a new entry writes its directory too (every copy-up wrote work/ again).
+        let anon = defer.is_none()
+            && st.kind == Kind::File
+            && data != Data::Meta
+            && self.opts.fsync
+            && self.tmpfile_copies();
+        let target = if anon {
+            Target::Anonymous
+        } else {
+            Target::Named(&tmp)
+        };
         let mut file = None;
         let built = self
-            .build_copy(&st, &stat, w, &tmp, data, defer.is_none())
+            .build_copy(&st, &stat, w, target, data, defer.is_none())
             .and_then(|f| {
                 file = f;
                 if let (Some(mark), Some(out)) = (&defer, &file) {
@@ -178,20 +193,33 @@ impl Overlay {
                 Ok(())
             });
         if let Err(e) = built {
-            let _ = tree::remove_any(&self.sys, w, &tmp, st.kind);
+            if !anon {
+                let _ = tree::remove_any(&self.sys, w, &tmp, st.kind);
+            }
             return Err(e);
         }
         if st.kind != Kind::Dir {
             // The copy keeps the inode number the file had below.
-            self.set_origin(w, &tmp, node.ino);
+            match (&file, anon) {
+                (Some(out), true) => {
+                    self.set_origin(|x, v| self.sys.fsetxattr(out.as_fd(), x, v, 0), node.ino)
+                }
+                _ => self.set_origin(|x, v| self.sys.setxattr_at(w, &tmp, x, v), node.ino),
+            }
         }
         // A copy-up is not a change of the parent directory: keep its times.
         let ptimes = self.sys.fstat(pu.as_fd()).ok();
-        if let Err(e) = self
-            .sys
-            .rename_at(w, &tmp, pu.as_fd(), &st.name, RenameFlags::NOREPLACE)
-        {
-            let _ = tree::remove_any(&self.sys, w, &tmp, st.kind);
+        let placed = match (&file, anon) {
+            // Linked: an existing name fails it (EEXIST), as RENAME_NOREPLACE does.
+            (Some(out), true) => self.sys.link_fd(out.as_fd(), pu.as_fd(), &st.name),
+            _ => self
+                .sys
+                .rename_at(w, &tmp, pu.as_fd(), &st.name, RenameFlags::NOREPLACE),
+        };
+        if let Err(e) = placed {
+            if !anon {
+                let _ = tree::remove_any(&self.sys, w, &tmp, st.kind);
+            }
             return Err(e);
         }
         if let Some(p) = ptimes {
@@ -246,9 +274,9 @@ impl Overlay {
                     Data::All
                 };
                 let built = self
-                    .build_copy(st, stat, w, &tmp, data, true)
+                    .build_copy(st, stat, w, Target::Named(&tmp), data, true)
                     .and_then(|_| {
-                        self.set_origin(w, &tmp, node.ino);
+                        self.set_origin(|x, v| self.sys.setxattr_at(w, &tmp, x, v), node.ino);
                         let mark = super::nlink_mark(stat.st_nlink as i64 - 1, &key);
                         set_first_permitted(&super::NLINK_XATTRS, &mark, |x, v| {
                             self.sys.setxattr_at(w, &tmp, x, v)
@@ -422,7 +450,7 @@ impl Overlay {
         let tmp = self.tmp_name();
         let w = work.as_fd();
         let built = self
-            .build_copy(&st, &stat, w, &tmp, data, true)
+            .build_copy(&st, &stat, w, Target::Named(&tmp), data, true)
             .and_then(|_| self.sys.open_path_at(w, &tmp));
         let removed = tree::remove_any(&self.sys, w, &tmp, st.kind);
         let fd = built?;
@@ -438,15 +466,16 @@ impl Overlay {
         Ok(upper)
     }
 
-    /// Make `work/tmp` a copy of the node's topmost lower file `src` (of `stat`): its data
-    /// (from where the node's data is) as `data` says, owner, mode, xattrs, times; a regular
-    /// file's data synced if `sync` (and `fsync` is on). A regular file's fd (write-only).
+    /// Make `target` in `work` a copy of the node's topmost lower file `src` (of `stat`):
+    /// its data (from where the node's data is) as `data` says, owner, mode, xattrs, times; a
+    /// regular file's data synced if `sync` (and `fsync` is on). A regular file's fd
+    /// (write-only). An anonymous target is a regular file's only.
     fn build_copy(
         &self,
         st: &super::node::NodeState,
         stat: &sys::Stat,
         work: BorrowedFd<'_>,
-        tmp: &OsStr,
+        target: Target<'_>,
         data: Data,
         sync: bool,
     ) -> Result<Option<OwnedFd>> {
@@ -454,6 +483,30 @@ impl Overlay {
         let mut file = None;
         let (_, src) = st.lowers.first().ok_or(Errno::IO)?;
         let mode = stat.st_mode & 0o7777;
+        let tmp = match target {
+            Target::Named(tmp) => tmp,
+            Target::Anonymous => {
+                let out = self.sys.open_at(
+                    work,
+                    OsStr::new("."),
+                    OFlags::WRONLY | OFlags::TMPFILE,
+                    0o600,
+                )?;
+                if data == Data::All {
+                    self.fill(st.data()?, stat.st_size, out.as_fd())?;
+                }
+                if sync && self.opts.fsync {
+                    self.sys.fsync(out.as_fd(), false)?;
+                }
+                self.sys
+                    .fchown(out.as_fd(), Some(stat.st_uid), Some(stat.st_gid))?;
+                self.sys.fchmod(out.as_fd(), mode)?;
+                self.copy_xattrs(src, out.as_fd(), kind)?;
+                self.sys
+                    .futimens(out.as_fd(), atime_of(stat), mtime_of(stat))?;
+                return Ok(Some(out));
+            }
+        };
         match kind {
             Kind::Dir => self.sys.mkdir_at(work, tmp, 0o700)?,
             Kind::Symlink => {
@@ -505,15 +558,26 @@ impl Overlay {
         Ok(file)
     }
 
-    /// Record the inode number a copied-up file shows: in `trusted.` where permitted (it
-    /// works on symlinks too), else in `user.`.
-    fn set_origin(&self, dir: BorrowedFd<'_>, name: &OsStr, ino: u64) {
+    /// Record the inode number a copied-up file shows, with `set(name, value)`: in
+    /// `trusted.` where permitted (it works on symlinks too), else in `user.`.
+    fn set_origin(&self, set: impl Fn(&OsStr, &[u8]) -> Result<()>, ino: u64) {
         let v = ino.to_string();
-        let _ = set_first_permitted(
-            &[ORIGIN_XATTR_TRUSTED, ORIGIN_XATTR],
-            v.as_bytes(),
-            |x, v| self.sys.setxattr_at(dir, name, x, v),
-        );
+        let _ = set_first_permitted(&[ORIGIN_XATTR_TRUSTED, ORIGIN_XATTR], v.as_bytes(), set);
+    }
+
+    /// Whether copies can be built as anonymous files in the workdir (O_TMPFILE: ext4, xfs,
+    /// btrfs, tmpfs, ...): tried once, with a file opened and closed there.
+    fn tmpfile_copies(&self) -> bool {
+        *self.tmpfile_copies.get_or_init(|| {
+            let Some(w) = &self.work else { return false };
+            match self.sys.tmpfile_works(w.as_fd()) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(error = %super::errstr(e), "no O_TMPFILE in the workdir: copies are built under a name");
+                    false
+                }
+            }
+        })
     }
 
     /// Copy every xattr but the overlay's own markers; tolerate what the upper can't hold.
@@ -592,6 +656,14 @@ pub(crate) fn rewrite_data(
         sys.fsetxattr(out, OsStr::new(CAPS), &v, 0)?;
     }
     sys.futimens(out, atime_of(&before), mtime_of(&before))
+}
+
+/// Where a copy is built in the workdir: under a temporary name, or as an anonymous file
+/// (O_TMPFILE) linked into place once complete.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Named(&'a OsStr),
+    Anonymous,
 }
 
 /// What a copy-up brings up of a file's data.

@@ -399,6 +399,9 @@ pub struct Overlay {
     /// first whiteout ([`Overlay::dev_whiteouts`]); false from the start with
     /// `no_dev_whiteouts` or without a workdir.
     dev_whiteouts: std::sync::OnceLock<bool>,
+    /// Copies synced before they are answered can be built as anonymous files (see
+    /// `Overlay::tmpfile_copies`): asked at the first such copy.
+    tmpfile_copies: std::sync::OnceLock<bool>,
     /// Inode numbers come from more than one filesystem: tag them by layer device.
     devs: Vec<u64>,
     /// The ids shown for ids outside the maps (`/proc/sys/kernel/overflow{u,g}id`), read
@@ -591,6 +594,7 @@ impl Overlay {
             next_tmp: AtomicU64::new(0),
             no_clone_from: Default::default(),
             dev_whiteouts,
+            tmpfile_copies: std::sync::OnceLock::new(),
             devs,
             overflow_ids: Default::default(),
             override_xattr,

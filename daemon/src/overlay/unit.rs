@@ -96,6 +96,7 @@ fn failed_copy_up_leaves_nothing_half_done() {
     // Each step of a copy-up, failing in turn (on a fresh layer set each time). FICLONE
     // failing is not an error: the data is copied another way.
     const LATER: &str = "background_sync=1";
+    const NOW: &str = "background_sync=0";
     for (op, errno, must_fail, sync) in [
         ("mkdir", Errno::NOSPC, true, LATER),
         ("ficlone", Errno::IO, false, LATER),
@@ -104,9 +105,14 @@ fn failed_copy_up_leaves_nothing_half_done() {
         ("utimens", Errno::IO, true, LATER),
         // The copy's own fsync is off the request path (see `durable`)...
         ("fsync", Errno::IO, false, LATER),
-        // ... unless copy-ups sync before they are answered.
-        ("fsync", Errno::IO, true, "background_sync=0"),
+        // ... unless copy-ups sync before they are answered: then the copy is an anonymous
+        // file (O_TMPFILE), linked into place.
+        ("fsync", Errno::IO, true, NOW),
         ("rename", Errno::NOSPC, true, LATER),
+        ("open", Errno::NOSPC, true, NOW),
+        ("chown", Errno::PERM, true, NOW),
+        ("utimens", Errno::IO, true, NOW),
+        ("link", Errno::NOSPC, true, NOW),
     ] {
         let l = Layers::new(&format!("copyup-fault-{op}-{sync}"));
         fs::create_dir_all(l.p("lower/d")).unwrap();
