@@ -483,43 +483,32 @@ impl Overlay {
         let mut file = None;
         let (_, src) = st.lowers.first().ok_or(Errno::IO)?;
         let mode = stat.st_mode & 0o7777;
-        let tmp = match target {
-            Target::Named(tmp) => tmp,
-            Target::Anonymous => {
-                let out = self.sys.open_at(
-                    work,
-                    OsStr::new("."),
-                    OFlags::WRONLY | OFlags::TMPFILE,
-                    0o600,
-                )?;
-                if data == Data::All {
-                    self.fill(st.data()?, stat.st_size, out.as_fd())?;
-                }
-                if sync && self.opts.fsync {
-                    self.sys.fsync(out.as_fd(), false)?;
-                }
-                self.sys
-                    .fchown(out.as_fd(), Some(stat.st_uid), Some(stat.st_gid))?;
-                self.sys.fchmod(out.as_fd(), mode)?;
-                self.copy_xattrs(src, out.as_fd(), kind)?;
-                self.sys
-                    .futimens(out.as_fd(), atime_of(stat), mtime_of(stat))?;
-                return Ok(Some(out));
-            }
+        // Every kind but a regular file's anonymous copy is made under the name.
+        let named = || match target {
+            Target::Named(tmp) => Ok(tmp),
+            Target::Anonymous => Err(Errno::INVAL),
         };
         match kind {
-            Kind::Dir => self.sys.mkdir_at(work, tmp, 0o700)?,
+            Kind::Dir => self.sys.mkdir_at(work, named()?, 0o700)?,
             Kind::Symlink => {
-                let target = src.readlink(&self.sys)?;
-                self.sys.symlink_at(&target, work, tmp)?;
+                let link = src.readlink(&self.sys)?;
+                self.sys.symlink_at(&link, work, named()?)?;
             }
             Kind::File => {
-                let out = self.sys.open_at(
-                    work,
-                    tmp,
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
-                    0o600,
-                )?;
+                let out = match target {
+                    Target::Named(tmp) => self.sys.open_at(
+                        work,
+                        tmp,
+                        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+                        0o600,
+                    )?,
+                    Target::Anonymous => self.sys.open_at(
+                        work,
+                        OsStr::new("."),
+                        OFlags::WRONLY | OFlags::TMPFILE,
+                        0o600,
+                    )?,
+                };
                 match data {
                     Data::All => self.fill(st.data()?, stat.st_size, out.as_fd())?,
                     Data::Skip => {}
@@ -536,7 +525,7 @@ impl Overlay {
             }
             Kind::Fifo | Kind::Socket | Kind::Char | Kind::Block => {
                 self.sys
-                    .mknod_at(work, tmp, kind.mode_bits() | 0o600, stat.st_rdev)?;
+                    .mknod_at(work, named()?, kind.mode_bits() | 0o600, stat.st_rdev)?;
             }
         }
         // A regular file's own fd serves; anything else is reached by an O_PATH handle.
@@ -544,7 +533,7 @@ impl Overlay {
         let fd = match &file {
             Some(out) => out.as_fd(),
             None => {
-                path_fd = self.sys.open_path_at(work, tmp)?;
+                path_fd = self.sys.open_path_at(work, named()?)?;
                 path_fd.as_fd()
             }
         };
@@ -553,8 +542,14 @@ impl Overlay {
             self.sys.fchmod(fd, mode)?;
         }
         self.copy_xattrs(src, fd, kind)?;
-        self.sys
-            .utimens_at(work, tmp, atime_of(stat), mtime_of(stat))?;
+        match &file {
+            Some(out) => self
+                .sys
+                .futimens(out.as_fd(), atime_of(stat), mtime_of(stat))?,
+            None => self
+                .sys
+                .utimens_at(work, named()?, atime_of(stat), mtime_of(stat))?,
+        }
         Ok(file)
     }
 
