@@ -67,9 +67,11 @@ fn expect_err<T: std::fmt::Debug>(r: std::io::Result<T>, want: Errno, what: &str
     }
 }
 
-/// What the daemon's descriptors point at: the total, and how many are non-directories inside
-/// `under` (open files, never expected to outlive the caller's handles).
-fn daemon_fds(pid: i32, under: &Path) -> (usize, Vec<PathBuf>) {
+/// What the daemon's descriptors point at: the total, and the non-directories inside `under`
+/// (open files, never expected to outlive the caller's handles), each with its open flags
+/// (`flags:` of its fdinfo; `O_PATH`, 0o10000000, is a pin the kernel's FORGET ends, any
+/// other an open handle its RELEASE ends).
+fn daemon_fds(pid: i32, under: &Path) -> (usize, Vec<(PathBuf, String)>) {
     let mut total = 0;
     let mut files = Vec::new();
     for fd in fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
@@ -79,40 +81,18 @@ fn daemon_fds(pid: i32, under: &Path) -> (usize, Vec<PathBuf>) {
         };
         let deleted = target.to_string_lossy().ends_with(" (deleted)");
         if target.starts_with(under) && (deleted || !target.is_dir()) {
-            files.push(target);
+            let info = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
+            let flags = fs::read_to_string(info)
+                .ok()
+                .and_then(|i| {
+                    let l = i.lines().find(|l| l.starts_with("flags:"))?;
+                    Some(l.trim_start_matches("flags:").trim().to_owned())
+                })
+                .unwrap_or_default();
+            files.push((target, flags));
         }
     }
     (total, files)
-}
-
-/// For a failure message: each descriptor of the daemon's for a file under `under` other than
-/// `fill`, with its open flags (`O_PATH` = 0o10000000: a pin kept until the kernel's FORGET;
-/// else an open handle waiting for its RELEASE).
-fn held_fd_details(pid: i32, under: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for fd in fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
-        let Ok(target) = fs::read_link(fd.path()) else {
-            continue;
-        };
-        if !target.starts_with(under) || target.ends_with("upper/fill") || target.is_dir() {
-            continue;
-        }
-        let n = fd.file_name();
-        let flags = fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", n.to_string_lossy()))
-            .ok()
-            .and_then(|i| {
-                i.lines()
-                    .find(|l| l.starts_with("flags:"))
-                    .map(str::to_owned)
-            })
-            .unwrap_or_default();
-        out.push(format!(
-            "fd {} -> {} ({flags})",
-            n.to_string_lossy(),
-            target.display()
-        ));
-    }
-    out
 }
 
 /// The daemon holds at most `limit` descriptors and none for a file under `t` other than
@@ -122,7 +102,7 @@ fn assert_fds_within(pid: i32, t: &Path, limit: usize, what: &str) {
     // The daemon's descriptor count and the files under `t` it holds other than `fill`.
     let held = || {
         let (n, mut files) = daemon_fds(pid, t);
-        files.retain(|f| !f.ends_with("upper/fill"));
+        files.retain(|(f, _)| !f.ends_with("upper/fill"));
         (n, files)
     };
     let check = || {
@@ -131,14 +111,13 @@ fn assert_fds_within(pid: i32, t: &Path, limit: usize, what: &str) {
     };
     if !env::poll_until(Duration::from_secs(5), check) {
         let (n, files) = held();
-        let detail = held_fd_details(pid, t);
         // Whether the kernel still caches the inodes (it forgets them when told to drop its
         // caches) or the daemon holds them on its own.
         let _ = fs::write("/proc/sys/vm/drop_caches", "2");
         std::thread::sleep(Duration::from_secs(1));
         let after_drop = held().1;
         panic!(
-            "{what}: the daemon holds {n} descriptors (at most {limit} expected), files under {} other than upper/fill among them: {files:?}; in detail: {detail:?}; still held after the kernel dropped its caches: {after_drop:?}",
+            "{what}: the daemon holds {n} descriptors (at most {limit} expected), files under {} other than upper/fill among them (path, open flags): {files:?}; still held after the kernel dropped its caches: {after_drop:?}",
             t.display(),
         );
     }
