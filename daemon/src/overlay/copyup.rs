@@ -155,12 +155,12 @@ impl Overlay {
         // as kernel overlayfs builds its copies. Its fsync then writes the file alone: a copy
         // built under a name in work/ is a new entry, and on an ext4 without a journal the
         // fsync of a new entry writes its directory too (every copy-up wrote work/ again).
-        let anon = defer.is_none()
+        let target = if defer.is_none()
             && st.kind == Kind::File
             && data != Data::Meta
             && self.opts.fsync
-            && self.tmpfile_copies();
-        let target = if anon {
+            && self.tmpfile_copies()
+        {
             Target::Anonymous
         } else {
             Target::Named(&tmp)
@@ -192,16 +192,20 @@ impl Overlay {
                 }
                 Ok(())
             });
-        if let Err(e) = built {
-            if !anon {
-                let _ = tree::remove_any(&self.sys, w, &tmp, st.kind);
+        // A named copy left behind is removed; an anonymous one goes with its fd.
+        let discard = |e| {
+            if let Target::Named(tmp) = target {
+                let _ = tree::remove_any(&self.sys, w, tmp, st.kind);
             }
-            return Err(e);
+            Err(e)
+        };
+        if let Err(e) = built {
+            return discard(e);
         }
         if st.kind != Kind::Dir {
             // The copy keeps the inode number the file had below.
-            match (&file, anon) {
-                (Some(out), true) => {
+            match (target, &file) {
+                (Target::Anonymous, Some(out)) => {
                     self.set_origin(|x, v| self.sys.fsetxattr(out.as_fd(), x, v, 0), node.ino)
                 }
                 _ => self.set_origin(|x, v| self.sys.setxattr_at(w, &tmp, x, v), node.ino),
@@ -209,18 +213,15 @@ impl Overlay {
         }
         // A copy-up is not a change of the parent directory: keep its times.
         let ptimes = self.sys.fstat(pu.as_fd()).ok();
-        let placed = match (&file, anon) {
+        let placed = match (target, &file) {
             // Linked: an existing name fails it (EEXIST), as RENAME_NOREPLACE does.
-            (Some(out), true) => self.sys.link_fd(out.as_fd(), pu.as_fd(), &st.name),
+            (Target::Anonymous, Some(out)) => self.sys.link_fd(out.as_fd(), pu.as_fd(), &st.name),
             _ => self
                 .sys
                 .rename_at(w, &tmp, pu.as_fd(), &st.name, RenameFlags::NOREPLACE),
         };
         if let Err(e) = placed {
-            if !anon {
-                let _ = tree::remove_any(&self.sys, w, &tmp, st.kind);
-            }
-            return Err(e);
+            return discard(e);
         }
         if let Some(p) = ptimes {
             let _ = self.sys.futimens(pu.as_fd(), atime_of(&p), mtime_of(&p));
