@@ -755,6 +755,23 @@ fn xattr_list_path(path: &CStr, follow: bool) -> Result<Vec<OsString>> {
 /// `.`: a directory fd's own inode, for the `*xattrat` calls (ENOTDIR on other fds).
 const DOT: &CStr = c".";
 
+/// An xattr call on an fd's own inode: the `*xattrat(fd, ".")` answer `at` where it has one,
+/// else (not a directory, or no `*xattrat` here) the `f*` call, which a file opened for I/O
+/// answers, else (EBADF: an `O_PATH` fd) the call on its `/proc/self/fd/N` path.
+fn on_fd<T>(
+    at: Option<Result<T>>,
+    f: impl FnOnce() -> Result<T>,
+    proc_path: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    match at {
+        Some(Err(Errno::NOTDIR)) | None => match f() {
+            Err(Errno::BADF) => proc_path(),
+            r => r,
+        },
+        Some(r) => r,
+    }
+}
+
 impl Sys {
     /// Run `call` (a `*xattrat` call) where those work, learning from the first call whether
     /// they do; `None`: they do not here (the caller takes the /proc path).
@@ -811,28 +828,20 @@ impl Sys {
     pub fn fgetxattr(&self, fd: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<u8>> {
         self.faults.check("getxattr")?;
         let cname = c(name)?;
-        match self.getxattrat(fd, DOT, &cname) {
-            Some(Err(Errno::NOTDIR)) | None => {
-                match xattr_value(|buf| rustix::fs::fgetxattr(fd, &cname, buf)) {
-                    Err(Errno::BADF) => xattr_get_path(&proc_fd_path(fd), true, &cname),
-                    r => r,
-                }
-            }
-            Some(r) => r,
-        }
+        on_fd(
+            self.getxattrat(fd, DOT, &cname),
+            || xattr_value(|buf| rustix::fs::fgetxattr(fd, &cname, buf)),
+            || xattr_get_path(&proc_fd_path(fd), true, &cname),
+        )
     }
 
     pub fn flistxattr(&self, fd: BorrowedFd<'_>) -> Result<Vec<OsString>> {
         self.faults.check("listxattr")?;
-        match self.listxattrat(fd, DOT) {
-            Some(Err(Errno::NOTDIR)) | None => {
-                match xattr_names(|buf| rustix::fs::flistxattr(fd, buf)) {
-                    Err(Errno::BADF) => xattr_list_path(&proc_fd_path(fd), true),
-                    r => r,
-                }
-            }
-            Some(r) => r,
-        }
+        on_fd(
+            self.listxattrat(fd, DOT),
+            || xattr_names(|buf| rustix::fs::flistxattr(fd, buf)),
+            || xattr_list_path(&proc_fd_path(fd), true),
+        )
     }
 
     pub fn fsetxattr(
@@ -845,36 +854,21 @@ impl Sys {
         self.faults.check("setxattr")?;
         let name = c(name)?;
         let xflags = rustix::fs::XattrFlags::from_bits_retain(flags as u32);
-        match self.setxattrat(fd, DOT, &name, value, flags) {
-            Some(Err(Errno::NOTDIR)) | None => {
-                match rustix::fs::fsetxattr(fd, name.as_c_str(), value, xflags) {
-                    Err(Errno::BADF) => rustix::fs::setxattr(
-                        proc_fd_path(fd).as_c_str(),
-                        name.as_c_str(),
-                        value,
-                        xflags,
-                    ),
-                    r => r,
-                }
-            }
-            Some(r) => r,
-        }
+        on_fd(
+            self.setxattrat(fd, DOT, &name, value, flags),
+            || rustix::fs::fsetxattr(fd, name.as_c_str(), value, xflags),
+            || rustix::fs::setxattr(proc_fd_path(fd).as_c_str(), name.as_c_str(), value, xflags),
+        )
     }
 
     pub fn fremovexattr(&self, fd: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
         self.faults.check("removexattr")?;
         let name = c(name)?;
-        match self.removexattrat(fd, DOT, &name) {
-            Some(Err(Errno::NOTDIR)) | None => {
-                match rustix::fs::fremovexattr(fd, name.as_c_str()) {
-                    Err(Errno::BADF) => {
-                        rustix::fs::removexattr(proc_fd_path(fd).as_c_str(), name.as_c_str())
-                    }
-                    r => r,
-                }
-            }
-            Some(r) => r,
-        }
+        on_fd(
+            self.removexattrat(fd, DOT, &name),
+            || rustix::fs::fremovexattr(fd, name.as_c_str()),
+            || rustix::fs::removexattr(proc_fd_path(fd).as_c_str(), name.as_c_str()),
+        )
     }
 
     pub fn getxattr_at(&self, dir: BorrowedFd<'_>, name: &OsStr, attr: &OsStr) -> Result<Vec<u8>> {
