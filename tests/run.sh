@@ -7,6 +7,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 
+# Free space first: a full run writes ~7 GiB here (target/: debug, static release, fault
+# injection, guest kernels and their packages) and a few hundred MiB in /tmp and
+# /var/cache/rustfuse-test. A disk that fills part way fails in rustc or in a mount test with
+# an error that names neither the disk nor the cause; this names both.
+need_gib="${RUSTFUSE_TEST_FREE_GIB:-10}"
+for dir in "$PWD" "${TMPDIR:-/tmp}"; do
+  free_kib="$(df -Pk "$dir" | awk 'NR == 2 { print $4 }')"
+  if ((free_kib < need_gib * 1024 * 1024)); then
+    echo "tests/run.sh: $dir has $((free_kib / 1024)) MiB free; a full test run needs ${need_gib} GiB there" >&2
+    echo "  (set RUSTFUSE_TEST_FREE_GIB to change what is asked for)" >&2
+    exit 1
+  fi
+done
+
 # Debian packages the tests use, one per line in tests/apt-packages.txt.
 mapfile -t pkgs < <(grep -v '^\s*#' tests/apt-packages.txt | sed 's/\s*#.*//' | grep -v '^\s*$')
 missing=()
