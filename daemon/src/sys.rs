@@ -1355,6 +1355,32 @@ pub enum FuseQueue {
     Gone,
 }
 
+/// Tasks runnable on the whole machine right now, the caller included (the fourth field of
+/// `/proc/loadavg`, `RUNNABLE/TOTAL`), read through an fd kept open; none where it cannot be
+/// read.
+pub fn runnable_tasks() -> Option<u32> {
+    static LOADAVG: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
+    let fd = LOADAVG
+        .get_or_init(|| {
+            rustix::fs::open(
+                "/proc/loadavg",
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .ok()
+        })
+        .as_ref()?;
+    let mut buf = [0u8; 128];
+    let n = rustix::io::pread(fd, &mut buf, 0).ok()?;
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    text.split_ascii_whitespace()
+        .nth(3)?
+        .split_once('/')?
+        .0
+        .parse()
+        .ok()
+}
+
 /// Look at a FUSE device's input queue without reading from it or waiting.
 pub fn fuse_queue(dev: BorrowedFd<'_>) -> FuseQueue {
     use rustix::event::{PollFd, PollFlags};
@@ -1500,6 +1526,31 @@ mod tests {
     /// cut short by the end of the file says so in its header; at or past the end nothing
     /// goes; a file that cannot be spliced sends nothing and marks the pipe broken; a planned
     /// read fault is the answer, as for `pread`. The pipe serves the next reply after each.
+    /// Threads busy on the CPU are runnable tasks, the caller too.
+    #[test]
+    fn runnable_tasks_count_busy_threads() {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started = std::sync::Arc::new(std::sync::Barrier::new(5));
+        let busy: Vec<_> = (0..4)
+            .map(|_| {
+                let (stop, started) = (stop.clone(), started.clone());
+                std::thread::spawn(move || {
+                    started.wait();
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        started.wait();
+        // A woken thread may reach its CPU's run queue a little later.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let n = runnable_tasks();
+        stop.store(true, Ordering::Relaxed);
+        busy.into_iter().for_each(|t| t.join().unwrap());
+        assert!(n.is_some_and(|n| n >= 5), "runnable: {n:?}");
+    }
+
     #[test]
     fn splice_read_replies_carry_what_pread_reads() {
         let p = std::env::temp_dir().join(format!("rustfuse-sys-splice-{}", std::process::id()));
