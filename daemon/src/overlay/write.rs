@@ -256,14 +256,10 @@ impl Overlay {
         flags: i32,
     ) -> Result<(Attr, Fh)> {
         let parent = parent.0;
-        let (ps, pu) = match self.prepare_new(parent, name) {
-            Err(Errno::EXIST) if flags & libc::O_EXCL == 0 => {
-                let attr = self.lookup(Ino(parent), name)?;
-                let fh = self.open(attr.ino, flags)?;
-                return Ok((attr, fh));
-            }
-            r => r?,
-        };
+        // The kernel sends CREATE only for a name it has just looked up negative, with the
+        // directory locked (see `prepare_new`): an upper entry found by then answers EEXIST,
+        // as it does for the other kinds.
+        let (ps, pu) = self.prepare_new(parent, name)?;
         let (uid, gid, mode) = self.new_owner(caller, &ps, libc::S_IFREG | (mode & 0o7777))?;
         let acc = flags & libc::O_ACCMODE;
         let acc = if acc == libc::O_WRONLY {
