@@ -471,30 +471,14 @@ mod tests {
     #[test]
     fn a_crowded_machine_gets_no_spin() {
         let p = Pacer::new(2);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let n = p.cpus + 2;
-        let started = Arc::new(Barrier::new(n + 1));
-        let spinners: Vec<_> = (0..n)
-            .map(|_| {
-                let (stop, started) = (stop.clone(), started.clone());
-                std::thread::spawn(move || {
-                    started.wait();
-                    while !stop.load(Ordering::Relaxed) {
-                        std::hint::spin_loop();
-                    }
-                })
-            })
-            .collect();
-        started.wait();
-        // A woken thread may reach its CPU's run queue a little later.
-        std::thread::sleep(Duration::from_millis(5));
+        let busy = sys::BusyThreads::start(n);
         // No device: the queue always looks empty, so a spin would last its whole window.
         let t = Instant::now();
         p.spin(Duration::from_millis(200));
         let spun = t.elapsed();
         let crowded = p.crowded();
-        stop.store(true, Ordering::Relaxed);
-        spinners.into_iter().for_each(|t| t.join().unwrap());
+        drop(busy);
         assert!(crowded, "{n} spinning threads on {} CPUs", p.cpus);
         assert!(
             spun < Duration::from_millis(100),

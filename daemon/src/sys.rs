@@ -1516,22 +1516,20 @@ pub fn release_free_memory() {
     }
 }
 
+/// For tests: threads kept busy on the CPU (runnable all the time) until dropped.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::fs;
+pub(crate) struct BusyThreads {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
 
-    /// A read reply by splice is what the FUSE device takes: a header naming the whole length
-    /// and the request, then what `pread` returns (here a pipe stands for the device). A reply
-    /// cut short by the end of the file says so in its header; at or past the end nothing
-    /// goes; a file that cannot be spliced sends nothing and marks the pipe broken; a planned
-    /// read fault is the answer, as for `pread`. The pipe serves the next reply after each.
-    /// Threads busy on the CPU are runnable tasks, the caller too.
-    #[test]
-    fn runnable_tasks_count_busy_threads() {
+#[cfg(test)]
+impl BusyThreads {
+    /// `n` busy threads, each on a run queue by the time this returns.
+    pub(crate) fn start(n: usize) -> BusyThreads {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let started = std::sync::Arc::new(std::sync::Barrier::new(5));
-        let busy: Vec<_> = (0..4)
+        let started = std::sync::Arc::new(std::sync::Barrier::new(n + 1));
+        let threads = (0..n)
             .map(|_| {
                 let (stop, started) = (stop.clone(), started.clone());
                 std::thread::spawn(move || {
@@ -1545,9 +1543,36 @@ mod tests {
         started.wait();
         // A woken thread may reach its CPU's run queue a little later.
         std::thread::sleep(std::time::Duration::from_millis(5));
+        BusyThreads { stop, threads }
+    }
+}
+
+#[cfg(test)]
+impl Drop for BusyThreads {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    /// A read reply by splice is what the FUSE device takes: a header naming the whole length
+    /// and the request, then what `pread` returns (here a pipe stands for the device). A reply
+    /// cut short by the end of the file says so in its header; at or past the end nothing
+    /// goes; a file that cannot be spliced sends nothing and marks the pipe broken; a planned
+    /// read fault is the answer, as for `pread`. The pipe serves the next reply after each.
+    /// Threads busy on the CPU are runnable tasks, the caller too.
+    #[test]
+    fn runnable_tasks_count_busy_threads() {
+        let busy = BusyThreads::start(4);
         let n = runnable_tasks();
-        stop.store(true, Ordering::Relaxed);
-        busy.into_iter().for_each(|t| t.join().unwrap());
+        drop(busy);
         assert!(n.is_some_and(|n| n >= 5), "runnable: {n:?}");
     }
 
