@@ -66,8 +66,11 @@ pub enum Cost {
 pub struct Pacer {
     dev: OnceLock<OwnedFd>,
     state: Mutex<State>,
-    /// CPUs this daemon may run on (see [`Pacer::crowded`]).
+    /// CPUs this daemon may run on, and where the runnable tasks are counted (see
+    /// [`Pacer::crowded`]; opened with the pacer, before the mount, so that the daemon's
+    /// descriptors do not grow later).
     cpus: usize,
+    loadavg: Option<sys::Loadavg>,
     /// When the machine was last looked at, and whether it was crowded then.
     crowd: Mutex<Option<(Instant, bool)>>,
 }
@@ -174,6 +177,7 @@ impl Pacer {
                 ..State::default()
             }),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            loadavg: sys::Loadavg::open(),
             crowd: Mutex::new(None),
         })
     }
@@ -321,7 +325,9 @@ impl Pacer {
         match *c {
             Some((at, crowded)) if now.duration_since(at) < CROWD_SAMPLE => crowded,
             _ => {
-                let crowded = sys::runnable_tasks().is_some_and(|n| n as usize > self.cpus);
+                let crowded = (self.loadavg.as_ref())
+                    .and_then(|l| l.runnable())
+                    .is_some_and(|n| n as usize > self.cpus);
                 *c = Some((now, crowded));
                 crowded
             }

@@ -1355,30 +1355,34 @@ pub enum FuseQueue {
     Gone,
 }
 
-/// Tasks runnable on the whole machine right now, the caller included (the fourth field of
-/// `/proc/loadavg`, `RUNNABLE/TOTAL`), read through an fd kept open; none where it cannot be
-/// read.
-pub fn runnable_tasks() -> Option<u32> {
-    static LOADAVG: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
-    let fd = LOADAVG
-        .get_or_init(|| {
-            rustix::fs::open(
-                "/proc/loadavg",
-                OFlags::RDONLY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .ok()
-        })
-        .as_ref()?;
-    let mut buf = [0u8; 128];
-    let n = rustix::io::pread(fd, &mut buf, 0).ok()?;
-    let text = std::str::from_utf8(&buf[..n]).ok()?;
-    text.split_ascii_whitespace()
-        .nth(3)?
-        .split_once('/')?
-        .0
-        .parse()
+/// `/proc/loadavg`, open: how many tasks are runnable on the whole machine.
+pub struct Loadavg(OwnedFd);
+
+impl Loadavg {
+    /// Opened once (a pacer keeps it for its session); none where it cannot be.
+    pub fn open() -> Option<Loadavg> {
+        rustix::fs::open(
+            "/proc/loadavg",
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
         .ok()
+        .map(Loadavg)
+    }
+
+    /// Tasks runnable right now, the caller included (the fourth field, `RUNNABLE/TOTAL`);
+    /// none where it cannot be read.
+    pub fn runnable(&self) -> Option<u32> {
+        let mut buf = [0u8; 128];
+        let n = rustix::io::pread(&self.0, &mut buf, 0).ok()?;
+        let text = std::str::from_utf8(&buf[..n]).ok()?;
+        text.split_ascii_whitespace()
+            .nth(3)?
+            .split_once('/')?
+            .0
+            .parse()
+            .ok()
+    }
 }
 
 /// Look at a FUSE device's input queue without reading from it or waiting.
@@ -1569,9 +1573,9 @@ mod tests {
     /// read fault is the answer, as for `pread`. The pipe serves the next reply after each.
     /// Threads busy on the CPU are runnable tasks, the caller too.
     #[test]
-    fn runnable_tasks_count_busy_threads() {
+    fn loadavg_counts_busy_threads_as_runnable() {
         let busy = BusyThreads::start(4);
-        let n = runnable_tasks();
+        let n = Loadavg::open().and_then(|l| l.runnable());
         drop(busy);
         assert!(n.is_some_and(|n| n >= 5), "runnable: {n:?}");
     }

@@ -123,6 +123,42 @@ fn process_state_letter(pid: i32) -> Option<char> {
     )
 }
 
+/// One descriptor a process holds: its number and what `/proc/PID/fd/N` links to.
+#[derive(Debug, Clone)]
+pub struct OpenFd {
+    pid: i32,
+    fd: String,
+    /// What it points at (a path, `pipe:[N]`, `/dev/fuse`, a path ending in ` (deleted)`).
+    pub target: PathBuf,
+}
+
+impl OpenFd {
+    /// A field of its `/proc/PID/fdinfo/N` (`flags`, `pos`, ...), trimmed.
+    pub fn info(&self, field: &str) -> Option<String> {
+        let text =
+            std::fs::read_to_string(format!("/proc/{}/fdinfo/{}", self.pid, self.fd)).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+    }
+}
+
+/// The descriptors process `pid` holds whose link can be read; none once it is gone.
+pub fn open_fds(pid: i32) -> Vec<OpenFd> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            Some(OpenFd {
+                pid,
+                target: std::fs::read_link(e.path()).ok()?,
+                fd: e.file_name().into_string().ok()?,
+            })
+        })
+        .collect()
+}
+
 /// Finds the daemon serving the FUSE mount at `mnt`: a process with `/dev/fuse` open whose
 /// command line names the mount point.
 pub fn find_daemon_pid(mnt: &Path) -> Option<i32> {
@@ -145,14 +181,10 @@ pub fn find_daemon_pid(mnt: &Path) -> Option<i32> {
         if !cmdline.split(|b| *b == 0).any(|arg| arg == mnt_bytes) {
             continue;
         }
-        let has_fuse_fd = std::fs::read_dir(entry.path().join("fd"))
-            .map(|fds| {
-                fds.flatten().any(|fd| {
-                    std::fs::read_link(fd.path()).is_ok_and(|t| t == Path::new("/dev/fuse"))
-                })
-            })
-            .unwrap_or(false);
-        if has_fuse_fd {
+        if open_fds(pid)
+            .iter()
+            .any(|fd| fd.target == Path::new("/dev/fuse"))
+        {
             return Some(pid);
         }
     }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use rustfuse_tests::env::{self, bin_under_test, scratch, with_deadline};
 use rustfuse_tests::layers::{Layer, Materialized, Tree};
-use rustfuse_tests::mount::Mount;
+use rustfuse_tests::mount::{Mount, open_fds};
 use rustfuse_tests::rng::Rng;
 
 const SIZE: usize = 64 << 20;
@@ -584,10 +584,9 @@ fn interleaved_directory_readers_see_every_name_once() {
 /// The daemon's descriptors for removed files under `upper`: while it holds one, the file's
 /// space stays used.
 fn held_removed(pid: i32, upper: &Path) -> Vec<PathBuf> {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-        .filter_map(|fd| fs::read_link(fd.path()).ok())
+    open_fds(pid)
+        .into_iter()
+        .map(|fd| fd.target)
         .filter(|t| t.starts_with(upper) && t.to_string_lossy().ends_with(" (deleted)"))
         .collect()
 }

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rustfuse_tests::env;
-use rustfuse_tests::mount::{Mount, Stack};
+use rustfuse_tests::mount::{Mount, Stack, open_fds};
 
 struct Layout {
     lower: PathBuf,
@@ -666,18 +666,12 @@ fn wait_tar(mut tar: std::process::Child, what: &str) -> std::process::ExitStatu
 
 /// How far `tar` has read the archive (its file offset), once it has it open.
 fn read_offset(pid: u32, archive: &Path) -> Option<u64> {
-    for fd in fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
-        if fs::read_link(fd.path()).ok().as_deref() != Some(archive) {
-            continue;
-        }
-        let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_str()?));
-        return info
-            .ok()?
-            .lines()
-            .find_map(|l| l.strip_prefix("pos:"))
-            .and_then(|v| v.trim().parse().ok());
-    }
-    None
+    open_fds(pid as i32)
+        .into_iter()
+        .find(|fd| fd.target == archive)?
+        .info("pos")?
+        .parse()
+        .ok()
 }
 
 #[test]

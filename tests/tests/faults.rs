@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rustfuse_tests::env;
-use rustfuse_tests::mount::{Mount, Stack, mount_at, process_alive};
+use rustfuse_tests::mount::{Mount, Stack, mount_at, open_fds, process_alive};
 use rustfuse_tests::ops::{self, Op, build::*};
 use rustix::io::Errno;
 
@@ -72,27 +72,16 @@ fn expect_err<T: std::fmt::Debug>(r: std::io::Result<T>, want: Errno, what: &str
 /// (`flags:` of its fdinfo; `O_PATH`, 0o10000000, is a pin the kernel's FORGET ends, any
 /// other an open handle its RELEASE ends).
 fn daemon_fds(pid: i32, under: &Path) -> (usize, Vec<(PathBuf, String)>) {
-    let mut total = 0;
-    let mut files = Vec::new();
-    for fd in fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
-        total += 1;
-        let Ok(target) = fs::read_link(fd.path()) else {
-            continue;
-        };
-        let deleted = target.to_string_lossy().ends_with(" (deleted)");
-        if target.starts_with(under) && (deleted || !target.is_dir()) {
-            let info = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
-            let flags = fs::read_to_string(info)
-                .ok()
-                .and_then(|i| {
-                    let l = i.lines().find(|l| l.starts_with("flags:"))?;
-                    Some(l.trim_start_matches("flags:").trim().to_owned())
-                })
-                .unwrap_or_default();
-            files.push((target, flags));
-        }
-    }
-    (total, files)
+    let fds = open_fds(pid);
+    let files = fds
+        .iter()
+        .filter(|fd| {
+            let deleted = fd.target.to_string_lossy().ends_with(" (deleted)");
+            fd.target.starts_with(under) && (deleted || !fd.target.is_dir())
+        })
+        .map(|fd| (fd.target.clone(), fd.info("flags").unwrap_or_default()))
+        .collect();
+    (fds.len(), files)
 }
 
 /// The daemon holds at most `limit` descriptors and none for a file under `t` other than

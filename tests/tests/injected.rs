@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use rustfuse_tests::env::{self, bin_under_test, fault_injection_bin, poll_until, scratch};
 use rustfuse_tests::layers::{Layer, Materialized, Tree};
-use rustfuse_tests::mount::Mount;
+use rustfuse_tests::mount::{Mount, open_fds};
 use rustfuse_tests::snapshot::{diff, snapshot};
 
 const EIO: i32 = 5;
@@ -187,14 +187,10 @@ fn clones_files(dir: &Path) -> bool {
 /// pair per READ answered by splice at once, made at the first such READ and kept: `reads.rs`
 /// checks there are no more than a pair per thread).
 fn fd_count(pid: i32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| {
-        d.flatten()
-            .filter(|e| {
-                !fs::read_link(e.path())
-                    .is_ok_and(|t| t.is_dir() || t.to_string_lossy().starts_with("pipe:"))
-            })
-            .count()
-    })
+    open_fds(pid)
+        .iter()
+        .filter(|fd| !(fd.target.is_dir() || fd.target.to_string_lossy().starts_with("pipe:")))
+        .count()
 }
 
 #[test]
