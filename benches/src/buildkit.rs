@@ -150,3 +150,134 @@ pub fn run(ctx: &Ctx, fs_: &Fs) -> Result<f64> {
         ),
     }
 }
+
+/// buildctl's step times of the builds kept since `since` (see [`run`]), as a Markdown table
+/// of medians per column: every step some column took at least 0.2 s for, and the export's
+/// "exporting layers" (where BuildKit's differ reads the mounts). Says where a build's time
+/// went; none when no build was kept.
+pub fn steps_table(run_root: &Path, since: std::time::SystemTime) -> Option<String> {
+    use std::collections::BTreeMap;
+    use std::fmt::Write;
+    let mut cols: Vec<String> = Vec::new();
+    // Step label -> column -> seconds of each build; labels in the order first seen.
+    let mut times: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    let mut logs: Vec<_> = std::fs::read_dir(run_root.join("buildkit-logs"))
+        .ok()?
+        .flatten()
+        .filter(|e| {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t >= since)
+        })
+        .map(|e| e.path())
+        .collect();
+    logs.sort();
+    for path in logs {
+        let name = path.file_stem()?.to_string_lossy().into_owned();
+        // PID-NNN-COLUMN
+        let col = name.splitn(3, '-').nth(2)?.to_owned();
+        if !cols.contains(&col) {
+            cols.push(col.clone());
+        }
+        let text = std::fs::read_to_string(&path).ok()?;
+        let mut labels: BTreeMap<&str, String> = BTreeMap::new();
+        let mut done: BTreeMap<String, f64> = BTreeMap::new();
+        for line in text.lines() {
+            let Some((num, rest)) = line.strip_prefix('#').and_then(|l| l.split_once(' ')) else {
+                continue;
+            };
+            let secs = |s: &str| s.strip_suffix('s')?.parse::<f64>().ok();
+            if let Some(t) = rest.strip_prefix("DONE ").and_then(secs) {
+                if let Some(l) = labels.get(num) {
+                    done.insert(l.clone(), t);
+                }
+            } else if let Some(t) = rest
+                .strip_prefix("exporting layers ")
+                .and_then(|r| r.strip_suffix(" done"))
+                .and_then(secs)
+            {
+                done.insert("exporting layers".into(), t);
+            } else if rest.starts_with('[') || rest.starts_with("exporting to") {
+                let label: String = rest.chars().take(60).collect();
+                labels.entry(num).or_insert(label);
+            }
+        }
+        for (label, t) in done {
+            if !order.contains(&label) {
+                order.push(label.clone());
+            }
+            let per_col = times.entry(label).or_default();
+            per_col.entry(col.clone()).or_default().push(t);
+        }
+    }
+    if order.is_empty() {
+        return None;
+    }
+    let mut out = format!(
+        "\nbuildctl's steps, median seconds per column (steps of 0.2 s or more somewhere)\n\n| step | {} |\n|---|{}\n",
+        cols.join(" | "),
+        "---|".repeat(cols.len())
+    );
+    for label in order {
+        let per_col = &times[&label];
+        let medians: Vec<Option<f64>> = cols
+            .iter()
+            .map(|c| per_col.get(c).and_then(|v| crate::report::median(v)))
+            .collect();
+        if label != "exporting layers" && !medians.iter().flatten().any(|m| *m >= 0.2) {
+            continue;
+        }
+        let cells: Vec<String> = medians
+            .iter()
+            .map(|m| m.map_or("-".into(), |m| format!("{m:.1}")))
+            .collect();
+        let shown = label.replace('|', "\\|");
+        let _ = writeln!(out, "| `{shown}` | {} |", cells.join(" | "));
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each column's median of each step, the export's layers always, quick steps left out.
+    #[test]
+    fn steps_table_gives_medians_per_column() {
+        let root = std::env::temp_dir().join(format!("rfbench-steps-{}", std::process::id()));
+        let logs = root.join("buildkit-logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let since = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        let log = |secs: [&str; 3]| {
+            format!(
+                "#5 [other 1/3] RUN mkdir /prep\n#5 DONE {}s\n\n#6 [stage-1 1/9] RUN big\n\
+                 #6 ...\n#6 DONE {}s\n\n#15 exporting to oci image format\n\
+                 #15 exporting layers\n#15 exporting layers {}s done\n#15 DONE 0.9s\n",
+                secs[0], secs[1], secs[2]
+            )
+        };
+        for (i, (col, secs)) in [
+            ("fo1", ["0.1", "1.2", "0.7"]),
+            ("rustfuse", ["0.1", "0.8", "1.1"]),
+            ("fo1", ["0.1", "1.4", "0.8"]),
+            ("rustfuse", ["0.1", "0.6", "1.0"]),
+            ("fo1", ["0.1", "1.3", "0.9"]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            std::fs::write(logs.join(format!("1-{i:03}-{col}.log")), log(secs)).unwrap();
+        }
+        let t = steps_table(&root, since).unwrap();
+        let _ = std::fs::remove_dir_all(&root);
+        assert!(t.contains("| step | fo1 | rustfuse |"), "{t}");
+        assert!(t.contains("| `[stage-1 1/9] RUN big` | 1.3 | 0.7 |"), "{t}");
+        assert!(t.contains("| `exporting layers` | 0.8 | 1.1 |"), "{t}");
+        assert!(
+            t.contains("| `exporting to oci image format` | 0.9 | 0.9 |"),
+            "{t}"
+        );
+        assert!(!t.contains("mkdir /prep"), "{t}");
+    }
+}

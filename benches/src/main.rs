@@ -521,6 +521,7 @@ fn real_main(argv: &[String]) -> Result<()> {
     let total: usize = selected.iter().map(|w| a.reps * runnable(w).len()).sum();
     let mut done = 0;
     let started = Instant::now();
+    let started_at = std::time::SystemTime::now();
     for (wi, w) in selected.iter().enumerate() {
         let runnable = runnable(w);
         for rep in 0..a.reps {
@@ -558,6 +559,14 @@ fn real_main(argv: &[String]) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     print!("{}", results.table());
     print!("{}", results.latency_table());
+    let steps = selected
+        .iter()
+        .any(|w| w.name == "buildkit-build")
+        .then(|| buildkit::steps_table(&ctx.run_root, started_at))
+        .flatten();
+    if let Some(t) = &steps {
+        print!("{t}");
+    }
     let stem = format!(
         "results{}{}",
         if a.rootless { "-rootless" } else { "" },
@@ -569,5 +578,10 @@ fn real_main(argv: &[String]) -> Result<()> {
         .with_context(|| format!("write {}", json.display()))?;
     std::fs::write(&svg, results.svg()).with_context(|| format!("write {}", svg.display()))?;
     eprintln!("wrote {} and {}", json.display(), svg.display());
+    if let Some(t) = steps {
+        let md = out.join(format!("{stem}-buildkit-steps.md"));
+        std::fs::write(&md, t).with_context(|| format!("write {}", md.display()))?;
+        eprintln!("wrote {}", md.display());
+    }
     Ok(())
 }

@@ -23,7 +23,7 @@ pub struct Results<'a> {
     errors: Vec<BTreeMap<&'static str, String>>,
 }
 
-fn median(v: &[f64]) -> Option<f64> {
+pub(crate) fn median(v: &[f64]) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
