@@ -583,3 +583,48 @@ impl Drop for Mount {
 pub fn timed<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     crate::env::with_deadline(OP_DEADLINE, what, f)
 }
+
+/// An ext4 in an image file, loop-mounted for one test and unmounted on drop (declare it
+/// before a FUSE mount on top of it, so it is dropped after).
+pub struct LoopExt4 {
+    pub path: PathBuf,
+}
+
+impl LoopExt4 {
+    /// `mkfs.ext4 MKFS_ARGS` of a 64 MiB image beside `path`, mounted at `path`.
+    pub fn mount(path: &Path, mkfs_args: &[&str]) -> LoopExt4 {
+        let img = path.with_extension("img");
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(64 << 20))
+            .unwrap_or_else(|e| panic!("create {}: {e}", img.display()));
+        let run = |cmd: &mut Command, what: &str| {
+            let out =
+                run_command(cmd, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(out.code() == 0, "{what}: {}", out.report());
+        };
+        run(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .args(mkfs_args)
+                .arg(&img),
+            "mkfs.ext4",
+        );
+        std::fs::create_dir_all(path).unwrap();
+        run(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(path),
+            "mount -o loop",
+        );
+        LoopExt4 {
+            path: path.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for LoopExt4 {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}

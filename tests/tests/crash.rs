@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rustfuse_tests::env;
-use rustfuse_tests::mount::{Mount, Stack, open_fds};
+use rustfuse_tests::mount::{LoopExt4, Mount, Stack, open_fds};
 
 struct Layout {
     lower: PathBuf,
@@ -221,51 +221,6 @@ fn kill_while_copies_are_unsynced_keeps_them_at_the_next_mount() {
     m.unmount().unwrap();
     assert!(!unsynced(&l.upper.join("late")));
     assert!(!has_unsynced_flag(&l.work));
-}
-
-/// An ext4 in an image file, loop-mounted for one test and unmounted on drop (declare it
-/// before a FUSE mount on top of it, so it is dropped after).
-struct LoopExt4 {
-    path: PathBuf,
-}
-
-impl LoopExt4 {
-    /// `mkfs.ext4 MKFS_ARGS` of a 64 MiB image beside `path`, mounted at `path`.
-    fn mount(path: &Path, mkfs_args: &[&str]) -> LoopExt4 {
-        let img = path.with_extension("img");
-        fs::File::create(&img)
-            .and_then(|f| f.set_len(64 << 20))
-            .unwrap_or_else(|e| panic!("create {}: {e}", img.display()));
-        let run = |cmd: &mut Command, what: &str| {
-            let out = env::run_command(cmd, Duration::from_secs(60))
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            assert!(out.code() == 0, "{what}: {}", out.report());
-        };
-        run(
-            Command::new("mkfs.ext4")
-                .args(["-q", "-F"])
-                .args(mkfs_args)
-                .arg(&img),
-            "mkfs.ext4",
-        );
-        fs::create_dir_all(path).unwrap();
-        run(
-            Command::new("mount")
-                .args(["-o", "loop"])
-                .arg(&img)
-                .arg(path),
-            "mount -o loop",
-        );
-        LoopExt4 {
-            path: path.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for LoopExt4 {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.path).status();
-    }
 }
 
 #[test]

@@ -103,6 +103,32 @@ fn relocate(node: &super::node::Node, parent: u64, dir: &UpperDir, name: &OsStr)
     });
 }
 
+/// A directory about to be removed (rmdir, or renamed over): its upper part's fd, which
+/// [`keep_removed_dir`] keeps in its node once it is gone. A directory's node id is an inode
+/// number (its upper one when it has no lower part): while the kernel still holds the node
+/// (an open directory, a working directory), the upper filesystem must not give that number
+/// to a new file, or the reply naming the new file would carry the old node's id with
+/// another type, and the kernel marks an inode whose type changes bad (EIO from then on).
+/// Nor may the node reopen its upper part by name, which means another directory by then.
+fn removed_dir_fd(node: &Node) -> Result<Option<Arc<OwnedFd>>> {
+    let h = node.read(|s| match (&s.kind, &s.upper) {
+        (Kind::Dir, Some(u)) => u.dir_handle().cloned(),
+        _ => None,
+    });
+    h.map(|h| h.fd()).transpose()
+}
+
+/// The directory is gone from the tree: its node reaches it by `fd` (see
+/// [`removed_dir_fd`]) until the kernel forgets it.
+fn keep_removed_dir(node: &Node, fd: Option<Arc<OwnedFd>>) {
+    node.update(|s| {
+        if let Some(fd) = fd {
+            s.upper = Some(Loc::Fd(fd));
+        }
+        s.unlinked = true;
+    });
+}
+
 /// A file with several names moved from one of them to another.
 fn renamed_alias(node: &Node, from: (u64, &OsStr), to: (u64, &OsStr)) {
     if node.aliases().is_empty() {
@@ -564,6 +590,7 @@ impl Overlay {
         let pu = self.copy_up_dir(&p)?;
         let ps = p.state();
         let lower = has_lowers || (has_upper && self.lower_positive(&ps, name)?);
+        let keep = removed_dir_fd(&node)?;
         if has_upper {
             if lower {
                 self.replace_with_whiteout(pu.as_fd(), name, Kind::Dir)?;
@@ -582,7 +609,7 @@ impl Overlay {
         } else {
             tree::make_whiteout(&self.sys, self.dev_whiteouts(), pu.as_fd(), name)?;
         }
-        node.update(|s| s.unlinked = true);
+        keep_removed_dir(&node, keep);
         Ok(())
     }
 
@@ -700,6 +727,10 @@ impl Overlay {
             Some(d) if !exchange => Some(pin(&self.sys, d)?),
             _ => None,
         };
+        let dst_dir_fd = match &dst_node {
+            Some(d) if !exchange => removed_dir_fd(d)?,
+            _ => None,
+        };
         // Set before the names change: until they do, a redirect names the directory's
         // own place (a crash in between leaves the old name, merged as before).
         if let Some(v) = &src_value {
@@ -811,7 +842,9 @@ impl Overlay {
             self.name_removed(d, newparent, newname, dst_linked)?;
             let st = d.state();
             let gone = st.upper.as_ref().is_none_or(|u| self.upper_gone(u));
-            if gone || st.kind == Kind::Dir {
+            if st.kind == Kind::Dir {
+                keep_removed_dir(d, dst_dir_fd);
+            } else if gone {
                 d.update(|s| s.unlinked = true);
             }
         }
