@@ -1566,11 +1566,6 @@ mod tests {
     use super::*;
     use std::fs;
 
-    /// A read reply by splice is what the FUSE device takes: a header naming the whole length
-    /// and the request, then what `pread` returns (here a pipe stands for the device). A reply
-    /// cut short by the end of the file says so in its header; at or past the end nothing
-    /// goes; a file that cannot be spliced sends nothing and marks the pipe broken; a planned
-    /// read fault is the answer, as for `pread`. The pipe serves the next reply after each.
     /// Threads busy on the CPU are runnable tasks, the caller too.
     #[test]
     fn loadavg_counts_busy_threads_as_runnable() {
@@ -1580,6 +1575,11 @@ mod tests {
         assert!(n.is_some_and(|n| n >= 5), "runnable: {n:?}");
     }
 
+    /// A read reply by splice is what the FUSE device takes: a header naming the whole length
+    /// and the request, then what `pread` returns (here a pipe stands for the device). A reply
+    /// cut short by the end of the file says so in its header; at or past the end nothing
+    /// goes; a file that cannot be spliced sends nothing and marks the pipe broken; a planned
+    /// read fault is the answer, as for `pread`. The pipe serves the next reply after each.
     #[test]
     fn splice_read_replies_carry_what_pread_reads() {
         let p = std::env::temp_dir().join(format!("rustfuse-sys-splice-{}", std::process::id()));

@@ -353,6 +353,27 @@ impl Mount {
         Self::fuse_args(bin, &args, &mnt, env)
     }
 
+    /// A FUSE mount of `stack` whose daemon `bin` may open at most `nofile` descriptors:
+    /// started under util-linux's `prlimit --nofile`, and without CAP_SYS_RESOURCE
+    /// (`setpriv`), with which as root it would raise its own limit. `mnt` must be canonical.
+    pub fn fuse_nofile(
+        bin: &Path,
+        stack: &Stack,
+        nofile: u64,
+        mnt: &Path,
+    ) -> Result<Mount, String> {
+        let args: Vec<OsString> = vec![
+            format!("--nofile={nofile}:{nofile}").into(),
+            "/usr/bin/setpriv".into(),
+            "--bounding-set=-sys_resource".into(),
+            bin.into(),
+            "-o".into(),
+            stack.options().into(),
+            mnt.into(),
+        ];
+        Self::fuse_args(Path::new("/usr/bin/prlimit"), &args, mnt, &[])
+    }
+
     /// Runs `bin ARGS...` (which must mount a FUSE filesystem at `mnt`, canonical path) and
     /// waits (deadline) for it to exit 0 and for the mount to show in /proc/self/mountinfo.
     pub fn fuse_args(

@@ -565,19 +565,8 @@ fn few_descriptors_give_emfile_never_eio() {
         upper: Some(upper.clone()),
         work: Some(work.clone()),
     };
-    // As root the daemon raises its own limit (CAP_SYS_RESOURCE): drop that capability so the
-    // limit set by prlimit holds.
     let mnt = mnt.canonicalize().unwrap();
-    let args: Vec<OsString> = vec![
-        format!("--nofile={NOFILE}:{NOFILE}").into(),
-        "/usr/bin/setpriv".into(),
-        "--bounding-set=-sys_resource".into(),
-        env::bin_under_test().into(),
-        "-o".into(),
-        stack.options().into(),
-        mnt.clone().into(),
-    ];
-    let m = Mount::fuse_args(Path::new("/usr/bin/prlimit"), &args, &mnt, &[]).unwrap();
+    let m = Mount::fuse_nofile(&env::bin_under_test(), &stack, NOFILE, &mnt).unwrap();
     let pid = m.daemon_pid().expect("daemon pid");
     let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let line = limits

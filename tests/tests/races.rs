@@ -441,17 +441,9 @@ fn a_removed_directory_held_open_stays_itself_when_its_inode_number_comes_back()
         upper: Some(upper.clone()),
         work: Some(work),
     };
-    // 64 descriptors: a directory cache of 16 (as root the daemon would raise its limit).
-    let args: Vec<std::ffi::OsString> = vec![
-        "--nofile=64:64".into(),
-        "/usr/bin/setpriv".into(),
-        "--bounding-set=-sys_resource".into(),
-        bin_under_test().into(),
-        "-o".into(),
-        stack.options().into(),
-        mnt.clone().into(),
-    ];
-    let m = Mount::fuse_args(Path::new("/usr/bin/prlimit"), &args, &mnt, &[]).unwrap();
+    // 64 descriptors: a directory cache of 16.
+    let mnt = mnt.canonicalize().unwrap();
+    let m = Mount::fuse_nofile(&bin_under_test(), &stack, 64, &mnt).unwrap();
     let pid = m.daemon_pid().expect("daemon pid");
     let root = m.root().to_path_buf();
     let upper_p = upper.clone();
