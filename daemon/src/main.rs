@@ -389,6 +389,7 @@ fn main() -> ExitCode {
 /// Mount and serve until unmounted. With `daemonize`, once the mount is live the process
 /// forks: the parent exits 0 and the child, in a new session with stdio detached, serves.
 fn run(cli: &Cli, opts: OverlayOptions, prog: &str, daemonize: bool) -> Result<(), String> {
+    sys::tune_allocator();
     let threads = match opts.threaded {
         Some(false) => 1,
         _ => sys::cpus_allowed().clamp(2, 8) * 2,

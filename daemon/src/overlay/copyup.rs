@@ -322,7 +322,7 @@ impl Overlay {
             s.backing = (ust.st_dev, ust.st_ino);
             s.metacopy = false;
             s.lowers.clear();
-            s.index_key = Some(key.clone());
+            s.set_index_key(Some(key.clone()));
         });
         Ok(iloc)
     }

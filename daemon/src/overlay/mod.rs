@@ -655,18 +655,15 @@ impl Overlay {
         }
         self.nodes.insert_root(Node::new(
             node::ROOT_INO,
-            NodeState {
-                kind: Kind::Dir,
-                parent: node::ROOT_INO,
-                name: OsString::new(),
-                upper: upper.map(|u| Loc::Dir(DirHandle::root(&self.dir_fds, u))),
+            NodeState::new(
+                Kind::Dir,
+                node::ROOT_INO,
+                OsString::new(),
+                upper.map(|u| Loc::Dir(DirHandle::root(&self.dir_fds, u))),
                 lowers,
-                backing: (st.st_dev, st.st_ino),
-                metacopy: false,
-                unlinked: false,
-                index_key: None,
-                redirect: None,
-            },
+                false,
+                (st.st_dev, st.st_ino),
+            ),
         ));
         Ok(())
     }
@@ -1312,18 +1309,18 @@ impl Overlay {
     }
 
     fn state_from_found(found: Found, parent: u64, name: &OsStr) -> NodeState {
-        NodeState {
-            kind: found.kind,
+        let mut s = NodeState::new(
+            found.kind,
             parent,
-            name: name.to_os_string(),
-            backing: (found.top.st_dev, found.top.st_ino),
-            upper: found.upper,
-            lowers: found.lowers,
-            metacopy: found.metacopy,
-            unlinked: false,
-            index_key: found.index_key,
-            redirect: found.redirect,
-        }
+            name.to_os_string(),
+            found.upper,
+            found.lowers,
+            found.metacopy,
+            (found.top.st_dev, found.top.st_ino),
+        );
+        s.set_index_key(found.index_key);
+        s.set_redirect(found.redirect);
+        s
     }
 
     /// Put what `resolve` found in the node table.
@@ -1407,7 +1404,7 @@ impl Overlay {
                 .unwrap_or_else(|| self.overflow_ids().1)
         };
         let mut nlink = stat.st_nlink as u32;
-        if st.index_key.is_some() && kind != Kind::Dir {
+        if st.index_key().is_some() && kind != Kind::Dir {
             // The upper inode counts its index entry and the names linked so far; what
             // the names show is in the entry's mark.
             if let Some(d) = self.nlink_delta(st.top()) {
@@ -1494,7 +1491,7 @@ impl Overlay {
         if link_up && !self.read_only {
             // Another name of a copied-up lower hard link: it becomes a hard link of the
             // copy in the upper layer too (the index says which copy).
-            if let Some(key) = node.state().index_key {
+            if let Some(key) = node.read(|s| s.index_key().cloned()) {
                 let linked = {
                     let _g = node.copyup.lock();
                     self.link_name(node.ino, &key, parent, name)

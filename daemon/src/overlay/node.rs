@@ -37,15 +37,75 @@ pub struct NodeState {
     pub backing: (u64, u64),
     /// No name reaches this inode any more (it lives on only through open handles).
     pub unlinked: bool,
+    /// What few nodes have, out of line (every node of a walked tree stays in memory).
+    rare: Option<Box<Rare>>,
+}
+
+/// The parts of a node's state that few nodes have.
+#[derive(Clone, Default)]
+struct Rare {
     /// A lower hard link copied up: its entry in the workdir's index, which every name of it
     /// is a hard link of in the upper layer (see [`super::INDEX_DIR`]).
-    pub index_key: Option<OsString>,
+    index_key: Option<OsString>,
     /// A directory: its upper part's redirect (see [`super::redirect`]) as read or written,
     /// where redirects are followed.
-    pub redirect: Option<Vec<u8>>,
+    redirect: Option<Vec<u8>>,
 }
 
 impl NodeState {
+    /// A state with no index entry and no redirect; `lowers` keeps no spare capacity.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        kind: Kind,
+        parent: u64,
+        name: OsString,
+        upper: Option<Loc>,
+        mut lowers: Vec<(u16, Loc)>,
+        metacopy: bool,
+        backing: (u64, u64),
+    ) -> NodeState {
+        lowers.shrink_to_fit();
+        NodeState {
+            kind,
+            parent,
+            name,
+            upper,
+            lowers,
+            metacopy,
+            backing,
+            unlinked: false,
+            rare: None,
+        }
+    }
+
+    /// A copied-up lower hard link's entry in the workdir's index (see
+    /// [`super::INDEX_DIR`]).
+    pub fn index_key(&self) -> Option<&OsString> {
+        self.rare.as_ref()?.index_key.as_ref()
+    }
+
+    pub fn set_index_key(&mut self, key: Option<OsString>) {
+        self.change_rare(|r| r.index_key = key);
+    }
+
+    /// A directory's upper redirect (see [`super::redirect`]), where redirects are followed.
+    pub fn redirect(&self) -> Option<&Vec<u8>> {
+        self.rare.as_ref()?.redirect.as_ref()
+    }
+
+    pub fn set_redirect(&mut self, redirect: Option<Vec<u8>>) {
+        self.change_rare(|r| r.redirect = redirect);
+    }
+
+    /// Change the rare parts; a node left with none holds no box for them.
+    fn change_rare(&mut self, f: impl FnOnce(&mut Rare)) {
+        let mut r = self.rare.take().map(|b| *b).unwrap_or_default();
+        f(&mut r);
+        if r.index_key.is_some() || r.redirect.is_some() {
+            self.rare = Some(Box::new(r));
+        }
+    }
+
     /// The topmost real file.
     pub fn top(&self) -> &Loc {
         self.upper
@@ -102,6 +162,9 @@ fn same_lower_dirs(a: &[(u16, Loc)], b: &[(u16, Loc)]) -> bool {
         })
 }
 
+/// A hard-linked file's names: (parent, name).
+type Aliases = Vec<(u64, OsString)>;
+
 pub struct Node {
     pub ino: u64,
     nlookup: AtomicU64,
@@ -110,7 +173,7 @@ pub struct Node {
     pub copyup: Mutex<()>,
     /// The names (parent, name) a file with several hard links was found by: its copy-up
     /// links each of them into the upper layer. Empty for files with one name.
-    aliases: Mutex<Vec<(u64, OsString)>>,
+    aliases: Mutex<Option<Box<Aliases>>>,
 }
 
 impl Node {
@@ -120,26 +183,31 @@ impl Node {
             nlookup: AtomicU64::new(0),
             state: Mutex::new(state),
             copyup: Mutex::new(()),
-            aliases: Mutex::new(Vec::new()),
+            aliases: Mutex::new(None),
         }
     }
 
     /// The names this file with several hard links is known by.
     pub fn aliases(&self) -> Vec<(u64, OsString)> {
-        self.aliases.lock().clone()
+        self.aliases.lock().as_deref().cloned().unwrap_or_default()
     }
 
     pub fn add_alias(&self, parent: u64, name: &OsStr) {
         let mut a = self.aliases.lock();
+        let a = a.get_or_insert_default();
         if !a.iter().any(|(p, n)| *p == parent && n == name) {
             a.push((parent, name.to_os_string()));
         }
     }
 
     pub fn remove_alias(&self, parent: u64, name: &OsStr) {
-        self.aliases
-            .lock()
-            .retain(|(p, n)| !(*p == parent && n == name));
+        let mut a = self.aliases.lock();
+        if let Some(v) = a.as_mut() {
+            v.retain(|(p, n)| !(*p == parent && n == name));
+            if v.is_empty() {
+                *a = None;
+            }
+        }
     }
 
     /// A copy of the state (fds are shared, not duplicated).
@@ -286,5 +354,53 @@ impl NodeTable {
     #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every file a walk meets keeps a node: with its `Arc` counts a node fills a 192-byte
+    /// glibc chunk (184 usable) only while it is at most 168 bytes; the next size is 224.
+    #[test]
+    fn a_node_fits_a_192_byte_chunk() {
+        assert!(
+            std::mem::size_of::<Node>() <= 168,
+            "Node is {} bytes",
+            std::mem::size_of::<Node>()
+        );
+    }
+
+    #[test]
+    fn rare_parts_are_kept_out_of_line_only_while_set() {
+        let lowers = Vec::with_capacity(4);
+        let mut s = NodeState::new(Kind::Dir, ROOT_INO, "d".into(), None, lowers, false, (1, 2));
+        assert_eq!(s.lowers.capacity(), 0, "no spare room kept for lower parts");
+        assert!(s.rare.is_none() && s.index_key().is_none() && s.redirect().is_none());
+        s.set_index_key(Some("k".into()));
+        s.set_redirect(Some(b"/a/b".to_vec()));
+        assert_eq!(s.index_key().map(|k| k.as_os_str()), Some(OsStr::new("k")));
+        s.set_index_key(None);
+        assert_eq!(s.redirect().map(|r| &r[..]), Some(&b"/a/b"[..]));
+        assert!(s.index_key().is_none());
+        s.set_redirect(None);
+        assert!(s.rare.is_none(), "an empty box is dropped");
+    }
+
+    #[test]
+    fn aliases_come_and_go() {
+        let n = Node::new(
+            5,
+            NodeState::new(Kind::File, 1, "a".into(), None, Vec::new(), false, (1, 5)),
+        );
+        assert!(n.aliases().is_empty());
+        n.add_alias(1, OsStr::new("a"));
+        n.add_alias(1, OsStr::new("a"));
+        n.add_alias(2, OsStr::new("b"));
+        assert_eq!(n.aliases().len(), 2);
+        n.remove_alias(1, OsStr::new("a"));
+        n.remove_alias(2, OsStr::new("b"));
+        assert!(n.aliases().is_empty() && n.aliases.lock().is_none());
     }
 }

@@ -450,13 +450,13 @@ impl Overlay {
         // No copy-up of this file (an open for writing racing the unlink) while its name
         // goes: one that waits sees it unlinked and copies it up to an anonymous file.
         let _no_copy_up = node.copyup.lock();
-        let has_upper = match node.state().index_key {
+        let has_upper = match node.read(|s| s.index_key().is_some()) {
             // A copied-up hard link: whether this name is one of its upper links.
-            Some(_) => match probe::probe(&self.sys, pu.as_fd(), name)? {
+            true => match probe::probe(&self.sys, pu.as_fd(), name)? {
                 Probe::NotDir => return Err(Errno::NOTDIR),
                 p => matches!(p, Probe::Entry(_)),
             },
-            None => node.state().upper.is_some(),
+            false => node.state().upper.is_some(),
         };
         let pinned = pin(&self.sys, &node)?;
         let ps = p.state();
@@ -508,7 +508,7 @@ impl Overlay {
         linked: bool,
     ) -> Result<()> {
         node.remove_alias(parent, name);
-        let Some(key) = node.state().index_key else {
+        let Some(key) = node.read(|s| s.index_key().cloned()) else {
             return Ok(());
         };
         let iloc = self.index_loc(&key)?;
@@ -859,7 +859,7 @@ impl Overlay {
     /// one, up to the first absolute one. EXDEV when that path is too long to be one.
     fn redirect_for_move(&self, node: &Node, samedir: bool) -> Result<Option<Vec<u8>>> {
         let st = node.state();
-        if let Some(r) = &st.redirect {
+        if let Some(r) = st.redirect() {
             if samedir || r.starts_with(b"/") {
                 return Ok(None);
             }
@@ -871,8 +871,8 @@ impl Overlay {
         let (mut ino, mut st) = (node.ino, st);
         while ino != node::ROOT_INO {
             let part = st
-                .redirect
-                .clone()
+                .redirect()
+                .cloned()
                 .unwrap_or_else(|| st.name.as_bytes().to_vec());
             let absolute = part.starts_with(b"/");
             up.push(part);
@@ -894,7 +894,7 @@ impl Overlay {
         for x in REDIRECT_XATTRS {
             match upper.setxattr(&self.sys, OsStr::new(x), value, 0) {
                 Ok(()) => {
-                    node.update(|s| s.redirect = Some(value.to_vec()));
+                    node.update(|s| s.set_redirect(Some(value.to_vec())));
                     return Ok(());
                 }
                 Err(e) => last = e,
