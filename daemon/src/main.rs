@@ -386,6 +386,11 @@ fn main() -> ExitCode {
     }
 }
 
+/// Descriptor table slots the serving process starts with: room for the directory fd cache
+/// and the copies waiting for the syncer of a large `chmod -R`, without the table growing
+/// while threads run (see [`sys::reserve_fds`]). 32 KiB of kernel memory.
+const FD_TABLE_AT_START: u32 = 4096;
+
 /// Mount and serve until unmounted. With `daemonize`, once the mount is live the process
 /// forks: the parent exits 0 and the child, in a new session with stdio detached, serves.
 fn run(cli: &Cli, opts: OverlayOptions, prog: &str, daemonize: bool) -> Result<(), String> {
@@ -466,6 +471,8 @@ fn run(cli: &Cli, opts: OverlayOptions, prog: &str, daemonize: bool) -> Result<(
             }
         }
     }
+    // Before fuser starts the session's threads: see sys::reserve_fds.
+    sys::reserve_fds(session.as_fd(), FD_TABLE_AT_START);
     session
         .run()
         .map_err(|e| format!("serving {}: {e}", cli.mountpoint.display()))

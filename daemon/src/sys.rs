@@ -1031,6 +1031,28 @@ pub fn raise_nofile_limit() {
     }
 }
 
+/// Grow this process's descriptor table to `n` slots now (a copy of `any` opened at slot
+/// `n - 1` and closed again), where RLIMIT_NOFILE allows. The kernel grows a table by
+/// doubling it, and in a process with more than one thread each growth waits for an RCU
+/// grace period (`synchronize_rcu` in `expand_fdtable`): a daemon that holds a copy-up's fd
+/// until it is synced grew from 256 to 2,048 slots during a `chmod -R` of 1,350 lower files,
+/// and its `openat` calls took ~50 ms longer in all. Call while single-threaded, after any
+/// fork (a child gets a table sized to the descriptors open, not the parent's).
+pub fn reserve_fds(any: BorrowedFd<'_>, n: u32) {
+    if n > 0 && u64::from(n) <= nofile_limit() {
+        // Closed at once: only the table's size stays.
+        let _ = rustix::io::fcntl_dupfd_cloexec(any, (n - 1) as _);
+    }
+}
+
+/// This process's descriptor table size (`FDSize` of /proc/self/status).
+#[cfg(test)]
+fn fd_table_size() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let v = s.lines().find_map(|l| l.strip_prefix("FDSize:"))?;
+    v.trim().parse().ok()
+}
+
 /// Clear the process umask: the modes of new entries come from the caller (the kernel has
 /// already applied the caller's umask to them), never from this process's own umask.
 pub fn clear_umask() {
@@ -1583,6 +1605,22 @@ impl Drop for BusyThreads {
 mod tests {
     use super::*;
     use std::fs;
+
+    /// The table is grown to the size asked for, within RLIMIT_NOFILE.
+    #[test]
+    fn the_descriptor_table_is_grown_ahead() {
+        let before = fd_table_size().expect("FDSize in /proc/self/status");
+        let want = (before * 4).min(nofile_limit()) as u32;
+        let null = std::fs::File::open("/dev/null").unwrap();
+        reserve_fds(null.as_fd(), want);
+        let after = fd_table_size().unwrap();
+        assert!(
+            after >= u64::from(want),
+            "FDSize {before} -> {after}, asked for {want}"
+        );
+        // Beyond the limit: nothing happens, nothing fails.
+        reserve_fds(null.as_fd(), u32::MAX);
+    }
 
     /// Threads busy on the CPU are runnable tasks, the caller too.
     #[test]
