@@ -1045,14 +1045,6 @@ pub fn reserve_fds(any: BorrowedFd<'_>, n: u32) {
     }
 }
 
-/// This process's descriptor table size (`FDSize` of /proc/self/status).
-#[cfg(test)]
-fn fd_table_size() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let v = s.lines().find_map(|l| l.strip_prefix("FDSize:"))?;
-    v.trim().parse().ok()
-}
-
 /// Clear the process umask: the modes of new entries come from the caller (the kernel has
 /// already applied the caller's umask to them), never from this process's own umask.
 pub fn clear_umask() {
@@ -1605,6 +1597,13 @@ impl Drop for BusyThreads {
 mod tests {
     use super::*;
     use std::fs;
+
+    /// This process's descriptor table size (`FDSize` of /proc/self/status).
+    fn fd_table_size() -> Option<u64> {
+        let s = fs::read_to_string("/proc/self/status").ok()?;
+        let v = s.lines().find_map(|l| l.strip_prefix("FDSize:"))?;
+        v.trim().parse().ok()
+    }
 
     /// The table is grown to the size asked for, within RLIMIT_NOFILE.
     #[test]

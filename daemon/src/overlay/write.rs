@@ -450,13 +450,15 @@ impl Overlay {
         // No copy-up of this file (an open for writing racing the unlink) while its name
         // goes: one that waits sees it unlinked and copies it up to an anonymous file.
         let _no_copy_up = node.copyup.lock();
-        let has_upper = match node.read(|s| s.index_key().is_some()) {
+        let (indexed, has_upper) = node.read(|s| (s.index_key().is_some(), s.upper.is_some()));
+        let has_upper = if indexed {
             // A copied-up hard link: whether this name is one of its upper links.
-            true => match probe::probe(&self.sys, pu.as_fd(), name)? {
+            match probe::probe(&self.sys, pu.as_fd(), name)? {
                 Probe::NotDir => return Err(Errno::NOTDIR),
                 p => matches!(p, Probe::Entry(_)),
-            },
-            false => node.state().upper.is_some(),
+            }
+        } else {
+            has_upper
         };
         let pinned = pin(&self.sys, &node)?;
         let ps = p.state();
@@ -723,13 +725,10 @@ impl Overlay {
             .as_ref()
             .filter(|d| !exchange && d.kind() != Kind::Dir && !Arc::ptr_eq(d, &src_node))
             .map(|d| d.copyup.lock());
-        let dst_pin = match &dst_node {
-            Some(d) if !exchange => Some(pin(&self.sys, d)?),
-            _ => None,
-        };
-        let dst_dir_fd = match &dst_node {
-            Some(d) if !exchange => removed_dir_fd(d)?,
-            _ => None,
+        // What is renamed over: its pin, and a directory's upper fd (see `removed_dir_fd`).
+        let (dst_pin, dst_dir_fd) = match &dst_node {
+            Some(d) if !exchange => (Some(pin(&self.sys, d)?), removed_dir_fd(d)?),
+            _ => (None, None),
         };
         // Set before the names change: until they do, a redirect names the directory's
         // own place (a crash in between leaves the old name, merged as before).
