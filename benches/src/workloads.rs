@@ -194,6 +194,14 @@ pub const WORKLOADS: &[Workload] = &[
         "append 1 byte to a 512 MiB lower file (copy-up)",
     ),
     w(
+        "append-held",
+        Write,
+        BeatFuseOverlayfs,
+        "append a line 200 times to a lower file (an O_APPEND open each) while a read handle \
+         opened before the first stays open; checked as well as timed: that handle and a \
+         fresh open read every line, and the lower layer's file is unchanged",
+    ),
+    w(
         "chmod-chown",
         Write,
         KernelRatio(2.5),
@@ -327,6 +335,17 @@ pub fn applies(fs_: &Fs, w: &Workload) -> bool {
 /// The builds run as a non-root build user in every mode of the tool.
 pub fn always_rootless(w: &Workload) -> bool {
     matches!(w.name, "buildah-bud" | "buildkit-build")
+}
+
+/// append-held's file (relative to the mount and to the `app` layer) and its appends.
+const HELD_FILE: &str = "app/held.log";
+const HELD_APPENDS: usize = 200;
+
+/// append-held's lower file as generated: a small log.
+fn held_text() -> String {
+    (0..64)
+        .map(|i| format!("lower layer log line {i}\n"))
+        .collect()
 }
 
 /// Earlier runs' upper and work dirs, under the run dir (see [`Ctx::trash`]).
@@ -493,6 +512,40 @@ impl Ctx {
         )
     }
 
+    /// append-held's lower file, in the `app` layer.
+    fn held_path(&self) -> PathBuf {
+        self.layers.lowers[1].join(HELD_FILE)
+    }
+
+    /// Put append-held's lower file in place, as generated (made on its first run; put back
+    /// where an earlier run changed it).
+    fn restore_held(&self) -> Result<()> {
+        let p = self.held_path();
+        if fs::read(&p).ok().as_deref() != Some(held_text().as_bytes()) {
+            fs::write(&p, held_text()).with_context(|| format!("write {}", p.display()))?;
+        }
+        Ok(())
+    }
+
+    /// After append-held, with the filesystem unmounted: the lower layer's file must be as
+    /// it was (the appends belong in the upper layer). A changed one is put back for the
+    /// next run, and this run fails.
+    fn check_held(&self) -> Result<()> {
+        let p = self.held_path();
+        let now = fs::read(&p).with_context(|| format!("read {}", p.display()))?;
+        if now != held_text().as_bytes() {
+            self.restore_held()?;
+            bail!(
+                "the lower layer's {} changed ({} bytes, not {}): the appends went into the \
+                 lower layer (put back as generated)",
+                p.display(),
+                now.len(),
+                held_text().len()
+            );
+        }
+        Ok(())
+    }
+
     fn drop_caches(&self) -> Result<()> {
         if self.userns {
             crate::rootless::ask_parent_to_drop_caches()
@@ -534,6 +587,9 @@ impl Ctx {
             let (mut m, t) = self.mount(fs_, &self.layers.mount_set[..n], &d)?;
             m.unmount()?;
             return Ok(Some(t.as_secs_f64()));
+        }
+        if w.name == "append-held" {
+            self.restore_held()?;
         }
         let redirect_dir = w.name == "rename-dir";
         let read_only = w.name == "seqread-ro";
@@ -609,6 +665,21 @@ impl Ctx {
                 )?
             }
             "append-copyup" => self.sh(&mnt, "printf x >> big/append.bin")?,
+            "append-held" => {
+                let t = self.worker(&mnt, &["appendheld", HELD_FILE, &HELD_APPENDS.to_string()]);
+                m.unmount()?;
+                return match (t, self.check_held()) {
+                    (Ok(t), Ok(())) => Ok(Some(t)),
+                    (t, lower) => {
+                        let why: Vec<String> = [t.err(), lower.err()]
+                            .into_iter()
+                            .flatten()
+                            .map(|e| format!("{e:#}"))
+                            .collect();
+                        bail!("{}", why.join("; "))
+                    }
+                };
+            }
             "chmod-chown" => {
                 // In the user namespace only its root is mapped; the lower files show as
                 // nobody there, so chown to 0 is a change as 1 is for a root run.

@@ -7,7 +7,8 @@
 //! then on their copies after a copy-up, through handles opened before it too (they follow the
 //! copy, as on kernel overlayfs); served by the pool of threads and by one thread. After it
 //! all the daemon holds no more pipes than a pair per thread. Sparse lower files read the same
-//! after their copy-up, which keeps their holes.
+//! after their copy-up, which keeps their holes. Appends to a lower file beside a read handle
+//! opened before them reach that handle and the upper layer, never the lower one.
 
 use std::fs;
 use std::io::Write;
@@ -35,6 +36,8 @@ const LENGTHS: &[usize] = &[
     1 << 20,
 ];
 const TAIL: &[u8] = b"+appended";
+/// Mount options of each test's two mounts, and how a finding names them.
+const SIDES: &[(&[&str], &str)] = &[(&[], "pool"), (&["threaded=0"], "one thread")];
 
 fn content(size: usize) -> Vec<u8> {
     let mut r = Rng::new(size as u64 + 1);
@@ -125,12 +128,7 @@ fn reads_of_every_shape_give_the_layer_bytes_before_and_after_copy_up() {
         return;
     }
     let mut problems = Vec::new();
-    for opts in [&[][..], &["threaded=0"][..]] {
-        let side = if opts.is_empty() {
-            "pool"
-        } else {
-            "one thread"
-        };
+    for &(opts, side) in SIDES {
         let s = scratch("reads");
         let mut layer = Layer::new();
         for &size in SIZES {
@@ -275,4 +273,98 @@ fn sparse_lower_files_copy_up_with_their_holes() {
     });
     drop(m);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Appends to a lower file while a read handle opened before them stays open (`tail -f` on
+/// a log that short-lived writers append to): the handle reads each line as it comes and,
+/// once closed, a fresh open reads them all, as on kernel overlayfs; the lower layer's file
+/// never changes. (fuse-overlayfs 2.0 as root passes the first handle's reads through to the
+/// lower file and then the writers' too, into the lower layer: see docs/benchmarks.md.)
+#[test]
+fn appends_beside_a_held_read_handle_reach_it_and_only_the_upper_layer() {
+    if !env::require_bin_under_test() {
+        return;
+    }
+    let original: Vec<u8> = (0..64)
+        .flat_map(|i| format!("lower layer log line {i}\n").into_bytes())
+        .collect();
+    let mut problems = Vec::new();
+    for &(opts, side) in SIDES {
+        let s = scratch("held");
+        let Materialized { stack, mnt } = Tree::new()
+            .lower(Layer::new().file("app/held.log", original.clone()))
+            .materialize(s.path())
+            .unwrap();
+        let lower_file = stack.lowers[0].join("app/held.log");
+        let upper_file = stack
+            .upper
+            .clone()
+            .expect("an upper layer")
+            .join("app/held.log");
+        let m = Mount::fuse(&bin_under_test(), &stack, opts, &mnt)
+            .unwrap_or_else(|e| panic!("mount ({side}): {e}"));
+        let p = m.root().join("app/held.log");
+        let original2 = original.clone();
+        let (want, found) = with_deadline(Duration::from_secs(60), "held reader", move || {
+            let mut problems = Vec::new();
+            let held = fs::File::open(&p).expect("open the lower file for reading");
+            let mut want = original2;
+            // 200 lines cross the file's first page boundary and the second.
+            for i in 0..200 {
+                let line = format!("appended line {i}\n");
+                fs::OpenOptions::new()
+                    .append(true)
+                    .open(&p)
+                    .and_then(|mut f| f.write_all(line.as_bytes()))
+                    .unwrap_or_else(|e| panic!("{side}: append {i}: {e}"));
+                want.extend_from_slice(line.as_bytes());
+                let got = read_from_start(&held);
+                if got != want {
+                    problems.push(format!(
+                        "{side}: after append {i} the handle opened before the appends \
+                         reads {} bytes, not the {} written",
+                        got.len(),
+                        want.len()
+                    ));
+                    break;
+                }
+            }
+            drop(held);
+            let got = fs::read(&p).expect("read after the appends");
+            if got != want {
+                problems.push(format!(
+                    "{side}: a fresh open reads {} bytes, not the {} written",
+                    got.len(),
+                    want.len()
+                ));
+            }
+            (want, problems)
+        });
+        problems.extend(found);
+        drop(m);
+        if fs::read(&lower_file).unwrap() != original {
+            problems.push(format!("{side}: the lower layer's file changed"));
+        }
+        if fs::read(&upper_file).ok() != Some(want) {
+            problems.push(format!(
+                "{side}: the upper layer's copy does not hold the appends"
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Everything `f` reads from offset 0 on.
+fn read_from_start(f: &fs::File) -> Vec<u8> {
+    let mut v = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = f
+            .read_at(&mut buf, v.len() as u64)
+            .expect("read the held handle");
+        if n == 0 {
+            return v;
+        }
+        v.extend_from_slice(&buf[..n]);
+    }
 }
