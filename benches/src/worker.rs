@@ -160,10 +160,16 @@ fn read_from_start(f: &fs::File) -> Result<Vec<u8>> {
     }
 }
 
+/// How many leading bytes `a` and `b` share.
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 /// `n` lines appended to `file`, each through its own `O_APPEND` open (as a shell's `>>`),
 /// while a read handle opened before the first stays open (as `tail -f`'s). After each
 /// append that handle must read every line (kernel overlayfs moves it to the copy the first
-/// append makes); after it is closed, a fresh open must read them too.
+/// append makes), and again once its pages are out of the page cache; after it is closed, a
+/// fresh open must read them too.
 fn append_held(file: &Path, n: usize) -> Result<()> {
     let held = fs::File::open(file).with_context(|| format!("open {}", file.display()))?;
     let mut want = read_from_start(&held)?;
@@ -186,13 +192,28 @@ fn append_held(file: &Path, n: usize) -> Result<()> {
             );
         }
     }
+    // Out of the page cache (as memory pressure does), so the next read asks the filesystem.
+    rustix::fs::fadvise(&held, 0, None, rustix::fs::Advice::DontNeed)?;
+    let got = read_from_start(&held)?;
+    if got != want {
+        bail!(
+            "out of the page cache, the handle opened before the appends reads {} bytes of \
+             {} ({} of them as written), not the {} written",
+            got.len(),
+            file.display(),
+            common_prefix(&got, &want),
+            want.len()
+        );
+    }
     drop(held);
     let got = fs::read(file).with_context(|| format!("read {}", file.display()))?;
     if got != want {
         bail!(
-            "after the handle's close {} reads {} bytes, not the {} written: appends lost",
+            "after the handle's close {} reads {} bytes ({} of them as written), not the {} \
+             written",
             file.display(),
             got.len(),
+            common_prefix(&got, &want),
             want.len()
         );
     }
