@@ -12,6 +12,7 @@ mod report;
 mod requests;
 mod rootless;
 mod run;
+mod view;
 mod worker;
 mod workloads;
 
@@ -540,8 +541,14 @@ fn real_main(argv: &[String]) -> Result<()> {
                 if let Some(l) = workloads::take_latency() {
                     results.add_latency(wi, f.id, l);
                 }
+                let seen = view::take();
                 match r {
-                    Ok(Some(v)) => results.add(wi, f.id, v),
+                    Ok(Some(v)) => {
+                        results.add(wi, f.id, v);
+                        if let Some(d) = seen {
+                            results.add_view(wi, f.id, d);
+                        }
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         run::check_interrupted()?;
@@ -552,6 +559,31 @@ fn real_main(argv: &[String]) -> Result<()> {
             }
         }
         eprintln!("\r\x1b[K{}", results.summary_line(wi));
+        for f in &runnable {
+            if results.view_differs(wi, f.id) == Some(true) {
+                eprintln!(
+                    "  {}'s view after {} differs from kernel overlayfs's ({}):",
+                    f.label,
+                    w.name,
+                    if f.id == "kernel" {
+                        "between its own runs".to_string()
+                    } else {
+                        format!(
+                            "diff {} {}",
+                            view::file(&ctx.run_root, "kernel", w.name).display(),
+                            view::file(&ctx.run_root, f.id, w.name).display()
+                        )
+                    }
+                );
+                let read = |id: &str| {
+                    std::fs::read_to_string(view::file(&ctx.run_root, id, w.name))
+                        .unwrap_or_default()
+                };
+                for l in view::differences(&read("kernel"), "kernel", &read(f.id), f.id, 6) {
+                    eprintln!("    {l}");
+                }
+            }
+        }
     }
     eprintln!("\r\x1b[Kdone in {:.0}s", started.elapsed().as_secs_f64());
     ctx.remove_trash()?;

@@ -7,6 +7,9 @@ use crate::layerset::Sizes;
 use crate::mount::Fs;
 use crate::workloads::{Target, Unit, Workload};
 
+/// Why a run's time does not count: what it left in the view is not kernel overlayfs's.
+const VIEW_DIFFERS: &str = "view differs from kernel overlayfs";
+
 /// How far behind the FUSE floor (libfuse's passthrough_ll) rustfuse may be on a metadata or
 /// read workload (issue 17).
 const FLOOR_RATIO: f64 = 1.1;
@@ -21,6 +24,8 @@ pub struct Results<'a> {
     /// Lone-request workloads: (p50, p90, p99) seconds of each run.
     latency: Vec<BTreeMap<&'static str, Vec<[f64; 3]>>>,
     errors: Vec<BTreeMap<&'static str, String>>,
+    /// The hash of each run's description of the view (see `view`).
+    views: Vec<BTreeMap<&'static str, Vec<u64>>>,
 }
 
 pub(crate) fn median(v: &[f64]) -> Option<f64> {
@@ -139,7 +144,24 @@ impl<'a> Results<'a> {
             samples: vec![BTreeMap::new(); workloads.len()],
             latency: vec![BTreeMap::new(); workloads.len()],
             errors: vec![BTreeMap::new(); workloads.len()],
+            views: vec![BTreeMap::new(); workloads.len()],
         }
+    }
+
+    /// The hash of the view one run left (see `view::record`).
+    pub fn add_view(&mut self, wi: usize, fs: &'static str, digest: u64) {
+        self.views[wi].entry(fs).or_default().push(digest);
+    }
+
+    /// Whether `fs`'s view differed from kernel overlayfs's in any run of the workload (None:
+    /// not both known). Kernel overlayfs's own runs must agree among themselves.
+    pub fn view_differs(&self, wi: usize, fs: &str) -> Option<bool> {
+        let k = self.views[wi].get("kernel")?;
+        let first = *k.first()?;
+        if fs == "kernel" {
+            return Some(k.iter().any(|d| *d != first));
+        }
+        Some(self.views[wi].get(fs)?.iter().any(|d| *d != first))
     }
 
     pub fn add(&mut self, wi: usize, fs: &'static str, v: f64) {
@@ -250,9 +272,14 @@ impl<'a> Results<'a> {
         }
         let r = self.median(wi, "rustfuse")?;
         let mut why = Vec::new();
+        if self.view_differs(wi, "rustfuse") == Some(true) {
+            why.push(VIEW_DIFFERS.to_string());
+        }
         for fo in ["fo1", "fo2"] {
+            // A fuse-overlayfs whose view was wrong did something else in its time.
             if let Some(m) = self.median(wi, fo)
                 && r >= m
+                && self.view_differs(wi, fo) != Some(true)
             {
                 why.push(match w.unit {
                     Unit::Bytes => format!("not below {fo}"),
@@ -320,6 +347,13 @@ impl<'a> Results<'a> {
                     && let Some(r) = self.ratio(wi, f.id)
                 {
                     let _ = write!(s, " ({r:.2}x)");
+                }
+                if self.view_differs(wi, f.id) == Some(true) {
+                    s.push_str(if f.id == "kernel" {
+                        " (view varies)"
+                    } else {
+                        " **≠ kernel**"
+                    });
                 }
                 s
             }
@@ -441,6 +475,10 @@ impl<'a> Results<'a> {
                     Some([a, b, c]) => format!("[{a}, {b}, {c}]"),
                     None => "null".into(),
                 });
+                let differs = per(&|x| match self.view_differs(wi, x.id) {
+                    Some(d) => d.to_string(),
+                    None => "null".into(),
+                });
                 let errors = self.errors[wi]
                     .iter()
                     .map(|(k, v)| format!("{}: {}", json_str(k), json_str(v)))
@@ -455,7 +493,7 @@ impl<'a> Results<'a> {
                      \"samples\": {{{samples}}}, \"median\": {{{medians}}}, \
                      \"ratio_to_kernel\": {{{ratios}}}, \"ratio_rustfuse_to_b\": {to_b}, \
                      \"latency_us_p50_p90_p99\": {{{latency}}}, \
-                     \"errors\": {{{errors}}}, \
+                     \"view_differs_from_kernel\": {{{differs}}}, \"errors\": {{{errors}}}, \
                      \"rustfuse_target_met\": {met}, \"rustfuse_misses\": {why}}}",
                     json_str(w.name),
                     json_str(w.group.name()),
@@ -573,5 +611,52 @@ impl<'a> Results<'a> {
         }
         s.push_str("</svg>\n");
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mount::Kind;
+    use crate::workloads::WORKLOADS;
+
+    fn fs(id: &'static str, kind: Kind) -> Fs {
+        Fs {
+            id,
+            label: id,
+            kind,
+            bin: "x".into(),
+            version: String::new(),
+            missing: None,
+        }
+    }
+
+    /// A filesystem whose view differs from kernel overlayfs's is marked, and rustfuse need
+    /// not beat its time; rustfuse's own wrong view fails its target.
+    #[test]
+    fn a_view_unlike_the_kernels_is_marked_and_its_time_not_counted() {
+        let fss = [
+            fs("kernel", Kind::Kernel),
+            fs("fo2", Kind::Fuse),
+            fs("rustfuse", Kind::Fuse),
+        ];
+        let w = WORKLOADS.iter().find(|w| w.name == "renames").unwrap();
+        let mut r = Results::new(&fss, &[w], &Sizes::new(0.3), 1, "root");
+        for (id, t, view) in [("kernel", 1.0, 7), ("fo2", 0.5, 8), ("rustfuse", 0.9, 7)] {
+            r.add(0, id, t);
+            r.add_view(0, id, view);
+        }
+        assert_eq!(r.view_differs(0, "fo2"), Some(true));
+        assert_eq!(r.view_differs(0, "rustfuse"), Some(false));
+        let table = r.table();
+        assert!(table.contains("500 ms (0.50x) **≠ kernel**"), "{table}");
+        assert_eq!(r.verdict(0), Some((true, String::new())), "{table}");
+        r.add(0, "rustfuse", 0.9);
+        r.add_view(0, "rustfuse", 9);
+        let (met, why) = r.verdict(0).unwrap();
+        assert!(!met && why.contains(VIEW_DIFFERS), "{why}");
+        assert!(r.json(&[]).contains(
+            "\"view_differs_from_kernel\": {\"kernel\": false, \"fo2\": true, \"rustfuse\": true}"
+        ));
     }
 }

@@ -67,6 +67,9 @@ pub fn cycle_main(ctx: &Ctx, args: &[String]) -> Result<()> {
     if let Some([a, b, c]) = crate::workloads::take_latency() {
         writeln!(out, "LAT {a} {b} {c}")?;
     }
+    if let Some(d) = crate::view::take() {
+        writeln!(out, "VIEW {d}")?;
+    }
     match v {
         Some(v) => writeln!(out, "VALUE {v}")?,
         None => writeln!(out, "NONE")?,
@@ -183,6 +186,9 @@ pub fn run_in_userns(
                 }
                 if let Some(v) = line.strip_prefix("LAT ") {
                     crate::workloads::set_latency(v)?;
+                }
+                if let Some(v) = line.strip_prefix("VIEW ") {
+                    crate::view::set(v.parse().context("child view hash")?);
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),

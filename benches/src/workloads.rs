@@ -667,6 +667,9 @@ impl Ctx {
             "append-copyup" => self.sh(&mnt, "printf x >> big/append.bin")?,
             "append-held" => {
                 let t = self.worker(&mnt, &["appendheld", HELD_FILE, &HELD_APPENDS.to_string()]);
+                if t.is_ok() {
+                    crate::view::record(&self.run_root, fs_.id, w.name, &mnt)?;
+                }
                 m.unmount()?;
                 return match (t, self.check_held()) {
                     (Ok(t), Ok(())) => Ok(Some(t)),
@@ -725,6 +728,7 @@ impl Ctx {
             }
             other => bail!("unknown workload {other}"),
         };
+        crate::view::record(&self.run_root, fs_.id, w.name, &mnt)?;
         m.unmount()?;
         Ok(Some(v))
     }
