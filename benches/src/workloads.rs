@@ -518,11 +518,19 @@ impl Ctx {
     }
 
     /// Put append-held's lower file in place, as generated (made on its first run; put back
-    /// where an earlier run changed it).
+    /// where an earlier run changed it), owned as its directory is (a rootless run's layers
+    /// are uid 65534's, and its appends need write permission).
     fn restore_held(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
         let p = self.held_path();
         if fs::read(&p).ok().as_deref() != Some(held_text().as_bytes()) {
             fs::write(&p, held_text()).with_context(|| format!("write {}", p.display()))?;
+        }
+        let dir = p.parent().context("append-held's file has a directory")?;
+        let (d, f) = (fs::metadata(dir)?, fs::metadata(&p)?);
+        if (d.uid(), d.gid()) != (f.uid(), f.gid()) {
+            std::os::unix::fs::chown(&p, Some(d.uid()), Some(d.gid()))
+                .with_context(|| format!("chown {} as {}", p.display(), dir.display()))?;
         }
         Ok(())
     }
