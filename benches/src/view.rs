@@ -63,8 +63,10 @@ pub fn describe(mnt: &Path, paths: &[&str]) -> String {
             let _ = writeln!(out, "{p}: absent");
             continue;
         }
-        let s = snapshot::snapshot(&root);
-        for (rel, info) in &s.entries {
+        let snapshot::Snapshot {
+            entries, problems, ..
+        } = snapshot::snapshot(&root);
+        for (rel, mut info) in entries {
             let shown = if rel.is_empty() {
                 p.to_string()
             } else {
@@ -73,12 +75,11 @@ pub fn describe(mnt: &Path, paths: &[&str]) -> String {
             if VOLATILE.contains(&shown.as_str()) {
                 continue;
             }
-            let mut info = info.clone();
             info.xattrs
                 .retain(|k, _| !OVERLAY_XATTRS.iter().any(|x| k.starts_with(x)));
             let _ = writeln!(out, "{shown}: {info}");
         }
-        for problem in &s.problems {
+        for problem in &problems {
             let _ = writeln!(out, "{p}: problem: {problem}");
         }
     }

@@ -31,7 +31,12 @@ pub fn main(args: &[String]) -> Result<()> {
         "appendheld" => {
             let file = PathBuf::from(arg(args, 1, "file")?);
             let n: usize = arg(args, 2, "appends")?.parse()?;
-            append_held(&file, n)
+            let (_, problems) =
+                rustfuse_tests::held::append_beside_reader(&file, n).map_err(anyhow::Error::msg)?;
+            if !problems.is_empty() {
+                bail!("{}", problems.join("; "));
+            }
+            Ok(())
         }
         // randread FILE JOBS OPS_PER_JOB
         "randread" => {
@@ -144,79 +149,6 @@ fn lone(op: &str, files: &[String], n: usize) -> Result<()> {
     lat.sort_by(f64::total_cmp);
     let q = |f: f64| lat[((lat.len() - 1) as f64 * f).round() as usize];
     eprintln!("LAT {} {} {}", q(0.5), q(0.9), q(0.99));
-    Ok(())
-}
-
-/// Everything `f` reads from offset 0 on.
-fn read_from_start(f: &fs::File) -> Result<Vec<u8>> {
-    let mut v = Vec::new();
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = f.read_at(&mut buf, v.len() as u64)?;
-        if n == 0 {
-            return Ok(v);
-        }
-        v.extend_from_slice(&buf[..n]);
-    }
-}
-
-/// How many leading bytes `a` and `b` share.
-fn common_prefix(a: &[u8], b: &[u8]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
-/// `n` lines appended to `file`, each through its own `O_APPEND` open (as a shell's `>>`),
-/// while a read handle opened before the first stays open (as `tail -f`'s). After each
-/// append that handle must read every line (kernel overlayfs moves it to the copy the first
-/// append makes), and again once its pages are out of the page cache; after it is closed, a
-/// fresh open must read them too.
-fn append_held(file: &Path, n: usize) -> Result<()> {
-    let held = fs::File::open(file).with_context(|| format!("open {}", file.display()))?;
-    let mut want = read_from_start(&held)?;
-    for i in 0..n {
-        let line = format!("appended line {i}\n");
-        fs::OpenOptions::new()
-            .append(true)
-            .open(file)
-            .and_then(|mut f| f.write_all(line.as_bytes()))
-            .with_context(|| format!("append {i} to {}", file.display()))?;
-        want.extend_from_slice(line.as_bytes());
-        let got = read_from_start(&held)?;
-        if got != want {
-            bail!(
-                "after append {i} the handle opened before the appends reads {} bytes of \
-                 {}, not the {} written",
-                got.len(),
-                file.display(),
-                want.len()
-            );
-        }
-    }
-    // Out of the page cache (as memory pressure does), so the next read asks the filesystem.
-    rustix::fs::fadvise(&held, 0, None, rustix::fs::Advice::DontNeed)?;
-    let got = read_from_start(&held)?;
-    if got != want {
-        bail!(
-            "out of the page cache, the handle opened before the appends reads {} bytes of \
-             {} ({} of them as written), not the {} written",
-            got.len(),
-            file.display(),
-            common_prefix(&got, &want),
-            want.len()
-        );
-    }
-    drop(held);
-    let got = fs::read(file).with_context(|| format!("read {}", file.display()))?;
-    if got != want {
-        bail!(
-            "after the handle's close {} reads {} bytes ({} of them as written), not the {} \
-             written",
-            file.display(),
-            got.len(),
-            common_prefix(&got, &want),
-            want.len()
-        );
-    }
     Ok(())
 }
 

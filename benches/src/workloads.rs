@@ -341,13 +341,6 @@ pub fn always_rootless(w: &Workload) -> bool {
 const HELD_FILE: &str = "app/held.log";
 const HELD_APPENDS: usize = 200;
 
-/// append-held's lower file as generated: a small log.
-fn held_text() -> String {
-    (0..64)
-        .map(|i| format!("lower layer log line {i}\n"))
-        .collect()
-}
-
 /// Earlier runs' upper and work dirs, under the run dir (see [`Ctx::trash`]).
 const TRASH: &str = "trash";
 /// The trash is emptied early when the disk has less than this free.
@@ -523,8 +516,9 @@ impl Ctx {
     fn restore_held(&self) -> Result<()> {
         use std::os::unix::fs::MetadataExt;
         let p = self.held_path();
-        if fs::read(&p).ok().as_deref() != Some(held_text().as_bytes()) {
-            fs::write(&p, held_text()).with_context(|| format!("write {}", p.display()))?;
+        let log = rustfuse_tests::held::lower_log();
+        if fs::read(&p).ok().as_deref() != Some(log.as_slice()) {
+            fs::write(&p, &log).with_context(|| format!("write {}", p.display()))?;
         }
         let dir = p.parent().context("append-held's file has a directory")?;
         let (d, f) = (fs::metadata(dir)?, fs::metadata(&p)?);
@@ -541,14 +535,15 @@ impl Ctx {
     fn check_held(&self) -> Result<()> {
         let p = self.held_path();
         let now = fs::read(&p).with_context(|| format!("read {}", p.display()))?;
-        if now != held_text().as_bytes() {
+        let log = rustfuse_tests::held::lower_log();
+        if now != log {
             self.restore_held()?;
             bail!(
                 "the lower layer's {} changed ({} bytes, not {}): the appends went into the \
                  lower layer (put back as generated)",
                 p.display(),
                 now.len(),
-                held_text().len()
+                log.len()
             );
         }
         Ok(())

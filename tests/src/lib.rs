@@ -11,6 +11,7 @@
 //! - [`ops`]: a list of filesystem operations applied to a mount, errno recorded per step.
 //! - [`upper`]: a normalized description of an upper directory after unmount.
 //! - [`fsck`]: a checker of an upper directory's on-disk format after unmount.
+//! - [`held`]: a lower log appended to beside a reader opened before the appends.
 //! - [`rng`]: a small deterministic PRNG for the random-operation tests.
 //! - [`scenario`]: runs one tree + op list on kernel overlay and on the FUSE overlay and
 //!   compares everything.
@@ -19,6 +20,7 @@ pub mod buildah;
 pub mod buildkit;
 pub mod env;
 pub mod fsck;
+pub mod held;
 pub mod layers;
 pub mod mount;
 pub mod ops;

@@ -17,6 +17,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use rustfuse_tests::env::{self, bin_under_test, scratch, with_deadline};
+use rustfuse_tests::held;
 use rustfuse_tests::layers::{Layer, Materialized, Tree};
 use rustfuse_tests::mount::Mount;
 use rustfuse_tests::rng::Rng;
@@ -276,18 +277,17 @@ fn sparse_lower_files_copy_up_with_their_holes() {
 }
 
 /// Appends to a lower file while a read handle opened before them stays open (`tail -f` on
-/// a log that short-lived writers append to): the handle reads each line as it comes, and
-/// again once its pages are out of the page cache; once closed, a fresh open reads them all,
-/// as on kernel overlayfs; the lower layer's file never changes. (fuse-overlayfs 2.0 as root passes the first handle's reads through to the
-/// lower file and then the writers' too, into the lower layer: see docs/benchmarks.md.)
+/// a log that short-lived writers append to, `rustfuse_tests::held`): the handle reads each
+/// line as it comes, and again once its pages are out of the page cache; once closed, a fresh
+/// open reads them all, as on kernel overlayfs; the lower layer's file never changes.
+/// (fuse-overlayfs 2.0 as root passes the first handle's reads through to the lower file and
+/// then the writers' too, into the lower layer: see docs/benchmarks.md.)
 #[test]
 fn appends_beside_a_held_read_handle_reach_it_and_only_the_upper_layer() {
     if !env::require_bin_under_test() {
         return;
     }
-    let original: Vec<u8> = (0..64)
-        .flat_map(|i| format!("lower layer log line {i}\n").into_bytes())
-        .collect();
+    let original = held::lower_log();
     let mut problems = Vec::new();
     for &(opts, side) in SIDES {
         let s = scratch("held");
@@ -304,52 +304,12 @@ fn appends_beside_a_held_read_handle_reach_it_and_only_the_upper_layer() {
         let m = Mount::fuse(&bin_under_test(), &stack, opts, &mnt)
             .unwrap_or_else(|e| panic!("mount ({side}): {e}"));
         let p = m.root().join("app/held.log");
-        let original2 = original.clone();
+        // 200 lines cross the file's first page boundary and the second.
         let (want, found) = with_deadline(Duration::from_secs(60), "held reader", move || {
-            let mut problems = Vec::new();
-            let held = fs::File::open(&p).expect("open the lower file for reading");
-            let mut want = original2;
-            // 200 lines cross the file's first page boundary and the second.
-            for i in 0..200 {
-                let line = format!("appended line {i}\n");
-                fs::OpenOptions::new()
-                    .append(true)
-                    .open(&p)
-                    .and_then(|mut f| f.write_all(line.as_bytes()))
-                    .unwrap_or_else(|e| panic!("{side}: append {i}: {e}"));
-                want.extend_from_slice(line.as_bytes());
-                let got = read_from_start(&held);
-                if got != want {
-                    problems.push(format!(
-                        "{side}: after append {i} the handle opened before the appends \
-                         reads {}",
-                        compared(&got, &want)
-                    ));
-                    break;
-                }
-            }
-            // Out of the page cache (as memory pressure does), so the next read asks the
-            // daemon, through the handle opened before the copy-up.
-            rustix::fs::fadvise(&held, 0, None, rustix::fs::Advice::DontNeed).unwrap();
-            let got = read_from_start(&held);
-            if got != want {
-                problems.push(format!(
-                    "{side}: out of the page cache, the handle opened before the appends \
-                     reads {}",
-                    compared(&got, &want)
-                ));
-            }
-            drop(held);
-            let got = fs::read(&p).expect("read after the appends");
-            if got != want {
-                problems.push(format!(
-                    "{side}: a fresh open reads {}",
-                    compared(&got, &want)
-                ));
-            }
-            (want, problems)
-        });
-        problems.extend(found);
+            held::append_beside_reader(&p, 200)
+        })
+        .unwrap_or_else(|e| panic!("{side}: {e}"));
+        problems.extend(found.into_iter().map(|f| format!("{side}: {f}")));
         drop(m);
         if fs::read(&lower_file).unwrap() != original {
             problems.push(format!("{side}: the lower layer's file changed"));
@@ -361,29 +321,4 @@ fn appends_beside_a_held_read_handle_reach_it_and_only_the_upper_layer() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
-}
-
-/// Everything `f` reads from offset 0 on.
-fn read_from_start(f: &fs::File) -> Vec<u8> {
-    let mut v = Vec::new();
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = f
-            .read_at(&mut buf, v.len() as u64)
-            .expect("read the held handle");
-        if n == 0 {
-            return v;
-        }
-        v.extend_from_slice(&buf[..n]);
-    }
-}
-
-/// What was read against what was written: sizes and how many leading bytes agree.
-fn compared(got: &[u8], want: &[u8]) -> String {
-    let same = got.iter().zip(want).take_while(|(a, b)| a == b).count();
-    format!(
-        "{} bytes ({same} of them as written), not the {} written",
-        got.len(),
-        want.len()
-    )
 }
